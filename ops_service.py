@@ -1,0 +1,1745 @@
+"""Workspaces and logs on disk: every file-system operation of the Ops API.
+
+Rules this module keeps
+-----------------------
+* Everything that reads, writes, moves or deletes files under the workspaces root lives
+  here, and nothing here knows HTTP, WebSocket or asyncio. Methods take plain values and
+  return plain dicts; failures are the small family of ``OpsError`` subclasses, which the
+  HTTP layer maps to status codes in one table. No other exception escapes a public
+  method, whatever the input.
+* Nothing outside the root is ever touched. A session id must match ``SESSION_ID_RE``
+  before it becomes a path, and files inside a session are opened relative to a
+  descriptor of the session directory with ``O_NOFOLLOW``, so a symlink an agent plants
+  in its workspace (``run.log -> /etc/passwd``, ``archive -> /``) is never followed.
+* Reset and compact lose nothing. Bytes move by ``rename`` or hard link, never by
+  copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
+  so a reader sees the old file or the new one, never an empty or half-written one.
+* Operations that change a session hold that session's lock, so they are serialized
+  with each other and with ``append_log``. Reads take no lock.
+* The cost of a log slice grows with the bytes it returns, not with the file's size.
+
+Theory of operation
+-------------------
+A session is a real directory ``<root>/<session_id>/`` (not a symlink). Listing does one
+``scandir`` of the root and one per session, stats only the live logs and the heartbeat
+to sort by last activity, and reads heartbeats only for the page it returns.
+
+A log slice opens the file once, ``fstat``s that descriptor and reads it with
+``os.pread`` only. Tail mode scans backwards from the end; follow mode reads forwards
+from the cursor. Lines are whole lines: the cursor only ever advances past a ``\\n``,
+except when a single line is longer than ``max_bytes``; then the window is returned as
+a cut line (``truncated``) and the cursor moves on by ``max_bytes``, so a reader never
+stalls and no byte is skipped.
+
+The cursor is an opaque token naming the file (``st_dev``, ``st_ino``), the offset, and
+fingerprints of the bytes already read: the file's head and the bytes just before the
+offset. A follow read re-reads those bytes; if the inode changed, the file shrank below
+the offset, or the fingerprints differ, the file was rotated or rewritten, so the slice
+restarts at offset 0 and says ``reset``. This catches a replacement that has already
+grown past the old offset, which a bare byte offset cannot. (A rewrite that reproduces
+the same bytes at the head and before the offset is indistinguishable from an append.)
+
+Compaction links the live log into ``archive/<stamp>/`` (the archive holds the whole
+pre-compact file at the cost of a directory entry), writes the kept tail to a dot-named
+temp file, copies any bytes appended meanwhile, renames it over the live log, and then
+copies whatever reached the old inode between the last check and the rename.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import errno
+import hashlib
+import hmac
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import stat
+import struct
+import threading
+import weakref
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
+
+__all__ = [
+    "SESSION_ID_RE",
+    "GATEWAY_DIR_NAME",
+    "GATEWAY_LOG_NAME",
+    "LOG_FILES",
+    "HEARTBEAT_FILE_NAME",
+    "MEMORY_FILE_NAME",
+    "MEMORY_DIR_NAME",
+    "WORK_PRODUCTS_DIR_NAME",
+    "ARCHIVE_DIR_NAME",
+    "TRASH_DIR_NAME",
+    "DEFAULT_LIMIT",
+    "MAX_LIMIT",
+    "DEFAULT_MAX_BYTES",
+    "MAX_MAX_BYTES",
+    "LIST_DEFAULT_LIMIT",
+    "LIST_MAX_LIMIT",
+    "COMPACT_DEFAULT_MAX_LINES",
+    "COMPACT_DEFAULT_MAX_BYTES",
+    "MAX_HEARTBEAT_BYTES",
+    "STATUSES",
+    "is_valid_session_id",
+    "new_session_id",
+    "OpsError",
+    "InvalidArgument",
+    "InvalidSessionId",
+    "InvalidCursor",
+    "SessionNotFound",
+    "SessionBusy",
+    "WorkspacesUnavailable",
+    "StorageFull",
+    "LogCursor",
+    "encode_cursor",
+    "decode_cursor",
+    "read_log_slice",
+    "OpsService",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Names and limits
+# --------------------------------------------------------------------------------------
+
+# SPEC §2. Use fullmatch: with match/search, "$" also matches before a trailing "\n".
+# The first character excludes ".", "_" and "-", so "..", ".hidden" and "_gateway" fail.
+SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+# The gateway's own files live under the root in a directory whose name fails
+# SESSION_ID_RE, so it can never be listed, read or deleted as a session.
+GATEWAY_DIR_NAME = "_gateway"
+GATEWAY_LOG_NAME = "gateway.log"  # JSON lines, written by the server
+TRASH_DIR_NAME = "trash"  # <root>/_gateway/trash: deleted sessions are renamed here first
+
+LOG_FILES = ("run.log", "activity_journal.log")
+HEARTBEAT_FILE_NAME = "heartbeat_state.json"
+MEMORY_FILE_NAME = "MEMORY.md"
+MEMORY_DIR_NAME = "memory"
+WORK_PRODUCTS_DIR_NAME = "work_products"
+ARCHIVE_DIR_NAME = "archive"
+
+DEFAULT_LIMIT = 200  # SPEC §5: lines per slice when the caller does not say
+MAX_LIMIT = 5000  # the clamp of the systems we replace; keeps one response a few MB
+DEFAULT_MAX_BYTES = 250_000  # SPEC §5
+MAX_MAX_BYTES = 1_000_000  # one slice never holds more than 1 MB of log in memory
+
+LIST_DEFAULT_LIMIT = 100  # SPEC §5
+LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client asks
+
+COMPACT_DEFAULT_MAX_LINES = 400  # SPEC §5 defaults of the compact body
+COMPACT_DEFAULT_MAX_BYTES = 250_000
+
+# A heartbeat is a few hundred bytes; a bigger file is not one we wrote, so it is not
+# parsed (it reads as null) and write_heartbeat refuses to write one.
+MAX_HEARTBEAT_BYTES = 1 << 20
+
+STATUSES = ("all", "active", "idle", "archived")
+
+# Bytes hashed at the head of a log and just before a cursor: enough to tell a rotated
+# or rewritten file from a grown one, cheap enough to re-read on every follow call.
+FINGERPRINT_SPAN = 64
+
+IO_CHUNK = 64 * 1024  # step of backward and forward scans: stops early without many syscalls
+COPY_CHUNK = 1 << 20  # step of copies (compaction, archive fallback): bounded memory
+
+# Cursor tokens are 66 characters; anything much longer is garbage, refused before decoding.
+MAX_CURSOR_CHARS = 256
+# A legacy cursor is a byte offset; 19 digits hold any int64 offset.
+MAX_LEGACY_CURSOR_DIGITS = 19
+
+# How often a slice is retried when the file shrinks while it is being read.
+_FILE_CHANGED_RETRIES = 3
+# Suffixes tried after a stamp collision ("-1", "-2", ...): two resets in the same
+# microsecond need one; this bound only stops a broken file system from looping forever.
+_MAX_STAMP_SUFFIX = 10_000
+
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+# O_NONBLOCK: opening a FIFO planted as run.log must not block a worker thread forever.
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_O_NOCTTY = getattr(os, "O_NOCTTY", 0)
+
+_READ_FLAGS = os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK | _O_NOCTTY
+_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK | _O_NOCTTY
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
+
+# open() of a name that is absent, a symlink (O_NOFOLLOW gives ELOOP) or a FIFO without a
+# peer: for a reader, the file is not there.
+_MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO})
+_NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
+# os.link fails with these where hard links are not possible; compaction then copies.
+_NO_LINK_ERRNOS = frozenset(
+    {errno.EPERM, errno.EXDEV, errno.EMLINK, errno.ENOTSUP, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)}
+)
+
+# Names a session summary looks at; every other entry of a session directory is ignored.
+_SUMMARY_NAMES = frozenset(
+    LOG_FILES + (HEARTBEAT_FILE_NAME, MEMORY_FILE_NAME, MEMORY_DIR_NAME, ARCHIVE_DIR_NAME)
+)
+_ACTIVITY_FILES = LOG_FILES + (HEARTBEAT_FILE_NAME,)
+
+Runtime = Mapping[str, Tuple[int, bool]]
+
+
+# --------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------
+
+
+class OpsError(Exception):
+    """Base of every error this module raises; ``detail`` is a message a person can act on."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+class InvalidArgument(OpsError):
+    """A parameter has a bad value or type (HTTP 400). The detail names it."""
+
+
+class InvalidSessionId(InvalidArgument):
+    """A session id fails SESSION_ID_RE or is not a string (HTTP 400)."""
+
+
+class InvalidCursor(InvalidArgument):
+    """A cursor this gateway did not issue (HTTP 400)."""
+
+
+class SessionNotFound(OpsError):
+    """No session directory of that id (HTTP 404)."""
+
+
+class SessionBusy(OpsError):
+    """A turn is running (HTTP 409). Raised by the server, never by OpsService."""
+
+
+class WorkspacesUnavailable(OpsError):
+    """The root, or a file the operation needs, is missing or unusable (HTTP 503)."""
+
+
+class StorageFull(OpsError):
+    """The volume is full (ENOSPC or EDQUOT) while writing (HTTP 507)."""
+
+
+def _show(value: Any) -> str:
+    """Quote an offending value for an error message, bounded in length."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------------------
+# Session ids and argument checks
+# --------------------------------------------------------------------------------------
+
+
+def is_valid_session_id(value: object) -> bool:
+    """True if ``value`` is a string that matches SESSION_ID_RE exactly."""
+    return isinstance(value, str) and SESSION_ID_RE.fullmatch(value) is not None
+
+
+def new_session_id(now: Optional[datetime] = None) -> str:
+    """A fresh id ``session_YYYYMMDD_HHMMSS_<8 hex>`` in UTC; a naive ``now`` is taken as UTC."""
+    if now is None:
+        now = datetime.now(timezone.utc)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=timezone.utc)
+    else:
+        now = now.astimezone(timezone.utc)
+    return "session_{}_{}".format(now.strftime("%Y%m%d_%H%M%S"), secrets.token_hex(4))
+
+
+def _require_session_id(value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidSessionId(
+            "Invalid session id {}: a session id is a string".format(_show(value))
+        )
+    if SESSION_ID_RE.fullmatch(value) is None:
+        raise InvalidSessionId(
+            "Invalid session id {}: use 1 to 128 characters from A-Z a-z 0-9 _ . - "
+            "starting with a letter or a digit".format(_show(value))
+        )
+    return value
+
+
+def _is_int(value: object) -> bool:
+    # bool is a subclass of int, but True is never a meaningful count.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _clamped_int(name: str, value: object, default: int, low: int, high: int) -> int:
+    if value is None:
+        return default
+    if not _is_int(value):
+        raise InvalidArgument(
+            "{} must be an integer, got {}; accepted: {} to {} (default {})".format(
+                name, _show(value), low, high, default
+            )
+        )
+    return max(low, min(high, value))  # type: ignore[type-var]
+
+
+def _non_negative_int(name: str, value: object, default: int) -> int:
+    if value is None:
+        return default
+    if not _is_int(value) or value < 0:  # type: ignore[operator]
+        raise InvalidArgument(
+            "{} must be an integer >= 0, got {} (default {})".format(name, _show(value), default)
+        )
+    return value  # type: ignore[return-value]
+
+
+def _require_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument("{} must be true or false, got {}".format(name, _show(value)))
+    return value
+
+
+def _slice_limits(limit: object, max_bytes: object) -> Tuple[int, int]:
+    return (
+        _clamped_int("limit", limit, DEFAULT_LIMIT, 1, MAX_LIMIT),
+        _clamped_int("max_bytes", max_bytes, DEFAULT_MAX_BYTES, 1, MAX_MAX_BYTES),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Cursors
+# --------------------------------------------------------------------------------------
+
+
+class LogCursor(NamedTuple):
+    """A decoded cursor. ``legacy`` cursors are bare byte offsets from older clients."""
+
+    dev: int
+    ino: int
+    offset: int
+    head: bytes  # fingerprint of bytes [0, min(offset, FINGERPRINT_SPAN))
+    boundary: bytes  # fingerprint of the FINGERPRINT_SPAN bytes before offset
+    legacy: bool = False
+
+
+_CURSOR_VERSION = 1
+_CURSOR_LAYOUT = struct.Struct(">BQQQ8s8s")  # version, dev, ino, offset, head, boundary
+_CURSOR_TAG_SIZE = 8
+_CURSOR_TOKEN_SIZE = _CURSOR_LAYOUT.size + _CURSOR_TAG_SIZE
+# Not a secret: the tag only tells tokens we issued from garbled or edited ones. A forged
+# token grants nothing, since a cursor can only point into the file the request names.
+_CURSOR_KEY = b"ua-gateway log cursor v1"
+_U64 = (1 << 64) - 1
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]+")
+_LEGACY_RE = re.compile(r"[0-9]{1,%d}" % MAX_LEGACY_CURSOR_DIGITS)
+_NEGATIVE_RE = re.compile(r"-[0-9]+")
+
+_BAD_CURSOR = (
+    "cursor {} is not one this gateway issued; pass back the cursor of an earlier "
+    "response verbatim, or omit it to start from the tail"
+)
+
+
+def _fingerprint(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _cursor_tag(payload: bytes) -> bytes:
+    return hashlib.blake2b(payload, digest_size=_CURSOR_TAG_SIZE, key=_CURSOR_KEY).digest()
+
+
+def encode_cursor(cursor: LogCursor) -> str:
+    """The opaque token of ``cursor``: base64url without padding, ASCII only."""
+    payload = _CURSOR_LAYOUT.pack(
+        _CURSOR_VERSION,
+        cursor.dev & _U64,
+        cursor.ino & _U64,
+        cursor.offset & _U64,
+        cursor.head,
+        cursor.boundary,
+    )
+    token = base64.urlsafe_b64encode(payload + _cursor_tag(payload))
+    return token.rstrip(b"=").decode("ascii")
+
+
+def decode_cursor(text: Union[str, int]) -> LogCursor:
+    """Decode a token from ``encode_cursor``, or a legacy non-negative byte offset.
+
+    Raises InvalidCursor for anything else: garbled, edited or foreign tokens, negative
+    offsets, and values that are neither str nor int.
+    """
+    if _is_int(text):
+        if text < 0:  # type: ignore[operator]
+            raise InvalidCursor("cursor {} is negative; a byte offset is >= 0".format(_show(text)))
+        return LogCursor(0, 0, text, b"", b"", legacy=True)  # type: ignore[arg-type]
+    if not isinstance(text, str):
+        raise InvalidCursor(_BAD_CURSOR.format(_show(text)))
+    if _LEGACY_RE.fullmatch(text):
+        return LogCursor(0, 0, int(text), b"", b"", legacy=True)
+    if _NEGATIVE_RE.fullmatch(text):
+        raise InvalidCursor("cursor {} is negative; a byte offset is >= 0".format(_show(text)))
+    if len(text) > MAX_CURSOR_CHARS or not _TOKEN_RE.fullmatch(text):
+        raise InvalidCursor(_BAD_CURSOR.format(_show(text)))
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise InvalidCursor(_BAD_CURSOR.format(_show(text))) from None
+    # The canonical-form check rejects edits to the unused low bits of the last character,
+    # which base64 decoding would otherwise ignore.
+    if len(raw) != _CURSOR_TOKEN_SIZE or base64.urlsafe_b64encode(raw).rstrip(b"=") != text.encode("ascii"):
+        raise InvalidCursor(_BAD_CURSOR.format(_show(text)))
+    payload, tag = raw[: _CURSOR_LAYOUT.size], raw[_CURSOR_LAYOUT.size :]
+    if not hmac.compare_digest(tag, _cursor_tag(payload)):
+        raise InvalidCursor(_BAD_CURSOR.format(_show(text)))
+    version, dev, ino, offset, head, boundary = _CURSOR_LAYOUT.unpack(payload)
+    if version != _CURSOR_VERSION:
+        raise InvalidCursor(_BAD_CURSOR.format(_show(text)))
+    return LogCursor(dev, ino, offset, head, boundary)
+
+
+def _parse_cursor(cursor: object) -> Optional[LogCursor]:
+    # "?cursor=" with no value means "no cursor": tail mode.
+    if cursor is None or cursor == "":
+        return None
+    return decode_cursor(cursor)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------
+# The log slice
+# --------------------------------------------------------------------------------------
+
+
+class _FileChanged(Exception):
+    """The file shrank while a slice was reading it; the slice is retried."""
+
+
+def _pread_full(fd: int, size: int, offset: int) -> bytes:
+    """Up to ``size`` bytes at ``offset``; fewer only at end of file."""
+    data = os.pread(fd, size, offset)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _read_exact(fd: int, size: int, offset: int) -> bytes:
+    data = _pread_full(fd, size, offset)
+    if len(data) != size:
+        raise _FileChanged()
+    return data
+
+
+def _open_regular(opener: Callable[[], int]) -> Optional[Tuple[int, os.stat_result]]:
+    """Open with ``opener``; None if the name is absent, a symlink or not a regular file."""
+    try:
+        fd = opener()
+    except OSError as exc:
+        if exc.errno in _MISSING_ERRNOS:
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return None
+    return fd, st
+
+
+def _cursor_at(fd: int, st: os.stat_result, offset: int) -> str:
+    span = min(offset, FINGERPRINT_SPAN)
+    head = _pread_full(fd, span, 0)
+    boundary = head if offset <= FINGERPRINT_SPAN else _pread_full(fd, span, offset - span)
+    return encode_cursor(LogCursor(st.st_dev, st.st_ino, offset, _fingerprint(head), _fingerprint(boundary)))
+
+
+def _same_generation(fd: int, st: os.stat_result, cursor: LogCursor) -> bool:
+    """True if the file is the one the cursor was issued for, grown but not rewritten."""
+    if (cursor.dev, cursor.ino) != (st.st_dev & _U64, st.st_ino & _U64):
+        return False
+    if cursor.offset > st.st_size:
+        return False
+    span = min(cursor.offset, FINGERPRINT_SPAN)
+    head = _pread_full(fd, span, 0)
+    if cursor.offset <= FINGERPRINT_SPAN:
+        boundary = head
+    else:
+        boundary = _pread_full(fd, span, cursor.offset - span)
+    return hmac.compare_digest(_fingerprint(head), cursor.head) and hmac.compare_digest(
+        _fingerprint(boundary), cursor.boundary
+    )
+
+
+def _decode_line(line: bytes, complete: bool = True) -> str:
+    # A cut piece keeps its bytes as they are: its "\r" may precede the "\n" still to come.
+    if complete and line.endswith(b"\r"):
+        line = line[:-1]
+    return line.decode("utf-8", "replace")
+
+
+def _has_newline(fd: int, start: int, stop: int) -> bool:
+    pos = start
+    while pos < stop:
+        chunk = os.pread(fd, min(IO_CHUNK, stop - pos), pos)
+        if not chunk:
+            return False
+        if b"\n" in chunk:
+            return True
+        pos += len(chunk)
+    return False
+
+
+def _tail_slice(fd: int, st: os.stat_result, limit: int, max_bytes: int) -> Dict[str, Any]:
+    size = st.st_size
+    parts: List[bytes] = []  # newest first
+    pos = size  # parts hold the file bytes [pos, end)
+    end = -1  # just after the last complete line, once found
+    floor = max(0, size - max_bytes)
+    newlines = 0  # newlines in [pos, end - 1): the boundaries between kept lines
+    while pos > floor and (end < 0 or newlines < limit):
+        step = min(IO_CHUNK, pos - floor)
+        chunk = _read_exact(fd, step, pos - step)
+        pos -= step
+        if end >= 0:
+            parts.append(chunk)
+            newlines += chunk.count(b"\n")
+            continue
+        last = chunk.rfind(b"\n")
+        if last < 0:
+            parts.append(chunk)
+            continue
+        # The bytes after the last newline are an unfinished line: never returned.
+        end = pos + last + 1
+        floor = max(0, end - max_bytes)
+        parts = [chunk[: last + 1]]
+        newlines = chunk.count(b"\n", 0, last)
+    data = b"".join(reversed(parts))
+
+    if end < 0:
+        if floor == 0:
+            # Nothing but an unfinished line shorter than max_bytes: wait for its newline.
+            return _slice_result([], _cursor_at(fd, st, 0), size, truncated=False, more=False)
+        # An unfinished line longer than max_bytes: return its last max_bytes, cut, so
+        # that a reader never waits forever; following goes on from the end of the file.
+        return _slice_result(
+            [_decode_line(data, complete=False)], _cursor_at(fd, st, size), size, truncated=True, more=False
+        )
+
+    lines = data[:-1].split(b"\n")
+    cut = False
+    if len(lines) > limit:
+        lines = lines[-limit:]
+        start = end - sum(len(line) + 1 for line in lines)
+    elif pos == 0 or _read_exact(fd, 1, pos - 1) == b"\n":
+        start = pos
+    elif len(lines) == 1:
+        # One line longer than max_bytes: its last max_bytes bytes, marked as cut.
+        start = pos
+        cut = True
+    else:
+        start = pos + len(lines[0]) + 1
+        lines = lines[1:]
+    return _slice_result(
+        [_decode_line(line) for line in lines],
+        _cursor_at(fd, st, end),
+        size,
+        truncated=cut or start > 0,
+        more=False,
+    )
+
+
+def _follow_slice(
+    fd: int, st: os.stat_result, start: int, limit: int, max_bytes: int, reset: bool
+) -> Dict[str, Any]:
+    size = st.st_size
+    stop = min(size, start + max_bytes)
+    parts: List[bytes] = []
+    pos = start
+    newlines = 0
+    # One newline beyond `limit` is enough to know that lines are withheld.
+    while pos < stop and newlines <= limit:
+        step = min(IO_CHUNK, stop - pos)
+        chunk = _read_exact(fd, step, pos)
+        parts.append(chunk)
+        newlines += chunk.count(b"\n")
+        pos += step
+    data = b"".join(parts)
+
+    last = data.rfind(b"\n")
+    withheld = False
+    cut = False
+    if last >= 0:
+        raw_lines = data[:last].split(b"\n")
+        if len(raw_lines) > limit:
+            raw_lines = raw_lines[:limit]
+            withheld = True
+        offset = start + sum(len(line) + 1 for line in raw_lines)
+        lines = [_decode_line(line) for line in raw_lines]
+    elif len(data) == max_bytes:
+        # A full window without a newline: one line longer than max_bytes. Return the
+        # window cut and move on by max_bytes; the rest of the line comes next call.
+        offset = start + max_bytes
+        lines = [_decode_line(data, complete=False)]
+        cut = True
+    else:
+        offset = start
+        lines = []
+    # A cursor in the middle of a line (after a cut, or a legacy offset) makes the first
+    # line a continuation.
+    continuation = bool(lines) and start > 0 and _read_exact(fd, 1, start - 1) != b"\n"
+    more = withheld or size - offset >= max_bytes or _has_newline(fd, pos, size)
+    return _slice_result(
+        lines, _cursor_at(fd, st, offset), size, truncated=cut or continuation, more=more, reset=reset
+    )
+
+
+def _slice_result(
+    lines: List[str], cursor: str, size: int, *, truncated: bool, more: bool, reset: bool = False
+) -> Dict[str, Any]:
+    return {
+        "cursor": cursor,
+        "size": size,
+        "lines": lines,
+        "truncated": truncated,
+        "reset": reset,
+        "more": more,
+    }
+
+
+def _missing_slice(display_name: str, cursor: Optional[LogCursor]) -> Dict[str, Any]:
+    empty = _fingerprint(b"")
+    return {
+        "file": display_name,
+        "cursor": encode_cursor(LogCursor(0, 0, 0, empty, empty)),
+        "size": 0,
+        "lines": [],
+        "truncated": False,
+        # Lines were read from a file that is gone: the reader must know its view broke.
+        "reset": cursor is not None and cursor.offset > 0,
+        "more": False,
+    }
+
+
+def _slice_open_file(
+    fd: int, st: os.stat_result, cursor: Optional[LogCursor], limit: int, max_bytes: int
+) -> Dict[str, Any]:
+    if cursor is None:
+        return _tail_slice(fd, st, limit, max_bytes)
+    if cursor.offset == 0:
+        # Nothing was read yet, so nothing can have been replaced.
+        return _follow_slice(fd, st, 0, limit, max_bytes, reset=False)
+    if cursor.legacy:
+        changed = cursor.offset > st.st_size
+    else:
+        changed = not _same_generation(fd, st, cursor)
+    start = 0 if changed else cursor.offset
+    return _follow_slice(fd, st, start, limit, max_bytes, reset=changed)
+
+
+def _read_slice(
+    opener: Callable[[], int],
+    cursor: Optional[LogCursor],
+    limit: int,
+    max_bytes: int,
+    display_name: str,
+) -> Dict[str, Any]:
+    """The slice of the file ``opener`` opens. OSError (other than "missing") propagates."""
+    opened = _open_regular(opener)
+    if opened is None:
+        return _missing_slice(display_name, cursor)
+    fd, st = opened
+    try:
+        for _ in range(_FILE_CHANGED_RETRIES):
+            try:
+                result = _slice_open_file(fd, st, cursor, limit, max_bytes)
+            except _FileChanged:
+                st = os.fstat(fd)
+                continue
+            result["file"] = display_name
+            return {key: result[key] for key in ("file", "cursor", "size", "lines", "truncated", "reset", "more")}
+    finally:
+        os.close(fd)
+    raise WorkspacesUnavailable(
+        "{} kept shrinking while it was being read; retry the request".format(display_name)
+    )
+
+
+def read_log_slice(
+    path: Union[str, "os.PathLike[str]"],
+    cursor: Union[str, int, None] = None,
+    limit: Optional[int] = None,
+    max_bytes: Optional[int] = None,
+    *,
+    display_name: Optional[str] = None,
+) -> Dict[str, Any]:
+    """A slice of the log at ``path`` (SPEC §5, "The log slice").
+
+    Returns ``{"file", "cursor", "size", "lines", "truncated", "reset", "more"}``.
+    Without ``cursor``: the last complete lines (tail mode). With a cursor from an earlier
+    slice: the complete lines after it, oldest first (follow mode); ``more`` says that
+    calling again right away returns more. ``limit`` is clamped to 1..MAX_LIMIT and
+    ``max_bytes`` to 1..MAX_MAX_BYTES. A missing file, a symlink or a non-regular file
+    reads as an empty file. ``display_name`` (default: the base name) is the ``file`` field.
+
+    Raises InvalidCursor, InvalidArgument, or WorkspacesUnavailable when the file exists
+    but cannot be read. Thread-safe: it holds no state.
+    """
+    limit, max_bytes = _slice_limits(limit, max_bytes)
+    parsed = _parse_cursor(cursor)
+    target = os.fspath(path)
+    name = display_name if display_name is not None else os.path.basename(target)
+    try:
+        return _read_slice(lambda: os.open(target, _READ_FLAGS), parsed, limit, max_bytes, name)
+    except OSError as exc:
+        raise WorkspacesUnavailable(
+            "Log file {} cannot be read: {}".format(target, exc.strerror or exc)
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------
+# Small file-system helpers
+# --------------------------------------------------------------------------------------
+
+
+def _iso(ns: Optional[int]) -> Optional[str]:
+    """ISO 8601 UTC with seconds precision, e.g. 2026-11-26T10:00:00+00:00."""
+    if ns is None:
+        return None
+    try:
+        return datetime.fromtimestamp(ns // 1_000_000_000, timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _epoch_iso(value: object) -> Optional[str]:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    try:
+        return datetime.fromtimestamp(int(value), timezone.utc).isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _stamp() -> str:
+    """UTC ``YYYYMMDD_HHMMSS_ffffff``: sorts lexicographically in time order."""
+    return datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S_%f")
+
+
+def _stamp_sort_key(name: str) -> Tuple[str, int, str]:
+    # "<stamp>-10" must sort after "<stamp>-9", which plain string order gets wrong.
+    base, dash, suffix = name.rpartition("-")
+    if dash and suffix.isdigit() and len(suffix) <= 6:
+        return (base, int(suffix), name)
+    return (name, 0, name)
+
+
+def _lexists_at(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _mkdir_at(name: str, dir_fd: int) -> None:
+    try:
+        os.mkdir(name, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+
+
+def _copy_range(src: int, dst: int, start: int, stop: int) -> int:
+    """Copy src bytes [start, stop) to dst's current position; returns where it stopped."""
+    pos = start
+    while pos < stop:
+        chunk = os.pread(src, min(COPY_CHUNK, stop - pos), pos)
+        if not chunk:
+            break
+        _write_all(dst, chunk)
+        pos += len(chunk)
+    return pos
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _read_json_object(opener: Callable[[], int]) -> Optional[Dict[str, Any]]:
+    """The JSON object in a small regular file, or None (missing, link, huge, broken)."""
+    try:
+        opened = _open_regular(opener)
+    except OSError:
+        return None
+    if opened is None:
+        return None
+    fd, st = opened
+    try:
+        if st.st_size > MAX_HEARTBEAT_BYTES:
+            return None
+        data = _pread_full(fd, MAX_HEARTBEAT_BYTES + 1, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_HEARTBEAT_BYTES:
+        return None
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+# NaN and Infinity are not JSON: a heartbeat holding them could not be sent on as JSON.
+def _reject_constant(name: str) -> float:
+    raise ValueError("{} is not JSON".format(name))
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("{} is out of range".format(text))
+    return value
+
+
+def _tree_usage(path: str) -> Tuple[int, int]:
+    """(regular files, bytes) under ``path``, recursively, never following symlinks."""
+    files = 0
+    total = 0
+    pending = [path]
+    while pending:
+        try:
+            iterator = os.scandir(pending.pop())
+        except OSError:
+            continue
+        with iterator:
+            for entry in iterator:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        total += entry.stat(follow_symlinks=False).st_size
+                        files += 1
+                except OSError:
+                    continue
+    return files, total
+
+
+def _dir_has_entry(path: str) -> bool:
+    try:
+        with os.scandir(path) as iterator:
+            return next(iterator, None) is not None
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------
+# Compaction plan
+# --------------------------------------------------------------------------------------
+
+
+class _CompactPlan(NamedTuple):
+    keep_start: int  # bytes before this offset leave the live file
+    kept_lines: int  # complete lines kept
+
+
+def _end_of_complete_lines(fd: int, size: int) -> int:
+    """Offset just after the last newline; 0 if there is none."""
+    pos = size
+    while pos > 0:
+        step = min(IO_CHUNK, pos)
+        chunk = _read_exact(fd, step, pos - step)
+        pos -= step
+        last = chunk.rfind(b"\n")
+        if last >= 0:
+            return pos + last + 1
+    return 0
+
+
+def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _CompactPlan:
+    """Keep the last ``max_lines`` complete lines within ``max_bytes``, plus the unfinished line."""
+    end = _end_of_complete_lines(fd, size)
+    if end == 0:
+        return _CompactPlan(0, 0)
+    if max_lines == 0 or max_bytes == 0:
+        return _CompactPlan(end, 0)
+    keep = end
+    kept = 0
+    # A line that would start before `lowest` cannot fit in max_bytes: scan no further.
+    lowest = max(0, end - max_bytes)
+    pos = end - 1  # the newline at end - 1 closes the last line, it starts none
+    while pos > lowest - 1 and pos > 0:
+        step = min(IO_CHUNK, pos - max(0, lowest - 1))
+        chunk = _read_exact(fd, step, pos - step)
+        pos -= step
+        index = len(chunk)
+        while True:
+            index = chunk.rfind(b"\n", 0, index)
+            if index < 0:
+                break
+            line_start = pos + index + 1
+            if kept == max_lines or line_start < lowest:
+                return _CompactPlan(keep, kept)
+            keep = line_start
+            kept += 1
+    if pos == 0 and kept < max_lines and lowest == 0:
+        # The file's first line starts at offset 0, with no newline before it.
+        return _CompactPlan(0, kept + 1)
+    return _CompactPlan(keep, kept)
+
+
+# --------------------------------------------------------------------------------------
+# OpsService
+# --------------------------------------------------------------------------------------
+
+
+class _SessionScan:
+    """What one scandir of a session directory tells, for summaries and sorting."""
+
+    __slots__ = ("session_id", "path", "dir_mtime_ns", "entries", "activity_ns")
+
+    def __init__(self, session_id: str, path: str, dir_mtime_ns: int, entries: Dict[str, os.DirEntry]) -> None:
+        self.session_id = session_id
+        self.path = path
+        self.dir_mtime_ns = dir_mtime_ns
+        self.entries = entries
+        newest: Optional[int] = None
+        for name in _ACTIVITY_FILES:
+            if not self.is_file(name):
+                continue
+            try:
+                mtime = entries[name].stat(follow_symlinks=False).st_mtime_ns
+            except OSError:
+                continue
+            newest = mtime if newest is None else max(newest, mtime)
+        self.activity_ns = dir_mtime_ns if newest is None else newest
+
+    def is_file(self, name: str) -> bool:
+        entry = self.entries.get(name)
+        try:
+            return entry is not None and entry.is_file(follow_symlinks=False)
+        except OSError:
+            return False
+
+    def is_dir(self, name: str) -> bool:
+        entry = self.entries.get(name)
+        try:
+            return entry is not None and entry.is_dir(follow_symlinks=False)
+        except OSError:
+            return False
+
+    @property
+    def has_live_log(self) -> bool:
+        return any(self.is_file(name) for name in LOG_FILES)
+
+
+def _runtime_of(runtime: Optional[Runtime], session_id: str) -> Tuple[int, bool]:
+    if not runtime:
+        return 0, False
+    try:
+        connections, running = runtime.get(session_id, (0, False))
+        return max(0, int(connections)), bool(running)
+    except (TypeError, ValueError):
+        return 0, False
+
+
+class OpsService:
+    """Workspace operations under one root. Thread-safe; every method may block on disk.
+
+    Public methods raise only OpsError subclasses: InvalidArgument (and its
+    InvalidSessionId and InvalidCursor), SessionNotFound, WorkspacesUnavailable and
+    StorageFull.
+    """
+
+    root: Path
+
+    def __init__(self, root: Union[str, "os.PathLike[str]"]) -> None:
+        # The path is fixed once: a root that is later replaced by a symlink or moved is
+        # not followed to its new place by re-resolving on each call.
+        self.root = Path(os.path.abspath(os.fsdecode(root)))
+        self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+        self._locks_guard = threading.Lock()
+
+    # -- root ---------------------------------------------------------------------------
+
+    def ensure_root(self) -> None:
+        """Create the root and ``_gateway/`` if missing, and clear leftovers in the trash.
+
+        For server start-up; OSError propagates.
+        """
+        gateway_dir = self.root / GATEWAY_DIR_NAME
+        os.makedirs(gateway_dir, exist_ok=True)
+        trash = gateway_dir / TRASH_DIR_NAME
+        if not gateway_dir.is_symlink() and trash.is_dir() and not trash.is_symlink():
+            # A delete interrupted by a crash leaves its renamed directory here.
+            for entry in os.scandir(trash):
+                self._remove_from_trash(entry.path)
+
+    def check_root(self, writable: bool = False) -> None:
+        """Raise WorkspacesUnavailable if the root is missing, not a directory, or not
+        readable (or not writable, with ``writable=True``)."""
+        root = self.root
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            raise WorkspacesUnavailable(
+                "Workspaces root {} is missing; create it or fix UA_WORKSPACES_DIR "
+                "(the gateway recovers by itself once it exists)".format(root)
+            ) from None
+        except NotADirectoryError:
+            raise WorkspacesUnavailable(
+                "Workspaces root {} is unreachable: a parent of it is not a directory; "
+                "fix UA_WORKSPACES_DIR".format(root)
+            ) from None
+        except OSError as exc:
+            raise WorkspacesUnavailable(
+                "Workspaces root {} cannot be read: {}; fix its permissions or "
+                "UA_WORKSPACES_DIR".format(root, exc.strerror or exc)
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise WorkspacesUnavailable(
+                "Workspaces root {} is not a directory; point UA_WORKSPACES_DIR at a "
+                "directory".format(root)
+            )
+        if not os.access(root, os.R_OK | os.X_OK):
+            raise WorkspacesUnavailable(
+                "Workspaces root {} is not readable by the gateway's user; grant read "
+                "and search permission".format(root)
+            )
+        if writable and not os.access(root, os.W_OK):
+            raise WorkspacesUnavailable(
+                "Workspaces root {} is not writable (read-only volume or permissions); "
+                "grant the gateway's user write permission".format(root)
+            )
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def session_lock(self, session_id: str) -> "threading.RLock":
+        """The lock that serializes changes to one session (re-entrant, created lazily).
+
+        Hold the returned object while using it: the registry keeps locks only while
+        someone references them, so it never grows with sessions long gone.
+        """
+        _require_session_id(session_id)
+        with self._locks_guard:
+            lock = self._locks.get(session_id)
+            if lock is None:
+                lock = threading.RLock()
+                self._locks[session_id] = lock
+            return lock
+
+    def session_dir(self, session_id: str) -> Path:
+        """``root/session_id`` if it is a real directory (not a symlink).
+
+        Raises InvalidSessionId, WorkspacesUnavailable or SessionNotFound.
+        """
+        _require_session_id(session_id)
+        self.check_root()
+        path = self.root / session_id
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self.check_root()
+            raise SessionNotFound(self._not_found(session_id)) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise SessionNotFound(self._not_found(session_id))
+        return path
+
+    def create_session(self, session_id: Optional[str] = None) -> Dict[str, str]:
+        """Create ``<id>/`` and ``<id>/work_products/``; a fresh id when None.
+
+        An id that already names a session is returned as it is (idempotent).
+        Raises InvalidSessionId, InvalidArgument (the name is taken by something that is
+        not a session directory), WorkspacesUnavailable, StorageFull.
+        """
+        if session_id is not None:
+            _require_session_id(session_id)
+        with self._os_errors("creating a session", None):
+            self.check_root(writable=True)
+            if session_id is None:
+                session_id = self._make_new_session_dir()
+            else:
+                self._make_session_dir(session_id)
+            with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
+                _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
+        return {"session_id": session_id, "workspace_dir": str(self.root / session_id)}
+
+    def list_sessions(
+        self,
+        status: Optional[str] = "all",
+        limit: Optional[int] = LIST_DEFAULT_LIMIT,
+        offset: Optional[int] = 0,
+        runtime: Optional[Runtime] = None,
+    ) -> Dict[str, Any]:
+        """One page of session summaries, newest ``last_activity`` first.
+
+        ``runtime`` maps session ids to ``(active_connections, running)``; a missing id
+        means ``(0, False)``. Returns ``{"sessions", "total", "limit", "offset"}`` where
+        ``total`` counts the sessions that pass the status filter.
+        Raises InvalidArgument (status, limit, offset) and WorkspacesUnavailable.
+        """
+        if status is None:
+            status = "all"
+        if not isinstance(status, str) or status not in STATUSES:
+            raise InvalidArgument(
+                "status must be one of {}, got {}".format(", ".join(STATUSES), _show(status))
+            )
+        limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
+        offset = _non_negative_int("offset", offset, 0)
+        with self._os_errors("listing sessions", None):
+            scans = list(self._scan_sessions())
+            if status != "all":
+                scans = [scan for scan in scans if self._status(scan, runtime) == status]
+            scans.sort(key=lambda scan: (-scan.activity_ns, scan.session_id))
+            page = scans[offset : offset + limit]
+            sessions = [self._summary(scan, runtime) for scan in page]
+        return {"sessions": sessions, "total": len(scans), "limit": limit, "offset": offset}
+
+    def session_details(self, session_id: str, runtime: Optional[Runtime] = None) -> Dict[str, Any]:
+        """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (SPEC §5).
+
+        Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable.
+        """
+        with self._os_errors("reading session {}".format(session_id), session_id):
+            path = self.session_dir(session_id)
+            try:
+                dir_mtime_ns = os.lstat(path).st_mtime_ns
+                with os.scandir(path) as iterator:
+                    all_entries = {entry.name: entry for entry in iterator}
+            except (FileNotFoundError, NotADirectoryError):
+                raise SessionNotFound(self._not_found(session_id)) from None
+            scan = _SessionScan(
+                session_id,
+                str(path),
+                dir_mtime_ns,
+                {name: entry for name, entry in all_entries.items() if name in _SUMMARY_NAMES},
+            )
+            summary = self._summary(scan, runtime)
+            summary["heartbeat"] = self._heartbeat(scan)
+            memory_files, memory_bytes = 0, 0
+            if scan.is_dir(MEMORY_DIR_NAME):
+                memory_files, memory_bytes = _tree_usage(os.path.join(scan.path, MEMORY_DIR_NAME))
+            if scan.is_file(MEMORY_FILE_NAME):
+                try:
+                    memory_bytes += scan.entries[MEMORY_FILE_NAME].stat(follow_symlinks=False).st_size
+                except OSError:
+                    pass
+            files = []
+            for name in sorted(all_entries):
+                try:
+                    st = all_entries[name].stat(follow_symlinks=False)
+                except OSError:
+                    continue  # removed since the scan
+                files.append({"name": name, "size": st.st_size, "modified": _iso(st.st_mtime_ns)})
+            archives: List[str] = []
+            if scan.is_dir(ARCHIVE_DIR_NAME):
+                try:
+                    archives = sorted(os.listdir(os.path.join(scan.path, ARCHIVE_DIR_NAME)), key=_stamp_sort_key)
+                except OSError:
+                    archives = []
+        return {
+            "session": summary,
+            "memory": {
+                "has_memory_md": MEMORY_FILE_NAME in scan.entries,
+                "files": memory_files,
+                "bytes": memory_bytes,
+            },
+            "files": files,
+            "archives": archives,
+        }
+
+    # -- logs --------------------------------------------------------------------------
+
+    def read_log(
+        self,
+        session_id: str,
+        file_name: str,
+        cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """A log slice (see ``read_log_slice``) of one of LOG_FILES of a session.
+
+        A session without that file gives an empty slice. Raises InvalidSessionId,
+        InvalidArgument (file name, limit, max_bytes), InvalidCursor, SessionNotFound,
+        WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        self._require_log_name(file_name)
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(cursor)
+        with self._os_errors("reading {} of session {}".format(file_name, session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                return _read_slice(
+                    lambda: os.open(file_name, _READ_FLAGS, dir_fd=dir_fd), parsed, limit, max_bytes, file_name
+                )
+
+    def read_gateway_log(
+        self,
+        cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """A log slice of ``<root>/_gateway/gateway.log`` (empty while it does not exist).
+
+        Raises InvalidArgument, InvalidCursor, WorkspacesUnavailable.
+        """
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(cursor)
+        with self._os_errors("reading the gateway log", None):
+            self.check_root()
+            try:
+                dir_fd = os.open(str(self.root / GATEWAY_DIR_NAME), _DIR_FLAGS)
+            except OSError as exc:
+                if exc.errno not in _MISSING_ERRNOS:
+                    raise
+                return _missing_slice(GATEWAY_LOG_NAME, parsed)
+            try:
+                return _read_slice(
+                    lambda: os.open(GATEWAY_LOG_NAME, _READ_FLAGS, dir_fd=dir_fd),
+                    parsed,
+                    limit,
+                    max_bytes,
+                    GATEWAY_LOG_NAME,
+                )
+            finally:
+                os.close(dir_fd)
+
+    def append_log(self, session_id: str, file_name: str, data: bytes) -> None:
+        """Append ``data`` to one of LOG_FILES of a session, creating the file if needed.
+
+        The only way the server writes logs: it holds the session lock, so appends never
+        interleave with a reset or a compaction, and it opens the file per call, so the
+        append after a reset or compaction lands in the new live file.
+        Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable
+        (e.g. the name is a symlink, which is never written through), StorageFull.
+        """
+        _require_session_id(session_id)
+        self._require_log_name(file_name)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("data must be bytes, got {}".format(type(data).__name__))
+        if not data:
+            return
+        doing = "appending to {} of session {}".format(file_name, session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id, "the data was not fully written"):
+            with self._session_fd(session_id) as dir_fd:
+                fd = self._open_for_append(session_id, file_name, dir_fd)
+                try:
+                    _write_all(fd, bytes(data))
+                finally:
+                    os.close(fd)
+
+    def write_heartbeat(self, session_id: str, state: Mapping[str, Any]) -> None:
+        """Replace ``heartbeat_state.json`` atomically (temp file in the same directory, then
+        rename), so a reader sees the old state or the new one, never a partial file.
+
+        Raises InvalidSessionId, InvalidArgument (not a JSON object, or over
+        MAX_HEARTBEAT_BYTES), SessionNotFound, WorkspacesUnavailable, StorageFull.
+        """
+        _require_session_id(session_id)
+        if not isinstance(state, Mapping):
+            raise InvalidArgument("heartbeat state must be a JSON object, got {}".format(type(state).__name__))
+        try:
+            data = json.dumps(dict(state), allow_nan=False).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument("heartbeat state is not JSON-serializable: {}".format(exc)) from None
+        if len(data) > MAX_HEARTBEAT_BYTES:
+            raise InvalidArgument(
+                "heartbeat state is {} bytes; at most {} are accepted".format(len(data), MAX_HEARTBEAT_BYTES)
+            )
+        doing = "writing the heartbeat of session {}".format(session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id, "the previous heartbeat is intact"):
+            with self._session_fd(session_id) as dir_fd:
+                temp = ".{}.{}.tmp".format(HEARTBEAT_FILE_NAME, secrets.token_hex(4))
+                fd = os.open(temp, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
+                try:
+                    try:
+                        _write_all(fd, data)
+                    finally:
+                        os.close(fd)
+                    os.replace(temp, HEARTBEAT_FILE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    self._unlink_quietly(temp, dir_fd)
+                    raise
+
+    # -- reset, compact, delete --------------------------------------------------------
+
+    def reset_session(
+        self,
+        session_id: str,
+        clear_logs: bool = True,
+        clear_memory: bool = False,
+        clear_work_products: bool = False,
+    ) -> Dict[str, Any]:
+        """Move the chosen items into a new ``archive/<stamp>/`` (rename, never copy).
+
+        Returns ``{"status": "reset", "archived": [names], "archive_dir": "archive/<stamp>"}``;
+        ``archive_dir`` is None when there was nothing to move. ``work_products/`` is
+        recreated empty when it was cleared.
+        Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
+        StorageFull.
+        """
+        _require_session_id(session_id)
+        items: List[str] = []
+        if _require_bool("clear_logs", clear_logs):
+            items.extend(LOG_FILES)
+        if _require_bool("clear_memory", clear_memory):
+            items.extend((MEMORY_FILE_NAME, MEMORY_DIR_NAME))
+        if _require_bool("clear_work_products", clear_work_products):
+            items.append(WORK_PRODUCTS_DIR_NAME)
+        doing = "resetting session {}".format(session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id):
+            with self._session_fd(session_id) as dir_fd:
+                present = [name for name in items if _lexists_at(name, dir_fd)]
+                archived: List[str] = []
+                archive_dir = None
+                if present:
+                    stamp, stamp_fd = self._new_archive(session_id, dir_fd)
+                    try:
+                        for name in present:
+                            try:
+                                os.rename(name, name, src_dir_fd=dir_fd, dst_dir_fd=stamp_fd)
+                            except FileNotFoundError:
+                                continue  # gone since we looked: nothing to archive
+                            archived.append(name)
+                    finally:
+                        os.close(stamp_fd)
+                    archive_dir = "{}/{}".format(ARCHIVE_DIR_NAME, stamp)
+                if clear_work_products:
+                    _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
+        return {"status": "reset", "archived": archived, "archive_dir": archive_dir}
+
+    def compact_session(
+        self,
+        session_id: str,
+        max_lines: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """Keep only the last ``max_lines`` complete lines within ``max_bytes`` of each live
+        log, plus an unfinished last line as it is. Nothing is lost: the full pre-compact
+        file goes to a new ``archive/<stamp>/``, and bytes appended during the call end up
+        in the live file. A log with nothing to drop is left alone.
+
+        Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_freed": n,
+        "archive_dir": "archive/<stamp>" or None}``.
+        Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
+        StorageFull.
+        """
+        _require_session_id(session_id)
+        max_lines = _non_negative_int("max_lines", max_lines, COMPACT_DEFAULT_MAX_LINES)
+        max_bytes = _non_negative_int("max_bytes", max_bytes, COMPACT_DEFAULT_MAX_BYTES)
+        files: Dict[str, int] = {}
+        freed = 0
+        archive: Optional[Tuple[str, int]] = None
+        doing = "compacting session {}".format(session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id):
+            with self._session_fd(session_id) as dir_fd:
+                try:
+                    for name in LOG_FILES:
+                        opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=dir_fd))
+                        if opened is None:
+                            continue
+                        fd, st = opened
+                        try:
+                            plan, st = self._plan(fd, st, max_lines, max_bytes)
+                            files[name] = plan.kept_lines
+                            if plan.keep_start == 0:
+                                continue
+                            if archive is None:
+                                archive = self._new_archive(session_id, dir_fd)
+                            if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive[1]):
+                                freed += plan.keep_start
+                        finally:
+                            os.close(fd)
+                finally:
+                    if archive is not None:
+                        os.close(archive[1])
+        return {
+            "status": "compacted",
+            "files": files,
+            "bytes_freed": freed,
+            "archive_dir": None if archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, archive[0]),
+        }
+
+    def delete_session(self, session_id: str) -> Dict[str, str]:
+        """Delete a session directory: first renamed into ``_gateway/trash/`` (so it stops
+        being listed at once), then removed there. Symlinks are removed, never followed.
+
+        Returns ``{"status": "deleted", "session_id"}``. Raises InvalidSessionId,
+        SessionNotFound, WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        doing = "deleting session {}".format(session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id):
+            path = self.session_dir(session_id)
+            trashed = self._move_to_trash(session_id)
+            if trashed is None:
+                # No trash (full disk, another volume): remove in place; rmtree never
+                # follows symlinks.
+                shutil.rmtree(path)
+            else:
+                self._remove_from_trash(trashed)
+        return {"status": "deleted", "session_id": session_id}
+
+    # -- internals: paths and errors ---------------------------------------------------
+
+    def _not_found(self, session_id: str) -> str:
+        return "Session {} not found under {}".format(session_id, self.root)
+
+    @staticmethod
+    def _require_log_name(file_name: object) -> None:
+        if not isinstance(file_name, str) or file_name not in LOG_FILES:
+            raise InvalidArgument(
+                "file must be one of {}, got {}".format(", ".join(LOG_FILES), _show(file_name))
+            )
+
+    @contextmanager
+    def _session_fd(self, session_id: str) -> Iterator[int]:
+        """A descriptor of the session directory: every name inside is opened relative to it,
+        so the directory cannot be swapped for a symlink halfway through an operation."""
+        self.check_root()
+        try:
+            dir_fd = os.open(str(self.root / session_id), _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno not in _MISSING_ERRNOS:
+                raise
+            self.check_root()
+            raise SessionNotFound(self._not_found(session_id)) from None
+        try:
+            yield dir_fd
+        finally:
+            os.close(dir_fd)
+
+    @contextmanager
+    def _os_errors(
+        self, doing: str, session_id: Optional[str], lost: str = "nothing was lost"
+    ) -> Iterator[None]:
+        """Turn an OSError into the OpsError that says what happened."""
+        try:
+            yield
+        except OSError as exc:
+            raise self._translate(exc, doing, session_id, lost) from exc
+
+    def _translate(self, exc: OSError, doing: str, session_id: Optional[str], lost: str) -> OpsError:
+        if exc.errno in _NO_SPACE_ERRNOS:
+            return StorageFull(
+                "No space left on the workspaces volume ({}) while {}; {}. Free some space "
+                "and retry".format(self.root, doing, lost)
+            )
+        try:
+            self.check_root()
+        except WorkspacesUnavailable as unavailable:
+            return unavailable
+        if session_id is not None and is_valid_session_id(session_id):
+            try:
+                st = os.lstat(self.root / session_id)
+            except OSError:
+                return SessionNotFound(self._not_found(session_id))
+            if not stat.S_ISDIR(st.st_mode):
+                return SessionNotFound(self._not_found(session_id))
+        name = " ({})".format(exc.filename) if exc.filename else ""
+        return WorkspacesUnavailable(
+            "Failed while {}: {}{}; check the workspaces volume at {}".format(
+                doing, exc.strerror or exc, name, self.root
+            )
+        )
+
+    def _make_session_dir(self, session_id: str) -> None:
+        path = self.root / session_id
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise InvalidArgument(
+                    "{} exists under the workspaces root but is not a session directory; "
+                    "choose another session id".format(_show(session_id))
+                ) from None
+
+    def _make_new_session_dir(self) -> str:
+        while True:
+            session_id = new_session_id()
+            try:
+                os.mkdir(self.root / session_id)
+            except FileExistsError:
+                continue  # 32 random bits collided within one second: draw again
+            return session_id
+
+    def _open_for_append(self, session_id: str, file_name: str, dir_fd: int) -> int:
+        refused = WorkspacesUnavailable(
+            "{} of session {} is not a regular file (a symlink, directory or device); the "
+            "gateway never writes through it: remove or rename it".format(file_name, session_id)
+        )
+        try:
+            fd = os.open(file_name, _APPEND_FLAGS, 0o644, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                raise refused from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise refused
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def _unlink_quietly(name: str, dir_fd: int) -> None:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except OSError:
+            pass
+
+    # -- internals: listing ------------------------------------------------------------
+
+    def _scan_sessions(self) -> Iterator[_SessionScan]:
+        self.check_root()
+        try:
+            iterator = os.scandir(self.root)
+        except OSError:
+            self.check_root()
+            raise
+        with iterator:
+            for entry in iterator:
+                name = entry.name
+                if not is_valid_session_id(name):
+                    continue
+                try:
+                    if not entry.is_dir(follow_symlinks=False):
+                        continue
+                    dir_mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
+                except OSError:
+                    continue  # removed mid-scan: not a session any more
+                scan = self._scan_session_dir(name, entry.path, dir_mtime_ns)
+                if scan is not None:
+                    yield scan
+
+    @staticmethod
+    def _scan_session_dir(session_id: str, path: str, dir_mtime_ns: int) -> Optional[_SessionScan]:
+        entries: Dict[str, os.DirEntry] = {}
+        try:
+            with os.scandir(path) as iterator:
+                for entry in iterator:
+                    if entry.name in _SUMMARY_NAMES:
+                        entries[entry.name] = entry
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:
+            entries = {}  # unreadable: listed with what the root entry tells
+        return _SessionScan(session_id, path, dir_mtime_ns, entries)
+
+    @staticmethod
+    def _status(scan: _SessionScan, runtime: Optional[Runtime]) -> str:
+        connections, running = _runtime_of(runtime, scan.session_id)
+        if connections > 0 or running:
+            return "active"
+        if not scan.has_live_log and scan.is_dir(ARCHIVE_DIR_NAME):
+            if _dir_has_entry(os.path.join(scan.path, ARCHIVE_DIR_NAME)):
+                return "archived"
+        return "idle"
+
+    @staticmethod
+    def _heartbeat(scan: _SessionScan) -> Optional[Dict[str, Any]]:
+        if not scan.is_file(HEARTBEAT_FILE_NAME):
+            return None
+        path = os.path.join(scan.path, HEARTBEAT_FILE_NAME)
+        return _read_json_object(lambda: os.open(path, _READ_FLAGS))
+
+    def _summary(self, scan: _SessionScan, runtime: Optional[Runtime]) -> Dict[str, Any]:
+        connections, running = _runtime_of(runtime, scan.session_id)
+        heartbeat = self._heartbeat(scan)
+        return {
+            "session_id": scan.session_id,
+            "status": self._status(scan, runtime),
+            "last_modified": _iso(scan.dir_mtime_ns),
+            "last_activity": _iso(scan.activity_ns),
+            "has_run_log": scan.is_file(LOG_FILES[0]),
+            "has_activity_journal": scan.is_file(LOG_FILES[1]),
+            "has_memory": MEMORY_FILE_NAME in scan.entries or MEMORY_DIR_NAME in scan.entries,
+            "heartbeat_last": None if heartbeat is None else _epoch_iso(heartbeat.get("last_run")),
+            "active_connections": connections,
+            "running": running,
+        }
+
+    # -- internals: archive, compaction, trash -----------------------------------------
+
+    def _new_archive(self, session_id: str, dir_fd: int) -> Tuple[str, int]:
+        """Create a new, unique ``archive/<stamp>/``; returns (stamp, descriptor)."""
+        _mkdir_at(ARCHIVE_DIR_NAME, dir_fd)
+        try:
+            archive_fd = os.open(ARCHIVE_DIR_NAME, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            # Following it could move the session's files outside the root.
+            raise WorkspacesUnavailable(
+                "{}/{} of session {} is not a directory (a symlink or a file), so nothing "
+                "can be archived; remove or rename it".format(self.root / session_id, ARCHIVE_DIR_NAME, session_id)
+            ) from None
+        try:
+            base = _stamp()
+            for suffix in range(_MAX_STAMP_SUFFIX):
+                # mkdir, not exist_ok: two resets in the same microsecond get two archives.
+                stamp = base if suffix == 0 else "{}-{}".format(base, suffix)
+                try:
+                    os.mkdir(stamp, dir_fd=archive_fd)
+                except FileExistsError:
+                    continue
+                return stamp, os.open(stamp, _DIR_FLAGS, dir_fd=archive_fd)
+        finally:
+            os.close(archive_fd)
+        raise WorkspacesUnavailable(
+            "Could not create a new archive directory under {}".format(self.root / session_id / ARCHIVE_DIR_NAME)
+        )
+
+    @staticmethod
+    def _plan(
+        fd: int, st: os.stat_result, max_lines: int, max_bytes: int
+    ) -> Tuple[_CompactPlan, os.stat_result]:
+        for _ in range(_FILE_CHANGED_RETRIES):
+            try:
+                return _plan_compaction(fd, st.st_size, max_lines, max_bytes), st
+            except _FileChanged:
+                st = os.fstat(fd)
+        # Someone keeps truncating the file under us: leave it alone this time.
+        return _CompactPlan(0, 0), st
+
+    def _compact_file(
+        self, dir_fd: int, name: str, fd: int, st: os.stat_result, keep_start: int, archive_fd: int
+    ) -> bool:
+        """Swap in the tail of the log open as ``fd``; False if the file was replaced meanwhile."""
+        temp = ".{}.compact.tmp".format(name)
+        self._remove_stale(temp, dir_fd)
+        temp_fd = os.open(temp, _CREATE_FLAGS, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
+        swapped = False
+        try:
+            copied = _copy_range(fd, temp_fd, keep_start, st.st_size)
+            current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            if (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
+                return False  # replaced by someone else since we opened it: not ours to swap
+            self._archive_file(dir_fd, name, fd, st, archive_fd)
+            # Writers outside the session lock (an agent holding the file open) may have
+            # appended since the copy: those bytes must reach the new live file too.
+            copied = _copy_range(fd, temp_fd, copied, os.fstat(fd).st_size)
+            os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            swapped = True
+        finally:
+            os.close(temp_fd)
+            if not swapped:
+                self._unlink_quietly(temp, dir_fd)
+        late = os.fstat(fd).st_size
+        if late > copied:
+            # Bytes that reached the old inode between the last copy and the rename.
+            live_fd = os.open(name, os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                _copy_range(fd, live_fd, copied, late)
+            finally:
+                os.close(live_fd)
+        return True
+
+    @staticmethod
+    def _archive_file(dir_fd: int, name: str, fd: int, st: os.stat_result, archive_fd: int) -> None:
+        """Put the whole log into the archive: a hard link (no copy), else a chunked copy."""
+        try:
+            os.link(name, name, src_dir_fd=dir_fd, dst_dir_fd=archive_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _NO_LINK_ERRNOS:
+                raise
+        else:
+            linked = os.stat(name, dir_fd=archive_fd, follow_symlinks=False)
+            if (linked.st_dev, linked.st_ino) == (st.st_dev, st.st_ino):
+                return
+            os.unlink(name, dir_fd=archive_fd)  # another file took the live name: copy ours
+        copy_fd = os.open(name, _CREATE_FLAGS, stat.S_IMODE(st.st_mode), dir_fd=archive_fd)
+        try:
+            _copy_range(fd, copy_fd, 0, os.fstat(fd).st_size)
+        finally:
+            os.close(copy_fd)
+
+    @staticmethod
+    def _remove_stale(name: str, dir_fd: int) -> None:
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            os.rmdir(name, dir_fd=dir_fd)
+        except PermissionError:
+            # Linux answers EPERM when unlinking a directory.
+            if not stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                raise
+            os.rmdir(name, dir_fd=dir_fd)
+
+    def _move_to_trash(self, session_id: str) -> Optional[str]:
+        """Rename the session directory into the trash; None if there is no usable trash."""
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            try:
+                trash_fd = self._open_trash(root_fd)
+            except OSError as exc:
+                if exc.errno in _NO_SPACE_ERRNOS or exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    return None  # full disk, or _gateway is not ours to write into
+                raise
+            try:
+                base = "{}.{}".format(session_id, _stamp())
+                for suffix in range(_MAX_STAMP_SUFFIX):
+                    name = base if suffix == 0 else "{}-{}".format(base, suffix)
+                    if _lexists_at(name, trash_fd):
+                        continue
+                    try:
+                        os.rename(session_id, name, src_dir_fd=root_fd, dst_dir_fd=trash_fd)
+                    except OSError as exc:
+                        if exc.errno == errno.EXDEV:
+                            return None  # the trash is another volume (a mount)
+                        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                            continue
+                        raise
+                    return str(self.root / GATEWAY_DIR_NAME / TRASH_DIR_NAME / name)
+            finally:
+                os.close(trash_fd)
+        finally:
+            os.close(root_fd)
+        return None
+
+    @staticmethod
+    def _open_trash(root_fd: int) -> int:
+        # Opened with O_NOFOLLOW at each step: a symlinked _gateway never leads outside.
+        _mkdir_at(GATEWAY_DIR_NAME, root_fd)
+        gateway_fd = os.open(GATEWAY_DIR_NAME, _DIR_FLAGS, dir_fd=root_fd)
+        try:
+            _mkdir_at(TRASH_DIR_NAME, gateway_fd)
+            return os.open(TRASH_DIR_NAME, _DIR_FLAGS, dir_fd=gateway_fd)
+        finally:
+            os.close(gateway_fd)
+
+    @staticmethod
+    def _remove_from_trash(path: str) -> None:
+        # Best effort: the session is already gone from the listing. rmtree refuses to
+        # follow a symlink, which is then unlinked itself.
+        shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
