@@ -1,0 +1,2399 @@
+"""ua-gateway: the operations gateway for AI agent runs, in one file.
+
+Rules this file keeps
+- One asyncio HTTP/1.1 front door owns the port. It parses requests itself (``RequestParser`` is
+  Sans-I/O: bytes in, requests out) and hands WebSocket upgrades, raw bytes and all, to websockets'
+  documented Sans-I/O ``ServerProtocol``.
+- Disk work never runs on the event loop: every ``OpsService`` call and every log write goes through a
+  thread. A slow disk never stalls a WebSocket.
+- Client input never causes a 5xx (505 for a foreign HTTP version excepted) and never stops the server:
+  every failure a client can cause is an ``HttpError`` with a status and a ``detail`` a person can act on.
+- Limits and timeouts are named constants in the "Limits" section, each with the reason for its value.
+- The token is compared in constant time and never written anywhere.
+
+Theory of operation
+    socket bytes -> HttpConnection -> RequestParser -> Request -> Router -> handler -> Response bytes
+                                                  \\-> upgrade -> WebSocketBridge -> SessionHub -> Agent
+A handler returns a ``Response`` at once (health, errors) or an awaitable that runs ``OpsService`` in the
+executor. Requests on one connection are answered in order (pipelining); a slow handler only holds up its
+own connection.
+
+Sections, in dependency order: limits, configuration, HTTP parsing, responses, access control, gateway
+log, the Ops API, connections, the server, the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import email.utils
+import functools
+import hashlib
+import hmac
+import http
+import ipaddress
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from urllib.parse import parse_qsl, unquote
+
+import ops_service
+from ops_service import (
+    InvalidArgument,
+    OpsError,
+    OpsService,
+    SessionBusy,
+    SessionNotFound,
+    StorageFull,
+    WorkspacesUnavailable,
+)
+
+__all__ = [
+    "__version__",
+    "Config",
+    "Gateway",
+    "HttpError",
+    "Request",
+    "RequestParser",
+    "Response",
+    "main",
+]
+
+__version__ = "0.1.0"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Limits. Each can be overridden in one place: here, or through Config where an operator may need to.
+# ---------------------------------------------------------------------------------------------------------
+
+MAX_HEAD_BYTES = 64 * 1024  # SPEC §3: request headers over 64 KiB -> 431
+MAX_REQUEST_LINE = 8192  # the most common default of popular HTTP servers; longer -> 414
+MAX_HEADER_COUNT = 128  # the limit websockets applies to handshakes; more -> 431
+MAX_BODY_BYTES = 1024 * 1024  # SPEC §3: a body over 1 MiB -> 413
+MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; nobody needs more
+MAX_CHUNKED_OVERHEAD = 256 * 1024  # framing bytes allowed beyond the body, against 1-byte-chunk floods
+MAX_INT_DIGITS = 18  # number parameters fit in 64 bits; longer strings are rejected before int()
+HEADER_TIMEOUT = 10.0  # SPEC §3: a request head not complete within 10 s -> disconnect
+BODY_TIMEOUT = 30.0  # a body of at most 1 MiB arrives in 30 s even on a poor link
+KEEPALIVE_TIMEOUT = 75.0  # SPEC §3 default; the value nginx and most proxies expect of an upstream
+SHUTDOWN_GRACE = 5.0  # SPEC §1: in-flight requests get at most 5 s on SIGTERM
+MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
+MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # a 1 MB log slice fits; a peer that does not read is paused behind it
+OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
+AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
+AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
+AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
+AUTH_TRACKED_ADDRESSES = 10000  # bounded memory when an attacker rotates addresses
+GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
+ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
+CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8002
+DEFAULT_WORKSPACES = "AGENT_RUN_WORKSPACES"
+SERVER_NAME = "ua-gateway"
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """Quote an offending value for an error detail: printable, ASCII, and short."""
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("latin-1")
+    text = ascii(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration: environment variables (Universal Agent's names) overridden by command-line flags.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message says which and how to fix it."""
+
+
+def _split_list(value: Optional[str]) -> List[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]:
+    networks = []
+    for item in _split_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"UA_OPS_ALLOW_FROM entry {_show(item)} is not an IP address or CIDR range "
+                "(examples: 10.0.0.5, 10.0.0.0/8, ::1, fd00::/8)"
+            ) from None
+    return networks
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Config:
+    """Everything the gateway is told at start. Build it with ``Config.from_env`` or by hand."""
+
+    def __init__(
+        self,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        workspaces: Union[str, os.PathLike] = DEFAULT_WORKSPACES,
+        token: Optional[str] = None,
+        allowed_users: Sequence[str] = (),
+        cors_origins: Sequence[str] = (),
+        allow_from: Sequence[Any] = (),
+        allowed_hosts: Sequence[str] = (),
+        agent_cmd: Optional[str] = None,
+        ws_echo: bool = False,
+        insecure: bool = False,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        header_timeout: float = HEADER_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.host = "127.0.0.1" if host == "localhost" else host
+        self.port = port
+        self.workspaces = Path(os.path.abspath(os.fspath(workspaces)))
+        self.token = token or None
+        self.allowed_users = frozenset(allowed_users)
+        self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
+        self.allow_from = [
+            n if not isinstance(n, str) else ipaddress.ip_network(n, strict=False) for n in allow_from
+        ]
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+        self.agent_cmd = agent_cmd
+        self.ws_echo = ws_echo
+        self.insecure = insecure
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+
+    def check_exposure(self) -> None:
+        """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
+        if self.token or self.insecure or is_loopback_host(self.host):
+            return
+        raise ConfigError(
+            f"refusing to listen on {self.host} without a token: anyone who can reach this address could "
+            "read and delete agent sessions. Set one, e.g.\n"
+            "  export UA_OPS_TOKEN=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+            "and send it as 'Authorization: Bearer <token>', or bind 127.0.0.1, or pass --insecure "
+            "if something else guards this address."
+        )
+
+    @classmethod
+    def from_env(cls, environ: Optional[Dict[str, str]] = None, **overrides: Any) -> "Config":
+        env = os.environ if environ is None else environ
+        port_text = env.get("UA_GATEWAY_PORT", str(DEFAULT_PORT))
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"UA_GATEWAY_PORT must be a port number, not {_show(port_text)}") from None
+        values: Dict[str, Any] = dict(
+            host=env.get("UA_GATEWAY_HOST") or DEFAULT_HOST,
+            port=port,
+            workspaces=env.get("UA_WORKSPACES_DIR") or DEFAULT_WORKSPACES,
+            token=(env.get("UA_OPS_TOKEN") or "").strip() or None,
+            allowed_users=_split_list(env.get("UA_ALLOWED_USERS")),
+            cors_origins=_split_list(env.get("UA_CORS_ORIGINS")),
+            allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
+            allowed_hosts=_split_list(env.get("UA_ALLOWED_HOSTS")),
+            agent_cmd=env.get("UA_AGENT_CMD") or None,
+        )
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        if not 0 <= values["port"] <= 65535:
+            raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
+        return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# HTTP parsing (RFC 9112), Sans-I/O: feed bytes, take Request objects or an HttpError.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """A request the gateway answers with an error status; ``detail`` tells the client what to do."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        headers: Sequence[Tuple[str, str]] = (),
+        close: bool = False,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = list(headers)
+        self.close = close
+
+
+_TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token
+_TARGET_RE = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII only (RFC 9112 §3.2)
+_VERSION_RE = re.compile(rb"HTTP/[0-9](\.[0-9])?")
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+
+
+class Request:
+    """One parsed HTTP request. Header names are lower-case; values are latin-1 decoded strings."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "path",
+        "query_string",
+        "version",
+        "headers",
+        "body",
+        "raw_head",
+        "keep_alive",
+        "upgrade",
+        "client",
+        "started",
+    )
+
+    def __init__(self, method: str, target: str, version: str, headers: List[Tuple[str, str]]) -> None:
+        self.method = method
+        self.target = target
+        self.path, _, self.query_string = target.partition("?")
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        self.raw_head = b""
+        self.keep_alive = True
+        self.upgrade = False
+        self.client = ""
+        self.started = 0.0
+
+    def header(self, name: str, default: Optional[str] = None) -> Optional[str]:
+        """The last value of a header (names are case-insensitive), or ``default``."""
+        for key, value in reversed(self.headers):
+            if key == name:
+                return value
+        return default
+
+    def header_tokens(self, name: str) -> List[str]:
+        """All comma-separated tokens of every instance of a header, lower-cased."""
+        return [
+            token.strip().lower()
+            for key, value in self.headers
+            if key == name
+            for token in value.split(",")
+            if token.strip()
+        ]
+
+
+class RequestParser:
+    """Turns the bytes of one connection into ``Request`` objects, enforcing SPEC §3's limits.
+
+    Call ``feed(data)`` with bytes as they arrive, then ``next_request()`` until it returns None (more
+    bytes needed). A malformed request raises ``HttpError``; after one with ``close=True`` the stream is
+    out of sync and the connection must be closed. Not thread-safe (one per connection).
+    """
+
+    def __init__(self, max_head: int = MAX_HEAD_BYTES, max_body: int = MAX_BODY_BYTES) -> None:
+        self.max_head = max_head
+        self.max_body = max_body
+        self._buffer = bytearray()
+        self._pending: Optional[Request] = None  # head parsed, body still arriving
+        self._body_length = 0  # Content-Length of the pending request
+        self._chunked: Optional[_ChunkedBody] = None
+        self.expects_continue = False  # the pending request asked for "100 Continue"
+
+    def feed(self, data: bytes) -> None:
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    @property
+    def in_request(self) -> bool:
+        """True while part of a request has arrived (so the head or body timeout applies)."""
+        return self._pending is not None or bool(self._buffer.lstrip(b"\r\n"))
+
+    @property
+    def in_body(self) -> bool:
+        return self._pending is not None
+
+    def take_remaining(self) -> bytes:
+        """Hand over what follows the last request (the first WebSocket frames after an upgrade)."""
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def next_request(self) -> Optional[Request]:
+        if self._pending is None:
+            request = self._parse_head()
+            if request is None:
+                return None
+        request = self._pending
+        assert request is not None
+        if self._chunked is not None:
+            body = self._chunked.feed(self._buffer)
+            if body is None:
+                return None
+            request.body = body
+        elif self._body_length:
+            if len(self._buffer) < self._body_length:
+                return None
+            request.body = bytes(self._buffer[: self._body_length])
+            del self._buffer[: self._body_length]
+        self._pending = None
+        self._chunked = None
+        self._body_length = 0
+        self.expects_continue = False
+        return request
+
+    def _parse_head(self) -> Optional[Request]:
+        # RFC 9112 §2.2: a server SHOULD ignore empty lines received before the request line.
+        while self._buffer[:2] == b"\r\n":
+            del self._buffer[:2]
+        end = self._buffer.find(b"\r\n\r\n", 0, self.max_head + 4)
+        if end < 0:
+            if len(self._buffer) > self.max_head:
+                raise HttpError(
+                    431, f"request head exceeds {self.max_head} bytes; send fewer or shorter headers",
+                    close=True,
+                )
+            first_line_end = self._buffer.find(b"\r\n")
+            if first_line_end < 0 and len(self._buffer) > MAX_REQUEST_LINE:
+                raise HttpError(414, f"request line exceeds {MAX_REQUEST_LINE} bytes", close=True)
+            if b"\n\n" in self._buffer and b"\r\n\r\n" not in self._buffer:
+                raise HttpError(400, "header lines must end with CRLF (RFC 9112 §2.2)", close=True)
+            return None
+        raw_head = bytes(self._buffer[: end + 4])
+        del self._buffer[: end + 4]
+        request = self._parse_head_bytes(raw_head[:-4])
+        request.raw_head = raw_head
+        self._pending = request
+        return request
+
+    def _parse_head_bytes(self, head: bytes) -> Request:
+        lines = head.split(b"\r\n")
+        request_line = lines[0]
+        if len(request_line) > MAX_REQUEST_LINE:
+            raise HttpError(414, f"request line exceeds {MAX_REQUEST_LINE} bytes", close=True)
+        parts = request_line.split(b" ")
+        if len(parts) != 3:
+            raise HttpError(400, f"malformed request line {_show(request_line)}", close=True)
+        method, target, version = parts
+        if version not in (b"HTTP/1.1", b"HTTP/1.0"):
+            if _VERSION_RE.fullmatch(version):
+                raise HttpError(505, f"HTTP version {_show(version)} is not supported; use HTTP/1.1", close=True)
+            raise HttpError(400, f"malformed HTTP version {_show(version)}", close=True)
+        if not _TOKEN_RE.fullmatch(method):
+            raise HttpError(400, f"malformed method {_show(method)}", close=True)
+        if not _TARGET_RE.fullmatch(target):
+            raise HttpError(
+                400,
+                f"request target {_show(target)} must be a path starting with '/' in visible ASCII "
+                "(percent-encode anything else)",
+                close=True,
+            )
+        if len(lines) - 1 > MAX_HEADER_COUNT:
+            raise HttpError(431, f"more than {MAX_HEADER_COUNT} header fields", close=True)
+        headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN_RE.fullmatch(name):
+                # Also catches obs-fold (a line starting with whitespace), which RFC 9112 §5.2 lets us reject.
+                raise HttpError(400, f"malformed header line {_show(line)}", close=True)
+            value = value.strip(b" \t")
+            if b"\r" in value or b"\n" in value or b"\x00" in value:
+                raise HttpError(400, f"header {_show(name)} contains CR, LF or NUL", close=True)
+            headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+        request = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
+        self._frame_body(request)
+        connection = request.header_tokens("connection")
+        if request.version == "HTTP/1.1":
+            request.keep_alive = "close" not in connection
+            hosts = [v for k, v in headers if k == "host"]
+            if len(hosts) != 1:
+                raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)")
+        else:
+            request.keep_alive = "keep-alive" in connection
+        request.upgrade = (
+            request.method == "GET"
+            and "upgrade" in connection
+            and "websocket" in request.header_tokens("upgrade")
+        )
+        return request
+
+    def _frame_body(self, request: Request) -> None:
+        """Work out how the body is delimited (RFC 9112 §6), refusing anything that could smuggle."""
+        lengths = request.header_tokens("content-length")
+        codings = request.header_tokens("transfer-encoding")
+        if codings:
+            if lengths:
+                raise HttpError(
+                    400, "Content-Length and Transfer-Encoding together are not allowed (RFC 9112 §6.1)",
+                    close=True,
+                )
+            if request.version != "HTTP/1.1":
+                raise HttpError(400, "Transfer-Encoding requires HTTP/1.1", close=True)
+            if codings[-1] != "chunked":
+                raise HttpError(400, "chunked must be the final transfer coding (RFC 9112 §6.3)", close=True)
+            if len(codings) > 1:
+                raise HttpError(501, f"transfer codings {_show(codings[:-1])} are not supported", close=True)
+            self._chunked = _ChunkedBody(self.max_body)
+        elif lengths:
+            if not all(value.isdigit() and len(value) <= MAX_INT_DIGITS for value in lengths):
+                raise HttpError(400, f"malformed Content-Length {_show(lengths)}", close=True)
+            if len(set(int(value) for value in lengths)) != 1:
+                raise HttpError(400, f"conflicting Content-Length values {_show(lengths)}", close=True)
+            self._body_length = int(lengths[0])
+            if self._body_length > self.max_body:
+                raise HttpError(
+                    413, f"request body of {self._body_length} bytes exceeds the limit of {self.max_body}",
+                    close=True,
+                )
+        expect = request.header("expect")
+        if expect is not None:
+            if expect.lower() != "100-continue":
+                raise HttpError(417, f"unsupported Expect value {_show(expect)}", close=True)
+            self.expects_continue = request.version == "HTTP/1.1" and (
+                self._chunked is not None or self._body_length > 0
+            )
+
+
+class _ChunkedBody:
+    """Incremental decoder of a chunked body (RFC 9112 §7.1); trailers are read and ignored."""
+
+    def __init__(self, max_body: int) -> None:
+        self.max_body = max_body
+        self.body = bytearray()
+        self.remaining = -1  # bytes left in the current chunk; -1 = expecting a size line
+        self.in_trailers = False
+        self.consumed = 0  # raw bytes taken from the stream, for the overhead limit
+
+    def feed(self, buffer: bytearray) -> Optional[bytes]:
+        """Consume what it can from ``buffer``; the body once complete, else None."""
+        while True:
+            if self.consumed - len(self.body) > MAX_CHUNKED_OVERHEAD:
+                raise HttpError(400, "chunked framing overhead is excessive; send larger chunks", close=True)
+            if self.remaining > 0:
+                take = min(self.remaining, len(buffer))
+                if take == 0:
+                    return None
+                self.body += buffer[:take]
+                del buffer[:take]
+                self.consumed += take
+                self.remaining -= take
+                continue
+            if self.remaining == 0:  # the CRLF after chunk data
+                if len(buffer) < 2:
+                    return None
+                if buffer[:2] != b"\r\n":
+                    raise HttpError(400, "chunk data not followed by CRLF", close=True)
+                del buffer[:2]
+                self.consumed += 2
+                self.remaining = -1
+                continue
+            end = buffer.find(b"\r\n", 0, MAX_CHUNK_LINE)
+            if end < 0:
+                if len(buffer) >= MAX_CHUNK_LINE:
+                    raise HttpError(400, f"chunk line exceeds {MAX_CHUNK_LINE} bytes", close=True)
+                return None
+            line = bytes(buffer[:end])
+            del buffer[: end + 2]
+            self.consumed += end + 2
+            if self.in_trailers:
+                if not line:
+                    return bytes(self.body)
+                continue
+            size_text = line.split(b";", 1)[0].strip(b" \t")
+            if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
+                raise HttpError(400, f"malformed chunk size {_show(line)}", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                self.in_trailers = True
+                continue
+            if len(self.body) + size > self.max_body:
+                raise HttpError(413, f"request body exceeds the limit of {self.max_body} bytes", close=True)
+            self.remaining = size
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Responses. One function builds the error shape; every response is JSON unless it serves a static file.
+# ---------------------------------------------------------------------------------------------------------
+
+
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_REASONS[507] = "Insufficient Storage"
+
+
+class Response:
+    """A complete HTTP response: status, extra headers, body bytes."""
+
+    __slots__ = ("status", "headers", "body", "content_type", "close")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        *,
+        content_type: str = "application/json",
+        headers: Optional[List[Tuple[str, str]]] = None,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers if headers is not None else []
+        self.close = close
+
+
+def json_response(status: int, payload: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
+    return Response(status, json.dumps(payload, separators=(",", ":")).encode(), headers=headers)
+
+
+def error_response(error: HttpError) -> Response:
+    """The one error shape of SPEC §3: ``{"detail": ...}`` with the error's status."""
+    return json_response(error.status, {"detail": error.detail}, list(error.headers))
+
+
+class _HttpDate:
+    """The Date header, formatted once per second rather than once per response."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = email.utils.formatdate(now, usegmt=True)
+        return self._value
+
+
+http_date = _HttpDate()
+
+
+def serialize_response(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}",
+        f"Date: {http_date()}",
+        f"Server: {SERVER_NAME}",
+        f"Content-Length: {len(response.body)}",
+    ]
+    if response.body or response.status not in (204, 304):
+        lines.append(f"Content-Type: {response.content_type}")
+    lines.append("X-Content-Type-Options: nosniff")
+    if response.content_type == "application/json":
+        lines.append("Cache-Control: no-store")
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    if not keep_alive:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Access control: token, failed-auth lockout, address allowlist, CORS and Origin (SPEC §4).
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _digest(value: str) -> bytes:
+    # Comparing fixed-length digests hides the token's length as well as its content.
+    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+
+def client_ip(address: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+class AccessControl:
+    """Decides who may use protected endpoints. All methods run on the event loop (not thread-safe)."""
+
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+        self.token_digest = _digest(config.token) if config.token else None
+        self.allow_from = config.allow_from
+        self.cors_origins = config.cors_origins
+        self.allowed_users = config.allowed_users
+        self.clock = clock
+        self._failures: Dict[str, List[float]] = {}
+        self._locked_until: Dict[str, float] = {}
+
+    def address_allowed(self, address: str) -> bool:
+        if not self.allow_from:
+            return True
+        ip = client_ip(address)
+        return ip is not None and any(ip in network for network in self.allow_from)
+
+    def lockout_remaining(self, address: str) -> float:
+        until = self._locked_until.get(address)
+        if until is None:
+            return 0.0
+        remaining = until - self.clock()
+        if remaining <= 0:
+            del self._locked_until[address]
+            return 0.0
+        return remaining
+
+    def token_matches(self, candidates: Iterable[Optional[str]]) -> bool:
+        if self.token_digest is None:
+            return True
+        matched = False
+        for candidate in candidates:
+            if candidate:
+                # No short-circuit: every candidate is compared, so timing does not reveal which matched.
+                matched |= hmac.compare_digest(_digest(candidate), self.token_digest)
+        return matched
+
+    def record_failure(self, address: str) -> bool:
+        """Count a failed authentication; True when this failure starts a lockout."""
+        now = self.clock()
+        if address not in self._failures and len(self._failures) >= AUTH_TRACKED_ADDRESSES:
+            self._prune(now)
+            if len(self._failures) >= AUTH_TRACKED_ADDRESSES:
+                self._failures.pop(next(iter(self._failures)))
+        recent = [t for t in self._failures.get(address, ()) if now - t < AUTH_FAILURE_WINDOW]
+        recent.append(now)
+        if len(recent) >= AUTH_FAILURE_LIMIT:
+            self._failures.pop(address, None)
+            self._locked_until[address] = now + AUTH_LOCKOUT
+            return True
+        self._failures[address] = recent
+        return False
+
+    def _prune(self, now: float) -> None:
+        for address in [a for a, times in self._failures.items() if now - times[-1] >= AUTH_FAILURE_WINDOW]:
+            del self._failures[address]
+        for address in [a for a, until in self._locked_until.items() if until <= now]:
+            del self._locked_until[address]
+
+    def user_allowed(self, user_id: Optional[str]) -> bool:
+        return not self.allowed_users or (user_id is not None and user_id in self.allowed_users)
+
+    def cors_headers(self, request: Request) -> List[Tuple[str, str]]:
+        origin = request.header("origin")
+        if origin and origin.rstrip("/") in self.cors_origins:
+            return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        return []
+
+
+def request_tokens(request: Request) -> List[Optional[str]]:
+    """The token candidates a request carries: a Bearer credential and the X-UA-OPS-TOKEN header."""
+    candidates = [request.header("x-ua-ops-token")]
+    authorization = request.header("authorization") or ""
+    scheme, _, credential = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        candidates.append(credential.strip())
+    return candidates
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gateway's own log: JSON lines under <root>/_gateway/, written by one thread so the loop never waits.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GatewayLog:
+    """Append-only JSON-lines log of access and events. ``write`` is cheap and thread-safe.
+
+    Records never contain a token: callers pass only the fields listed in each call, never headers.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: "queue.SimpleQueue[Optional[dict]]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ua-gateway-log", daemon=True)
+        self.dropped = 0
+        self._thread.start()
+
+    def write(self, event: str, **fields: Any) -> None:
+        record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event}
+        record.update(fields)
+        self._queue.put(record)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            record = self._queue.get()
+            batch = []
+            stop = record is None
+            if record is not None:
+                batch.append(record)
+            while not stop:
+                try:
+                    record = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if record is None:
+                    stop = True
+                else:
+                    batch.append(record)
+            if batch:
+                self._append(batch)
+            if stop:
+                return
+
+    def _append(self, batch: List[dict]) -> None:
+        data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in batch).encode()
+        try:
+            if not self.path.parent.is_dir():
+                # Recreate our own directory, but never the workspaces root: a missing root is the
+                # operator's to fix, and health reports it.
+                if not self.path.parent.parent.is_dir():
+                    raise FileNotFoundError(self.path.parent.parent)
+                self.path.parent.mkdir(exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+            try:
+                os.write(fd, data)
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size > GATEWAY_LOG_ROTATE_BYTES:
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        except OSError:
+            self.dropped += len(batch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request helpers: path segments, query parameters and JSON bodies, each failing with a clear 400.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def path_segments(path: str) -> List[str]:
+    """Split a path and percent-decode each segment exactly once (SPEC §3)."""
+    return [unquote(segment, errors="surrogateescape") if "%" in segment else segment for segment in path.split("/")[1:]]
+
+
+def query_params(request: Request) -> Dict[str, str]:
+    if not request.query_string:
+        return {}
+    try:
+        pairs = parse_qsl(request.query_string, keep_blank_values=True, errors="surrogateescape", max_num_fields=64)
+    except ValueError:
+        raise HttpError(400, "too many query parameters (at most 64)") from None
+    params: Dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            raise HttpError(400, f"query parameter {_show(name)} is given more than once; give it once")
+        params[name] = value
+    return params
+
+
+def int_param(params: Dict[str, str], name: str) -> Optional[int]:
+    text = params.get(name)
+    if text is None:
+        return None
+    if len(text) > MAX_INT_DIGITS + 1 or not _INT_RE.fullmatch(text):
+        raise HttpError(400, f"query parameter {name} must be an integer, not {_show(text)}")
+    return int(text)
+
+
+_TRUE = frozenset(("true", "1", "yes", "on"))
+_FALSE = frozenset(("false", "0", "no", "off"))
+
+
+def bool_param(params: Dict[str, str], name: str) -> bool:
+    text = params.get(name)
+    if text is None:
+        return False
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise HttpError(400, f"query parameter {name} must be true or false, not {_show(text)}")
+
+
+def json_object_body(request: Request, allowed: Sequence[str]) -> Dict[str, Any]:
+    """The request's JSON object body (an empty body is ``{}``), with only the ``allowed`` keys."""
+    if not request.body.strip():
+        return {}
+    try:
+        value = json.loads(request.body)
+    except (ValueError, RecursionError) as exc:
+        raise HttpError(400, f"request body is not valid JSON ({_show(str(exc), 120)}); send a JSON object") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, f"request body must be a JSON object, not {type(value).__name__}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise HttpError(
+            400, f"unknown field(s) {_show(unknown)} in the request body; allowed: {', '.join(allowed) or 'none'}"
+        )
+    return value
+
+
+def session_id_param(value: str) -> str:
+    if not ops_service.is_valid_session_id(value):
+        raise HttpError(
+            400,
+            f"invalid session id {_show(value)}: use 1-128 characters of A-Z a-z 0-9 _ . - "
+            "starting with a letter or digit",
+        )
+    return value
+
+
+# OpsService raises named exceptions; this table is the one place that turns them into statuses.
+OPS_ERROR_STATUS: Tuple[Tuple[type, int], ...] = (
+    (InvalidArgument, 400),
+    (SessionNotFound, 404),
+    (SessionBusy, 409),
+    (StorageFull, 507),
+    (WorkspacesUnavailable, 503),
+)
+
+
+def ops_error_response(error: OpsError) -> Response:
+    for kind, status in OPS_ERROR_STATUS:
+        if isinstance(error, kind):
+            return error_response(HttpError(status, error.detail))
+    return error_response(HttpError(500, error.detail))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing: a table of path patterns; "{session_id}" segments are validated before any handler runs.
+# ---------------------------------------------------------------------------------------------------------
+
+Handler = Callable[[Request, Dict[str, str]], Union[Response, Awaitable[Response]]]
+
+
+class Route:
+    """A path pattern with its handlers. ``protected`` names the methods that need the token."""
+
+    __slots__ = ("pattern", "handlers", "protected", "websocket")
+
+    def __init__(
+        self,
+        pattern: str,
+        handlers: Dict[str, Handler],
+        *,
+        protected: Iterable[str] = (),
+        websocket: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        self.pattern = tuple(pattern.split("/")[1:])
+        self.handlers = handlers
+        self.protected = frozenset(protected)
+        self.websocket = websocket
+
+    @property
+    def allow(self) -> str:
+        methods = set(self.handlers) | ({"GET"} if self.websocket else set())
+        return ", ".join(sorted(methods | {"OPTIONS"}))
+
+    def match(self, segments: Sequence[str]) -> Optional[Dict[str, str]]:
+        if len(segments) != len(self.pattern):
+            return None
+        params = {}
+        for expected, actual in zip(self.pattern, segments):
+            if expected.startswith("{"):
+                params[expected[1:-1]] = actual
+            elif expected != actual:
+                return None
+        return params
+
+
+class Router:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = list(routes)
+        self._static = {route.pattern: route for route in routes if not any(p.startswith("{") for p in route.pattern)}
+        self._dynamic = [route for route in routes if route.pattern not in self._static]
+
+    def match(self, segments: Sequence[str]) -> Tuple[Optional[Route], Dict[str, str]]:
+        route = self._static.get(tuple(segments))
+        if route is not None:
+            return route, {}
+        for route in self._dynamic:
+            params = route.match(segments)
+            if params is not None:
+                return route, params
+        return None, {}
+
+
+OPS_PREFIX = "/api/v1/ops/"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The gateway: routes, the Ops API handlers, and the lifecycle of the listening socket.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class Gateway:
+    """The whole server. ``await start()``, then ``await stop()``; ``url`` is known once started.
+
+    ``agent`` (for embedding) is an async callable that runs one turn; see "Agents" below.
+    """
+
+    def __init__(self, config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> None:
+        self.config = config
+        self.ops = OpsService(config.workspaces)
+        self.access = AccessControl(config)
+        self.agent = agent
+        self.executor = concurrent.futures.ThreadPoolExecutor(OPS_THREADS, thread_name_prefix="ua-ops")
+        self.connections: "set[HttpConnection]" = set()
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.root_problem: Optional[str] = None
+        self.log: Optional[GatewayLog] = None
+        self.server: Optional[asyncio.AbstractServer] = None
+        self.port = config.port
+        self._tasks: List[asyncio.Task] = []
+        self.hub: Optional[SessionHub] = None
+        self.router = Router(self._routes())
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.config.check_exposure()
+        await loop.run_in_executor(self.executor, self.ops.ensure_root)
+        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME / ops_service.GATEWAY_LOG_NAME)
+        if self.agent is not None:
+            agent = self.agent
+        elif self.config.agent_cmd:
+            agent = command_agent(self.config.agent_cmd)
+        else:
+            agent = echo_agent
+        self.hub = SessionHub(self, agent)
+        self.server = await loop.create_server(
+            lambda: HttpConnection(self),
+            host=self.config.host,
+            port=self.config.port,
+            backlog=1024,
+            reuse_address=True,
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.started_at = time.monotonic()
+        self._tasks = [loop.create_task(self._sweep_deadlines()), loop.create_task(self._watch_root())]
+        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root))
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        deadline = time.monotonic() + grace
+        if self.hub is not None:
+            await self.hub.shutdown(grace)
+        for connection in list(self.connections):
+            connection.shutdown()
+        while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()
+        for task in self._tasks:
+            task.cancel()
+        if self.log is not None:
+            self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
+            self.log.close()
+        self.executor.shutdown(wait=False)
+
+    async def _sweep_deadlines(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            for connection in list(self.connections):
+                if connection.deadline and now >= connection.deadline:
+                    connection.on_deadline()
+
+    async def _watch_root(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self.executor, functools.partial(self.ops.check_root, writable=True))
+                self.root_problem = None
+            except WorkspacesUnavailable as exc:
+                self.root_problem = exc.detail
+            await asyncio.sleep(ROOT_CHECK_INTERVAL)
+
+    async def run_ops(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an OpsService call in a worker thread: disk work never blocks the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+
+    def dispatch(self, request: Request) -> Union[Response, Awaitable[Response]]:
+        """Route one request. Returns a response now, or an awaitable for work that touches the disk."""
+        try:
+            segments = path_segments(request.path)
+            route, params = self.router.match(segments)
+            if self.config.allowed_hosts:
+                self._check_host(request)
+            if request.method == "OPTIONS":
+                return self._options(request, route)
+            if request.path.startswith(OPS_PREFIX) or (route is not None and request.method in route.protected):
+                self.authorize(request)
+            if route is None:
+                raise HttpError(404, f"no endpoint at {_show(request.path)}; the API is described at /api/v1/openapi.json")
+            handler = route.handlers.get(request.method)
+            if handler is None:
+                raise HttpError(
+                    405, f"method {request.method} is not allowed on {_show(request.path)}; use {route.allow}",
+                    headers=[("Allow", route.allow)],
+                )
+            for name, value in params.items():
+                if name == "session_id":
+                    session_id_param(value)
+            return handler(request, params)
+        except HttpError as error:
+            return error_response(error)
+        except Exception as error:  # a bug of ours: answer 500, log it, keep serving
+            return self.internal_error(request, error)
+
+    def internal_error(self, request: Request, error: BaseException) -> Response:
+        if self.log is not None:
+            self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
+        return error_response(HttpError(500, "internal error; the gateway log has the details"))
+
+    def authorize(self, request: Request) -> None:
+        """Address allowlist, then lockout, then the token (SPEC §4). Raises HttpError on refusal."""
+        address = request.client
+        if not self.access.address_allowed(address):
+            raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
+        remaining = self.access.lockout_remaining(address)
+        if remaining:
+            seconds = int(remaining) + 1
+            raise HttpError(
+                429,
+                f"too many failed authentications from {address}; try again in {seconds} s with the right token",
+                headers=[("Retry-After", str(seconds))],
+            )
+        if not self.access.token_matches(request_tokens(request)):
+            locked = self.access.record_failure(address)
+            if self.log is not None:
+                self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
+            raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
+
+    def _check_host(self, request: Request) -> None:
+        host = (request.header("host") or "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]")
+        if not (is_loopback_host(name) or name in self.config.allowed_hosts or host in self.config.allowed_hosts):
+            raise HttpError(421, f"Host {_show(host)} is not served here; list it in UA_ALLOWED_HOSTS")
+
+    def _options(self, request: Request, route: Optional[Route]) -> Response:
+        if route is None:
+            raise HttpError(404, f"no endpoint at {_show(request.path)}")
+        headers = [("Allow", route.allow)]
+        cors = self.access.cors_headers(request)
+        if cors:
+            headers += cors + [
+                ("Access-Control-Allow-Methods", route.allow),
+                ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+                ("Access-Control-Max-Age", str(CORS_MAX_AGE)),
+            ]
+        return Response(204, headers=headers)
+
+    async def _ops_response(self, http_status: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Response:
+        return json_response(http_status, await self.run_ops(function, *args, **kwargs))
+
+    def runtime(self) -> Dict[str, Tuple[int, bool]]:
+        """{session_id: (active_connections, running)} for sessions with live connections or turns."""
+        return self.hub.snapshot() if self.hub is not None else {}
+
+    # -- WebSocket upgrades --------------------------------------------------------------------------------
+
+    def try_upgrade(self, request: Request, connection: "HttpConnection") -> bool:
+        """Hand a WebSocket upgrade on a WebSocket route to the bridge. False: not ours, serve it as HTTP."""
+        from websockets.server import ServerProtocol
+
+        route, params = self.router.match(path_segments(request.path))
+        if route is None or route.websocket is None:
+            return False
+        try:
+            self._authorize_websocket(request)
+        except HttpError as error:
+            response = error_response(error)
+            response.close = True
+            connection._send(response, request)
+            return True
+        app = route.websocket(request, params)
+        protocol = ServerProtocol(
+            subprotocols=[WS_SUBPROTOCOL],
+            select_subprotocol=_select_subprotocol,
+            max_size=WS_ECHO_MAX_MESSAGE if isinstance(app, EchoApp) else WS_MAX_MESSAGE,
+            logger=_ws_logger,
+        )
+        bridge = WebSocketBridge(connection, protocol, app)
+        connection.bridge = bridge
+        connection.deadline = 0.0
+        if self.log is not None:
+            self.log.write("websocket", client=request.client, path=request.path[:512])
+        bridge.start(request, request.raw_head + connection.parser.take_remaining())
+        return True
+
+    def _authorize_websocket(self, request: Request) -> None:
+        """SPEC §4 for upgrades: allowlist, lockout, token (header or bearer subprotocol), then Origin."""
+        address = request.client
+        if not self.access.address_allowed(address):
+            raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
+        remaining = self.access.lockout_remaining(address)
+        if remaining:
+            seconds = int(remaining) + 1
+            raise HttpError(429, f"too many failed authentications from {address}; try again in {seconds} s",
+                            headers=[("Retry-After", str(seconds))])
+        if not self.access.token_matches(request_tokens(request) + [_subprotocol_token(request)]):
+            locked = self.access.record_failure(address)
+            if self.log is not None:
+                self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
+            raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
+        origin = request.header("origin")
+        if origin is not None and not self.access.cors_headers(request):
+            own = (request.header("host") or "").lower()
+            scheme, _, origin_host = origin.lower().partition("://")
+            if origin_host.rstrip("/") != own:
+                raise HttpError(403, f"WebSocket from Origin {_show(origin)} refused; list it in UA_CORS_ORIGINS")
+
+    def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
+        session_id = params.get("session_id")
+        if session_id is None:
+            session_id = dict(parse_qsl(request.query_string, keep_blank_values=True)).get("session_id")
+        return AgentSocket(self, request, session_id)
+
+    def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
+        raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
+                        headers=[("Upgrade", "websocket")])
+
+    def _routes(self) -> List[Route]:
+        return [
+            Route("/api/v1/health", {"GET": self.health}),
+            Route("/api/v1/ops/sessions", {"GET": self.list_sessions}),
+            Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session}),
+            Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}),
+            Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}),
+            Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}),
+            Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}),
+            Route("/api/v1/sessions", {"POST": self.create_session}, protected={"POST"}),
+            Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, protected={"GET"},
+                  websocket=self._agent_socket),
+            Route("/ws/agent", {"GET": self._websocket_only}, protected={"GET"}, websocket=self._agent_socket),
+        ] + ([Route("/ws/echo", {"GET": self._websocket_only}, protected={"GET"}, websocket=lambda r, p: EchoApp())]
+             if self.config.ws_echo else [])
+
+    # -- handlers ------------------------------------------------------------------------------------------
+
+    def health(self, request: Request, params: Dict[str, str]) -> Response:
+        uptime = round(time.monotonic() - self.started_at, 3)
+        if self.root_problem:
+            return json_response(503, {"status": "degraded", "detail": self.root_problem, "version": __version__, "uptime_s": uptime})
+        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime})
+
+    def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        return self._ops_response(
+            200,
+            self.ops.list_sessions,
+            status=query.get("status", "all"),
+            limit=int_param(query, "limit"),
+            offset=int_param(query, "offset"),
+            runtime=self.runtime(),
+        )
+
+    def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
+
+    def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        return self._ops_response(
+            200,
+            self.ops.read_log,
+            params["session_id"],
+            "activity_journal.log",
+            cursor=query.get("cursor"),
+            limit=int_param(query, "limit"),
+            max_bytes=int_param(query, "max_bytes"),
+        )
+
+    def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        session_id = query.get("session_id")
+        file_name = query.get("file")
+        slice_args = dict(cursor=query.get("cursor"), limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"))
+        if session_id is None:
+            if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
+                raise HttpError(400, f"file {_show(file_name)} needs session_id; without it the gateway's own log is read")
+            return self._ops_response(200, self.ops.read_gateway_log, **slice_args)
+        session_id_param(session_id)
+        file_name = file_name or "run.log"
+        if file_name not in ops_service.LOG_FILES:
+            raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {_show(file_name)}")
+        return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
+
+    def reset_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        body = json_object_body(request, ("clear_logs", "clear_memory", "clear_work_products"))
+        return self._ops_response(200, self.ops.reset_session, params["session_id"], **body)
+
+    def compact_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        body = json_object_body(request, ("max_lines", "max_bytes"))
+        return self._ops_response(200, self.ops.compact_session, params["session_id"], **body)
+
+    def delete_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        if not bool_param(query, "confirm"):
+            raise HttpError(400, "deleting a session needs ?confirm=true; nothing was touched")
+        force = bool_param(query, "force")
+        return self._delete(params["session_id"], force)
+
+    async def _delete(self, session_id: str, force: bool) -> Response:
+        hub = self.hub
+        if hub is not None and hub.running(session_id):
+            if not force:
+                raise HttpError(409, f"session {session_id} has a turn running; cancel it first or add force=true")
+            await hub.cancel_and_wait(session_id, "session deleted")
+        result = await self.run_ops(self.ops.delete_session, session_id)
+        if hub is not None:
+            hub.close_session(session_id, 4004, "session deleted")
+        return json_response(200, result)
+
+    def create_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        body = json_object_body(request, ("user_id",))
+        user_id = body.get("user_id")
+        if user_id is not None and not isinstance(user_id, str):
+            raise HttpError(400, "user_id must be a string")
+        if not self.access.user_allowed(user_id):
+            raise HttpError(403, "user_id is missing or not in UA_ALLOWED_USERS")
+        return self._ops_response(201, self.ops.create_session)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Connections: one HttpConnection per socket; it owns the parser, the timeouts and the order of answers.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class HttpConnection(asyncio.Protocol):
+    """Moves bytes between a socket, the parser and the gateway. Runs on the event loop only.
+
+    Deadlines (checked by the gateway's sweeper): the request head within ``header_timeout`` of its first
+    byte (or of the connection), a body within BODY_TIMEOUT, and an idle keep-alive connection closes after
+    ``keepalive_timeout``. While a handler runs there is no deadline; pipelined bytes wait, bounded.
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.loop = asyncio.get_event_loop()
+        self.parser = RequestParser()
+        self.transport: Optional[asyncio.Transport] = None
+        self.client = ""
+        self.busy = False
+        self.closed = False
+        self.write_paused = False
+        self.reading_paused = False
+        self.peer_eof = False
+        self.continue_sent = False
+        self.deadline = 0.0
+        self.phase = "head"  # head | body | idle | busy | linger
+        self.bridge: Any = None  # the WebSocket bridge once upgraded
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.client = str(peer[0]) if peer else ""
+        if len(self.gateway.connections) >= self.gateway.config.max_connections or self.gateway.draining:
+            detail = "the gateway is at its connection limit; retry shortly" if not self.gateway.draining else "the gateway is shutting down"
+            transport.write(serialize_response(error_response(HttpError(503, detail)), keep_alive=False))  # type: ignore[attr-defined]
+            transport.close()
+            self.closed = True
+            return
+        self.gateway.connections.add(self)
+        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self._enter("head")
+
+    def data_received(self, data: bytes) -> None:
+        if self.bridge is not None:
+            self.bridge.data_received(data)
+            return
+        if self.closed or self.phase == "linger":
+            return
+        self.parser.feed(data)
+        if self.phase == "idle":
+            self._enter("head")
+        if not self.busy:
+            self._process()
+        if self.busy and self.parser.buffered > MAX_PIPELINE_BUFFER and not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()  # type: ignore[union-attr]
+
+    def eof_received(self) -> Optional[bool]:
+        if self.bridge is not None:
+            return self.bridge.eof_received()
+        self.peer_eof = True
+        if self.busy:
+            return True  # keep the write side open to deliver the answer in flight
+        self._close()
+        return None
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self.gateway.connections.discard(self)
+        if self.bridge is not None:
+            self.bridge.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.bridge is not None and self.transport is not None:
+            self.transport.pause_reading()  # a peer that does not read gets no more of its input read
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.bridge is not None:
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+        elif not self.busy and not self.closed:
+            self._process()
+
+    # -- request loop --------------------------------------------------------------------------------------
+
+    def _enter(self, phase: str) -> None:
+        self.phase = phase
+        timeouts = {
+            "head": self.gateway.config.header_timeout,
+            "body": BODY_TIMEOUT,
+            "idle": self.gateway.config.keepalive_timeout,
+            "linger": 2.0,
+        }
+        timeout = timeouts.get(phase)
+        self.deadline = self.loop.time() + timeout if timeout else 0.0
+
+    def _process(self) -> None:
+        while not self.busy and not self.closed and not self.write_paused and self.phase != "linger":
+            try:
+                request = self.parser.next_request()
+            except HttpError as error:
+                self._send(error_response(error), None)
+                return
+            if request is None:
+                self._await_more()
+                return
+            self.continue_sent = False
+            request.client = self.client
+            request.started = self.loop.time()
+            if request.upgrade and self.gateway.try_upgrade(request, self):
+                return
+            result = self.gateway.dispatch(request)
+            if isinstance(result, Response):
+                self._send(result, request)
+            else:
+                self.busy = True
+                self._enter("busy")
+                self.loop.create_task(self._finish(request, result))
+
+    def _await_more(self) -> None:
+        if self.parser.expects_continue and not self.continue_sent:
+            self.continue_sent = True
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
+        if self.parser.in_body:
+            if self.phase != "body":
+                self._enter("body")
+        elif self.parser.in_request:
+            if self.phase != "head":
+                self._enter("head")
+        elif self.phase != "idle":
+            self._enter("idle")
+        if self.reading_paused and self.parser.buffered <= MAX_PIPELINE_BUFFER:
+            self.reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+        if self.peer_eof or (self.gateway.draining and self.phase == "idle"):
+            self._close()
+
+    async def _finish(self, request: Request, pending: Awaitable[Response]) -> None:
+        try:
+            response = await pending
+        except HttpError as error:
+            response = error_response(error)
+        except OpsError as error:
+            response = ops_error_response(error)
+        except Exception as error:  # a bug of ours: answer 500, log it, keep serving
+            response = self.gateway.internal_error(request, error)
+        self.busy = False
+        if self.closed:
+            return
+        self._send(response, request)
+        if not self.closed:
+            self._process()
+
+    def _send(self, response: Response, request: Optional[Request]) -> None:
+        if self.closed or self.transport is None:
+            return
+        keep_alive = (
+            request is not None
+            and request.keep_alive
+            and not response.close
+            and not self.gateway.draining
+            and not self.peer_eof
+        )
+        if request is not None and request.method != "OPTIONS":
+            response.headers.extend(self.gateway.access.cors_headers(request))
+        self.transport.write(serialize_response(response, keep_alive))
+        log = self.gateway.log
+        if log is not None:
+            log.write(
+                "access",
+                client=self.client,
+                method=request.method if request else None,
+                path=request.path[:512] if request else None,
+                status=response.status,
+                bytes=len(response.body),
+                ms=round((self.loop.time() - request.started) * 1000, 3) if request else None,
+            )
+        if not keep_alive:
+            self._linger()
+
+    # -- closing -------------------------------------------------------------------------------------------
+
+    def _linger(self) -> None:
+        """Half-close after the last answer and discard input briefly, so the peer reads the answer
+        instead of a reset caused by bytes it already sent (an unread 2 MiB body, say)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if transport.can_write_eof() and not self.peer_eof:
+            transport.write_eof()
+            self._enter("linger")
+            if self.reading_paused:
+                self.reading_paused = False
+                transport.resume_reading()
+        else:
+            self._close()
+
+    def on_deadline(self) -> None:
+        if self.bridge is not None:
+            return
+        if self.phase in ("head", "body"):
+            what = "request head" if self.phase == "head" else "request body"
+            limit = self.gateway.config.header_timeout if self.phase == "head" else BODY_TIMEOUT
+            self._send(error_response(HttpError(408, f"{what} not received within {limit:g} s")), None)
+        else:
+            self._close()
+
+    @property
+    def in_flight(self) -> bool:
+        """A request is being received or answered, or a WebSocket is still closing."""
+        return not self.closed and (self.busy or self.parser.in_request or self.bridge is not None)
+
+    def shutdown(self) -> None:
+        """Graceful stop: idle connections close now, busy ones after their answer."""
+        if self.bridge is not None:
+            self.bridge.shutdown()
+        elif not self.busy and not self.parser.in_request:
+            self._close()
+
+    def _close(self) -> None:
+        self.deadline = 0.0
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# WebSocket bridge: websockets' Sans-I/O ServerProtocol driven by our connection (ecosystem.md §1b).
+# What the Sans-I/O layer leaves to us lives here: keepalive pings, the closing timeout, message
+# reassembly with incremental UTF-8 checks, and a bounded send buffer.
+# ---------------------------------------------------------------------------------------------------------
+
+WS_MAX_MESSAGE = 1024 * 1024  # SPEC §6: a frame (or message) over 1 MiB closes with 1009
+WS_ECHO_MAX_MESSAGE = 16 * 1024 * 1024  # SPEC §6: the diagnostic echo route allows 16 MiB
+WS_PING_INTERVAL = 20.0  # SPEC §6: ping every 20 s ...
+WS_PING_TIMEOUT = 20.0  # ... and drop a peer that has not answered within 20 s
+WS_CLOSE_TIMEOUT = 10.0  # the peer has 10 s to finish the closing handshake (websockets' default)
+WS_MAX_SEND_BUFFER = 8 * 1024 * 1024  # a consumer this far behind is closed with 1008, not buffered for
+WS_SUBPROTOCOL = "ua.v1"
+WS_BEARER_PREFIX = "bearer."  # a token offered as a subprotocol, base64url without padding (Kubernetes' way)
+
+import codecs  # noqa: E402  (kept beside the code that needs it)
+import logging  # noqa: E402
+
+_ws_logger = logging.getLogger("ua_gateway.websocket")
+_ws_logger.addHandler(logging.NullHandler())
+_ws_logger.propagate = False
+
+
+def _subprotocol_token(request: Request) -> Optional[str]:
+    """The token a browser offered as ``bearer.<base64url>`` in Sec-WebSocket-Protocol, if any."""
+    import base64
+
+    for offered in request.header_tokens("sec-websocket-protocol"):
+        if offered.startswith(WS_BEARER_PREFIX):
+            encoded = offered[len(WS_BEARER_PREFIX):]
+            # header_tokens lower-cases; read the original spelling back from the raw header.
+            for _, value in request.headers:
+                for item in value.split(","):
+                    item = item.strip()
+                    if item.lower() == offered:
+                        encoded = item[len(WS_BEARER_PREFIX):]
+            try:
+                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return None
+    return None
+
+
+def _select_subprotocol(protocol: Any, offered: Sequence[str]) -> Optional[str]:
+    # Select ua.v1 when offered; never echo a bearer token back (SPEC §4).
+    return WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None
+
+
+class WebSocketBridge:
+    """One WebSocket connection: bytes <-> ``ServerProtocol`` <-> whole messages for ``app``.
+
+    ``app`` gets ``on_open(bridge)``, ``on_message(bridge, text_or_bytes)`` and ``on_close(bridge)``.
+    Everything runs on the event loop. Sending never blocks: when the peer falls WS_MAX_SEND_BUFFER
+    bytes behind, the connection is closed with 1008 ("slow consumer") rather than buffering without bound.
+    """
+
+    def __init__(self, connection: HttpConnection, protocol: Any, app: Any) -> None:
+        self.connection = connection
+        self.transport = connection.transport
+        self.protocol = protocol
+        self.app = app
+        self.loop = connection.loop
+        self.open = False
+        self.closed = False
+        self.request: Optional[Request] = None
+        self.fragments: List[bytes] = []
+        self.fragment_opcode: Any = None
+        self.utf8: Any = None
+        self.ping_payload: Optional[bytes] = None
+        self.ping_timer: Optional[asyncio.TimerHandle] = None
+        self.close_timer: Optional[asyncio.TimerHandle] = None
+        self.state: Dict[str, Any] = {}  # the app's per-connection state
+
+    # -- bytes in ------------------------------------------------------------------------------------------
+
+    def start(self, request: Request, head_and_rest: bytes) -> None:
+        """Run the opening handshake on the raw request bytes, then any frames that followed them."""
+        from websockets.http11 import Request as WsRequest
+
+        self.request = request
+        self.protocol.receive_data(head_and_rest)
+        events = self.protocol.events_received()
+        ws_request = events[0] if events and isinstance(events[0], WsRequest) else None
+        if ws_request is None:
+            response = self.protocol.reject(400, "Malformed WebSocket handshake.\n")
+        else:
+            response = self.protocol.accept(ws_request)
+        self.protocol.send_response(response)
+        self.flush()
+        if response.status_code != 101:
+            self.closed = True
+            self._arm_close_timer()
+            return
+        self.open = True
+        self._schedule_ping()
+        self.app.on_open(self)
+        self._handle_events(events[1:])
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed and not self.protocol.close_expected():
+            return
+        try:
+            self.protocol.receive_data(data)
+        except EOFError:
+            return
+        self.flush()
+        self._handle_events(self.protocol.events_received())
+
+    def eof_received(self) -> Optional[bool]:
+        self.protocol.receive_eof()
+        self.flush()
+        self._handle_events(self.protocol.events_received())
+        return None
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        for timer in (self.ping_timer, self.close_timer):
+            if timer is not None:
+                timer.cancel()
+        if self.open:
+            self.open = False
+            self.app.on_close(self)
+        self.closed = True
+
+    def _handle_events(self, events: Sequence[Any]) -> None:
+        from websockets.frames import Opcode
+
+        for frame in events:
+            opcode = frame.opcode
+            if opcode is Opcode.PONG:
+                if self.ping_payload is not None and frame.data == self.ping_payload:
+                    self.ping_payload = None
+                continue
+            if opcode is Opcode.CLOSE:
+                self._closing()
+                continue
+            if opcode is Opcode.PING or not self.open:
+                continue
+            if opcode in (Opcode.TEXT, Opcode.BINARY):
+                self.fragment_opcode = opcode
+                self.fragments = []
+                self.utf8 = codecs.getincrementaldecoder("utf-8")() if opcode is Opcode.TEXT else None
+            self.fragments.append(frame.data)
+            if self.utf8 is not None:
+                try:
+                    self.utf8.decode(frame.data, final=frame.fin)
+                except UnicodeDecodeError as exc:
+                    # Fail fast on invalid text, fragment by fragment (RFC 6455 §8.1).
+                    self.fail(1007, f"invalid UTF-8 in text message: {exc.reason}")
+                    return
+            if frame.fin:
+                payload = b"".join(self.fragments)
+                self.fragments = []
+                message: Union[str, bytes] = payload.decode() if self.fragment_opcode is Opcode.TEXT else payload
+                self.app.on_message(self, message)
+                if self.closed:
+                    return
+        if self.protocol.close_expected():
+            self._closing()
+
+    # -- bytes out -----------------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+        if transport.get_write_buffer_size() > WS_MAX_SEND_BUFFER and self.open:
+            # Clawdbot's rule too: a peer that does not read is cut off, not buffered for.
+            self.fail(1008, "slow consumer: the client is not reading its messages")
+
+    def send_text(self, text: str) -> None:
+        if self.open and not self.closed:
+            self.protocol.send_text(text.encode())
+            self.flush()
+
+    def send_binary(self, data: bytes) -> None:
+        if self.open and not self.closed:
+            self.protocol.send_binary(data)
+            self.flush()
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        if self.open and not self.closed:
+            self.protocol.send_close(code, reason[:120])
+            self.flush()
+            self._closing()
+
+    def fail(self, code: int, reason: str = "") -> None:
+        if not self.closed:
+            self.protocol.fail(code, reason[:120])
+            self.flush()
+            self._closing()
+
+    def shutdown(self) -> None:
+        self.close(1001, "server shutting down")
+
+    def _closing(self) -> None:
+        if self.open:
+            self.open = False
+            self.app.on_close(self)
+        self.closed = True
+        if self.ping_timer is not None:
+            self.ping_timer.cancel()
+        self._arm_close_timer()
+
+    def _arm_close_timer(self) -> None:
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(WS_CLOSE_TIMEOUT, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- keepalive -----------------------------------------------------------------------------------------
+
+    def _schedule_ping(self) -> None:
+        self.ping_timer = self.loop.call_later(WS_PING_INTERVAL, self._ping)
+
+    def _ping(self) -> None:
+        if not self.open:
+            return
+        if self.ping_payload is not None:
+            self.fail(1011, "keepalive ping timeout")
+            return
+        self.ping_payload = os.urandom(4)
+        self.protocol.send_ping(self.ping_payload)
+        self.flush()
+        self.ping_timer = self.loop.call_later(WS_PING_TIMEOUT, self._ping)
+
+
+class EchoApp:
+    """WS /ws/echo (only with --ws-echo): every message back unchanged, for conformance suites."""
+
+    def on_open(self, bridge: WebSocketBridge) -> None:
+        pass
+
+    def on_message(self, bridge: WebSocketBridge, message: Union[str, bytes]) -> None:
+        if isinstance(message, str):
+            bridge.send_text(message)
+        else:
+            bridge.send_binary(message)
+
+    def on_close(self, bridge: WebSocketBridge) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sessions and agents (SPEC §6): who is connected, which turn runs, and what gets written where.
+# ---------------------------------------------------------------------------------------------------------
+
+AGENT_EVENT_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+RESERVED_EVENT_TYPES = frozenset(("connected", "query_complete", "cancelled", "pong"))  # the gateway's own
+MAX_CLIENT_TURN_ID = 128
+REMEMBERED_TURN_IDS = 256  # completed client_turn_ids kept per session to answer duplicates
+MAX_JOURNAL_LINE = 64 * 1024  # a longer event is cut in the journal (the client still gets all of it)
+MAX_PENDING_MESSAGES = 32  # messages a client may send before its attach has finished
+AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
+MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def frame_json(event_type: str, data: Any) -> str:
+    return json.dumps({"type": event_type, "data": data, "timestamp": utc_now_iso()}, separators=(",", ":"))
+
+
+def journal_line(event_type: str, data: Any, when: Optional[float] = None) -> bytes:
+    """``[YYYY-MM-DD HH:MM:SS] [TYPE] text`` (UTC), one line whatever the event holds."""
+    stamp = datetime.fromtimestamp(time.time() if when is None else when, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    text = None
+    if isinstance(data, dict):
+        for key in ("text", "message", "status"):
+            if isinstance(data.get(key), str):
+                text = data[key]
+                break
+    if text is None:
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
+    text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
+    line = f"[{stamp}] [{event_type.upper()}] {text}".encode("utf-8", "replace")
+    if len(line) > MAX_JOURNAL_LINE:
+        line = line[:MAX_JOURNAL_LINE] + f" ...[{len(line) - MAX_JOURNAL_LINE} bytes cut]".encode()
+    return line + b"\n"
+
+
+class SessionWriter:
+    """Writes journals, run logs and heartbeats on one thread, in the order they were asked for.
+
+    All writes go through ``OpsService.append_log``/``write_heartbeat``, which take the session's lock
+    and open the file per call: a reset or compact between two writes sends the next one to the new
+    live file, and nothing is written into an archive. Thread-safe.
+    """
+
+    def __init__(self, ops: OpsService, log: Optional[GatewayLog]) -> None:
+        self.ops = ops
+        self.log = log
+        self.dropped = 0
+        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="ua-session-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, session_id: str, file_name: str, data: bytes) -> None:
+        self._queue.put(("append", session_id, file_name, data))
+
+    def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
+        self._queue.put(("heartbeat", session_id, None, state))
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued before this call is on disk (or dropped)."""
+        done = threading.Event()
+        self._queue.put(("flush", None, None, done))
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.flush(timeout)
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._write(batch)
+                    return
+                batch.append(nxt)
+            self._write(batch)
+
+    def _write(self, batch: List[Any]) -> None:
+        index = 0
+        while index < len(batch):
+            kind, session_id, file_name, payload = batch[index]
+            index += 1
+            if kind == "flush":
+                payload.set()
+                continue
+            if kind == "append":
+                # Coalesce consecutive appends to one file: one open and one write for a burst of events.
+                chunks = [payload]
+                while index < len(batch) and batch[index][0] == "append" and batch[index][1:3] == (session_id, file_name):
+                    chunks.append(batch[index][3])
+                    index += 1
+                action = functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks))
+            else:
+                action = functools.partial(self.ops.write_heartbeat, session_id, payload)
+            try:
+                action()
+            except SessionNotFound:
+                pass  # deleted while its turn was ending: nothing to keep
+            except (OpsError, OSError) as exc:
+                self.dropped += 1
+                if self.log is not None:
+                    self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
+                                   detail=str(exc)[:300])
+
+
+class AgentTurn:
+    """What an agent sees of one turn. ``emit`` and ``log`` may be called from the event loop only.
+
+    An embedded agent is ``async def agent(turn: AgentTurn) -> None``: it calls ``turn.emit(type, data)``
+    for each event, ``turn.log(text)`` for raw output, and ``await turn.next_input()`` to receive the
+    client's ``input_response`` messages. Raising ends the turn with an ``error`` event.
+    """
+
+    def __init__(self, hub: "SessionHub", live: "LiveSession", user_input: str, metadata: Dict[str, Any],
+                 client_turn_id: Optional[str]) -> None:
+        self.hub = hub
+        self.session_id = live.session_id
+        self.workspace_dir = live.workspace_dir
+        self.user_input = user_input
+        self.metadata = metadata
+        self.client_turn_id = client_turn_id
+        self.turn_id = client_turn_id or "turn_" + os.urandom(6).hex()
+        self.inputs: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
+        self.cancelled = False
+        self.task: Optional[asyncio.Task] = None
+        self.started = time.time()
+        self.events = 0
+
+    def emit(self, event_type: str, data: Any = None) -> None:
+        if self.cancelled:
+            return  # the client was told "cancelled"; nothing of this turn follows but query_complete
+        if not isinstance(event_type, str) or not AGENT_EVENT_RE.fullmatch(event_type) or event_type in RESERVED_EVENT_TYPES:
+            self.log(f"[gateway] agent sent an event of invalid type {_show(event_type)}; ignored")
+            return
+        if not isinstance(data, dict):
+            data = {} if data is None else {"value": data}
+        self.events += 1
+        self.hub.broadcast(self.session_id, event_type, data)
+
+    def log(self, text: str) -> None:
+        self.hub.writer.append(self.session_id, "run.log", text.encode("utf-8", "replace") + b"\n")
+
+    async def next_input(self) -> Dict[str, Any]:
+        return await self.inputs.get()
+
+
+class AgentFailed(Exception):
+    """An agent's turn failed in a way the client should hear about as an ``error`` event."""
+
+
+async def echo_agent(turn: AgentTurn) -> None:
+    """The built-in agent: a status, the input back as text; the gateway adds query_complete."""
+    turn.emit("status", {"status": "processing"})
+    turn.log(f"echo: {turn.user_input}")
+    turn.emit("text", {"text": turn.user_input})
+
+
+def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
+    """An agent that runs ``command`` per turn (SPEC §6): the request as one JSON line on stdin,
+    JSON-line events on stdout; other stdout lines and all stderr go to run.log."""
+
+    async def run(turn: AgentTurn) -> None:
+        env = {key: value for key, value in os.environ.items() if key != "UA_OPS_TOKEN"}  # never hand the token on
+        env["UA_SESSION_ID"] = turn.session_id
+        env["UA_TURN_ID"] = turn.turn_id
+        process = await asyncio.create_subprocess_shell(
+            command,
+            cwd=str(turn.workspace_dir),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # its own process group, so cancel reaches the children too
+        )
+        request = {
+            "type": "execute",
+            "session_id": turn.session_id,
+            "turn_id": turn.turn_id,
+            "workspace_dir": str(turn.workspace_dir),
+            "data": {"user_input": turn.user_input, "metadata": turn.metadata, "client_turn_id": turn.client_turn_id},
+        }
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+        stdin = process.stdin
+
+        def send(message: Dict[str, Any]) -> None:
+            if not stdin.is_closing():
+                stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+        async def forward_inputs() -> None:
+            while True:
+                send({"type": "input_response", "data": await turn.next_input()})
+                try:
+                    await stdin.drain()
+                except (ConnectionError, BrokenPipeError):
+                    return
+
+        def on_stdout(line: bytes) -> None:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if isinstance(event, dict) and isinstance(event.get("type"), str):
+                turn.emit(event["type"], event.get("data"))
+            else:
+                turn.hub.writer.append(turn.session_id, "run.log", line + b"\n")
+
+        def on_stderr(line: bytes) -> None:
+            turn.hub.writer.append(turn.session_id, "run.log", line + b"\n")
+
+        send(request)
+        inputs = asyncio.ensure_future(forward_inputs())
+        readers = asyncio.gather(_read_lines(process.stdout, on_stdout), _read_lines(process.stderr, on_stderr))
+        try:
+            await readers
+            status = await process.wait()
+        except asyncio.CancelledError:
+            await _terminate(process)
+            readers.cancel()
+            raise
+        finally:
+            inputs.cancel()
+        if status != 0:
+            raise AgentFailed(f"agent command exited with status {status}; its output is in run.log")
+
+    return run
+
+
+async def _read_lines(stream: asyncio.StreamReader, on_line: Callable[[bytes], None]) -> None:
+    pending = b""
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            if pending:
+                on_line(pending.rstrip(b"\r"))
+            return
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            on_line(line.rstrip(b"\r"))
+        if len(pending) > MAX_AGENT_LINE:
+            on_line(pending[:MAX_AGENT_LINE] + b" ...[cut]")
+            pending = b""
+
+
+async def _terminate(process: "asyncio.subprocess.Process") -> None:
+    """SIGTERM the agent's process group, then SIGKILL after AGENT_KILL_GRACE seconds."""
+    for signum, wait in ((signal.SIGTERM, AGENT_KILL_GRACE), (signal.SIGKILL, 5.0)):
+        if process.returncode is not None:
+            return
+        try:
+            os.killpg(process.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            await asyncio.wait_for(process.wait(), wait)
+            return
+        except asyncio.TimeoutError:
+            continue
+
+
+class LiveSession:
+    """A session with connections or a running turn. Lives in ``SessionHub.sessions`` only meanwhile."""
+
+    def __init__(self, session_id: str, workspace_dir: Path) -> None:
+        self.session_id = session_id
+        self.workspace_dir = workspace_dir
+        self.sockets: "set[AgentSocket]" = set()
+        self.turn: Optional[AgentTurn] = None
+        self.finished: Dict[str, bool] = {}  # client_turn_id -> completed, oldest first
+
+
+class SessionHub:
+    """Connections and turns of every live session. Event-loop only."""
+
+    def __init__(self, gateway: Gateway, agent: Callable[[AgentTurn], Awaitable[None]]) -> None:
+        self.gateway = gateway
+        self.agent = agent
+        self.sessions: Dict[str, LiveSession] = {}
+        self.writer = SessionWriter(gateway.ops, gateway.log)
+
+    def snapshot(self) -> Dict[str, Tuple[int, bool]]:
+        return {sid: (len(live.sockets), live.turn is not None) for sid, live in self.sessions.items()}
+
+    def running(self, session_id: str) -> bool:
+        live = self.sessions.get(session_id)
+        return live is not None and live.turn is not None
+
+    def attach(self, session_id: str, workspace_dir: Path, sock: "AgentSocket") -> LiveSession:
+        live = self.sessions.get(session_id)
+        if live is None:
+            live = self.sessions[session_id] = LiveSession(session_id, workspace_dir)
+        live.sockets.add(sock)
+        return live
+
+    def detach(self, sock: "AgentSocket") -> None:
+        live = self.sessions.get(sock.session_id or "")
+        if live is None:
+            return
+        live.sockets.discard(sock)
+        self._forget_if_idle(live)
+
+    def _forget_if_idle(self, live: LiveSession) -> None:
+        if not live.sockets and live.turn is None:
+            self.sessions.pop(live.session_id, None)
+
+    def broadcast(self, session_id: str, event_type: str, data: Dict[str, Any]) -> None:
+        """Send an event of a turn to every connection of the session and append it to the journal."""
+        frame = frame_json(event_type, data)
+        live = self.sessions.get(session_id)
+        if live is not None:
+            for sock in list(live.sockets):
+                sock.bridge.send_text(frame)
+        self.writer.append(session_id, "activity_journal.log", journal_line(event_type, data))
+
+    def start_turn(self, live: LiveSession, sock: "AgentSocket", user_input: str, metadata: Dict[str, Any],
+                   client_turn_id: Optional[str]) -> None:
+        if live.turn is not None:
+            if client_turn_id is not None and client_turn_id == live.turn.client_turn_id:
+                sock.send("status", {"status": "turn_in_progress", "turn_id": live.turn.turn_id})
+                return
+            sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id})
+            sock.send("query_complete", {"completed": False})
+            return
+        if client_turn_id is not None and client_turn_id in live.finished:
+            sock.send("status", {"status": "duplicate_turn_ignored", "turn_id": client_turn_id})
+            sock.send("query_complete", {"completed": live.finished[client_turn_id], "duplicate": True})
+            return
+        turn = AgentTurn(self, live, user_input, metadata, client_turn_id)
+        live.turn = turn
+        turn.task = asyncio.get_running_loop().create_task(self._run_turn(live, turn))
+
+    async def _run_turn(self, live: LiveSession, turn: AgentTurn) -> None:
+        completed = False
+        try:
+            await self.agent(turn)
+            completed = not turn.cancelled
+        except asyncio.CancelledError:
+            pass
+        except AgentFailed as exc:
+            turn.emit("error", {"message": str(exc)})
+        except Exception as exc:  # an embedded agent's bug must not take the gateway down
+            turn.emit("error", {"message": f"agent failed: {exc!r}"[:1000]})
+        finally:
+            live.turn = None
+            if turn.client_turn_id is not None:
+                live.finished[turn.client_turn_id] = completed
+                while len(live.finished) > REMEMBERED_TURN_IDS:
+                    live.finished.pop(next(iter(live.finished)))
+            self.broadcast(live.session_id, "query_complete", {"completed": completed, "turn_id": turn.turn_id})
+            ended = time.time()
+            self.writer.heartbeat(live.session_id, {
+                "last_run": ended,
+                "last_turn": {
+                    "turn_id": turn.turn_id,
+                    "completed": completed,
+                    "cancelled": turn.cancelled,
+                    "started": datetime.fromtimestamp(turn.started, timezone.utc).isoformat(),
+                    "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+                    "events": turn.events,
+                },
+            })
+            self._forget_if_idle(live)
+
+    def cancel(self, session_id: str, reason: str) -> Optional[asyncio.Task]:
+        """Cancel the running turn: ``cancelled`` goes out now; the task ends once the agent has stopped."""
+        live = self.sessions.get(session_id)
+        if live is None or live.turn is None or live.turn.task is None:
+            return None
+        turn = live.turn
+        if not turn.cancelled:
+            self.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": turn.turn_id})
+            turn.cancelled = True
+            turn.task.cancel()
+        return turn.task
+
+    async def cancel_and_wait(self, session_id: str, reason: str) -> None:
+        task = self.cancel(session_id, reason)
+        if task is not None:
+            await asyncio.wait([task])
+
+    def close_session(self, session_id: str, code: int, reason: str) -> None:
+        live = self.sessions.get(session_id)
+        if live is not None:
+            for sock in list(live.sockets):
+                sock.bridge.close(code, reason)
+
+    async def shutdown(self, grace: float) -> None:
+        tasks = [t for t in (self.cancel(sid, "server shutting down") for sid in list(self.sessions)) if t is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+
+
+class AgentSocket:
+    """The agent protocol on one WebSocket (SPEC §6): attach, turns, input, cancel, ping."""
+
+    def __init__(self, gateway: Gateway, request: Request, session_id: Optional[str]) -> None:
+        self.gateway = gateway
+        self.hub = gateway.hub
+        self.session_id = session_id
+        self.lobby = session_id is None
+        self.live: Optional[LiveSession] = None
+        self.pending: Optional[List[Union[str, bytes]]] = []  # messages held until attached; None once live
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        self.user_id = request.header("x-ua-user") or query.get("user_id")
+        self.bridge: Any = None
+
+    def send(self, event_type: str, data: Dict[str, Any]) -> None:
+        self.bridge.send_text(frame_json(event_type, data))
+
+    # -- WebSocketBridge app interface ---------------------------------------------------------------------
+
+    def on_open(self, bridge: WebSocketBridge) -> None:
+        self.bridge = bridge
+        if not self.gateway.access.user_allowed(self.user_id):
+            bridge.close(4003, "user not allowed (X-UA-User or user_id is missing or not in UA_ALLOWED_USERS)")
+            return
+        if self.lobby:
+            self.pending = None
+            return
+        if not ops_service.is_valid_session_id(self.session_id or ""):
+            bridge.close(4000, "invalid session id")
+            return
+        asyncio.get_running_loop().create_task(self._attach(self.session_id or "", None))
+
+    def on_message(self, bridge: WebSocketBridge, message: Union[str, bytes]) -> None:
+        if self.pending is not None:
+            if len(self.pending) >= MAX_PENDING_MESSAGES:
+                bridge.close(1008, "too many messages before the session was attached")
+            else:
+                self.pending.append(message)
+            return
+        self._handle(message)
+
+    def on_close(self, bridge: WebSocketBridge) -> None:
+        self.hub.detach(self)
+
+    # -- protocol ------------------------------------------------------------------------------------------
+
+    async def _attach(self, session_id: str, first: Optional[Union[str, bytes]]) -> None:
+        ops = self.gateway.ops
+        try:
+            workspace = await self.gateway.run_ops(ops.session_dir, session_id)
+        except SessionNotFound:
+            self.bridge.close(4004, "session not found")
+            return
+        except InvalidArgument:
+            self.bridge.close(4000, "invalid session id")
+            return
+        except OpsError as exc:
+            self.bridge.close(1011, exc.detail)
+            return
+        if not self.bridge.open:
+            return
+        self.session_id = session_id
+        self.live = self.hub.attach(session_id, Path(workspace), self)
+        self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
+        if self.live.turn is not None:
+            self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
+        held, self.pending = self.pending or [], None
+        for message in ([first] if first is not None else []) + held:
+            self._handle(message)
+
+    async def _create_and_attach(self, first: Union[str, bytes]) -> None:
+        try:
+            created = await self.gateway.run_ops(self.gateway.ops.create_session)
+        except OpsError as exc:
+            self.send("error", {"message": f"could not create a session: {exc.detail}"})
+            self.pending = None
+            return
+        await self._attach(created["session_id"], first)
+
+    def _handle(self, message: Union[str, bytes]) -> None:
+        if isinstance(message, bytes):
+            self.send("error", {"message": "binary messages are not supported; send JSON text frames"})
+            return
+        try:
+            envelope = json.loads(message)
+        except (ValueError, RecursionError):
+            self.send("error", {"message": "message is not valid JSON; send {\"type\": ..., \"data\": {...}}"})
+            return
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("type"), str):
+            self.send("error", {"message": "message must be a JSON object with a string \"type\""})
+            return
+        kind = envelope["type"]
+        data = envelope.get("data")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.send("error", {"message": "\"data\" must be a JSON object"})
+            return
+        if kind == "ping":
+            self.send("pong", {})
+        elif kind in ("execute", "query"):
+            self._execute(kind, data, message)
+        elif kind == "input_response":
+            self._input_response(data)
+        elif kind == "cancel":
+            reason = data.get("reason")
+            if self.live is None or self.hub.cancel(self.live.session_id, reason if isinstance(reason, str) else "cancelled by client") is None:
+                self.send("error", {"message": "no turn is running to cancel"})
+        else:
+            self.send("error", {"message": f"unknown message type {_show(kind)}; "
+                                "expected execute, query, input_response, cancel or ping"})
+
+    def _execute(self, kind: str, data: Dict[str, Any], raw: str) -> None:
+        user_input = data.get("user_input" if kind == "execute" else "text")
+        if not isinstance(user_input, str) or not user_input.strip():
+            field = "data.user_input" if kind == "execute" else "data.text"
+            self.send("error", {"message": f"{kind} needs a non-empty string {field}"})
+            return
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, dict):
+            metadata = {"raw": metadata}
+        turn_id = data.get("client_turn_id")
+        if turn_id is not None and (not isinstance(turn_id, str) or not 0 < len(turn_id) <= MAX_CLIENT_TURN_ID):
+            self.send("error", {"message": f"client_turn_id must be a string of 1-{MAX_CLIENT_TURN_ID} characters"})
+            return
+        if self.live is None:
+            if self.lobby and self.session_id is None:
+                self.session_id = ""
+                self.pending = []
+                asyncio.get_running_loop().create_task(self._create_and_attach(raw))
+            return
+        self.hub.start_turn(self.live, self, user_input, metadata, turn_id)
+
+    def _input_response(self, data: Dict[str, Any]) -> None:
+        turn = self.live.turn if self.live is not None else None
+        if turn is None:
+            self.send("error", {"message": "no turn is waiting for input"})
+            return
+        input_id = data.get("input_id", "default")
+        turn.inputs.put_nowait({"input_id": input_id if isinstance(input_id, str) else "default",
+                                "response": data.get("response")})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running the server: signals, the startup line, exit codes.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _raise_fd_limit() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> int:
+    """Run a gateway until SIGTERM or SIGINT; returns the exit status."""
+    gateway = Gateway(config, agent=agent)
+    try:
+        await gateway.start()
+    except OSError as exc:
+        print(f"ua-gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+              " (another gateway may be running there; choose another --port)", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"ua-gateway {__version__} listening on {gateway.url} (workspaces {gateway.ops.root})", flush=True)
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ua_gateway",
+        description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port.",
+        epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN, UA_ALLOWED_USERS, "
+        "UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, UA_AGENT_CMD. Flags override them.",
+    )
+    parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
+    parser.add_argument("--host", help=f"address to bind (default {DEFAULT_HOST}; non-loopback needs UA_OPS_TOKEN)")
+    parser.add_argument("--port", type=int, help=f"port to bind (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--workspaces", help=f"workspaces root (default ./{DEFAULT_WORKSPACES}, created if missing)")
+    parser.add_argument("--agent-cmd", help="run each agent turn with this command (JSON lines on stdin/stdout)")
+    parser.add_argument("--ws-echo", action="store_true", default=None, help="enable WS /ws/echo for conformance tests")
+    parser.add_argument("--insecure", action="store_true", default=None, help="allow a non-loopback bind without a token")
+    parser.add_argument("--keepalive-timeout", type=float, help=f"idle keep-alive timeout in seconds (default {KEEPALIVE_TIMEOUT:g})")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        args_list = args_list[1:]
+    parser = build_arg_parser()
+    args = parser.parse_args(args_list)
+    try:
+        config = Config.from_env(
+            host=args.host,
+            port=args.port,
+            workspaces=args.workspaces,
+            agent_cmd=args.agent_cmd,
+            ws_echo=args.ws_echo,
+            insecure=args.insecure,
+            keepalive_timeout=args.keepalive_timeout,
+        )
+        config.check_exposure()
+    except ConfigError as exc:
+        print(f"ua-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    _raise_fd_limit()
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
