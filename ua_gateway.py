@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import codecs
 import concurrent.futures
 import email.utils
 import functools
@@ -34,11 +36,12 @@ import hmac
 import http
 import ipaddress
 import json
+import logging
 import os
+import pkgutil
 import queue
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -46,6 +49,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, unquote
+
+from websockets.frames import Opcode
+from websockets.http11 import Request as WsRequest
+from websockets.server import ServerProtocol
 
 import ops_service
 from ops_service import (
@@ -599,7 +606,7 @@ def serialize_response(response: Response, keep_alive: bool, head_only: bool = F
     if response.body or response.status not in (204, 304):
         lines.append(f"Content-Type: {response.content_type}")
     lines.append("X-Content-Type-Options: nosniff")
-    if response.content_type == "application/json":
+    if response.content_type == "application/json" and not any(n == "Cache-Control" for n, _ in response.headers):
         lines.append("Cache-Control: no-store")
     lines.extend(f"{name}: {value}" for name, value in response.headers)
     if not keep_alive:
@@ -931,6 +938,33 @@ class Router:
 
 
 OPS_PREFIX = "/api/v1/ops/"
+CONSOLE_ASSETS = {  # the console's files, shipped in console/ beside this module (and inside the .pyz)
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "openapi.json": "application/json",
+}
+CONSOLE_HEADERS = [
+    # The console loads nothing from elsewhere; it talks to this gateway only (HTTP and WebSocket).
+    ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+]
+
+
+def read_console_assets() -> Dict[str, bytes]:
+    """The console files that exist, read through this module's loader so it works from the zip too."""
+    loader = globals().get("__loader__")
+    base = os.path.join(os.path.dirname(os.path.abspath(__file__)), "console")
+    assets = {}
+    for name in CONSOLE_ASSETS:
+        try:
+            assets[name] = loader.get_data(os.path.join(base, name))  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            continue
+    return assets
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
 
 
@@ -960,6 +994,7 @@ class Gateway:
         self.port = config.port
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
+        self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -973,6 +1008,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         self.config.check_exposure()
         await loop.run_in_executor(self.executor, self.ops.ensure_root)
+        self.assets = await loop.run_in_executor(self.executor, read_console_assets)
         self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME / ops_service.GATEWAY_LOG_NAME)
         if self.agent is not None:
             agent = self.agent
@@ -1123,8 +1159,6 @@ class Gateway:
 
     def try_upgrade(self, request: Request, connection: "HttpConnection") -> bool:
         """Hand a WebSocket upgrade on a WebSocket route to the bridge. False: not ours, serve it as HTTP."""
-        from websockets.server import ServerProtocol
-
         route, params = self.router.match(path_segments(request.path))
         if route is None or route.websocket is None:
             return False
@@ -1184,6 +1218,9 @@ class Gateway:
 
     def _routes(self) -> List[Route]:
         return [
+            Route("/", {"GET": self.console_page}),
+            Route("/console/{asset}", {"GET": self.console_asset}),
+            Route("/api/v1/openapi.json", {"GET": self.openapi}),
             Route("/api/v1/health", {"GET": self.health}),
             Route("/api/v1/ops/sessions", {"GET": self.list_sessions}),
             Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session}),
@@ -1199,6 +1236,21 @@ class Gateway:
              if self.config.ws_echo else [])
 
     # -- handlers ------------------------------------------------------------------------------------------
+
+    def console_page(self, request: Request, params: Dict[str, str]) -> Response:
+        return self._asset("index.html")
+
+    def console_asset(self, request: Request, params: Dict[str, str]) -> Response:
+        return self._asset(params["asset"])
+
+    def openapi(self, request: Request, params: Dict[str, str]) -> Response:
+        return self._asset("openapi.json")
+
+    def _asset(self, name: str) -> Response:
+        body = self.assets.get(name)
+        if body is None:
+            raise HttpError(404, f"no console file {_show(name)} in this build")
+        return Response(200, body, content_type=CONSOLE_ASSETS[name], headers=list(CONSOLE_HEADERS))
 
     def health(self, request: Request, params: Dict[str, str]) -> Response:
         uptime = round(time.monotonic() - self.started_at, 3)
@@ -1532,9 +1584,6 @@ WS_MAX_SEND_BUFFER = 8 * 1024 * 1024  # a consumer this far behind is closed wit
 WS_SUBPROTOCOL = "ua.v1"
 WS_BEARER_PREFIX = "bearer."  # a token offered as a subprotocol, base64url without padding (Kubernetes' way)
 
-import codecs  # noqa: E402  (kept beside the code that needs it)
-import logging  # noqa: E402
-
 _ws_logger = logging.getLogger("ua_gateway.websocket")
 _ws_logger.addHandler(logging.NullHandler())
 _ws_logger.propagate = False
@@ -1542,8 +1591,6 @@ _ws_logger.propagate = False
 
 def _subprotocol_token(request: Request) -> Optional[str]:
     """The token a browser offered as ``bearer.<base64url>`` in Sec-WebSocket-Protocol, if any."""
-    import base64
-
     for offered in request.header_tokens("sec-websocket-protocol"):
         if offered.startswith(WS_BEARER_PREFIX):
             encoded = offered[len(WS_BEARER_PREFIX):]
@@ -1594,8 +1641,6 @@ class WebSocketBridge:
 
     def start(self, request: Request, head_and_rest: bytes) -> None:
         """Run the opening handshake on the raw request bytes, then any frames that followed them."""
-        from websockets.http11 import Request as WsRequest
-
         self.request = request
         self.protocol.receive_data(head_and_rest)
         events = self.protocol.events_received()
@@ -1641,8 +1686,6 @@ class WebSocketBridge:
         self.closed = True
 
     def _handle_events(self, events: Sequence[Any]) -> None:
-        from websockets.frames import Opcode
-
         for frame in events:
             opcode = frame.opcode
             if opcode is Opcode.PONG:
@@ -2350,10 +2393,15 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     return 0
 
 
+CLIENT_COMMANDS = ("sessions", "logs")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ua_gateway",
-        description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port.",
+        description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port. "
+        "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
+        "(see 'sessions --help').",
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN, UA_ALLOWED_USERS, "
         "UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, UA_AGENT_CMD. Flags override them.",
     )
@@ -2370,6 +2418,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] and args_list[0] in CLIENT_COMMANDS:
+        import ua_client  # the command-line client of the Ops API; it needs nothing of the server
+
+        return ua_client.main(args_list)
     if args_list[:1] == ["serve"]:
         args_list = args_list[1:]
     parser = build_arg_parser()
