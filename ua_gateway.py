@@ -67,6 +67,7 @@ from ops_service import (
 
 __all__ = [
     "__version__",
+    "AgentTurn",
     "Config",
     "Gateway",
     "HttpError",
