@@ -674,8 +674,7 @@ def _read_slice(
             except _FileChanged:
                 st = os.fstat(fd)
                 continue
-            result["file"] = display_name
-            return {key: result[key] for key in ("file", "cursor", "size", "lines", "truncated", "reset", "more")}
+            return {"file": display_name, **result}
     finally:
         os.close(fd)
     raise WorkspacesUnavailable(
@@ -694,11 +693,15 @@ def read_log_slice(
     """A slice of the log at ``path`` (SPEC §5, "The log slice").
 
     Returns ``{"file", "cursor", "size", "lines", "truncated", "reset", "more"}``.
-    Without ``cursor``: the last complete lines (tail mode). With a cursor from an earlier
-    slice: the complete lines after it, oldest first (follow mode); ``more`` says that
-    calling again right away returns more. ``limit`` is clamped to 1..MAX_LIMIT and
-    ``max_bytes`` to 1..MAX_MAX_BYTES. A missing file, a symlink or a non-regular file
-    reads as an empty file. ``display_name`` (default: the base name) is the ``file`` field.
+    Without ``cursor`` (or with ``""``): the last complete lines (tail mode); ``truncated``
+    says older content exists before the first line. With a cursor from an earlier slice:
+    the complete lines after it, oldest first (follow mode); ``more`` says that calling
+    again right away returns more, and ``reset`` that the file was replaced or truncated,
+    so reading restarted at offset 0. In both modes ``truncated`` is also set when a line
+    longer than ``max_bytes`` was cut, or the first line continues such a cut line.
+    ``limit`` is clamped to 1..MAX_LIMIT and ``max_bytes`` to 1..MAX_MAX_BYTES. A missing
+    file, a symlink or a non-regular file reads as an empty file. ``display_name``
+    (default: the base name) is the ``file`` field.
 
     Raises InvalidCursor, InvalidArgument, or WorkspacesUnavailable when the file exists
     but cannot be read. Thread-safe: it holds no state.
@@ -955,6 +958,13 @@ class _SessionScan:
         return any(self.is_file(name) for name in LOG_FILES)
 
 
+def _require_runtime(runtime: object) -> None:
+    if runtime is not None and not isinstance(runtime, Mapping):
+        raise InvalidArgument(
+            "runtime must map session ids to (active_connections, running), got {}".format(type(runtime).__name__)
+        )
+
+
 def _runtime_of(runtime: Optional[Runtime], session_id: str) -> Tuple[int, bool]:
     if not runtime:
         return 0, False
@@ -976,8 +986,8 @@ class OpsService:
     root: Path
 
     def __init__(self, root: Union[str, "os.PathLike[str]"]) -> None:
-        # The path is fixed once: a root that is later replaced by a symlink or moved is
-        # not followed to its new place by re-resolving on each call.
+        # Made absolute once, so a later chdir does not move the root; not resolved, so a
+        # root that an operator made a symlink keeps following that symlink.
         self.root = Path(os.path.abspath(os.fsdecode(root)))
         self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
         self._locks_guard = threading.Lock()
@@ -1017,6 +1027,10 @@ class OpsService:
             raise WorkspacesUnavailable(
                 "Workspaces root {} cannot be read: {}; fix its permissions or "
                 "UA_WORKSPACES_DIR".format(root, exc.strerror or exc)
+            ) from None
+        except ValueError:
+            raise WorkspacesUnavailable(
+                "Workspaces root {} contains a NUL byte; fix UA_WORKSPACES_DIR".format(_show(str(root)))
             ) from None
         if not stat.S_ISDIR(st.st_mode):
             raise WorkspacesUnavailable(
@@ -1108,6 +1122,7 @@ class OpsService:
             )
         limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
         offset = _non_negative_int("offset", offset, 0)
+        _require_runtime(runtime)
         with self._os_errors("listing sessions", None):
             scans = list(self._scan_sessions())
             if status != "all":
@@ -1122,6 +1137,7 @@ class OpsService:
 
         Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable.
         """
+        _require_runtime(runtime)
         with self._os_errors("reading session {}".format(session_id), session_id):
             path = self.session_dir(session_id)
             try:
@@ -1263,7 +1279,7 @@ class OpsService:
             raise InvalidArgument("heartbeat state must be a JSON object, got {}".format(type(state).__name__))
         try:
             data = json.dumps(dict(state), allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidArgument("heartbeat state is not JSON-serializable: {}".format(exc)) from None
         if len(data) > MAX_HEARTBEAT_BYTES:
             raise InvalidArgument(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,9 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ops_service import read_log_slice  # noqa: E402
+from ops_service import read_log_slice
 
 # The writer ends a line once it is FORCE_NEWLINE_AFTER bytes long; one append adds at most
 # 2 * 24 characters of 4 bytes, so a line never reaches MIN_MAX_BYTES and is never cut:

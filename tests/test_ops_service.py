@@ -6,18 +6,16 @@ import errno
 import json
 import os
 import re
-import sys
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ops_service  # noqa: E402
-from ops_service import (  # noqa: E402
+import ops_service
+from ops_service import (
     InvalidArgument,
     InvalidCursor,
     InvalidSessionId,
@@ -73,7 +71,7 @@ def svc(root: Path) -> OpsService:
     return service
 
 
-def make_session(root: Path, session_id: str, files: dict = None) -> Path:
+def make_session(root: Path, session_id: str, files: Optional[dict] = None) -> Path:
     path = root / session_id
     path.mkdir()
     for name, data in (files or {}).items():
@@ -174,7 +172,7 @@ def test_listing_skips_symlinks_to_directories_inside_and_outside_root(svc, root
 
 
 def test_listing_sorts_by_last_activity_newest_first(svc, root):
-    for index, session_id in enumerate(["old", "new", "mid"]):
+    for session_id in ["old", "new", "mid"]:
         make_session(root, session_id, {"run.log": "x\n"})
     set_mtime(root / "old" / "run.log", 1_000_000)
     set_mtime(root / "mid" / "run.log", 2_000_000)
@@ -234,6 +232,7 @@ def test_summary_has_the_spec_fields(svc, root):
 @pytest.mark.parametrize(
     "content",
     [b"{not json", b"[1, 2]", b'{"last_run": 1e400}', b'{"last_run": NaN}', b"\xff\xfe", b" " * (1 << 20) + b"{}"],
+    ids=["not-json", "not-an-object", "infinite", "nan", "not-utf8", "over-1-mib"],
 )
 def test_broken_or_huge_heartbeat_gives_null(svc, root, content):
     make_session(root, "s", {"heartbeat_state.json": content})
@@ -326,10 +325,10 @@ def test_listing_skips_a_session_removed_mid_scan(svc, root, monkeypatch):
     real_scandir = os.scandir
 
     def scandir_that_loses_a_race(path="."):
-        if str(path).endswith("vanishes"):
-            for child in (root / "vanishes").iterdir():
-                child.unlink()
-            (root / "vanishes").rmdir()
+        if str(path).endswith("vanishes") and os.path.isdir(path):
+            for name in os.listdir(path):
+                os.unlink(os.path.join(path, name))
+            os.rmdir(path)
         return real_scandir(path)
 
     monkeypatch.setattr(os, "scandir", scandir_that_loses_a_race)
@@ -1252,6 +1251,43 @@ def test_ensure_root_clears_leftovers_of_an_interrupted_delete(svc, root):
     assert not leftover.exists()
 
 
+GARBAGE_ARGUMENTS = [None, -1, 0, 10**30, True, "x", "", 1.5, float("nan"), b"x", [], {}, object(), "\x00"]
+
+
+@pytest.mark.parametrize("value", GARBAGE_ARGUMENTS, ids=repr)
+def test_garbage_arguments_raise_nothing_but_ops_errors(svc, root, value):
+    make_session(root, "s", {"run.log": numbered(0, 10), "activity_journal.log": numbered(0, 10)})
+    calls = [
+        lambda: svc.list_sessions(status=value),
+        lambda: svc.list_sessions(limit=value),
+        lambda: svc.list_sessions(offset=value),
+        lambda: svc.list_sessions(runtime=value),
+        lambda: svc.list_sessions(runtime={"s": value}),
+        lambda: svc.session_details("s", runtime=value),
+        lambda: svc.read_log("s", value),
+        lambda: svc.read_log("s", "run.log", cursor=value),
+        lambda: svc.read_log("s", "run.log", limit=value),
+        lambda: svc.read_log("s", "run.log", max_bytes=value),
+        lambda: svc.read_gateway_log(cursor=value, limit=value, max_bytes=value),
+        lambda: svc.append_log("s", "activity_journal.log", value),
+        lambda: svc.write_heartbeat("s", value),
+        lambda: svc.write_heartbeat("s", {"state": value}),
+        lambda: svc.compact_session("s", max_lines=value),
+        lambda: svc.compact_session("s", max_bytes=value),
+        lambda: svc.reset_session("s", clear_logs=value, clear_memory=value, clear_work_products=value),
+    ]
+    for call in calls:
+        try:
+            call()
+        except ops_service.OpsError:
+            pass
+
+
+def test_runtime_that_is_not_a_mapping_is_invalid_argument(svc):
+    with pytest.raises(InvalidArgument, match="runtime must map session ids"):
+        svc.list_sessions(runtime=[("s", (1, True))])
+
+
 # -- containment ---------------------------------------------------------------------------
 
 
@@ -1282,7 +1318,7 @@ def sentinel(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("session_id", HOSTILE_IDS)
 def test_hostile_ids_are_rejected_by_every_method_and_nothing_outside_changes(svc, root, sentinel, session_id):
     before = snapshot(sentinel.parent)
-    for name, call in _every_public_call(session_id).items():
+    for call in _every_public_call(session_id).values():
         with pytest.raises(InvalidSessionId):
             call(svc)
     assert snapshot(sentinel.parent) == before
@@ -1293,7 +1329,7 @@ def test_session_symlink_pointing_outside_is_not_found_by_every_method(svc, root
     before = snapshot(sentinel)
     calls = _every_public_call("evil")
     del calls["session_lock"], calls["create_session"]
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(SessionNotFound):
             call(svc)
     with pytest.raises(InvalidArgument, match="not a session directory"):
