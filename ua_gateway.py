@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import http
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -1636,7 +1637,7 @@ class WebSocketBridge:
         self.ping_payload: Optional[bytes] = None
         self.ping_timer: Optional[asyncio.TimerHandle] = None
         self.close_timer: Optional[asyncio.TimerHandle] = None
-        self.state: Dict[str, Any] = {}  # the app's per-connection state
+        self.flush_scheduled = False
 
     # -- bytes in ------------------------------------------------------------------------------------------
 
@@ -1723,14 +1724,23 @@ class WebSocketBridge:
     # -- bytes out -----------------------------------------------------------------------------------------
 
     def flush(self) -> None:
+        self.flush_scheduled = False
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        pending: List[bytes] = []
         for data in self.protocol.data_to_send():
             if data:
-                transport.write(data)
-            elif transport.can_write_eof():
+                pending.append(data)
+                continue
+            if pending:
+                transport.write(b"".join(pending))
+                pending = []
+            if transport.can_write_eof():
                 transport.write_eof()
+        if pending:
+            # One write (one syscall) for all the frames queued in this loop iteration.
+            transport.write(b"".join(pending))
         if transport.get_write_buffer_size() > WS_MAX_SEND_BUFFER and self.open:
             # Clawdbot's rule too: a peer that does not read is cut off, not buffered for.
             self.fail(1008, "slow consumer: the client is not reading its messages")
@@ -1738,12 +1748,19 @@ class WebSocketBridge:
     def send_text(self, text: str) -> None:
         if self.open and not self.closed:
             self.protocol.send_text(text.encode())
-            self.flush()
+            self._flush_soon()
 
     def send_binary(self, data: bytes) -> None:
         if self.open and not self.closed:
             self.protocol.send_binary(data)
-            self.flush()
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        # The events of a turn are often emitted in one loop iteration; sending them together saves
+        # a syscall (and a GIL hand-off to the writer thread) per frame.
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         if self.open and not self.closed:
@@ -1832,9 +1849,27 @@ def frame_json(event_type: str, data: Any) -> str:
     return json.dumps({"type": event_type, "data": data, "timestamp": utc_now_iso()}, separators=(",", ":"))
 
 
-def journal_line(event_type: str, data: Any, when: Optional[float] = None) -> bytes:
+class _JournalStamp:
+    """``YYYY-MM-DD HH:MM:SS`` in UTC, formatted once per second rather than once per event."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._value = ""
+
+    def __call__(self) -> str:
+        now = int(time.time())
+        if now != self._second:
+            self._second = now
+            self._value = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        return self._value
+
+
+journal_stamp = _JournalStamp()
+
+
+def journal_line(event_type: str, data: Any) -> bytes:
     """``[YYYY-MM-DD HH:MM:SS] [TYPE] text`` (UTC), one line whatever the event holds."""
-    stamp = datetime.fromtimestamp(time.time() if when is None else when, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    stamp = journal_stamp()
     text = None
     if isinstance(data, dict):
         for key in ("text", "message", "status"):
@@ -1855,59 +1890,54 @@ class SessionWriter:
 
     All writes go through ``OpsService.append_log``/``write_heartbeat``, which take the session's lock
     and open the file per call: a reset or compact between two writes sends the next one to the new
-    live file, and nothing is written into an archive. Thread-safe.
+    live file, and nothing is written into an archive. ``append`` and ``heartbeat`` are called on the
+    event loop; what they collect in one loop iteration reaches the thread as one batch, so a turn's
+    events cost one queue hand-off and one write per file rather than one each.
     """
 
     def __init__(self, ops: OpsService, log: Optional[GatewayLog]) -> None:
         self.ops = ops
         self.log = log
         self.dropped = 0
+        self._pending: List[Tuple[str, str, Optional[str], Any]] = []
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ua-session-writer", daemon=True)
         self._thread.start()
 
     def append(self, session_id: str, file_name: str, data: bytes) -> None:
-        self._queue.put(("append", session_id, file_name, data))
+        self._add(("append", session_id, file_name, data))
 
     def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
-        self._queue.put(("heartbeat", session_id, None, state))
+        self._add(("heartbeat", session_id, None, state))
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued before this call is on disk (or dropped)."""
-        done = threading.Event()
-        self._queue.put(("flush", None, None, done))
-        return done.wait(timeout)
+    def _add(self, item: Tuple[str, str, Optional[str], Any]) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self.hand_over)
+        self._pending.append(item)
+
+    def hand_over(self) -> None:
+        """Pass what this loop iteration collected to the writer thread (event loop only)."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
 
     def close(self, timeout: float = 5.0) -> None:
-        self.flush(timeout)
+        """Write everything handed over so far, then stop the thread (any thread)."""
         self._queue.put(None)
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            batch = self._queue.get()
+            if batch is None:
                 return
-            batch = [item]
-            while True:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._write(batch)
-                    return
-                batch.append(nxt)
             self._write(batch)
 
-    def _write(self, batch: List[Any]) -> None:
+    def _write(self, batch: List[Tuple[str, str, Optional[str], Any]]) -> None:
         index = 0
         while index < len(batch):
             kind, session_id, file_name, payload = batch[index]
             index += 1
-            if kind == "flush":
-                payload.set()
-                continue
             if kind == "append":
                 # Coalesce consecutive appends to one file: one open and one write for a burst of events.
                 chunks = [payload]
@@ -1944,7 +1974,7 @@ class AgentTurn:
         self.user_input = user_input
         self.metadata = metadata
         self.client_turn_id = client_turn_id
-        self.turn_id = client_turn_id or "turn_" + os.urandom(6).hex()
+        self.turn_id = client_turn_id or next(_turn_ids)
         self.inputs: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
         self.cancelled = False
         self.task: Optional[asyncio.Task] = None
@@ -1967,6 +1997,11 @@ class AgentTurn:
 
     async def next_input(self) -> Dict[str, Any]:
         return await self.inputs.get()
+
+
+# Gateway-made turn ids: unique in this process and unlikely to repeat across restarts, without a
+# system call per turn.
+_turn_ids = (f"turn_{os.urandom(4).hex()}{n:06x}" for n in itertools.count(1))
 
 
 class AgentFailed(Exception):
@@ -2213,6 +2248,7 @@ class SessionHub:
         tasks = [t for t in (self.cancel(sid, "server shutting down") for sid in list(self.sessions)) if t is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+        self.writer.hand_over()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
 
 
