@@ -105,6 +105,7 @@ AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
 AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
 AUTH_TRACKED_ADDRESSES = 10000  # bounded memory when an attacker rotates addresses
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
+GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
 
@@ -462,7 +463,11 @@ class RequestParser:
             if codings[-1] != "chunked":
                 raise HttpError(400, "chunked must be the final transfer coding (RFC 9112 §6.3)", close=True)
             if len(codings) > 1:
-                raise HttpError(501, f"transfer codings {_show(codings[:-1])} are not supported", close=True)
+                # RFC 9112 §6.1 suggests 501, but SPEC §3 allows no 5xx for client input: a 400 it is.
+                raise HttpError(
+                    400, f"transfer codings {_show(codings[:-1])} are not supported; send the body chunked "
+                    "or with Content-Length", close=True,
+                )
             self._chunked = _ChunkedBody(self.max_body)
         elif lengths:
             if not all(value.isdigit() and len(value) <= MAX_INT_DIGITS for value in lengths):
@@ -725,45 +730,45 @@ def request_tokens(request: Request) -> List[Optional[str]]:
 class GatewayLog:
     """Append-only JSON-lines log of access and events. ``write`` is cheap and thread-safe.
 
+    Records are collected in memory and written by one thread every GATEWAY_LOG_INTERVAL: waking a
+    thread per request would make the event loop queue for the GIL after every socket call.
     Records never contain a token: callers pass only the fields listed in each call, never headers.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._queue: "queue.SimpleQueue[Optional[dict]]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="ua-gateway-log", daemon=True)
         self.dropped = 0
+        self._pending: List[Tuple[float, str, Dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ua-gateway-log", daemon=True)
         self._thread.start()
 
     def write(self, event: str, **fields: Any) -> None:
-        record = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event}
-        record.update(fields)
-        self._queue.put(record)
+        record = (time.time(), event, fields)
+        with self._lock:
+            self._pending.append(record)
 
     def close(self, timeout: float = 2.0) -> None:
-        self._queue.put(None)
+        """Write what is pending and stop the thread."""
+        self._stop.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            record = self._queue.get()
-            batch = []
-            stop = record is None
-            if record is not None:
-                batch.append(record)
-            while not stop:
-                try:
-                    record = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if record is None:
-                    stop = True
-                else:
-                    batch.append(record)
+            stopping = self._stop.wait(GATEWAY_LOG_INTERVAL)
+            with self._lock:
+                batch, self._pending = self._pending, []
             if batch:
-                self._append(batch)
-            if stop:
+                self._append([self._record(*item) for item in batch])
+            if stopping:
                 return
+
+    @staticmethod
+    def _record(when: float, event: str, fields: Dict[str, Any]) -> dict:
+        record = {"ts": datetime.fromtimestamp(when, timezone.utc).isoformat(timespec="milliseconds"), "event": event}
+        record.update(fields)
+        return record
 
     def _append(self, batch: List[dict]) -> None:
         data = "".join(json.dumps(record, separators=(",", ":")) + "\n" for record in batch).encode()
@@ -1648,9 +1653,26 @@ class WebSocketBridge:
         events = self.protocol.events_received()
         ws_request = events[0] if events and isinstance(events[0], WsRequest) else None
         if ws_request is None:
-            response = self.protocol.reject(400, "Malformed WebSocket handshake.\n")
-        else:
-            response = self.protocol.accept(ws_request)
+            # websockets' parser is stricter than ours (HTTP/1.1 only, no body, lines up to 8 KiB)
+            # and has already queued its EOF, so it cannot send a response: answer as plain HTTP.
+            exc = self.protocol.handshake_exc
+            reason = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+            self.closed = True
+            self.connection.bridge = None
+            refusal = error_response(HttpError(400, f"malformed WebSocket handshake: {_show(str(reason), 160)}"))
+            refusal.close = True
+            self.connection._send(refusal, request)
+            return
+        response = self.protocol.accept(ws_request)
+        if response.status_code != 101:
+            # SPEC §3: every error is JSON {"detail"}; websockets words its refusals in plain text.
+            body = json.dumps({"detail": response.body.decode("utf-8", "replace").strip()}).encode()
+            for name in ("Content-Type", "Content-Length"):
+                del response.headers[name]
+            response.headers["Content-Type"] = "application/json"
+            response.headers["Content-Length"] = str(len(body))
+            response.headers["Server"] = SERVER_NAME
+            response.body = body
         self.protocol.send_response(response)
         self.flush()
         if response.status_code != 101:
