@@ -718,3 +718,28 @@ def test_200_concurrent_connections_each_complete_5_echo_turns(gateway):
         return await asyncio.gather(*(client(i) for i in range(200)))
 
     assert run(scenario()) == [5] * 200
+
+
+def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
+    """A peer that never answers pings is closed about 20 s after the first unanswered one (SPEC §6)."""
+    import socket as socketlib
+
+    key = base64.b64encode(b"0123456789abcdef").decode()
+    with socketlib.create_connection((gateway.host, gateway.port), timeout=60) as sock:
+        sock.sendall((f"GET /ws/agent HTTP/1.1\r\nHost: {gateway.host}\r\nUpgrade: websocket\r\n"
+                      f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        started = time.monotonic()
+        received = b""
+        ping_at = closed_at = None
+        while time.monotonic() - started < 50:
+            chunk = sock.recv(65536)
+            if not chunk:
+                closed_at = time.monotonic() - started
+                break
+            received += chunk
+            frames = received.split(b"\r\n\r\n", 1)[-1]
+            if ping_at is None and b"\x89" in frames:  # FIN + opcode 9 (ping), never answered
+                ping_at = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 101")
+    assert ping_at is not None and 18 <= ping_at <= 23
+    assert closed_at is not None and 38 <= closed_at <= 46
