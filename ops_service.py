@@ -1048,6 +1048,23 @@ class OpsService:
                 "grant the gateway's user write permission".format(root)
             )
 
+    def check_space(self) -> None:
+        """Raise StorageFull when the root's volume has no free block left for this process.
+
+        A missing or unreadable root is check_root's to report: then this returns quietly.
+        """
+        try:
+            st = os.statvfs(self.root)
+        except (OSError, ValueError):
+            return
+        # Root may use the blocks reserved for it (ext4 keeps 5%); anyone else may not.
+        free = st.f_bfree if getattr(os, "geteuid", lambda: -1)() == 0 else st.f_bavail
+        if free == 0:
+            raise StorageFull(
+                "No space left on the workspaces volume ({}); free some space, and the gateway "
+                "recovers by itself".format(self.root)
+            )
+
     # -- sessions ----------------------------------------------------------------------
 
     def session_lock(self, session_id: str) -> "threading.RLock":
@@ -1092,6 +1109,8 @@ class OpsService:
             _require_session_id(session_id)
         with self._os_errors("creating a session", None):
             self.check_root(writable=True)
+            # mkdir still works on a full volume; a session that cannot hold a log line is no use.
+            self.check_space()
             if session_id is None:
                 session_id = self._make_new_session_dir()
             else:

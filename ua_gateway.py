@@ -53,6 +53,7 @@ from urllib.parse import parse_qsl, unquote
 
 from websockets.frames import Opcode
 from websockets.http11 import Request as WsRequest
+from websockets.protocol import State as WsState
 from websockets.server import ServerProtocol
 
 import ops_service
@@ -260,6 +261,11 @@ _TOKEN_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 tok
 _TARGET_RE = re.compile(rb"/[\x21-\x7e]*")  # origin-form, visible ASCII only (RFC 9112 §3.2)
 _VERSION_RE = re.compile(rb"HTTP/[0-9](\.[0-9])?")
 _INT_RE = re.compile(r"[+-]?[0-9]+")
+_DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
+# RFC 9110 §5.5: a field value is visible characters, SP and HTAB; any other control character is
+# refused, since a proxy in front may read it differently (request smuggling, log injection).
+_FIELD_VALUE_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_OWS = " \t"  # RFC 9110 §5.6.3 optional whitespace; str.strip() would also drop \x0b, \x1c-\x1f, \x85, \xa0
 
 
 class Request:
@@ -303,11 +309,11 @@ class Request:
     def header_tokens(self, name: str) -> List[str]:
         """All comma-separated tokens of every instance of a header, lower-cased."""
         return [
-            token.strip().lower()
+            token.strip(_OWS).lower()
             for key, value in self.headers
             if key == name
             for token in value.split(",")
-            if token.strip()
+            if token.strip(_OWS)
         ]
 
 
@@ -428,8 +434,8 @@ class RequestParser:
                 # Also catches obs-fold (a line starting with whitespace), which RFC 9112 §5.2 lets us reject.
                 raise HttpError(400, f"malformed header line {_show(line)}", close=True)
             value = value.strip(b" \t")
-            if b"\r" in value or b"\n" in value or b"\x00" in value:
-                raise HttpError(400, f"header {_show(name)} contains CR, LF or NUL", close=True)
+            if _FIELD_VALUE_BAD_RE.search(value):
+                raise HttpError(400, f"header {_show(name)} contains a control character (CR, LF, NUL, ...)", close=True)
             headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
         request = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
         self._frame_body(request)
@@ -438,7 +444,8 @@ class RequestParser:
             request.keep_alive = "close" not in connection
             hosts = [v for k, v in headers if k == "host"]
             if len(hosts) != 1:
-                raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)")
+                # close: the body (framed above) was not read, so the stream is out of sync.
+                raise HttpError(400, "an HTTP/1.1 request needs exactly one Host header (RFC 9112 §3.2)", close=True)
         else:
             request.keep_alive = "keep-alive" in connection
         request.upgrade = (
@@ -470,7 +477,7 @@ class RequestParser:
                 )
             self._chunked = _ChunkedBody(self.max_body)
         elif lengths:
-            if not all(value.isdigit() and len(value) <= MAX_INT_DIGITS for value in lengths):
+            if not all(_DIGITS_RE.fullmatch(value) and len(value) <= MAX_INT_DIGITS for value in lengths):
                 raise HttpError(400, f"malformed Content-Length {_show(lengths)}", close=True)
             if len(set(int(value) for value in lengths)) != 1:
                 raise HttpError(400, f"conflicting Content-Length values {_show(lengths)}", close=True)
@@ -1071,8 +1078,9 @@ class Gateway:
         while True:
             try:
                 await loop.run_in_executor(self.executor, functools.partial(self.ops.check_root, writable=True))
+                await loop.run_in_executor(self.executor, self.ops.check_space)  # a full volume is not writable
                 self.root_problem = None
-            except WorkspacesUnavailable as exc:
+            except (WorkspacesUnavailable, StorageFull) as exc:
                 self.root_problem = exc.detail
             await asyncio.sleep(ROOT_CHECK_INTERVAL)
 
@@ -1093,6 +1101,7 @@ class Gateway:
             if request.method == "OPTIONS":
                 return self._options(request, route)
             if request.path.startswith(OPS_PREFIX) or (route is not None and request.method in route.protected):
+                self._refuse_cross_site(request, "request")
                 self.authorize(request)
             if route is None:
                 raise HttpError(404, f"no endpoint at {_show(request.path)}; the API is described at /api/v1/openapi.json")
@@ -1188,11 +1197,35 @@ class Gateway:
         connection.deadline = 0.0
         if self.log is not None:
             self.log.write("websocket", client=request.client, path=request.path[:512])
-        bridge.start(request, request.raw_head + connection.parser.take_remaining())
+        bridge.start(request, request.raw_head, connection.parser.take_remaining())
         return True
 
+    def _refuse_cross_site(self, request: Request, what: str) -> None:
+        """A browser request from another site (CSRF, cross-site WebSocket hijacking) → 403, unless its
+        Origin is the gateway's own host or listed in UA_CORS_ORIGINS.
+
+        Browsers send Origin on every WebSocket and on cross-origin requests that change state, and
+        Sec-Fetch-Site on every request (an <img> or a form post included); other clients send neither.
+        Checked before the token, so that a web page cannot lock the operator's own address out by
+        failing authentications on its behalf.
+        """
+        origin = request.header("origin")
+        if origin is None:
+            if (request.header("sec-fetch-site") or "").lower() == "cross-site":
+                raise HttpError(403, f"cross-site {what} refused (Sec-Fetch-Site: cross-site)")
+            return
+        if self.access.cors_headers(request):
+            return
+        own = (request.header("host") or "").lower()
+        scheme, _, origin_host = origin.lower().partition("://")
+        if origin_host.rstrip("/") != own:
+            raise HttpError(403, f"{what} from Origin {_show(origin)} refused; list it in UA_CORS_ORIGINS")
+
     def _authorize_websocket(self, request: Request) -> None:
-        """SPEC §4 for upgrades: allowlist, lockout, token (header or bearer subprotocol), then Origin."""
+        """SPEC §4 for upgrades: Host, Origin, allowlist, lockout, then the token (header or bearer subprotocol)."""
+        if self.config.allowed_hosts:
+            self._check_host(request)  # upgrades never reach dispatch: the DNS-rebinding guard is here too
+        self._refuse_cross_site(request, "WebSocket")
         address = request.client
         if not self.access.address_allowed(address):
             raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
@@ -1206,12 +1239,6 @@ class Gateway:
             if self.log is not None:
                 self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
             raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
-        origin = request.header("origin")
-        if origin is not None and not self.access.cors_headers(request):
-            own = (request.header("host") or "").lower()
-            scheme, _, origin_host = origin.lower().partition("://")
-            if origin_host.rstrip("/") != own:
-                raise HttpError(403, f"WebSocket from Origin {_show(origin)} refused; list it in UA_CORS_ORIGINS")
 
     def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
         session_id = params.get("session_id")
@@ -1294,7 +1321,7 @@ class Gateway:
     def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
         session_id = query.get("session_id")
-        file_name = query.get("file")
+        file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
         slice_args = dict(cursor=query.get("cursor"), limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"))
         if session_id is None:
             if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
@@ -1398,7 +1425,10 @@ class HttpConnection(asyncio.Protocol):
             self._enter("head")
         if not self.busy:
             self._process()
-        if self.busy and self.parser.buffered > MAX_PIPELINE_BUFFER and not self.reading_paused and not self.closed:
+        # Stop reading while requests wait, behind a handler or behind a peer that does not read its
+        # answers: either way, what it keeps sending must not pile up here without bound.
+        waiting = self.busy or self.write_paused
+        if waiting and self.parser.buffered > MAX_PIPELINE_BUFFER and not self.reading_paused and not self.closed:
             self.reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
 
@@ -1406,8 +1436,10 @@ class HttpConnection(asyncio.Protocol):
         if self.bridge is not None:
             return self.bridge.eof_received()
         self.peer_eof = True
-        if self.busy:
-            return True  # keep the write side open to deliver the answer in flight
+        if self.busy or self.write_paused:
+            # Keep the write side open: the answer in flight, and those to requests pipelined before
+            # the half-close, are still delivered; _await_more closes once none is left.
+            return True
         self._close()
         return None
 
@@ -1508,11 +1540,13 @@ class HttpConnection(asyncio.Protocol):
             and request.keep_alive
             and not response.close
             and not self.gateway.draining
-            and not self.peer_eof
         )
         if request is not None and request.method != "OPTIONS":
             response.headers.extend(self.gateway.access.cors_headers(request))
-        self.transport.write(serialize_response(response, keep_alive))
+        # RFC 9110 §9.3.2: a response to HEAD has no content, whatever its status; a body would be read
+        # by the client as the start of the next response.
+        head_only = request is not None and request.method == "HEAD"
+        self.transport.write(serialize_response(response, keep_alive, head_only))
         log = self.gateway.log
         if log is not None:
             log.write(
@@ -1636,7 +1670,9 @@ class WebSocketBridge:
         self.open = False
         self.closed = False
         self.request: Optional[Request] = None
-        self.fragments: List[bytes] = []
+        # One buffer, not a list of pieces: a flood of tiny or empty continuation frames then costs
+        # no more memory than the message it builds, which max_size bounds.
+        self.fragments = bytearray()
         self.fragment_opcode: Any = None
         self.utf8: Any = None
         self.ping_payload: Optional[bytes] = None
@@ -1646,24 +1682,32 @@ class WebSocketBridge:
 
     # -- bytes in ------------------------------------------------------------------------------------------
 
-    def start(self, request: Request, head_and_rest: bytes) -> None:
-        """Run the opening handshake on the raw request bytes, then any frames that followed them."""
+    def start(self, request: Request, head: bytes, rest: bytes) -> None:
+        """Run the opening handshake on the raw request head, then any frames that followed it."""
         self.request = request
-        self.protocol.receive_data(head_and_rest)
+        # The head alone: frames fed with it would be parsed before the handshake is answered, and
+        # a bad one would queue the protocol's EOF ahead of the response.
+        self.protocol.receive_data(head)
         events = self.protocol.events_received()
         ws_request = events[0] if events and isinstance(events[0], WsRequest) else None
+        response = None
         if ws_request is None:
             # websockets' parser is stricter than ours (HTTP/1.1 only, no body, lines up to 8 KiB)
             # and has already queued its EOF, so it cannot send a response: answer as plain HTTP.
             exc = self.protocol.handshake_exc
-            reason = exc.__cause__ if exc is not None and exc.__cause__ is not None else exc
+            reason = str(exc.__cause__ if exc is not None and exc.__cause__ is not None else exc)
+        else:
+            try:
+                response = self.protocol.accept(ws_request)
+            except UnicodeError:  # its refusal quotes the offending header, which it cannot encode
+                reason = "a WebSocket header holds bytes that are not ASCII"
+        if response is None:
             self.closed = True
             self.connection.bridge = None
-            refusal = error_response(HttpError(400, f"malformed WebSocket handshake: {_show(str(reason), 160)}"))
+            refusal = error_response(HttpError(400, f"malformed WebSocket handshake: {_show(reason, 160)}"))
             refusal.close = True
             self.connection._send(refusal, request)
             return
-        response = self.protocol.accept(ws_request)
         if response.status_code != 101:
             # SPEC §3: every error is JSON {"detail"}; websockets words its refusals in plain text.
             body = json.dumps({"detail": response.body.decode("utf-8", "replace").strip()}).encode()
@@ -1682,7 +1726,8 @@ class WebSocketBridge:
         self.open = True
         self._schedule_ping()
         self.app.on_open(self)
-        self._handle_events(events[1:])
+        if rest:
+            self.data_received(rest)
 
     def data_received(self, data: bytes) -> None:
         if self.closed and not self.protocol.close_expected():
@@ -1723,9 +1768,8 @@ class WebSocketBridge:
                 continue
             if opcode in (Opcode.TEXT, Opcode.BINARY):
                 self.fragment_opcode = opcode
-                self.fragments = []
+                self.fragments = bytearray()
                 self.utf8 = codecs.getincrementaldecoder("utf-8")() if opcode is Opcode.TEXT else None
-            self.fragments.append(frame.data)
             if self.utf8 is not None:
                 try:
                     self.utf8.decode(frame.data, final=frame.fin)
@@ -1733,9 +1777,11 @@ class WebSocketBridge:
                     # Fail fast on invalid text, fragment by fragment (RFC 6455 §8.1).
                     self.fail(1007, f"invalid UTF-8 in text message: {exc.reason}")
                     return
-            if frame.fin:
-                payload = b"".join(self.fragments)
-                self.fragments = []
+            if not frame.fin:
+                self.fragments += frame.data
+            else:
+                payload = bytes(self.fragments + frame.data) if self.fragments else bytes(frame.data)
+                self.fragments = bytearray()
                 message: Union[str, bytes] = payload.decode() if self.fragment_opcode is Opcode.TEXT else payload
                 self.app.on_message(self, message)
                 if self.closed:
@@ -1767,13 +1813,19 @@ class WebSocketBridge:
             # Clawdbot's rule too: a peer that does not read is cut off, not buffered for.
             self.fail(1008, "slow consumer: the client is not reading its messages")
 
+    @property
+    def sendable(self) -> bool:
+        # The protocol may already be closing while we still handle the messages that came in the same
+        # read as the peer's close frame; websockets refuses to send then.
+        return self.open and not self.closed and self.protocol.state is WsState.OPEN
+
     def send_text(self, text: str) -> None:
-        if self.open and not self.closed:
+        if self.sendable:
             self.protocol.send_text(text.encode())
             self._flush_soon()
 
     def send_binary(self, data: bytes) -> None:
-        if self.open and not self.closed:
+        if self.sendable:
             self.protocol.send_binary(data)
             self._flush_soon()
 
@@ -1785,7 +1837,7 @@ class WebSocketBridge:
             self.loop.call_soon(self.flush)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        if self.open and not self.closed:
+        if self.sendable:
             self.protocol.send_close(code, reason[:120])
             self.flush()
             self._closing()

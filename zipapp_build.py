@@ -65,7 +65,7 @@ DEFAULT_OUTPUT = ROOT / "dist" / "ua_gateway.pyz"
 CACHE_DIR = ROOT / "build" / "cache"  # git-ignored; holds the verified websockets download
 
 # Top-level runtime modules of the application. Each one must exist (and be tracked by git).
-APP_MODULES = ("ua_gateway.py", "ops_service.py")
+APP_MODULES = ("ua_gateway.py", "ops_service.py", "ua_client.py")
 
 # Directories of runtime data, included as plain files when they exist. They need no
 # __init__.py: the app reads them with pkgutil.get_data("ua_gateway", "console/index.html"),

@@ -143,6 +143,7 @@ def _make_project(root: Path, *, git: bool) -> Path:
     (root / "pyproject.toml").write_text('[project]\nname = "ua-gateway"\nversion = "9.8.7"\n')
     (root / "ua_gateway.py").write_text(STUB_APP)
     (root / "ops_service.py").write_text('"""stub"""\n')
+    (root / "ua_client.py").write_text('"""stub"""\n')
     (root / "console" / "index.html").write_text("<!doctype html>\n")
     (root / "console" / "js" / "app.js").write_text("'use strict';\n")
     if git:

@@ -1,0 +1,874 @@
+/*
+ * ua-gateway ops console: plain JavaScript (ES2017), no framework, no build step, nothing fetched from
+ * elsewhere. The page's Content-Security-Policy forbids inline script and style, so every handler is
+ * attached here and every look comes from style.css classes.
+ *
+ * Rules this file keeps
+ * - The token lives in sessionStorage only (this tab), never in localStorage or a URL. HTTP requests send
+ *   it as "Authorization: Bearer"; WebSockets, which cannot carry headers from a browser, offer it as the
+ *   subprotocol "bearer.<base64url(token)>" next to "ua.v1" (SPEC §4). Any 401 brings the token prompt back.
+ * - Log tails follow the server's cursor, passed back verbatim: no line is skipped or shown twice, and a
+ *   reset or truncation is shown, never silently papered over (SPEC §5, "The log slice").
+ * - Text from the server is always inserted with textContent, never as HTML.
+ *
+ * Sections: utilities, the HTTP client and token, the sessions list, the session view, log tails,
+ * dialogs (reset, compact, delete), the agent pane, start-up.
+ */
+'use strict';
+
+(function () {
+  const TOKEN_KEY = 'ua-gateway.token';
+  const LIST_REFRESH_MS = 5000;     // the sessions list and the open session's details
+  const HEALTH_REFRESH_MS = 10000;
+  const TAIL_POLL_MS = 1000;        // when a tail is caught up; while `more` is true it asks again at once
+  const TAIL_RETRY_MS = 3000;       // after a failed poll
+  const TAIL_MAX_LINES = 5000;      // lines kept on screen per tail; older ones are dropped from the page
+  const MAX_FRAMES = 500;           // agent frames kept on screen
+
+  const $ = (selector, root) => (root || document).querySelector(selector);
+
+  // -------------------------------------------------------------------------------------------------
+  // Utilities
+  // -------------------------------------------------------------------------------------------------
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function formatBytes(count) {
+    if (count < 1024) return count + ' B';
+    if (count < 1024 * 1024) return (count / 1024).toFixed(1) + ' KiB';
+    return (count / (1024 * 1024)).toFixed(1) + ' MiB';
+  }
+
+  function formatTime(iso) {
+    if (!iso) return '–';
+    return iso.replace('T', ' ').replace('+00:00', ' UTC');
+  }
+
+  function timeAgo(iso) {
+    if (!iso) return '–';
+    const seconds = Math.round((Date.now() - Date.parse(iso)) / 1000);
+    if (!isFinite(seconds)) return iso;
+    if (seconds < 5) return 'just now';
+    if (seconds < 60) return seconds + ' s ago';
+    if (seconds < 3600) return Math.floor(seconds / 60) + ' min ago';
+    if (seconds < 86400) return Math.floor(seconds / 3600) + ' h ago';
+    return Math.floor(seconds / 86400) + ' d ago';
+  }
+
+  function clockTime(iso) {
+    const date = iso ? new Date(iso) : new Date();
+    return isNaN(date.getTime()) ? '' : date.toTimeString().slice(0, 8);
+  }
+
+  function base64url(text) {
+    const bytes = new TextEncoder().encode(text);
+    let binary = '';
+    bytes.forEach((byte) => { binary += String.fromCharCode(byte); });
+    return btoa(binary).replace(/\+/g, '-').replace(/\//g, '_').replace(/=+$/, '');
+  }
+
+  let toastTimer = null;
+  function toast(text) {
+    const box = $('#toast');
+    box.textContent = text;
+    box.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { box.hidden = true; }, 4000);
+  }
+
+  function showBanner(text) {
+    $('#banner-text').textContent = text;
+    $('#banner').hidden = false;
+  }
+
+  function hideBanner() {
+    $('#banner').hidden = true;
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // The HTTP client and the token
+  // -------------------------------------------------------------------------------------------------
+
+  class ApiError extends Error {
+    constructor(status, detail, retryAfter) {
+      super(detail);
+      this.status = status;
+      this.detail = detail;
+      this.retryAfter = retryAfter;
+    }
+  }
+
+  // After a 401 the console stops its automatic requests until a token is typed: every refused request
+  // counts toward the gateway's lockout (10 failures in 60 s lock this address out for 5 minutes).
+  let waitingForToken = false;
+
+  function getToken() {
+    return sessionStorage.getItem(TOKEN_KEY) || '';
+  }
+
+  function setToken(token) {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    $('#token-button').textContent = token ? 'Token: set' : 'Token: not set';
+  }
+
+  /** Call the gateway. Resolves with the JSON answer; rejects with ApiError (401s also open the prompt). */
+  async function api(method, path, options) {
+    const opts = options || {};
+    let url = path;
+    if (opts.query) {
+      const parts = Object.keys(opts.query)
+        .filter((name) => opts.query[name] !== undefined && opts.query[name] !== null && opts.query[name] !== '')
+        .map((name) => encodeURIComponent(name) + '=' + encodeURIComponent(String(opts.query[name])));
+      if (parts.length) url += '?' + parts.join('&');
+    }
+    const headers = { Accept: 'application/json' };
+    const token = getToken();
+    if (token) headers.Authorization = 'Bearer ' + token;
+    let body;
+    if (opts.body !== undefined) {
+      headers['Content-Type'] = 'application/json';
+      body = JSON.stringify(opts.body);
+    }
+    let response;
+    try {
+      response = await fetch(url, { method: method, headers: headers, body: body, cache: 'no-store', credentials: 'omit' });
+    } catch (error) {
+      throw new ApiError(0, 'cannot reach the gateway (' + error.message + ')');
+    }
+    let payload = null;
+    try {
+      payload = await response.json();
+    } catch (error) {
+      payload = null;
+    }
+    if (response.ok) return payload;
+    const detail = payload && typeof payload.detail === 'string' ? payload.detail : response.status + ' ' + response.statusText;
+    const failure = new ApiError(response.status, detail, response.headers.get('Retry-After'));
+    if (response.status === 401) {
+      waitingForToken = true;
+      askForToken(token ? 'The gateway refused this token. Type the right one.' : 'This gateway needs its token (UA_OPS_TOKEN).');
+    }
+    return Promise.reject(failure);
+  }
+
+  /** The text an operator sees for a failed call. */
+  function describeError(error) {
+    if (!(error instanceof ApiError)) return String(error && error.message ? error.message : error);
+    if (error.status === 401) return 'Unauthorized: set the gateway token (button at the top right).';
+    if (error.status === 429) {
+      const wait = error.retryAfter ? ' Retry after ' + error.retryAfter + ' s.' : '';
+      return 'Too many failed authentications from this address.' + wait + ' (' + error.detail + ')';
+    }
+    return (error.status ? error.status + ': ' : '') + error.detail;
+  }
+
+  function reportError(error) {
+    if (error instanceof ApiError && error.status === 401) return; // the token prompt says it
+    showBanner(describeError(error));
+  }
+
+  function askForToken(reason) {
+    const dialog = $('#token-dialog');
+    $('#token-reason').textContent = reason || 'The Ops API needs the gateway\'s token (UA_OPS_TOKEN) when one is set.';
+    if (dialog.open) return; // several requests can fail at once; keep what the operator is typing
+    $('#token-input').value = '';
+    dialog.showModal();
+    $('#token-input').focus();
+  }
+
+  function setUpTokenDialog() {
+    const dialog = $('#token-dialog');
+    $('#token-button').addEventListener('click', () => askForToken());
+    $('#token-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      const token = $('#token-input').value.trim();
+      if (!token) return;
+      setToken(token);
+      waitingForToken = false;
+      dialog.close();
+      hideBanner();
+      refreshAll();
+    });
+    $('#token-clear').addEventListener('click', () => {
+      setToken('');
+      dialog.close();
+    });
+    $('#token-cancel').addEventListener('click', () => dialog.close());
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Health
+  // -------------------------------------------------------------------------------------------------
+
+  async function refreshHealth() {
+    const badge = $('#health');
+    try {
+      const response = await fetch('/api/v1/health', { cache: 'no-store', credentials: 'omit' });
+      const health = await response.json();
+      badge.className = 'health ' + (response.ok ? 'health-ok' : 'health-bad');
+      badge.textContent = response.ok ? 'ok · v' + health.version : 'degraded';
+      badge.title = response.ok ? 'up ' + Math.round(health.uptime_s) + ' s' : health.detail;
+    } catch (error) {
+      badge.className = 'health health-bad';
+      badge.textContent = 'unreachable';
+      badge.title = String(error);
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // The sessions list
+  // -------------------------------------------------------------------------------------------------
+
+  const list = { status: 'all', offset: 0, limit: 50, total: 0, sessions: [], search: '' };
+  let selectedId = null;
+
+  async function refreshSessions() {
+    try {
+      const page = await api('GET', '/api/v1/ops/sessions', { query: { status: list.status, limit: list.limit, offset: list.offset } });
+      if (page.total > 0 && page.offset >= page.total) {
+        list.offset = Math.max(0, Math.floor((page.total - 1) / list.limit) * list.limit);
+        return refreshSessions();
+      }
+      list.sessions = page.sessions;
+      list.total = page.total;
+      renderSessions();
+    } catch (error) {
+      reportError(error);
+    }
+  }
+
+  function statusBadge(session) {
+    const badge = element('span', 'badge badge-' + session.status, session.status);
+    if (session.running) badge.textContent += ' · turn';
+    else if (session.active_connections) badge.textContent += ' · ' + session.active_connections;
+    badge.title = session.active_connections + ' connection(s)' + (session.running ? ', a turn is running' : '');
+    return badge;
+  }
+
+  function renderSessions() {
+    const tbody = $('#sessions-table tbody');
+    const needle = list.search.toLowerCase();
+    const shown = list.sessions.filter((s) => !needle || s.session_id.toLowerCase().indexOf(needle) >= 0);
+    tbody.textContent = '';
+    shown.forEach((session) => tbody.appendChild(sessionRow(session)));
+    $('#sessions-empty').hidden = shown.length > 0;
+    $('#sessions-empty').textContent = list.sessions.length ? 'No session on this page matches "' + list.search + '" (Enter opens it by id).' : 'No sessions.';
+    $('#sessions-total').textContent = list.total ? '(' + list.total + ')' : '';
+    const first = list.sessions.length ? list.offset + 1 : 0;
+    $('#page-info').textContent = first + '–' + (list.offset + list.sessions.length) + ' of ' + list.total;
+    $('#page-prev').disabled = list.offset === 0;
+    $('#page-next').disabled = list.offset + list.sessions.length >= list.total;
+  }
+
+  function sessionRow(session) {
+    const row = element('tr', session.session_id === selectedId ? 'selected' : '');
+    row.dataset.sessionId = session.session_id;
+    row.tabIndex = 0;
+    const id = element('td');
+    const name = element('span', 'mono session-id', session.session_id);
+    name.title = session.session_id;
+    id.appendChild(name);
+    row.appendChild(id);
+    const status = element('td');
+    status.appendChild(statusBadge(session));
+    row.appendChild(status);
+    const activity = element('td', 'nowrap', timeAgo(session.last_activity));
+    activity.title = formatTime(session.last_activity);
+    row.appendChild(activity);
+    const logs = element('td', 'nowrap');
+    logs.appendChild(element('span', 'tag' + (session.has_run_log ? '' : ' tag-off'), 'run'));
+    logs.appendChild(element('span', 'tag' + (session.has_activity_journal ? '' : ' tag-off'), 'journal'));
+    row.appendChild(logs);
+    const heartbeat = element('td', 'nowrap', timeAgo(session.heartbeat_last));
+    heartbeat.title = formatTime(session.heartbeat_last);
+    row.appendChild(heartbeat);
+    return row;
+  }
+
+  function setUpSessionsList() {
+    $('#sessions-table tbody').addEventListener('click', (event) => {
+      const row = event.target.closest('tr[data-session-id]');
+      if (row) openSession(row.dataset.sessionId);
+    });
+    $('#sessions-table tbody').addEventListener('keydown', (event) => {
+      const row = event.target.closest('tr[data-session-id]');
+      if (row && event.key === 'Enter') openSession(row.dataset.sessionId);
+    });
+    $('#status-filter').addEventListener('change', (event) => {
+      list.status = event.target.value;
+      list.offset = 0;
+      refreshSessions();
+    });
+    $('#session-search').addEventListener('input', (event) => {
+      list.search = event.target.value.trim();
+      renderSessions();
+    });
+    $('#session-search').addEventListener('keydown', (event) => {
+      if (event.key === 'Enter' && list.search) openSession(list.search);
+    });
+    $('#page-size').addEventListener('change', (event) => {
+      list.limit = parseInt(event.target.value, 10);
+      list.offset = 0;
+      refreshSessions();
+    });
+    $('#page-prev').addEventListener('click', () => {
+      list.offset = Math.max(0, list.offset - list.limit);
+      refreshSessions();
+    });
+    $('#page-next').addEventListener('click', () => {
+      list.offset += list.limit;
+      refreshSessions();
+    });
+    $('#sessions-refresh').addEventListener('click', refreshAll);
+    $('#banner-close').addEventListener('click', hideBanner);
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // The session view
+  // -------------------------------------------------------------------------------------------------
+
+  let tails = [];
+
+  function sessionPath(sessionId) {
+    return '/api/v1/ops/sessions/' + encodeURIComponent(sessionId);
+  }
+
+  function openSession(sessionId) {
+    if (sessionId !== selectedId) {
+      tails.forEach((tail) => tail.stop());
+      selectedId = sessionId;
+      $('#session-title').textContent = sessionId;
+      $('#session-status').textContent = '';
+      $('#session-placeholder').hidden = true;
+      $('#session-view').hidden = false;
+      tails = [
+        new LogTail($('#journal-tail'), sessionPath(sessionId) + '/preview', {}),
+        new LogTail($('#runlog-tail'), '/api/v1/ops/logs/tail', { session_id: sessionId, file: 'run.log' }),
+      ];
+      tails.forEach((tail) => tail.start());
+      renderSessions();
+      updateAgentButtons();
+    }
+    return refreshDetails();
+  }
+
+  function closeSession() {
+    tails.forEach((tail) => tail.stop());
+    tails = [];
+    selectedId = null;
+    $('#session-view').hidden = true;
+    $('#session-placeholder').hidden = false;
+    renderSessions();
+    updateAgentButtons();
+  }
+
+  async function refreshDetails() {
+    const sessionId = selectedId;
+    if (!sessionId) return;
+    try {
+      const details = await api('GET', sessionPath(sessionId));
+      if (sessionId === selectedId) renderDetails(details);
+    } catch (error) {
+      if (sessionId !== selectedId) return;
+      if (error instanceof ApiError && error.status === 404) {
+        closeSession();
+        showBanner('Session ' + sessionId + ' does not exist (any more).');
+      } else if (error instanceof ApiError && error.status === 400) {
+        closeSession();
+        showBanner(describeError(error));
+      } else {
+        reportError(error);
+      }
+    }
+  }
+
+  function describeMemory(memory) {
+    if (!memory.has_memory_md && !memory.files) return 'none';
+    const parts = memory.has_memory_md ? ['MEMORY.md'] : [];
+    if (memory.files) parts.push(memory.files + (memory.files === 1 ? ' file' : ' files') + ' in memory/');
+    return parts.join(' + ') + ' · ' + formatBytes(memory.bytes);
+  }
+
+  function renderDetails(details) {
+    const session = details.session;
+    const badge = $('#session-status');
+    badge.className = 'badge badge-' + session.status;
+    badge.textContent = session.status + (session.running ? ' · turn running' : '');
+    const facts = $('#session-facts');
+    facts.textContent = '';
+    const heartbeat = session.heartbeat && session.heartbeat.last_turn;
+    [
+      ['Last activity', formatTime(session.last_activity) + ' (' + timeAgo(session.last_activity) + ')'],
+      ['Last modified', formatTime(session.last_modified)],
+      ['Heartbeat', session.heartbeat_last ? formatTime(session.heartbeat_last) + ' (' + timeAgo(session.heartbeat_last) + ')' : '–'],
+      ['Last turn', heartbeat ? (heartbeat.completed ? 'completed' : heartbeat.cancelled ? 'cancelled' : 'not completed') + ', ' + heartbeat.events + ' events' : '–'],
+      ['Connections', session.active_connections + (session.running ? ', a turn is running' : '')],
+      ['Memory', describeMemory(details.memory)],
+    ].forEach((fact) => {
+      facts.appendChild(element('dt', '', fact[0]));
+      facts.appendChild(element('dd', '', fact[1]));
+    });
+    const tbody = $('#session-files tbody');
+    tbody.textContent = '';
+    details.files.forEach((file) => {
+      const row = element('tr');
+      row.appendChild(element('td', 'mono', file.name));
+      row.appendChild(element('td', 'num', formatBytes(file.size)));
+      const modified = element('td', 'nowrap', timeAgo(file.modified));
+      modified.title = formatTime(file.modified);
+      row.appendChild(modified);
+      tbody.appendChild(row);
+    });
+    if (!details.files.length) {
+      const row = element('tr');
+      const cell = element('td', 'muted', 'empty directory');
+      cell.colSpan = 3;
+      row.appendChild(cell);
+      tbody.appendChild(row);
+    }
+    $('#session-archives').textContent = details.archives.length ? details.archives.join(', ') : '–';
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Log tails: follow a log slice by slice, with the cursor passed back verbatim
+  // -------------------------------------------------------------------------------------------------
+
+  class LogTail {
+    constructor(root, path, query) {
+      this.root = root;
+      this.path = path;
+      this.query = query;
+      this.cursor = null;       // null: the first read is a tail of the last lines
+      this.timer = null;
+      this.running = false;
+      this.paused = false;
+      this.busy = false;        // a poll is in flight; its reply schedules the next one
+      this.generation = 0;      // bumps on stop, so a reply to an old poll is ignored
+      this.lines = $('.log-lines', root);
+      this.notice = $('.tail-notice', root);
+      this.state = $('.tail-state', root);
+      this.autoscroll = $('.tail-autoscroll', root);
+      this.pauseButton = $('.tail-pause', root);
+      this.lines.textContent = '';
+      this.hideNotice();
+      this.setPaused(false);
+      // Properties rather than addEventListener: the next session's tail reuses these buttons.
+      this.pauseButton.onclick = () => this.setPaused(!this.paused);
+      $('.tail-clear', root).onclick = () => { this.lines.textContent = ''; };
+    }
+
+    start() {
+      this.running = true;
+      this.schedule(0);
+    }
+
+    stop() {
+      this.running = false;
+      this.generation += 1;
+      clearTimeout(this.timer);
+    }
+
+    setPaused(paused) {
+      this.paused = paused;
+      this.pauseButton.textContent = paused ? 'Resume' : 'Pause';
+      this.pauseButton.classList.toggle('button-active', paused);
+      this.root.classList.toggle('paused', paused);
+      if (paused) {
+        clearTimeout(this.timer);
+        this.state.textContent = 'paused';
+      } else if (this.running) {
+        this.schedule(0);
+      }
+    }
+
+    schedule(delay) {
+      clearTimeout(this.timer);
+      if (this.running && !this.paused && !this.busy) this.timer = setTimeout(() => this.poll(), delay);
+    }
+
+    async poll() {
+      const generation = this.generation;
+      const query = Object.assign({}, this.query, { cursor: this.cursor });
+      let piece;
+      this.busy = true;
+      try {
+        piece = await api('GET', this.path, { query: query });
+      } catch (error) {
+        this.busy = false;
+        if (generation !== this.generation) return;
+        this.showNotice(describeError(error), 'error');
+        // A 401 waits for the token; anything else is retried.
+        if (!(error instanceof ApiError && error.status === 401)) this.schedule(TAIL_RETRY_MS);
+        else this.state.textContent = 'waiting for the token';
+        return;
+      }
+      this.busy = false;
+      if (generation !== this.generation || this.paused) return; // resuming asks again from the same cursor
+      this.show(piece);
+      this.schedule(piece.more ? 0 : TAIL_POLL_MS);
+    }
+
+    show(piece) {
+      const first = this.cursor === null;
+      this.cursor = piece.cursor;
+      if (piece.reset) {
+        this.showNotice('Log was replaced/truncated; reading from the start.', 'warn');
+        this.lines.appendChild(element('span', 'log-marker', '── ' + piece.file + ' replaced or truncated at ' + clockTime() + '; reading from the start ──\n'));
+      } else if (piece.truncated && first) {
+        this.showNotice('Older lines are not shown: this is the tail of ' + piece.file + '.', 'info');
+      } else if (piece.truncated) {
+        this.showNotice('A line longer than the slice limit was cut.', 'info');
+      } else if (this.notice.classList.contains('notice-error')) {
+        this.hideNotice();
+      }
+      if (piece.lines.length) {
+        this.lines.appendChild(document.createTextNode(piece.lines.join('\n') + '\n'));
+        this.trim();
+        if (this.autoscroll.checked) this.lines.scrollTop = this.lines.scrollHeight;
+      }
+      this.state.textContent = (piece.more ? 'catching up · ' : 'following · ') + formatBytes(piece.size);
+    }
+
+    trim() {
+      // Text nodes hold whole slices; drop the oldest ones while the page holds too many lines.
+      let total = this.lines.textContent.split('\n').length;
+      while (total > TAIL_MAX_LINES && this.lines.firstChild) {
+        total -= this.lines.firstChild.textContent.split('\n').length - 1;
+        this.lines.removeChild(this.lines.firstChild);
+      }
+    }
+
+    showNotice(text, kind) {
+      this.notice.textContent = text;
+      this.notice.className = 'tail-notice notice-' + kind;
+      this.notice.hidden = false;
+    }
+
+    hideNotice() {
+      this.notice.hidden = true;
+      this.notice.className = 'tail-notice';
+    }
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Dialogs: reset, compact and delete, each confirmed before anything is sent
+  // -------------------------------------------------------------------------------------------------
+
+  function openDialog(dialog) {
+    $('.dialog-session', dialog).textContent = selectedId;
+    const error = $('.dialog-error', dialog);
+    error.hidden = true;
+    error.textContent = '';
+    dialog.showModal();
+  }
+
+  function dialogFailed(dialog, error) {
+    const box = $('.dialog-error', dialog);
+    box.textContent = describeError(error);
+    box.hidden = false;
+  }
+
+  /** Run `action` from a dialog's form: close on success, keep it open with the error otherwise. */
+  function onConfirm(dialog, action) {
+    $('form', dialog).addEventListener('submit', async (event) => {
+      event.preventDefault();
+      const submit = $('button[type=submit]', dialog);
+      submit.disabled = true;
+      try {
+        await action();
+        dialog.close();
+      } catch (error) {
+        dialogFailed(dialog, error);
+      } finally {
+        submit.disabled = false;
+        updateDeleteButton();
+      }
+    });
+    $('.dialog-cancel', dialog).addEventListener('click', () => dialog.close());
+  }
+
+  function updateDeleteButton() {
+    $('#delete-confirm').disabled = $('#delete-confirm-id').value !== selectedId;
+  }
+
+  function setUpDialogs() {
+    const resetDialog = $('#reset-dialog');
+    const compactDialog = $('#compact-dialog');
+    const deleteDialog = $('#delete-dialog');
+
+    $('#action-reset').addEventListener('click', () => openDialog(resetDialog));
+    onConfirm(resetDialog, async () => {
+      const result = await api('POST', sessionPath(selectedId) + '/reset', {
+        body: {
+          clear_logs: $('#reset-logs').checked,
+          clear_memory: $('#reset-memory').checked,
+          clear_work_products: $('#reset-work-products').checked,
+        },
+      });
+      toast(result.archived.length ? 'Moved ' + result.archived.join(', ') + ' to ' + result.archive_dir : 'Nothing to archive.');
+      refreshAll();
+    });
+
+    $('#action-compact').addEventListener('click', () => openDialog(compactDialog));
+    onConfirm(compactDialog, async () => {
+      const result = await api('POST', sessionPath(selectedId) + '/compact', {
+        body: {
+          max_lines: parseInt($('#compact-max-lines').value, 10),
+          max_bytes: parseInt($('#compact-max-bytes').value, 10),
+        },
+      });
+      const kept = Object.keys(result.files).map((name) => name + ' keeps ' + result.files[name] + ' lines');
+      toast('Compacted: ' + (kept.join(', ') || 'no live logs') + '; ' + formatBytes(result.bytes_freed) + ' freed.');
+      refreshAll();
+    });
+
+    $('#action-delete').addEventListener('click', () => {
+      $('#delete-confirm-id').value = '';
+      $('#delete-force').checked = false;
+      $('#delete-force-row').hidden = true;
+      updateDeleteButton();
+      openDialog(deleteDialog);
+      $('#delete-confirm-id').focus();
+    });
+    $('#delete-confirm-id').addEventListener('input', updateDeleteButton);
+    onConfirm(deleteDialog, async () => {
+      const sessionId = selectedId;
+      try {
+        await api('DELETE', sessionPath(sessionId), { query: { confirm: 'true', force: $('#delete-force').checked ? 'true' : null } });
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 409) $('#delete-force-row').hidden = false;
+        throw error;
+      }
+      closeSession();
+      toast('Deleted ' + sessionId + '.');
+      refreshSessions();
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // The agent pane: one WebSocket, turns, frames as they arrive
+  // -------------------------------------------------------------------------------------------------
+
+  const agent = { socket: null, sessionId: null, turnRunning: false, pendingInputId: null };
+
+  const CLOSE_REASONS = {
+    1000: 'closed',
+    1001: 'the gateway is shutting down',
+    1006: 'connection lost (or refused: check the token, the Origin and UA_OPS_ALLOW_FROM)',
+    1008: 'policy violation',
+    1009: 'message too big',
+    1011: 'the gateway could not open the session',
+    4000: 'invalid session id',
+    4003: 'user not allowed (UA_ALLOWED_USERS)',
+    4004: 'session not found or deleted',
+  };
+
+  function socketUrl(path) {
+    return (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + path;
+  }
+
+  function connectAgent(sessionId) {
+    disconnectAgent();
+    let path = sessionId ? '/api/v1/sessions/' + encodeURIComponent(sessionId) + '/stream' : '/ws/agent';
+    const user = $('#agent-user').value.trim();
+    if (user) path += '?user_id=' + encodeURIComponent(user);
+    const token = getToken();
+    const protocols = token ? ['bearer.' + base64url(token), 'ua.v1'] : ['ua.v1'];
+    let socket;
+    try {
+      socket = new WebSocket(socketUrl(path), protocols);
+    } catch (error) {
+      showBanner('Cannot open a WebSocket: ' + error.message);
+      return;
+    }
+    agent.socket = socket;
+    agent.sessionId = sessionId || null;
+    agent.turnRunning = false;
+    $('#agent-frames').textContent = '';
+    setAgentState('connecting', 'connecting…');
+    $('#agent-target').textContent = sessionId ? 'Attaching to ' + sessionId + '…' : 'Lobby: the first turn creates a new session.';
+    socket.onopen = () => {
+      setAgentState(sessionId ? 'connecting' : 'active', sessionId ? 'attaching…' : 'lobby');
+      updateAgentButtons();
+      if (!sessionId) $('#agent-input').focus();
+    };
+    socket.onmessage = (event) => {
+      if (socket === agent.socket) onFrame(event.data);
+    };
+    socket.onclose = (event) => {
+      if (socket !== agent.socket) return;
+      agent.socket = null;
+      agent.turnRunning = false;
+      const reason = event.reason || CLOSE_REASONS[event.code] || '';
+      addFrame({ type: 'closed', data: { code: event.code, reason: reason }, timestamp: new Date().toISOString() });
+      setAgentState('idle', 'disconnected');
+      $('#agent-target').textContent = 'Disconnected (' + event.code + (reason ? ': ' + reason : '') + ').';
+      hideInputRequired();
+      updateAgentButtons();
+    };
+  }
+
+  function disconnectAgent() {
+    const socket = agent.socket;
+    agent.socket = null;
+    if (socket) socket.close(1000, 'operator disconnected');
+    agent.turnRunning = false;
+    setAgentState('idle', 'disconnected');
+    if (socket) $('#agent-target').textContent = 'Disconnected.';
+    hideInputRequired();
+    updateAgentButtons();
+  }
+
+  function send(message) {
+    if (agent.socket && agent.socket.readyState === WebSocket.OPEN) agent.socket.send(JSON.stringify(message));
+  }
+
+  function onFrame(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (error) {
+      frame = { type: 'unparsed', data: { text: text } };
+    }
+    addFrame(frame);
+    const data = frame.data || {};
+    if (frame.type === 'connected') {
+      const createdByLobby = !agent.sessionId;
+      agent.sessionId = data.session_id;
+      setAgentState('active', 'connected');
+      $('#agent-target').textContent = 'Connected to ' + data.session_id + '.';
+      refreshSessions();
+      if (createdByLobby || !selectedId) openSession(data.session_id);
+      else refreshDetails();
+    } else if (frame.type === 'status' && data.status === 'processing') {
+      agent.turnRunning = true;
+    } else if (frame.type === 'input_required') {
+      showInputRequired(data);
+    } else if (frame.type === 'query_complete') {
+      agent.turnRunning = false;
+      hideInputRequired();
+      setTimeout(refreshAll, 300); // the heartbeat is written just after the turn ends
+    }
+    updateAgentButtons();
+  }
+
+  function frameSummary(frame) {
+    const data = frame.data || {};
+    for (const key of ['text', 'message', 'status', 'prompt', 'question', 'session_id']) {
+      if (typeof data[key] === 'string') return data[key];
+    }
+    return JSON.stringify(data);
+  }
+
+  function addFrame(frame) {
+    const frames = $('#agent-frames');
+    const item = element('li', 'frame frame-' + String(frame.type).replace(/[^a-z_]/gi, ''));
+    item.appendChild(element('time', 'frame-time', clockTime(frame.timestamp)));
+    item.appendChild(element('span', 'frame-type', frame.type));
+    item.appendChild(element('span', 'frame-data', frameSummary(frame)));
+    item.title = JSON.stringify(frame.data);
+    frames.appendChild(item);
+    while (frames.childNodes.length > MAX_FRAMES) frames.removeChild(frames.firstChild);
+    frames.scrollTop = frames.scrollHeight;
+  }
+
+  function showInputRequired(data) {
+    agent.pendingInputId = typeof data.input_id === 'string' ? data.input_id : 'default';
+    $('#agent-input-prompt').textContent = data.prompt || data.question || data.text || data.message || 'The agent asks for input.';
+    $('#agent-input-required').hidden = false;
+    $('#agent-input-response').value = '';
+    $('#agent-input-response').focus();
+  }
+
+  function hideInputRequired() {
+    agent.pendingInputId = null;
+    $('#agent-input-required').hidden = true;
+  }
+
+  function setAgentState(kind, text) {
+    const badge = $('#agent-state');
+    badge.className = 'badge badge-' + kind;
+    badge.textContent = text;
+  }
+
+  function updateAgentButtons() {
+    const open = !!agent.socket && agent.socket.readyState === WebSocket.OPEN;
+    $('#agent-attach').disabled = !selectedId;
+    $('#agent-attach').title = selectedId ? 'Attach to ' + selectedId : 'Select a session first';
+    $('#agent-disconnect').disabled = !agent.socket;
+    $('#agent-input').disabled = !open;
+    $('#agent-run').disabled = !open || agent.turnRunning;
+    $('#agent-cancel').disabled = !open || !agent.turnRunning;
+  }
+
+  function runTurn() {
+    const input = $('#agent-input');
+    const text = input.value.trim();
+    if (!text || !agent.socket) return;
+    send({ type: 'execute', data: { user_input: text, client_turn_id: 'console-' + Date.now().toString(36) } });
+    addFrame({ type: 'execute', data: { text: text }, timestamp: new Date().toISOString() });
+    agent.turnRunning = true;
+    input.value = '';
+    updateAgentButtons();
+  }
+
+  function setUpAgentPane() {
+    $('#agent-attach').addEventListener('click', () => { if (selectedId) connectAgent(selectedId); });
+    $('#agent-new').addEventListener('click', () => connectAgent(null));
+    $('#agent-disconnect').addEventListener('click', disconnectAgent);
+    $('#agent-form').addEventListener('submit', (event) => {
+      event.preventDefault();
+      runTurn();
+    });
+    $('#agent-input').addEventListener('keydown', (event) => {
+      if (event.key === 'Enter' && (event.ctrlKey || event.metaKey)) {
+        event.preventDefault();
+        runTurn();
+      }
+    });
+    $('#agent-cancel').addEventListener('click', () => send({ type: 'cancel', data: { reason: 'cancelled from the console' } }));
+    $('#agent-input-required').addEventListener('submit', (event) => {
+      event.preventDefault();
+      const response = $('#agent-input-response').value;
+      send({ type: 'input_response', data: { input_id: agent.pendingInputId, response: response } });
+      addFrame({ type: 'input_response', data: { text: response }, timestamp: new Date().toISOString() });
+      hideInputRequired();
+    });
+  }
+
+  // -------------------------------------------------------------------------------------------------
+  // Start-up
+  // -------------------------------------------------------------------------------------------------
+
+  function refreshAll() {
+    refreshSessions();
+    refreshDetails();
+    tails.forEach((tail) => { if (tail.running && !tail.paused) tail.schedule(0); });
+  }
+
+  function start() {
+    setToken(getToken());
+    setUpTokenDialog();
+    setUpSessionsList();
+    setUpDialogs();
+    setUpAgentPane();
+    list.limit = parseInt($('#page-size').value, 10);
+    refreshHealth();
+    refreshSessions();
+    setInterval(refreshHealth, HEALTH_REFRESH_MS);
+    setInterval(() => {
+      if ($('#sessions-auto').checked && !document.hidden && !waitingForToken) {
+        refreshSessions();
+        refreshDetails();
+      }
+    }, LIST_REFRESH_MS);
+  }
+
+  start();
+}());

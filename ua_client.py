@@ -1,0 +1,477 @@
+"""ua-gateway's command-line client for the Ops API: sessions and logs from a terminal.
+
+Rules this file keeps
+- Standard library only, Python 3.9+: it ships inside ``ua_gateway.pyz`` and runs wherever the gateway
+  runs (``python ua_gateway.pyz sessions list``).
+- The token comes from the environment (``UA_OPS_TOKEN``) and never from the command line, where ``ps``
+  and shell histories would show it. It is sent as ``Authorization: Bearer`` and never printed.
+- Exit status: 0 done, 1 the gateway refused or could not be reached (its ``detail`` goes to stderr),
+  2 a usage error (argparse's convention), including a delete that was not confirmed where nobody can
+  be asked.
+- Tables for people by default; ``--json`` prints the gateway's answer unchanged, for scripts.
+
+Theory of operation: ``main`` parses arguments and calls one ``run_*`` function per command. Those talk
+to the gateway through ``GatewayClient`` (one method per endpoint, plain dicts in and out) and format
+the answer. ``follow_log`` is the loop behind ``logs tail --follow``: it passes the cursor back
+verbatim, asks again at once while ``more`` is true, and otherwise waits ``FOLLOW_INTERVAL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
+
+__all__ = [
+    "ApiError",
+    "ClientError",
+    "DEFAULT_URL",
+    "GatewayClient",
+    "build_parser",
+    "follow_log",
+    "format_table",
+    "main",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8002"  # the gateway's default bind (SPEC §1)
+REQUEST_TIMEOUT = 30.0  # a reset or compact of a large log takes a few seconds; a hung gateway does not hang us
+FOLLOW_INTERVAL = 1.0  # how often `logs tail --follow` asks for new lines when it is caught up
+TAIL_LIMIT = 200  # the gateway's default slice size (SPEC §5)
+PROG = "ua_gateway"
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Talking to the gateway
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ClientError(Exception):
+    """The request did not get an answer we can use; the message says what to do."""
+
+
+class ApiError(ClientError):
+    """The gateway answered with an error status. ``detail`` is its explanation."""
+
+    def __init__(self, status: int, detail: str, retry_after: Optional[str] = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+        super().__init__(self._explain())
+
+    def _explain(self) -> str:
+        if self.status == 401:
+            return (f"401 {self.detail}: the gateway needs its token; set UA_OPS_TOKEN to it "
+                    "(the client reads the token from the environment only)")
+        if self.status == 429 and self.retry_after:
+            return f"429 {self.detail} (Retry-After: {self.retry_after} s)"
+        return f"{self.status} {self.detail}"
+
+
+def _is_loopback_url(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewayClient:
+    """One method per Ops API endpoint; each returns the decoded JSON answer or raises ClientError."""
+
+    def __init__(self, base_url: str, token: Optional[str] = None, timeout: float = REQUEST_TIMEOUT) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token or None
+        self.timeout = timeout
+        # A proxy from the environment must not carry ops traffic meant for a gateway on this host.
+        handlers = [urllib.request.ProxyHandler({})] if _is_loopback_url(self.base_url) else []
+        self._opener = urllib.request.build_opener(*handlers)
+
+    def request(self, method: str, path: str, query: Optional[Dict[str, Any]] = None, body: Any = None) -> Any:
+        url = self.base_url + path
+        params = {name: value for name, value in (query or {}).items() if value is not None}
+        if params:
+            url += "?" + urllib.parse.urlencode(params)
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with self._opener.open(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as error:
+            raise _api_error(error) from None
+        except urllib.error.URLError as error:
+            raise ClientError(self._unreachable(error.reason)) from None
+        except (OSError, ValueError) as error:  # timeouts, resets, a body that is not JSON
+            raise ClientError(f"no usable answer from the gateway at {self.base_url}: {error}") from None
+
+    def _unreachable(self, reason: Any) -> str:
+        if isinstance(reason, ConnectionRefusedError):
+            why = "connection refused"
+        else:
+            why = str(getattr(reason, "strerror", None) or reason)
+        return (f"cannot reach the gateway at {self.base_url}: {why}. Is it running? "
+                "Point the client at it with --url or UA_GATEWAY_URL.")
+
+    # -- endpoints -----------------------------------------------------------------------------------------
+
+    def list_sessions(self, status: str = "all", limit: Optional[int] = None, offset: Optional[int] = None) -> Any:
+        return self.request("GET", "/api/v1/ops/sessions", {"status": status, "limit": limit, "offset": offset})
+
+    def session_details(self, session_id: str) -> Any:
+        return self.request("GET", f"/api/v1/ops/sessions/{_quote(session_id)}")
+
+    def reset_session(self, session_id: str, clear_logs: bool = True, clear_memory: bool = False,
+                      clear_work_products: bool = False) -> Any:
+        body = {"clear_logs": clear_logs, "clear_memory": clear_memory, "clear_work_products": clear_work_products}
+        return self.request("POST", f"/api/v1/ops/sessions/{_quote(session_id)}/reset", body=body)
+
+    def compact_session(self, session_id: str, max_lines: Optional[int] = None, max_bytes: Optional[int] = None) -> Any:
+        body = {name: value for name, value in (("max_lines", max_lines), ("max_bytes", max_bytes)) if value is not None}
+        return self.request("POST", f"/api/v1/ops/sessions/{_quote(session_id)}/compact", body=body)
+
+    def delete_session(self, session_id: str, force: bool = False) -> Any:
+        query = {"confirm": "true", "force": "true" if force else None}
+        return self.request("DELETE", f"/api/v1/ops/sessions/{_quote(session_id)}", query)
+
+    def read_log(self, session_id: Optional[str] = None, file_name: Optional[str] = None,
+                 cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
+        query = {"session_id": session_id, "file": file_name, "cursor": cursor, "limit": limit}
+        return self.request("GET", "/api/v1/ops/logs/tail", query)
+
+
+def _quote(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+def _api_error(error: urllib.error.HTTPError) -> ApiError:
+    raw = error.read()
+    try:
+        detail = json.loads(raw)["detail"]
+    except (ValueError, KeyError, TypeError):
+        detail = raw.decode("utf-8", "replace").strip() or error.reason
+    return ApiError(error.code, str(detail), error.headers.get("Retry-After"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Formatting
+# ---------------------------------------------------------------------------------------------------------
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns separated by two spaces, the header first."""
+    cells = [[str(value) for value in row] for row in [headers, *rows]]
+    widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
+
+
+def _when(iso: Optional[str]) -> str:
+    """``2026-11-26T10:00:00+00:00`` as ``2026-11-26 10:00:00`` (the column header says UTC)."""
+    if not iso:
+        return "-"
+    return iso.replace("T", " ").replace("+00:00", "")
+
+
+def _yes_no(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _size(count: int) -> str:
+    if count < 1024:
+        return f"{count} B"
+    if count < 1024 * 1024:
+        return f"{count / 1024:.1f} KiB"
+    return f"{count / (1024 * 1024):.1f} MiB"
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    print(json.dumps(value, indent=2, ensure_ascii=False), file=out)
+
+
+def _print_sessions(page: Dict[str, Any], out: TextIO) -> None:
+    rows = [
+        (s["session_id"], s["status"], _when(s["last_activity"]), _yes_no(s["has_run_log"]),
+         _yes_no(s["has_activity_journal"]), _yes_no(s["has_memory"]), _when(s["heartbeat_last"]),
+         s["active_connections"], "running" if s["running"] else "-")
+        for s in page["sessions"]
+    ]
+    headers = ("SESSION", "STATUS", "LAST ACTIVITY (UTC)", "RUN.LOG", "JOURNAL", "MEMORY", "HEARTBEAT (UTC)",
+               "CONN", "TURN")
+    if rows:
+        print(format_table(headers, rows), file=out)
+    first = page["offset"] + 1 if rows else page["offset"]
+    print(f"{first}-{page['offset'] + len(rows)} of {page['total']} sessions", file=out)
+
+
+def _print_details(details: Dict[str, Any], out: TextIO) -> None:
+    session, memory = details["session"], details["memory"]
+    facts = [
+        ("session", session["session_id"]),
+        ("status", session["status"] + (" (turn running)" if session["running"] else "")),
+        ("connections", session["active_connections"]),
+        ("last activity", _when(session["last_activity"]) + " UTC"),
+        ("last modified", _when(session["last_modified"]) + " UTC"),
+        ("heartbeat", _when(session["heartbeat_last"]) + (" UTC" if session["heartbeat_last"] else "")),
+        ("memory", f"MEMORY.md {_yes_no(memory['has_memory_md'])}, {memory['files']} file(s) in memory/, "
+                   f"{_size(memory['bytes'])}"),
+        ("archives", ", ".join(details["archives"]) or "-"),
+    ]
+    width = max(len(name) for name, _ in facts)
+    for name, value in facts:
+        print(f"{name.ljust(width)}  {value}", file=out)
+    if details["files"]:
+        print(file=out)
+        rows = [(f["name"], _size(f["size"]), _when(f["modified"])) for f in details["files"]]
+        print(format_table(("FILE", "SIZE", "MODIFIED (UTC)"), rows), file=out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------------------------------------
+
+
+def run_sessions_list(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    page = client.list_sessions(args.status, args.limit, args.offset)
+    if args.json:
+        _print_json(page, out)
+    else:
+        _print_sessions(page, out)
+    return EXIT_OK
+
+
+def run_sessions_show(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    details = client.session_details(args.session_id)
+    if args.json:
+        _print_json(details, out)
+    else:
+        _print_details(details, out)
+    return EXIT_OK
+
+
+def run_sessions_reset(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    result = client.reset_session(args.session_id, clear_logs=not args.keep_logs, clear_memory=args.clear_memory,
+                                  clear_work_products=args.clear_work_products)
+    if args.json:
+        _print_json(result, out)
+    elif result["archived"]:
+        print(f"reset {args.session_id}: moved {', '.join(result['archived'])} to {result['archive_dir']}", file=out)
+    else:
+        print(f"reset {args.session_id}: nothing to archive", file=out)
+    return EXIT_OK
+
+
+def run_sessions_compact(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    result = client.compact_session(args.session_id, args.max_lines, args.max_bytes)
+    if args.json:
+        _print_json(result, out)
+    else:
+        kept = ", ".join(f"{name} keeps {lines} lines" for name, lines in result["files"].items()) or "no live logs"
+        where = f"; the full logs are in {result['archive_dir']}" if result.get("archive_dir") else ""
+        print(f"compacted {args.session_id}: {kept}; {_size(result['bytes_freed'])} freed{where}", file=out)
+    return EXIT_OK
+
+
+def run_sessions_delete(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(f"{PROG}: refusing to delete {args.session_id} without confirmation: nobody can be asked "
+                  "(stdin is not a terminal); pass --yes", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            typed = input(f"Deleting {args.session_id} removes its logs, memory and archives for good.\n"
+                          "Type the session id to confirm: ").strip()
+        except EOFError:
+            typed = ""
+        if typed != args.session_id:
+            print(f"{PROG}: {typed!r} is not {args.session_id!r}; nothing was deleted", file=sys.stderr)
+            return EXIT_ERROR
+    try:
+        result = client.delete_session(args.session_id, force=args.force)
+    except ApiError as error:
+        if error.status == 409 and not args.force:
+            raise ClientError(f"{error} (pass --force to cancel the turn and delete)") from None
+        raise
+    if args.json:
+        _print_json(result, out)
+    else:
+        print(f"deleted {result['session_id']}", file=out)
+    return EXIT_OK
+
+
+def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    read = _log_reader(client, args.session, args.file, args.limit)
+    if not args.follow:
+        piece = read(None)
+        if args.json:
+            _print_json(piece, out)
+        else:
+            _print_slice(piece, out, first=True)
+        return EXIT_OK
+    try:
+        follow_log(read, lambda piece, first: _emit_followed(piece, first, args.json, out))
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how an operator stops following: not an error
+    return EXIT_OK
+
+
+def _log_reader(client: GatewayClient, session_id: Optional[str], file_name: Optional[str],
+                limit: Optional[int]) -> Callable[[Optional[str]], Dict[str, Any]]:
+    """``read(cursor)`` for one log: the cursor is the only argument that changes while following."""
+    return lambda cursor: client.read_log(session_id, file_name, cursor=cursor, limit=limit)
+
+
+def follow_log(read: Callable[[Optional[str]], Dict[str, Any]],
+               emit: Callable[[Dict[str, Any], bool], None],
+               interval: float = FOLLOW_INTERVAL,
+               sleep: Callable[[float], None] = time.sleep) -> None:
+    """Call ``emit(slice, first)`` for the tail of a log, then for every slice after it, forever.
+
+    The cursor of each slice is passed back verbatim; while ``more`` is true the next slice is asked
+    for at once, otherwise after ``interval`` seconds. Ends only by an exception (ClientError, or
+    KeyboardInterrupt from the caller's Ctrl-C).
+    """
+    piece = read(None)
+    emit(piece, True)
+    while True:
+        if not piece["more"]:
+            sleep(interval)
+        piece = read(piece["cursor"])
+        emit(piece, False)
+
+
+def _emit_followed(piece: Dict[str, Any], first: bool, as_json: bool, out: TextIO) -> None:
+    if as_json:
+        print(json.dumps(piece, ensure_ascii=False), file=out, flush=True)
+    else:
+        _print_slice(piece, out, first)
+
+
+def _print_slice(piece: Dict[str, Any], out: TextIO, first: bool) -> None:
+    # Notices go to stderr so that stdout holds the log's lines only (safe to pipe into grep or a file).
+    if piece["reset"]:
+        print(f"-- {piece['file']} was replaced or truncated; reading it from the start --", file=sys.stderr, flush=True)
+    if piece["truncated"]:
+        if first:
+            print(f"-- older lines of {piece['file']} are not shown (--limit sets how many) --", file=sys.stderr, flush=True)
+        else:
+            print(f"-- a line of {piece['file']} longer than the slice was cut --", file=sys.stderr, flush=True)
+    for line in piece["lines"]:
+        print(line, file=out)
+    out.flush()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument("--url", default=os.environ.get("UA_GATEWAY_URL") or DEFAULT_URL,
+                        help=f"the gateway (default: UA_GATEWAY_URL, else {DEFAULT_URL})")
+    target.add_argument("--json", action="store_true", help="print the gateway's JSON answer instead of a table")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The Ops API client: look at and manage agent sessions and logs of a running gateway.",
+        epilog="The token is read from UA_OPS_TOKEN (never from the command line). Exit status: 0 done, "
+        "1 the gateway refused or could not be reached, 2 usage error.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="{sessions,logs}", required=True)
+
+    sessions = commands.add_parser("sessions", help="list, show, reset, compact or delete sessions")
+    actions = sessions.add_subparsers(dest="action", metavar="{list,show,reset,compact,delete}", required=True)
+
+    listing = actions.add_parser("list", parents=[target], help="one page of sessions, newest activity first")
+    listing.add_argument("--status", choices=("all", "active", "idle", "archived"), default="all")
+    listing.add_argument("--limit", type=_non_negative_int, help="sessions per page (gateway default 100, at most 1000)")
+    listing.add_argument("--offset", type=_non_negative_int, help="sessions to skip")
+    listing.set_defaults(run=run_sessions_list)
+
+    show = actions.add_parser("show", parents=[target], help="details of one session")
+    show.add_argument("session_id", metavar="ID")
+    show.set_defaults(run=run_sessions_show)
+
+    reset = actions.add_parser("reset", parents=[target], help="move the logs (and more) into a new archive")
+    reset.add_argument("session_id", metavar="ID")
+    reset.add_argument("--clear-memory", action="store_true", help="archive MEMORY.md and memory/ too")
+    reset.add_argument("--clear-work-products", action="store_true", help="archive work_products/ too")
+    reset.add_argument("--keep-logs", action="store_true", help="leave run.log and activity_journal.log in place")
+    reset.set_defaults(run=run_sessions_reset)
+
+    compact = actions.add_parser("compact", parents=[target], help="keep only the tail of each live log")
+    compact.add_argument("session_id", metavar="ID")
+    compact.add_argument("--max-lines", type=_non_negative_int, help="lines kept per log (gateway default 400)")
+    compact.add_argument("--max-bytes", type=_non_negative_int, help="bytes kept per log (gateway default 250000)")
+    compact.set_defaults(run=run_sessions_compact)
+
+    delete = actions.add_parser("delete", parents=[target], help="delete a session and everything in it")
+    delete.add_argument("session_id", metavar="ID")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    delete.add_argument("--force", action="store_true", help="cancel a running turn instead of refusing")
+    delete.set_defaults(run=run_sessions_delete)
+
+    logs = commands.add_parser("logs", help="read logs")
+    log_actions = logs.add_subparsers(dest="action", metavar="{tail}", required=True)
+    tail = log_actions.add_parser("tail", parents=[target],
+                                  help="the last lines of a session log, or of the gateway's own log")
+    tail.add_argument("--session", metavar="ID", help="a session's log (default: the gateway's own log)")
+    tail.add_argument("--file", choices=("run.log", "activity_journal.log"),
+                      help="which session log (default run.log)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
+    tail.add_argument("--limit", type=_non_negative_int, help=f"lines per request (gateway default {TAIL_LIMIT})")
+    tail.set_defaults(run=run_logs_tail)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one client command, e.g. ``main(["sessions", "list", "--json"])``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if getattr(args, "file", None) and not getattr(args, "session", None):
+            parser.error("--file needs --session; without it the gateway's own log is read")
+    except SystemExit as exit_request:  # --help (0) or a usage error (2): a status, not an exception
+        return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
+    client = GatewayClient(args.url, os.environ.get("UA_OPS_TOKEN", "").strip())
+    try:
+        return args.run(client, args, sys.stdout)
+    except ClientError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130  # interrupted before finishing: the shell's convention for SIGINT
+    except BrokenPipeError:
+        # `... | head` closed the pipe: the reader has what it wanted. Point stdout at /dev/null so
+        # the interpreter's final flush does not complain about the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
