@@ -496,6 +496,21 @@ def _decode_line(line: bytes, complete: bool = True) -> str:
     return line.decode("utf-8", "replace")
 
 
+def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
+    """Complete lines as text, and how many bytes they span in the file (newlines included).
+
+    One decode of the joined lines: the byte 0x0A never occurs inside a UTF-8 sequence (RFC 3629),
+    so a decoding error never reaches across a newline, and the result equals a decode per line.
+    """
+    if not lines:
+        return [], 0
+    joined = b"\n".join(lines)
+    text = joined.decode("utf-8", "replace").split("\n")
+    if b"\r" in joined:
+        text = [line[:-1] if line.endswith("\r") else line for line in text]
+    return text, len(joined) + 1
+
+
 def _has_newline(fd: int, start: int, stop: int) -> bool:
     pos = start
     while pos < stop:
@@ -544,22 +559,23 @@ def _tail_slice(fd: int, st: os.stat_result, limit: int, max_bytes: int) -> Dict
             [_decode_line(data, complete=False)], _cursor_at(fd, st, size), size, truncated=True, more=False
         )
 
-    lines = data[:-1].split(b"\n")
+    # rsplit from the end: only the newlines of the lines returned are looked at, not the window's.
+    lines = data.rsplit(b"\n", limit + 1)
+    lines.pop()  # the empty piece after the final newline
     cut = False
     if len(lines) > limit:
         lines = lines[-limit:]
-        start = end - sum(len(line) + 1 for line in lines)
     elif pos == 0 or _read_exact(fd, 1, pos - 1) == b"\n":
-        start = pos
+        pass
     elif len(lines) == 1:
         # One line longer than max_bytes: its last max_bytes bytes, marked as cut.
-        start = pos
         cut = True
     else:
-        start = pos + len(lines[0]) + 1
-        lines = lines[1:]
+        lines = lines[1:]  # the window began inside this line
+    text, span = _decode_lines(lines)
+    start = end - span
     return _slice_result(
-        [_decode_line(line) for line in lines],
+        text,
         _cursor_at(fd, st, end),
         size,
         truncated=cut or start > 0,
@@ -592,8 +608,8 @@ def _follow_slice(
         if len(raw_lines) > limit:
             raw_lines = raw_lines[:limit]
             withheld = True
-        offset = start + sum(len(line) + 1 for line in raw_lines)
-        lines = [_decode_line(line) for line in raw_lines]
+        lines, span = _decode_lines(raw_lines)
+        offset = start + span
     elif len(data) == max_bytes:
         # A full window without a newline: one line longer than max_bytes. Return the
         # window cut and move on by max_bytes; the rest of the line comes next call.

@@ -101,6 +101,7 @@ MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; bel
 MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # a 1 MB log slice fits; a peer that does not read is paused behind it
 OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
+GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker thread can delay the loop
 AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
 AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
 AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
@@ -1198,6 +1199,10 @@ class Gateway:
         if self.log is not None:
             self.log.write("websocket", client=request.client, path=request.path[:512])
         bridge.start(request, request.raw_head, connection.parser.take_remaining())
+        if connection.peer_eof and connection.bridge is bridge:
+            # The peer half-closed while this upgrade waited behind earlier pipelined requests.
+            bridge.eof_received()
+            connection._close()
         return True
 
     def _refuse_cross_site(self, request: Request, what: str) -> None:
@@ -1460,7 +1465,9 @@ class HttpConnection(asyncio.Protocol):
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
         elif not self.busy and not self.closed:
-            self._process()
+            # Soon, not now: this runs inside the transport's write callback, and answering may close
+            # the transport there, which makes asyncio (3.11) report the connection lost twice.
+            self.loop.call_soon(self._process)
 
     # -- request loop --------------------------------------------------------------------------------------
 
@@ -1701,6 +1708,11 @@ class WebSocketBridge:
                 response = self.protocol.accept(ws_request)
             except UnicodeError:  # its refusal quotes the offending header, which it cannot encode
                 reason = "a WebSocket header holds bytes that are not ASCII"
+            else:
+                if response.status_code == 500:
+                    # websockets answers 500 when a header breaks it in a way it did not foresee (a
+                    # non-ASCII Sec-WebSocket-Key): that is the client's input, so a 400 (SPEC §3).
+                    reason, response = str(self.protocol.handshake_exc), None
         if response is None:
             self.closed = True
             self.connection.bridge = None
@@ -1911,6 +1923,7 @@ MAX_CLIENT_TURN_ID = 128
 REMEMBERED_TURN_IDS = 256  # completed client_turn_ids kept per session to answer duplicates
 MAX_JOURNAL_LINE = 64 * 1024  # a longer event is cut in the journal (the client still gets all of it)
 MAX_PENDING_MESSAGES = 32  # messages a client may send before its attach has finished
+MAX_PENDING_INPUTS = 32  # input_responses the agent has not taken yet; a client may not pile up more
 AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
 MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
 
@@ -2008,19 +2021,23 @@ class SessionWriter:
             self._write(batch)
 
     def _write(self, batch: List[Tuple[str, str, Optional[str], Any]]) -> None:
-        index = 0
-        while index < len(batch):
-            kind, session_id, file_name, payload = batch[index]
-            index += 1
+        # One write per file and one heartbeat per session for the whole batch: order matters only
+        # within a file, and a heartbeat is a state of which the latest is the one to keep.
+        appends: Dict[Tuple[str, str], List[bytes]] = {}
+        heartbeats: Dict[str, Any] = {}
+        for kind, session_id, file_name, payload in batch:
             if kind == "append":
-                # Coalesce consecutive appends to one file: one open and one write for a burst of events.
-                chunks = [payload]
-                while index < len(batch) and batch[index][0] == "append" and batch[index][1:3] == (session_id, file_name):
-                    chunks.append(batch[index][3])
-                    index += 1
-                action = functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks))
+                appends.setdefault((session_id, file_name or ""), []).append(payload)
             else:
-                action = functools.partial(self.ops.write_heartbeat, session_id, payload)
+                heartbeats[session_id] = payload
+        actions = [
+            (session_id, file_name, functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks)))
+            for (session_id, file_name), chunks in appends.items()
+        ] + [
+            (session_id, None, functools.partial(self.ops.write_heartbeat, session_id, state))
+            for session_id, state in heartbeats.items()
+        ]
+        for session_id, file_name, action in actions:
             try:
                 action()
             except SessionNotFound:
@@ -2464,6 +2481,10 @@ class AgentSocket:
         if turn is None:
             self.send("error", {"message": "no turn is waiting for input"})
             return
+        if turn.inputs.qsize() >= MAX_PENDING_INPUTS:
+            self.send("error", {"message": f"the agent has not read the last {MAX_PENDING_INPUTS} input responses; "
+                                           "this one was dropped"})
+            return
         input_id = data.get("input_id", "default")
         turn.inputs.put_nowait({"input_id": input_id if isinstance(input_id, str) else "default",
                                 "response": data.get("response")})
@@ -2498,6 +2519,9 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # Disk work runs in threads; a waiting event loop gets the GIL back within this time rather than
+    # CPython's default 5 ms, which would otherwise show up as latency whenever a worker is busy.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     print(f"ua-gateway {__version__} listening on {gateway.url} (workspaces {gateway.ops.root})", flush=True)
     await stop.wait()
     await gateway.stop()
