@@ -61,6 +61,7 @@ import shutil
 import stat
 import struct
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -188,6 +189,8 @@ _SUMMARY_NAMES = frozenset(
     LOG_FILES + (HEARTBEAT_FILE_NAME, MEMORY_FILE_NAME, MEMORY_DIR_NAME, ARCHIVE_DIR_NAME)
 )
 _ACTIVITY_FILES = LOG_FILES + (HEARTBEAT_FILE_NAME,)
+_RACY_NS = 1_000_000_000  # a directory changed this recently is re-read, not trusted to its mtime
+_KINDS_CACHE_MAX = 100_000  # sessions remembered by the listing; past that it starts afresh
 
 Runtime = Mapping[str, Tuple[int, bool]]
 
@@ -934,40 +937,50 @@ def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _Com
 # --------------------------------------------------------------------------------------
 
 
+def _entry_kinds(entries: Iterator[os.DirEntry]) -> Dict[str, str]:
+    """{name: "file" | "dir" | "other"} for the entries a summary looks at (symlinks are "other")."""
+    kinds = {}
+    for entry in entries:
+        if entry.name in _SUMMARY_NAMES:
+            try:
+                if entry.is_file(follow_symlinks=False):
+                    kinds[entry.name] = "file"
+                elif entry.is_dir(follow_symlinks=False):
+                    kinds[entry.name] = "dir"
+                else:
+                    kinds[entry.name] = "other"
+            except OSError:
+                kinds[entry.name] = "other"
+    return kinds
+
+
 class _SessionScan:
-    """What one scandir of a session directory tells, for summaries and sorting."""
+    """What a session directory holds, for summaries and sorting: the kinds of the entries a
+    summary looks at, and the newest mtime of its activity files."""
 
     __slots__ = ("session_id", "path", "dir_mtime_ns", "entries", "activity_ns")
 
-    def __init__(self, session_id: str, path: str, dir_mtime_ns: int, entries: Dict[str, os.DirEntry]) -> None:
+    def __init__(self, session_id: str, path: str, dir_mtime_ns: int, entries: Dict[str, str]) -> None:
         self.session_id = session_id
         self.path = path
         self.dir_mtime_ns = dir_mtime_ns
         self.entries = entries
         newest: Optional[int] = None
         for name in _ACTIVITY_FILES:
-            if not self.is_file(name):
+            if entries.get(name) != "file":
                 continue
             try:
-                mtime = entries[name].stat(follow_symlinks=False).st_mtime_ns
+                mtime = os.stat(path + os.sep + name, follow_symlinks=False).st_mtime_ns
             except OSError:
                 continue
             newest = mtime if newest is None else max(newest, mtime)
         self.activity_ns = dir_mtime_ns if newest is None else newest
 
     def is_file(self, name: str) -> bool:
-        entry = self.entries.get(name)
-        try:
-            return entry is not None and entry.is_file(follow_symlinks=False)
-        except OSError:
-            return False
+        return self.entries.get(name) == "file"
 
     def is_dir(self, name: str) -> bool:
-        entry = self.entries.get(name)
-        try:
-            return entry is not None and entry.is_dir(follow_symlinks=False)
-        except OSError:
-            return False
+        return self.entries.get(name) == "dir"
 
     @property
     def has_live_log(self) -> bool:
@@ -1006,6 +1019,8 @@ class OpsService:
         # root that an operator made a symlink keeps following that symlink.
         self.root = Path(os.path.abspath(os.fsdecode(root)))
         self._locks: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+        # session id -> ((st_ino, st_mtime_ns) of its directory, entry kinds): see _scan_session_dir
+        self._kinds_cache: Dict[str, Tuple[Tuple[int, int], Dict[str, str]]] = {}
         self._locks_guard = threading.Lock()
 
     # -- root ---------------------------------------------------------------------------
@@ -1185,7 +1200,7 @@ class OpsService:
                 session_id,
                 str(path),
                 dir_mtime_ns,
-                {name: entry for name, entry in all_entries.items() if name in _SUMMARY_NAMES},
+                _entry_kinds(iter(all_entries.values())),
             )
             summary = self._summary(scan, runtime)
             summary["heartbeat"] = self._heartbeat(scan)
@@ -1194,7 +1209,7 @@ class OpsService:
                 memory_files, memory_bytes = _tree_usage(os.path.join(scan.path, MEMORY_DIR_NAME))
             if scan.is_file(MEMORY_FILE_NAME):
                 try:
-                    memory_bytes += scan.entries[MEMORY_FILE_NAME].stat(follow_symlinks=False).st_size
+                    memory_bytes += all_entries[MEMORY_FILE_NAME].stat(follow_symlinks=False).st_size
                 except OSError:
                     pass
             files = []
@@ -1580,26 +1595,34 @@ class OpsService:
                 try:
                     if not entry.is_dir(follow_symlinks=False):
                         continue
-                    dir_mtime_ns = entry.stat(follow_symlinks=False).st_mtime_ns
+                    dir_stat = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue  # removed mid-scan: not a session any more
-                scan = self._scan_session_dir(name, entry.path, dir_mtime_ns)
+                scan = self._scan_session_dir(name, entry.path, dir_stat)
                 if scan is not None:
                     yield scan
 
-    @staticmethod
-    def _scan_session_dir(session_id: str, path: str, dir_mtime_ns: int) -> Optional[_SessionScan]:
-        entries: Dict[str, os.DirEntry] = {}
-        try:
-            with os.scandir(path) as iterator:
-                for entry in iterator:
-                    if entry.name in _SUMMARY_NAMES:
-                        entries[entry.name] = entry
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        except OSError:
-            entries = {}  # unreadable: listed with what the root entry tells
-        return _SessionScan(session_id, path, dir_mtime_ns, entries)
+    def _scan_session_dir(self, session_id: str, path: str, dir_stat: os.stat_result) -> Optional[_SessionScan]:
+        # Which entries a directory holds changes only with its mtime, so a listing re-reads only
+        # the directories that changed. One changed within the last second is read every time: a
+        # second change within the mtime's granularity would not move it (git's "racy" rule).
+        key = (dir_stat.st_ino, dir_stat.st_mtime_ns)
+        cached = self._kinds_cache.get(session_id)
+        if cached is not None and cached[0] == key:
+            kinds = cached[1]
+        else:
+            try:
+                with os.scandir(path) as iterator:
+                    kinds = _entry_kinds(iterator)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError:
+                kinds = {}  # unreadable: listed with what the root entry tells
+            if time.time_ns() - dir_stat.st_mtime_ns > _RACY_NS:
+                if len(self._kinds_cache) >= _KINDS_CACHE_MAX:
+                    self._kinds_cache.clear()
+                self._kinds_cache[session_id] = (key, kinds)
+        return _SessionScan(session_id, path, dir_stat.st_mtime_ns, kinds)
 
     @staticmethod
     def _status(scan: _SessionScan, runtime: Optional[Runtime]) -> str:

@@ -1335,3 +1335,35 @@ def test_session_symlink_pointing_outside_is_not_found_by_every_method(svc, root
     with pytest.raises(InvalidArgument, match="not a session directory"):
         svc.create_session("evil")
     assert snapshot(sentinel) == before and (root / "evil").is_symlink()
+
+
+def test_listing_sees_a_log_created_right_after_a_listing(tmp_path):
+    """The listing remembers directory contents by mtime; a change must still show at once."""
+    from ops_service import OpsService
+
+    session = tmp_path / "s-racy"
+    session.mkdir()
+    ops = OpsService(tmp_path)
+    assert ops.list_sessions()["sessions"][0]["has_run_log"] is False
+    (session / "run.log").write_bytes(b"x\n")
+    assert ops.list_sessions()["sessions"][0]["has_run_log"] is True
+    (session / "activity_journal.log").write_bytes(b"y\n")
+    assert ops.list_sessions()["sessions"][0]["has_activity_journal"] is True
+
+
+def test_listing_sees_changes_to_a_directory_unchanged_for_long(tmp_path):
+    import os
+
+    from ops_service import OpsService
+
+    session = tmp_path / "s-old"
+    session.mkdir()
+    os.utime(session, (1_600_000_000, 1_600_000_000))
+    ops = OpsService(tmp_path)
+    assert ops.list_sessions()["sessions"][0]["has_run_log"] is False  # remembered: old directory
+    (session / "run.log").write_bytes(b"x\n")  # moves the directory's mtime to now
+    assert ops.list_sessions()["sessions"][0]["has_run_log"] is True
+    os.utime(session, (1_600_000_000, 1_600_000_000))
+    (session / "run.log").unlink()
+    os.utime(session, (1_600_000_100, 1_600_000_100))
+    assert ops.list_sessions()["sessions"][0]["has_run_log"] is False
