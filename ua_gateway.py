@@ -1926,6 +1926,8 @@ MAX_PENDING_MESSAGES = 32  # messages a client may send before its attach has fi
 MAX_PENDING_INPUTS = 32  # input_responses the agent has not taken yet; a client may not pile up more
 AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
 MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
+SESSION_WRITE_DELAY = 0.01  # s: journal lines are on disk this soon after their event; batching them
+# amortizes the writer thread, whose work would otherwise compete with the loop for the GIL per turn
 
 
 def utc_now_iso() -> str:
@@ -1978,8 +1980,8 @@ class SessionWriter:
     All writes go through ``OpsService.append_log``/``write_heartbeat``, which take the session's lock
     and open the file per call: a reset or compact between two writes sends the next one to the new
     live file, and nothing is written into an archive. ``append`` and ``heartbeat`` are called on the
-    event loop; what they collect in one loop iteration reaches the thread as one batch, so a turn's
-    events cost one queue hand-off and one write per file rather than one each.
+    event loop; what they collect within SESSION_WRITE_DELAY reaches the thread as one batch, so a
+    burst of events and turns costs one hand-off, one write per file and one heartbeat per session.
     """
 
     def __init__(self, ops: OpsService, log: Optional[GatewayLog]) -> None:
@@ -1999,7 +2001,7 @@ class SessionWriter:
 
     def _add(self, item: Tuple[str, str, Optional[str], Any]) -> None:
         if not self._pending:
-            asyncio.get_running_loop().call_soon(self.hand_over)
+            asyncio.get_running_loop().call_later(SESSION_WRITE_DELAY, self.hand_over)
         self._pending.append(item)
 
     def hand_over(self) -> None:
@@ -2092,7 +2094,8 @@ class AgentTurn:
 
 # Gateway-made turn ids: unique in this process and unlikely to repeat across restarts, without a
 # system call per turn.
-_turn_ids = (f"turn_{os.urandom(4).hex()}{n:06x}" for n in itertools.count(1))
+_TURN_ID_PREFIX = "turn_" + os.urandom(4).hex()
+_turn_ids = (f"{_TURN_ID_PREFIX}{n:06x}" for n in itertools.count(1))
 
 
 class AgentFailed(Exception):
