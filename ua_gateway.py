@@ -2142,9 +2142,12 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
 
         async def forward_inputs() -> None:
             while True:
-                send({"type": "input_response", "data": await turn.next_input()})
+                answer = await turn.next_input()
+                if answer is None:  # the process has ended
+                    return
+                send({"type": "input_response", "data": answer})
                 try:
-                    await stdin.drain()
+                    await stdin.drain()  # an agent that does not read its stdin holds the inputs back
                 except (ConnectionError, BrokenPipeError):
                     return
 
@@ -2172,7 +2175,16 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
             readers.cancel()
             raise
         finally:
+            turn.inputs.put_nowait(None)  # type: ignore[arg-type]  # the forwarder's cue to stop
+            await asyncio.wait([inputs], timeout=1.0)
             inputs.cancel()
+            stdin.close()
+            try:
+                # Python 3.9 logs "Future exception was never retrieved" for a stdin pipe that broke
+                # (the agent exited without reading it) unless someone awaits its closing.
+                await asyncio.wait_for(stdin.wait_closed(), 1.0)
+            except (OSError, asyncio.TimeoutError):
+                pass
         if status != 0:
             raise AgentFailed(f"agent command exited with status {status}; its output is in run.log")
 
@@ -2197,19 +2209,34 @@ async def _read_lines(stream: asyncio.StreamReader, on_line: Callable[[bytes], N
 
 
 async def _terminate(process: "asyncio.subprocess.Process") -> None:
-    """SIGTERM the agent's process group, then SIGKILL after AGENT_KILL_GRACE seconds."""
-    for signum, wait in ((signal.SIGTERM, AGENT_KILL_GRACE), (signal.SIGKILL, 5.0)):
-        if process.returncode is not None:
-            return
-        try:
-            os.killpg(process.pid, signum)
-        except (ProcessLookupError, PermissionError):
-            return
-        try:
-            await asyncio.wait_for(process.wait(), wait)
-            return
-        except asyncio.TimeoutError:
-            continue
+    """SIGTERM the agent's process group, then SIGKILL what is left of it after AGENT_KILL_GRACE s.
+
+    The group, not the process: the command runs under /bin/sh, which may die of the SIGTERM while
+    the agent it started ignores it (and Python 3.9's wait() returns as soon as the shell is gone).
+    """
+    group = process.pid  # start_new_session: the shell leads a group of its own
+    if not _signal_group(group, signal.SIGTERM):
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AGENT_KILL_GRACE
+    while _signal_group(group, 0):
+        if loop.time() >= deadline:
+            _signal_group(group, signal.SIGKILL)
+            break
+        await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(process.wait(), 5.0)
+    except asyncio.TimeoutError:
+        pass
+
+
+def _signal_group(group: int, signum: int) -> bool:
+    """Send ``signum`` to a process group; False when no process of it is left (0 just checks)."""
+    try:
+        os.killpg(group, signum)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 class LiveSession:
