@@ -47,6 +47,18 @@ async def close_code(ws: Any, timeout: float = 10.0) -> int:
         return exc.rcvd.code if exc.rcvd else 1006
 
 
+def refused_status(url: str, **kwargs: Any) -> int:
+    """The HTTP status with which the gateway refuses a WebSocket handshake (fails if it accepts)."""
+
+    async def attempt() -> int:
+        with pytest.raises(InvalidStatus) as info:
+            async with connect(url, **kwargs):
+                pass
+        return info.value.response.status_code
+
+    return run(attempt())
+
+
 def execute(text: str, **extra: Any) -> str:
     return json.dumps({"type": "execute", "data": {"user_input": text, **extra}})
 
@@ -559,13 +571,7 @@ def secured(start_gateway):
 def test_upgrade_without_token_is_refused_401(secured):
     secured.make_session("sec-1")
 
-    async def scenario():
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(f"{secured.ws_url}/api/v1/sessions/sec-1/stream"):
-                pass
-        return info.value.response.status_code
-
-    assert run(scenario()) == 401
+    assert refused_status(f"{secured.ws_url}/api/v1/sessions/sec-1/stream") == 401
 
 
 def test_upgrade_with_bearer_header_is_accepted(secured):
@@ -596,24 +602,12 @@ def test_token_as_subprotocol_is_accepted_and_never_echoed(secured):
 def test_wrong_subprotocol_token_is_refused(secured):
     encoded = base64.urlsafe_b64encode(b"nope").decode().rstrip("=")
 
-    async def scenario():
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(f"{secured.ws_url}/ws/agent", subprotocols=[f"bearer.{encoded}", "ua.v1"]):
-                pass
-        return info.value.response.status_code
-
-    assert run(scenario()) == 401
+    assert refused_status(f"{secured.ws_url}/ws/agent", subprotocols=[f"bearer.{encoded}", "ua.v1"]) == 401
 
 
 def test_foreign_origin_is_refused_403(secured):
-    async def scenario():
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(f"{secured.ws_url}/ws/agent", origin="http://evil.example",
-                               additional_headers={"Authorization": f"Bearer {TOKEN}"}):
-                pass
-        return info.value.response.status_code
-
-    assert run(scenario()) == 403
+    assert refused_status(f"{secured.ws_url}/ws/agent", origin="http://evil.example",
+                          additional_headers={"Authorization": f"Bearer {TOKEN}"}) == 403
 
 
 @pytest.mark.parametrize("origin", ["http://console.example", "own"])
@@ -649,13 +643,7 @@ def test_allowed_users_apply_on_attach(start_gateway):
 def test_allow_from_refuses_upgrades_from_other_addresses(start_gateway):
     gateway = start_gateway(env={"UA_OPS_ALLOW_FROM": "10.1.2.3"})
 
-    async def scenario():
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(f"{gateway.ws_url}/ws/agent"):
-                pass
-        return info.value.response.status_code
-
-    assert run(scenario()) == 403
+    assert refused_status(f"{gateway.ws_url}/ws/agent") == 403
 
 
 # -- echo route, shutdown, load ----------------------------------------------------------------------------
@@ -664,13 +652,7 @@ def test_allow_from_refuses_upgrades_from_other_addresses(start_gateway):
 def test_echo_route_does_not_exist_without_the_flag(gateway):
     assert gateway.get("/ws/echo").status == 404
 
-    async def scenario():
-        with pytest.raises(InvalidStatus) as info:
-            async with connect(f"{gateway.ws_url}/ws/echo"):
-                pass
-        return info.value.response.status_code
-
-    assert run(scenario()) == 404
+    assert refused_status(f"{gateway.ws_url}/ws/echo") == 404
 
 
 def test_echo_route_echoes_text_and_binary_up_to_16_mib(start_gateway):
