@@ -449,3 +449,47 @@ def test_check_builds_twice_runs_the_result_and_writes_the_same_bytes(
     assert hashlib.sha256(out.read_bytes()).hexdigest() in proc.stdout
     assert out.read_bytes() == pyz.read_bytes()
     assert sorted(p.name for p in out.parent.iterdir()) == ["ua_gateway.pyz"]
+
+
+SERVE_FROM_ZIP = """\
+import asyncio, json, re, signal, subprocess, sys, urllib.request
+pyz, root = sys.argv[1], sys.argv[2]
+server = subprocess.Popen([sys.executable, "-I", pyz, "--port", "0", "--workspaces", root],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+url = re.search(r"http://[^ ]+", server.stdout.readline().decode()).group(0)
+
+def call(method, path, body=None):
+    request = urllib.request.Request(url + path, method=method, data=body)
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read() or b"null")
+
+session = call("POST", "/api/v1/sessions", b"{}")["session_id"]
+sys.path.insert(0, pyz)
+from websockets.asyncio.client import connect
+
+async def turn():
+    async with connect(url.replace("http", "ws") + "/api/v1/sessions/" + session + "/stream") as ws:
+        await ws.recv()
+        await ws.send(json.dumps({"type": "execute", "data": {"user_input": "hello"}}))
+        while json.loads(await ws.recv())["type"] != "query_complete":
+            pass
+
+asyncio.run(turn())
+call("GET", "/api/v1/ops/sessions")
+call("GET", "/api/v1/ops/logs/tail?session_id=" + session)
+call("POST", "/api/v1/ops/sessions/" + session + "/compact", b'{"max_lines": 1}')
+call("POST", "/api/v1/ops/sessions/" + session + "/reset")
+call("DELETE", "/api/v1/ops/sessions/" + session + "?confirm=true")
+server.send_signal(signal.SIGTERM)
+print(server.wait(15))
+"""
+
+
+def test_serving_from_the_zip_writes_only_under_the_workspaces_root(pyz: Path, tmp_path: Path):
+    """SPEC §8: a whole session's life, served from the .pyz, writes nothing outside the root."""
+    root = tmp_path / "root"
+    proc = _run_isolated(sys.executable, ["-c", SERVE_FROM_ZIP, str(pyz), str(root)], tmp_path, watched=pyz.parent)
+
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "0"
+    assert (root / "_gateway" / "gateway.log").is_file()
