@@ -39,7 +39,6 @@ import itertools
 import json
 import logging
 import os
-import pkgutil
 import queue
 import re
 import signal

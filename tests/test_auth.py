@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import http.client
-import json
-import socket
 
 import pytest
-
-from conftest import parse_responses, read_all
 
 TOKEN = "correct-horse-battery-staple"
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from conftest import ROOT, gateway_env
