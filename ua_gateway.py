@@ -2181,6 +2181,7 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
             env=env,
             start_new_session=True,  # its own process group, so cancel reaches the children too
         )
+        turn.hub.agent_groups.add(process.pid)
         request = {
             "type": "execute",
             "session_id": turn.session_id,
@@ -2240,6 +2241,7 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
                 await asyncio.wait_for(stdin.wait_closed(), 1.0)
             except (OSError, asyncio.TimeoutError):
                 pass
+            turn.hub.agent_groups.discard(process.pid)
         if status != 0:
             raise AgentFailed(f"agent command exited with status {status}; its output is in run.log")
 
@@ -2312,6 +2314,7 @@ class SessionHub:
         self.gateway = gateway
         self.agent = agent
         self.sessions: Dict[str, LiveSession] = {}
+        self.agent_groups: "set[int]" = set()  # process groups of running agent commands
         self.writer = SessionWriter(gateway.ops, gateway.log)
 
     def snapshot(self) -> Dict[str, Tuple[int, bool]]:
@@ -2424,6 +2427,9 @@ class SessionHub:
         tasks = [t for t in (self.cancel(sid, "server shutting down") for sid in list(self.sessions)) if t is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+        for group in list(self.agent_groups):
+            # An agent that ignored SIGTERM for the whole grace period must not outlive the gateway.
+            _signal_group(group, signal.SIGKILL)
         self.writer.hand_over()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
 

@@ -725,3 +725,38 @@ def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
     assert received.startswith(b"HTTP/1.1 101")
     assert ping_at is not None and 18 <= ping_at <= 23
     assert closed_at is not None and 38 <= closed_at <= 46
+
+
+def test_shutdown_leaves_no_agent_process_behind(start_gateway, tmp_path):
+    """An agent ignoring SIGTERM is killed when the gateway stops, not left running without it."""
+    stubborn = write_agent(tmp_path, "pidfile", """
+        import json, os, signal, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        sys.stdin.readline()
+        open("agent.pid", "w").write(str(os.getpid()))
+        print(json.dumps({"type": "status", "data": {"status": "stubborn"}}), flush=True)
+        time.sleep(120)
+    """)
+    gateway = start_gateway("--agent-cmd", stubborn)
+    directory = gateway.make_session("shutdown-agent")
+
+    async def scenario():
+        async with connect(f"{gateway.ws_url}/api/v1/sessions/shutdown-agent/stream") as ws:
+            await recv(ws)
+            await ws.send(execute("go"))
+            await recv(ws)
+            gateway.process.send_signal(signal.SIGTERM)
+            return await close_code(ws, timeout=15)
+
+    assert run(scenario()) == 1001
+    assert gateway.process.wait(15) == 0
+    pid = int((directory / "agent.pid").read_text())
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as status:
+                return any(line.startswith("State:") and "Z" in line for line in status)  # a zombie is dead
+        except FileNotFoundError:
+            return True
+
+    assert wait_for(gone, timeout=5)
