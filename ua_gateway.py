@@ -1107,8 +1107,7 @@ class Gateway:
             if request.method == "OPTIONS":
                 return self._options(request, route)
             if request.path.startswith(OPS_PREFIX) or (route is not None and request.method in route.protected):
-                self._refuse_cross_site(request, "request")
-                self.authorize(request)
+                self.authorize(request, "request")
             if route is None:
                 raise HttpError(404, f"no endpoint at {_show(request.path)}; the API is described at /api/v1/openapi.json")
             handler = route.handlers.get(request.method)
@@ -1131,8 +1130,11 @@ class Gateway:
             self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
         return error_response(HttpError(500, "internal error; the gateway log has the details"))
 
-    def authorize(self, request: Request) -> None:
-        """Address allowlist, then lockout, then the token (SPEC §4). Raises HttpError on refusal."""
+    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None) -> None:
+        """SPEC §4 for a protected request (``what`` names it in errors): a cross-site browser request is
+        refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
+        one a browser offers as a WebSocket subprotocol). Raises HttpError on refusal."""
+        self._refuse_cross_site(request, what)
         address = request.client
         if not self.access.address_allowed(address):
             raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
@@ -1144,7 +1146,7 @@ class Gateway:
                 f"too many failed authentications from {address}; try again in {seconds} s with the right token",
                 headers=[("Retry-After", str(seconds))],
             )
-        if not self.access.token_matches(request_tokens(request)):
+        if not self.access.token_matches(request_tokens(request) + [extra_token]):
             locked = self.access.record_failure(address)
             if self.log is not None:
                 self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
@@ -1185,7 +1187,9 @@ class Gateway:
         if route is None or route.websocket is None:
             return False
         try:
-            self._authorize_websocket(request)
+            if self.config.allowed_hosts:
+                self._check_host(request)  # upgrades never reach dispatch: the DNS-rebinding guard is here too
+            self.authorize(request, "WebSocket", _subprotocol_token(request))
         except HttpError as error:
             response = error_response(error)
             response.close = True
@@ -1231,30 +1235,10 @@ class Gateway:
         if origin_host.rstrip("/") != own:
             raise HttpError(403, f"{what} from Origin {_show(origin)} refused; list it in UA_CORS_ORIGINS")
 
-    def _authorize_websocket(self, request: Request) -> None:
-        """SPEC §4 for upgrades: Host, Origin, allowlist, lockout, then the token (header or bearer subprotocol)."""
-        if self.config.allowed_hosts:
-            self._check_host(request)  # upgrades never reach dispatch: the DNS-rebinding guard is here too
-        self._refuse_cross_site(request, "WebSocket")
-        address = request.client
-        if not self.access.address_allowed(address):
-            raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
-        remaining = self.access.lockout_remaining(address)
-        if remaining:
-            seconds = int(remaining) + 1
-            raise HttpError(429, f"too many failed authentications from {address}; try again in {seconds} s",
-                            headers=[("Retry-After", str(seconds))])
-        if not self.access.token_matches(request_tokens(request) + [_subprotocol_token(request)]):
-            locked = self.access.record_failure(address)
-            if self.log is not None:
-                self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
-            raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
-
     def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
-        session_id = params.get("session_id")
-        if session_id is None:
-            session_id = dict(parse_qsl(request.query_string, keep_blank_values=True)).get("session_id")
-        return AgentSocket(self, request, session_id)
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        session_id = params.get("session_id", query.get("session_id"))
+        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"))
 
     def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
         raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
@@ -1644,19 +1628,17 @@ _ws_logger.propagate = False
 
 def _subprotocol_token(request: Request) -> Optional[str]:
     """The token a browser offered as ``bearer.<base64url>`` in Sec-WebSocket-Protocol, if any."""
-    for offered in request.header_tokens("sec-websocket-protocol"):
-        if offered.startswith(WS_BEARER_PREFIX):
-            encoded = offered[len(WS_BEARER_PREFIX):]
-            # header_tokens lower-cases; read the original spelling back from the raw header.
-            for _, value in request.headers:
-                for item in value.split(","):
-                    item = item.strip()
-                    if item.lower() == offered:
-                        encoded = item[len(WS_BEARER_PREFIX):]
-            try:
-                return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
-                return None
+    for name, value in request.headers:
+        if name != "sec-websocket-protocol":
+            continue
+        for offered in value.split(","):
+            offered = offered.strip(" \t")
+            if offered[: len(WS_BEARER_PREFIX)].lower() == WS_BEARER_PREFIX:
+                encoded = offered[len(WS_BEARER_PREFIX):]  # base64url is case-sensitive: kept as sent
+                try:
+                    return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+                except (ValueError, UnicodeDecodeError):
+                    return None
     return None
 
 
@@ -2437,15 +2419,14 @@ class SessionHub:
 class AgentSocket:
     """The agent protocol on one WebSocket (SPEC §6): attach, turns, input, cancel, ping."""
 
-    def __init__(self, gateway: Gateway, request: Request, session_id: Optional[str]) -> None:
+    def __init__(self, gateway: Gateway, session_id: Optional[str], user_id: Optional[str]) -> None:
         self.gateway = gateway
         self.hub = gateway.hub
         self.session_id = session_id
         self.lobby = session_id is None
         self.live: Optional[LiveSession] = None
         self.pending: Optional[List[Union[str, bytes]]] = []  # messages held until attached; None once live
-        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
-        self.user_id = request.header("x-ua-user") or query.get("user_id")
+        self.user_id = user_id
         self.bridge: Any = None
 
     def send(self, event_type: str, data: Dict[str, Any]) -> None:

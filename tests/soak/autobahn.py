@@ -38,7 +38,6 @@ import collections
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -48,6 +47,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import launch  # noqa: E402  (the same start-up as the test suite's)
 DEFAULT_WSTEST = Path("/tmp/autobahn-py27")
 DEFAULT_EXCLUDE = ["9.*", "12.*", "13.*"]
 ORDER = ["OK", "NON-STRICT", "INFORMATIONAL", "UNIMPLEMENTED", "FAILED"]
@@ -58,40 +59,6 @@ def find_wstest(given: Path) -> Optional[Path]:
         if candidate.is_file() and os.access(candidate, os.X_OK):
             return candidate
     return None
-
-
-def start_gateway(workspaces: Path, script: Optional[Path]) -> Tuple[subprocess.Popen, int]:
-    command = [sys.executable, str(script or ROOT / "ua_gateway.py"), "--ws-echo", "--host", "127.0.0.1",
-               "--port", "0", "--workspaces", str(workspaces)]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("UA_")}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    assert process.stdout is not None
-    buffer = b""
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline and b"\n" not in buffer:
-        ready, _, _ = select.select([process.stdout], [], [], 0.1)
-        if ready:
-            chunk = os.read(process.stdout.fileno(), 4096)
-            if not chunk:
-                break
-            buffer += chunk
-        elif process.poll() is not None:
-            break
-    match = re.search(rb"http://127\.0\.0\.1:(\d+)", buffer)
-    if not match:
-        process.kill()
-        raise SystemExit(f"the gateway did not start: {buffer!r}")
-    return process, int(match.group(1))
-
-
-def stop_gateway(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def case_key(case: str) -> List[int]:
@@ -143,9 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         base = Path(scratch)
         outdir = (args.keep or base / "reports").resolve()
         outdir.mkdir(parents=True, exist_ok=True)
-        process, port = start_gateway(base / "workspaces", args.gateway)
+        gateway = launch(base / "workspaces", "--ws-echo",
+                         command=[sys.executable, str(args.gateway or ROOT / "ua_gateway.py")])
         try:
-            url = f"ws://127.0.0.1:{port}/ws/echo"
+            url = f"{gateway.ws_url}/ws/echo"
             spec = {
                 "outdir": str(outdir),
                 "servers": [{"agent": "ua-gateway", "url": url}],
@@ -161,8 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      cwd=str(base), stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout)
             elapsed = time.monotonic() - started
         finally:
-            stop_gateway(process)
-            stderr = process.stderr.read().decode("utf-8", "replace") if process.stderr else ""
+            gateway.process.send_signal(signal.SIGTERM)
+            stderr = gateway.process.communicate(timeout=15)[1].decode("utf-8", "replace")
+            exit_status = gateway.stop()
         if not (outdir / "index.json").is_file():
             print((base / "wstest.log").read_text(errors="replace")[-3000:], file=sys.stderr)
             print(f"wstest exited {run.returncode} without a report", file=sys.stderr)
@@ -173,11 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if notes:
             print("cases not plainly OK:")
             print("\n".join(notes))
-        if process.returncode not in (0, -signal.SIGTERM):
-            print(f"the gateway exited {process.returncode}: {stderr[-2000:]}", file=sys.stderr)
+        if exit_status != 0:
+            print(f"the gateway exited {exit_status}: {stderr[-2000:]}", file=sys.stderr)
         if args.keep:
             print(f"reports: {outdir / 'index.html'}")
-        return 1 if counts["FAILED"] or counts["UNIMPLEMENTED"] or process.returncode not in (0, -signal.SIGTERM) else 0
+        return 1 if counts["FAILED"] or counts["UNIMPLEMENTED"] or exit_status != 0 else 0
 
 
 if __name__ == "__main__":
