@@ -282,6 +282,17 @@ def server_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
+def terminate(process: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL if it is still there 10 s later."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 class Server:
     def __init__(self, name: str, process: subprocess.Popen, port: int, logs: List[Any]) -> None:
         self.name = name
@@ -295,13 +306,7 @@ class Server:
             raise RuntimeError(f"{self.name} server died (exit status {self.process.returncode})")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        terminate(self.process)
         for log in self._logs:
             log.close()
 
@@ -779,12 +784,7 @@ def cold_start_ours(pin: Pinning, host_python: str, pyz: Path, root: Path) -> fl
         wait_healthy(int(match.group(1)), START_TIMEOUT, process)
         return (time.perf_counter() - started) * 1000
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        terminate(process)
 
 
 def cold_start_baseline(pin: Pinning, root: Path) -> float:
@@ -798,12 +798,7 @@ def cold_start_baseline(pin: Pinning, root: Path) -> float:
         wait_healthy(port, START_TIMEOUT, process)
         return (time.perf_counter() - started) * 1000
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        terminate(process)
 
 
 # ---------------------------------------------------------------------------------------------------------

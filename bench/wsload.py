@@ -202,19 +202,23 @@ async def sequential_turns(host: str, port: int, path: str, duration: float) -> 
         if client.checked_types != ["status", "text", "query_complete"]:
             raise RuntimeError(f"a turn gave frames {client.checked_types}, expected status, text, query_complete")
         started = time.perf_counter()
-        deadline = started + duration
-        while time.perf_counter() < deadline:
-            sent = time.perf_counter()
-            try:
-                await client.turn("hello from the bench")
-            except (asyncio.TimeoutError, ConnectionError):
-                errors += 1
-                break
-            latencies.append(time.perf_counter() - sent)
+        errors += await _turns_until(client, started + duration, latencies)
         elapsed = time.perf_counter() - started
     finally:
         client.close()
     return _summary(len(latencies), errors, elapsed, latencies)
+
+
+async def _turns_until(client: WsTurnClient, deadline: float, latencies: List[float]) -> int:
+    """Turns back to back until ``deadline``, each latency appended; 1 if a turn failed (then it stops), else 0."""
+    while time.perf_counter() < deadline:
+        sent = time.perf_counter()
+        try:
+            await client.turn("hello from the bench")
+        except (asyncio.TimeoutError, ConnectionError):
+            return 1
+        latencies.append(time.perf_counter() - sent)
+    return 0
 
 
 async def concurrent_turns(host: str, port: int, paths: List[str], duration: float) -> Dict[str, Any]:
@@ -235,14 +239,7 @@ async def concurrent_turns(host: str, port: int, paths: List[str], duration: flo
 
     async def run(client: WsTurnClient) -> None:
         nonlocal errors
-        while time.perf_counter() < deadline:
-            sent = time.perf_counter()
-            try:
-                await client.turn("hello from the bench")
-            except (asyncio.TimeoutError, ConnectionError):
-                errors += 1
-                return
-            latencies.append(time.perf_counter() - sent)
+        errors += await _turns_until(client, deadline, latencies)
 
     try:
         await asyncio.gather(*(run(client) for client in clients))
