@@ -30,6 +30,7 @@ import base64
 import codecs
 import concurrent.futures
 import email.utils
+import enum
 import functools
 import hashlib
 import hmac
@@ -905,23 +906,36 @@ def ops_error_response(error: OpsError) -> Response:
 Handler = Callable[[Request, Dict[str, str]], Union[Response, Awaitable[Response]]]
 
 
-class Route:
-    """A path pattern with its handlers. ``protected`` names the methods that need the token."""
+class Scope(str, enum.Enum):
+    """What a route needs from its caller. A property of the route in the router table, read after
+    matching: never guessed from the raw path, which has many spellings (SPEC §4)."""
 
-    __slots__ = ("pattern", "handlers", "protected", "websocket")
+    PUBLIC = "public"  # anyone who can reach the port (health, the console's files, the OpenAPI document)
+    TOKEN = "token"  # the token (UA_OPS_TOKEN), the address allowlist, the lockout and the cross-site refusal
+
+
+class Route:
+    """A path pattern with its handlers and the ``scope`` every method on it needs (OPTIONS excepted:
+    a CORS preflight carries no credentials, and answers only which methods exist)."""
+
+    __slots__ = ("pattern", "handlers", "scope", "websocket")
 
     def __init__(
         self,
         pattern: str,
         handlers: Dict[str, Handler],
         *,
-        protected: Iterable[str] = (),
+        scope: Scope,
         websocket: Optional[Callable[..., Any]] = None,
     ) -> None:
         self.pattern = tuple(pattern.split("/")[1:])
         self.handlers = handlers
-        self.protected = frozenset(protected)
+        self.scope = scope
         self.websocket = websocket
+
+    @property
+    def template(self) -> str:
+        return "/" + "/".join(self.pattern)
 
     @property
     def allow(self) -> str:
@@ -957,7 +971,6 @@ class Router:
         return None, {}
 
 
-OPS_PREFIX = "/api/v1/ops/"
 CONSOLE_ASSETS = {  # the console's files, shipped in console/ beside this module (and inside the .pyz)
     "index.html": "text/html; charset=utf-8",
     "app.js": "text/javascript; charset=utf-8",
@@ -986,6 +999,8 @@ def read_console_assets() -> Dict[str, bytes]:
             continue
     return assets
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
+# Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
+SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1100,30 +1115,40 @@ class Gateway:
     def dispatch(self, request: Request) -> Union[Response, Awaitable[Response]]:
         """Route one request. Returns a response now, or an awaitable for work that touches the disk."""
         try:
-            segments = path_segments(request.path)
-            route, params = self.router.match(segments)
-            if self.config.allowed_hosts:
-                self._check_host(request)
+            route, params = self.admit(request)
             if request.method == "OPTIONS":
                 return self._options(request, route)
-            if request.path.startswith(OPS_PREFIX) or (route is not None and request.method in route.protected):
-                self.authorize(request, "request")
-            if route is None:
-                raise HttpError(404, f"no endpoint at {_show(request.path)}; the API is described at /api/v1/openapi.json")
             handler = route.handlers.get(request.method)
             if handler is None:
                 raise HttpError(
                     405, f"method {request.method} is not allowed on {_show(request.path)}; use {route.allow}",
                     headers=[("Allow", route.allow)],
                 )
-            for name, value in params.items():
-                if name == "session_id":
-                    session_id_param(value)
             return handler(request, params)
         except HttpError as error:
             return error_response(error)
         except Exception as error:  # a bug of ours: answer 500, log it, keep serving
             return self.internal_error(request, error)
+
+    def admit(self, request: Request, extra_token: Optional[str] = None) -> Tuple[Route, Dict[str, str]]:
+        """The one place that decides whether a request may reach a route, for HTTP and upgrades alike.
+
+        The route is matched on the decoded path segments first; what it needs is then read from the
+        route itself (``Route.scope``), so every spelling of a path that reaches a route gets that route's
+        decision. Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
+        ``authorize``, 400 for an invalid session id.
+        """
+        if self.config.allowed_hosts:
+            self._check_host(request)
+        route, params = self.router.match(path_segments(request.path))
+        if route is None:
+            raise HttpError(404, f"no endpoint at {_show(request.path)}; the API is described at /api/v1/openapi.json")
+        if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
+            self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token)
+        for name, value in params.items():
+            if name == "session_id":
+                session_id_param(value)
+        return route, params
 
     def internal_error(self, request: Request, error: BaseException) -> Response:
         if self.log is not None:
@@ -1159,9 +1184,7 @@ class Gateway:
         if not (is_loopback_host(name) or name in self.config.allowed_hosts or host in self.config.allowed_hosts):
             raise HttpError(421, f"Host {_show(host)} is not served here; list it in UA_ALLOWED_HOSTS")
 
-    def _options(self, request: Request, route: Optional[Route]) -> Response:
-        if route is None:
-            raise HttpError(404, f"no endpoint at {_show(request.path)}")
+    def _options(self, request: Request, route: Route) -> Response:
         headers = [("Allow", route.allow)]
         cors = self.access.cors_headers(request)
         if cors:
@@ -1183,13 +1206,11 @@ class Gateway:
 
     def try_upgrade(self, request: Request, connection: "HttpConnection") -> bool:
         """Hand a WebSocket upgrade on a WebSocket route to the bridge. False: not ours, serve it as HTTP."""
-        route, params = self.router.match(path_segments(request.path))
+        route, _ = self.router.match(path_segments(request.path))
         if route is None or route.websocket is None:
             return False
         try:
-            if self.config.allowed_hosts:
-                self._check_host(request)  # upgrades never reach dispatch: the DNS-rebinding guard is here too
-            self.authorize(request, "WebSocket", _subprotocol_token(request))
+            route, params = self.admit(request, _subprotocol_token(request))
         except HttpError as error:
             response = error_response(error)
             response.close = True
@@ -1215,20 +1236,23 @@ class Gateway:
         return True
 
     def _refuse_cross_site(self, request: Request, what: str) -> None:
-        """A browser request from another site (CSRF, cross-site WebSocket hijacking) → 403, unless its
-        Origin is the gateway's own host or listed in UA_CORS_ORIGINS.
+        """A browser request that is not same-origin (CSRF, cross-site WebSocket hijacking, a page on a
+        sibling subdomain) → 403, unless its Origin is the gateway's own or listed in UA_CORS_ORIGINS.
 
         Browsers send Origin on every WebSocket and on cross-origin requests that change state, and
         Sec-Fetch-Site on every request (an <img> or a form post included); other clients send neither.
-        Checked before the token, so that a web page cannot lock the operator's own address out by
-        failing authentications on its behalf.
+        ``same-site`` is refused too: a page on another port or subdomain of the same site is another
+        origin. Checked before the token, so that a web page cannot lock the operator's own address out
+        by failing authentications on its behalf.
         """
         origin = request.header("origin")
-        if origin is None:
-            if (request.header("sec-fetch-site") or "").lower() == "cross-site":
-                raise HttpError(403, f"cross-site {what} refused (Sec-Fetch-Site: cross-site)")
+        if origin is not None and self.access.cors_headers(request):
             return
-        if self.access.cors_headers(request):
+        fetch_site = (request.header("sec-fetch-site") or "").lower()
+        if fetch_site and fetch_site not in SAME_ORIGIN_FETCH_SITES:
+            listed = "list its Origin in UA_CORS_ORIGINS" if origin else "it sent no Origin to check"
+            raise HttpError(403, f"{what} from another origin refused (Sec-Fetch-Site: {_show(fetch_site)}); {listed}")
+        if origin is None:
             return
         own = (request.header("host") or "").lower()
         scheme, _, origin_host = origin.lower().partition("://")
@@ -1245,22 +1269,24 @@ class Gateway:
                         headers=[("Upgrade", "websocket")])
 
     def _routes(self) -> List[Route]:
+        public, token = Scope.PUBLIC, Scope.TOKEN
         return [
-            Route("/", {"GET": self.console_page}),
-            Route("/console/{asset}", {"GET": self.console_asset}),
-            Route("/api/v1/openapi.json", {"GET": self.openapi}),
-            Route("/api/v1/health", {"GET": self.health}),
-            Route("/api/v1/ops/sessions", {"GET": self.list_sessions}),
-            Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session}),
-            Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}),
-            Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}),
-            Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}),
-            Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}),
-            Route("/api/v1/sessions", {"POST": self.create_session}, protected={"POST"}),
-            Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, protected={"GET"},
+            Route("/", {"GET": self.console_page}, scope=public),
+            Route("/console/{asset}", {"GET": self.console_asset}, scope=public),
+            Route("/api/v1/openapi.json", {"GET": self.openapi}, scope=public),
+            Route("/api/v1/health", {"GET": self.health}, scope=public),
+            Route("/api/v1/ops/sessions", {"GET": self.list_sessions}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session},
+                  scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
+            Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
+            Route("/api/v1/sessions", {"POST": self.create_session}, scope=token),
+            Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, scope=token,
                   websocket=self._agent_socket),
-            Route("/ws/agent", {"GET": self._websocket_only}, protected={"GET"}, websocket=self._agent_socket),
-        ] + ([Route("/ws/echo", {"GET": self._websocket_only}, protected={"GET"}, websocket=lambda r, p: EchoApp())]
+            Route("/ws/agent", {"GET": self._websocket_only}, scope=token, websocket=self._agent_socket),
+        ] + ([Route("/ws/echo", {"GET": self._websocket_only}, scope=token, websocket=lambda r, p: EchoApp())]
              if self.config.ws_echo else [])
 
     # -- handlers ------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ PROTECTED = [
     ("DELETE", "/api/v1/ops/sessions/s-1?confirm=true"),
     ("GET", "/api/v1/ops/logs/tail"),
     ("POST", "/api/v1/sessions"),
-    ("GET", "/api/v1/ops/unknown"),
+    ("PUT", "/api/v1/ops/sessions"),  # a method the route lacks: still the route's decision first, then 405
 ]
 
 
@@ -46,6 +46,12 @@ def test_protected_endpoints_without_token_are_401(secured, method, path):
     assert reply.json == {"detail": "Unauthorized"}
     assert reply.headers["www-authenticate"].startswith("Bearer")
     assert (secured.workspaces / "s-1" / "run.log").exists()
+
+
+def test_unknown_path_under_ops_is_404_with_or_without_token(secured):
+    # Protection belongs to routes: where no route is, there is nothing to protect (README, Security).
+    assert secured.get("/api/v1/ops/unknown").status == 404
+    assert secured.get("/api/v1/ops/unknown", token=TOKEN).status == 404
 
 
 def test_wrong_token_is_401(secured):
@@ -194,3 +200,38 @@ def test_created_session_ids_follow_the_naming_rule(gateway):
 
     assert re.fullmatch(r"session_\d{8}_\d{6}_[0-9a-f]{8}", reply.json["session_id"])
     assert reply.json["workspace_dir"] == str(gateway.workspaces / reply.json["session_id"])
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/api/v1/%6Fps/sessions"),
+    ("GET", "/%61pi/v1/ops/sessions"),
+    ("GET", "/api/%76%31/ops/sessions"),
+    ("DELETE", "/api/v1/%6Fps/sessions/s-1?confirm=true"),
+])
+def test_a_percent_encoded_letter_does_not_skip_the_token(secured, method, path):
+    # The hostile review's reproduction; tests/test_auth_property.py covers every route and spelling.
+    secured.make_session("s-1", {"run.log": b"a\n"})
+    assert secured.request(method, path).status == 401
+    assert (secured.workspaces / "s-1" / "run.log").exists()
+
+
+@pytest.mark.parametrize("fetch_site", ["same-site", "cross-site"])
+def test_a_browser_request_from_another_origin_never_counts_toward_the_lockout(secured, fetch_site):
+    # An <img> on a sibling site sends Sec-Fetch-Site and no Origin: refused before the token check.
+    for _ in range(12):
+        reply = secured.get("/api/v1/ops/sessions", headers={"Sec-Fetch-Site": fetch_site})
+        assert reply.status == 403
+        assert "Sec-Fetch-Site" in reply.json["detail"]
+    assert secured.get("/api/v1/ops/sessions", token=TOKEN).status == 200
+
+
+def test_the_consoles_own_requests_pass_the_browser_check(secured):
+    for fetch_site in ("same-origin", "none"):
+        reply = secured.get("/api/v1/ops/sessions", token=TOKEN, headers={"Sec-Fetch-Site": fetch_site})
+        assert reply.status == 200
+
+
+def test_a_listed_origin_on_the_same_site_is_admitted(start_gateway):
+    gateway = start_gateway(env={"UA_OPS_TOKEN": TOKEN, "UA_CORS_ORIGINS": "http://dash.example"})
+    headers = {"Sec-Fetch-Site": "same-site", "Origin": "http://dash.example"}
+    assert gateway.get("/api/v1/ops/sessions", token=TOKEN, headers=headers).status == 200
