@@ -1618,12 +1618,25 @@ WS_PING_INTERVAL = 20.0  # SPEC §6: ping every 20 s ...
 WS_PING_TIMEOUT = 20.0  # ... and drop a peer that has not answered within 20 s
 WS_CLOSE_TIMEOUT = 10.0  # the peer has 10 s to finish the closing handshake (websockets' default)
 WS_MAX_SEND_BUFFER = 8 * 1024 * 1024  # a consumer this far behind is closed with 1008, not buffered for
+WS_MAX_CLOSE_REASON = 123  # RFC 6455 §5.5: a control frame carries at most 125 bytes, 2 of them the code
 WS_SUBPROTOCOL = "ua.v1"
 WS_BEARER_PREFIX = "bearer."  # a token offered as a subprotocol, base64url without padding (Kubernetes' way)
 
 _ws_logger = logging.getLogger("ua_gateway.websocket")
 _ws_logger.addHandler(logging.NullHandler())
 _ws_logger.propagate = False
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` as a close frame can carry it: UTF-8 of at most WS_MAX_CLOSE_REASON bytes.
+
+    A longer reason is cut on a character boundary and ends with "..."; a lone surrogate (an undecodable
+    file name in a path) is shown as ``\\udcxx``. websockets raises ProtocolError for anything longer.
+    """
+    encoded = reason.encode("utf-8", "backslashreplace")
+    if len(encoded) <= WS_MAX_CLOSE_REASON:
+        return encoded.decode("utf-8")
+    return encoded[: WS_MAX_CLOSE_REASON - len(b"...")].decode("utf-8", "ignore") + "..."
 
 
 def _subprotocol_token(request: Request) -> Optional[str]:
@@ -1888,13 +1901,13 @@ class WebSocketBridge:
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         if self.sendable:
-            self.protocol.send_close(code, reason[:120])
+            self.protocol.send_close(code, close_reason(reason))
             self.flush()
             self._closing()
 
     def fail(self, code: int, reason: str = "") -> None:
         if not self.closed:
-            self.protocol.fail(code, reason[:120])
+            self.protocol.fail(code, close_reason(reason))
             self.flush()
             self._closing()
 
