@@ -9,6 +9,10 @@ Rules this file keeps
   2 a usage error (argparse's convention), including a delete that was not confirmed where nobody can
   be asked.
 - Tables for people by default; ``--json`` prints the gateway's answer unchanged, for scripts.
+- Text from the gateway (log lines, file names, error details) is an agent's or anybody's text: printed
+  for people, its control characters are shown escaped (``\\x1b``), never sent to the terminal, which would
+  obey them (OSC 52 writes the clipboard). ``logs tail --raw`` is the one way to print them as they are.
+- Redirects are never followed: urllib would send the token along to wherever they point.
 
 Theory of operation: ``main`` parses arguments and calls one ``run_*`` function per command. Those talk
 to the gateway through ``GatewayClient`` (one method per endpoint, plain dicts in and out) and format
@@ -38,6 +42,7 @@ __all__ = [
     "follow_log",
     "format_table",
     "main",
+    "shown",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8002"  # the gateway's default bind (SPEC §1)
@@ -47,6 +52,19 @@ TAIL_LIMIT = 200  # the gateway's default slice size (SPEC §5)
 PROG = "ua_gateway"
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+# Characters a terminal obeys or reorders rather than shows: C0 controls but TAB (ESC starts CSI and
+# OSC sequences, CR overwrites a line), DEL, C1 controls (0x9B is CSI by itself), the Unicode line and
+# paragraph separators, the bidi embeddings, overrides and isolates (text that reads other than it is,
+# CVE-2021-42574), and lone surrogates (not characters; printing one would raise UnicodeEncodeError).
+TERMINAL_UNSAFE = frozenset(
+    [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029,
+     *range(0x202A, 0x202F), *range(0x2066, 0x206A), *range(0xD800, 0xE000)]
+)
+_SHOWN = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in TERMINAL_UNSAFE}
+# json.dumps escapes C0 itself; with ensure_ascii=False it leaves the rest raw. Inside JSON they can only
+# be in strings, where \uXXXX is the same character: the output stays the gateway's answer.
+_JSON_ESCAPED = {code: f"\\u{code:04x}" for code in TERMINAL_UNSAFE if code >= 0x7F}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -76,6 +94,18 @@ class ApiError(ClientError):
         return f"{self.status} {self.detail}"
 
 
+def shown(value: Any) -> str:
+    """``str(value)`` safe to print to a terminal: each TERMINAL_UNSAFE character as ``\\xNN`` or ``\\uNNNN``."""
+    return str(value).translate(_SHOWN)
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Turns every redirect into an HTTPError: urllib's default follows it to any host, Authorization included."""
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> None:
+        return None
+
+
 def _is_loopback_url(url: str) -> bool:
     host = urllib.parse.urlsplit(url).hostname or ""
     if host == "localhost":
@@ -95,7 +125,7 @@ class GatewayClient:
         self.timeout = timeout
         # A proxy from the environment must not carry ops traffic meant for a gateway on this host.
         handlers = [urllib.request.ProxyHandler({})] if _is_loopback_url(self.base_url) else []
-        self._opener = urllib.request.build_opener(*handlers)
+        self._opener = urllib.request.build_opener(_RefuseRedirects(), *handlers)
 
     def request(self, method: str, path: str, query: Optional[Dict[str, Any]] = None, body: Any = None) -> Any:
         url = self.base_url + path
@@ -114,11 +144,19 @@ class GatewayClient:
             with self._opener.open(request, timeout=self.timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as error:
+            if 300 <= error.code < 400:
+                raise ClientError(self._redirected(url, error)) from None
             raise _api_error(error) from None
         except urllib.error.URLError as error:
             raise ClientError(self._unreachable(error.reason)) from None
         except (OSError, ValueError) as error:  # timeouts, resets, a body that is not JSON
             raise ClientError(f"no usable answer from the gateway at {self.base_url}: {error}") from None
+
+    def _redirected(self, url: str, error: urllib.error.HTTPError) -> str:
+        location = error.headers.get("Location")
+        target = urllib.parse.urljoin(url, location) if location else "nowhere (no Location header)"
+        return (f"the gateway at {self.base_url} answered {error.code}, a redirect to {target}; not followed, "
+                "so that the token goes nowhere else. If that is the gateway's address, pass it with --url.")
 
     def _unreachable(self, reason: Any) -> str:
         if isinstance(reason, ConnectionRefusedError):
@@ -175,7 +213,7 @@ def _api_error(error: urllib.error.HTTPError) -> ApiError:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """Left-aligned columns separated by two spaces, the header first."""
-    cells = [[str(value) for value in row] for row in [headers, *rows]]
+    cells = [[shown(value) for value in row] for row in [headers, *rows]]
     widths = [max(len(row[column]) for row in cells) for column in range(len(headers))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in cells)
 
@@ -199,8 +237,12 @@ def _size(count: int) -> str:
     return f"{count / (1024 * 1024):.1f} MiB"
 
 
+def _json_text(value: Any, indent: Optional[int] = None) -> str:
+    return json.dumps(value, indent=indent, ensure_ascii=False).translate(_JSON_ESCAPED)
+
+
 def _print_json(value: Any, out: TextIO) -> None:
-    print(json.dumps(value, indent=2, ensure_ascii=False), file=out)
+    print(_json_text(value, indent=2), file=out)
 
 
 def _print_sessions(page: Dict[str, Any], out: TextIO) -> None:
@@ -233,7 +275,7 @@ def _print_details(details: Dict[str, Any], out: TextIO) -> None:
     ]
     width = max(len(name) for name, _ in facts)
     for name, value in facts:
-        print(f"{name.ljust(width)}  {value}", file=out)
+        print(f"{name.ljust(width)}  {shown(value)}", file=out)
     if details["files"]:
         print(file=out)
         rows = [(f["name"], _size(f["size"]), _when(f["modified"])) for f in details["files"]]
@@ -269,9 +311,10 @@ def run_sessions_reset(client: GatewayClient, args: argparse.Namespace, out: Tex
     if args.json:
         _print_json(result, out)
     elif result["archived"]:
-        print(f"reset {args.session_id}: moved {', '.join(result['archived'])} to {result['archive_dir']}", file=out)
+        print(f"reset {shown(args.session_id)}: moved {shown(', '.join(result['archived']))} to "
+              f"{shown(result['archive_dir'])}", file=out)
     else:
-        print(f"reset {args.session_id}: nothing to archive", file=out)
+        print(f"reset {shown(args.session_id)}: nothing to archive", file=out)
     return EXIT_OK
 
 
@@ -282,7 +325,7 @@ def run_sessions_compact(client: GatewayClient, args: argparse.Namespace, out: T
     else:
         kept = ", ".join(f"{name} keeps {lines} lines" for name, lines in result["files"].items()) or "no live logs"
         where = f"; the full logs are in {result['archive_dir']}" if result.get("archive_dir") else ""
-        print(f"compacted {args.session_id}: {kept}; {_size(result['bytes_freed'])} freed{where}", file=out)
+        print(shown(f"compacted {args.session_id}: {kept}; {_size(result['bytes_freed'])} freed{where}"), file=out)
     return EXIT_OK
 
 
@@ -309,7 +352,7 @@ def run_sessions_delete(client: GatewayClient, args: argparse.Namespace, out: Te
     if args.json:
         _print_json(result, out)
     else:
-        print(f"deleted {result['session_id']}", file=out)
+        print(f"deleted {shown(result['session_id'])}", file=out)
     return EXIT_OK
 
 
@@ -320,10 +363,10 @@ def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) 
         if args.json:
             _print_json(piece, out)
         else:
-            _print_slice(piece, out, first=True)
+            _print_slice(piece, out, first=True, raw=args.raw)
         return EXIT_OK
     try:
-        follow_log(read, lambda piece, first: _emit_followed(piece, first, args.json, out))
+        follow_log(read, lambda piece, first: _emit_followed(piece, first, args.json, args.raw, out))
     except KeyboardInterrupt:
         pass  # Ctrl-C is how an operator stops following: not an error
     return EXIT_OK
@@ -354,24 +397,26 @@ def follow_log(read: Callable[[Optional[str]], Dict[str, Any]],
         emit(piece, False)
 
 
-def _emit_followed(piece: Dict[str, Any], first: bool, as_json: bool, out: TextIO) -> None:
+def _emit_followed(piece: Dict[str, Any], first: bool, as_json: bool, raw: bool, out: TextIO) -> None:
     if as_json:
-        print(json.dumps(piece, ensure_ascii=False), file=out, flush=True)
+        print(_json_text(piece), file=out, flush=True)
     else:
-        _print_slice(piece, out, first)
+        _print_slice(piece, out, first, raw)
 
 
-def _print_slice(piece: Dict[str, Any], out: TextIO, first: bool) -> None:
+def _print_slice(piece: Dict[str, Any], out: TextIO, first: bool, raw: bool = False) -> None:
+    """The slice's lines on ``out`` (escaped unless ``raw``), its notices on stderr."""
     # Notices go to stderr so that stdout holds the log's lines only (safe to pipe into grep or a file).
+    name = shown(piece["file"])
     if piece["reset"]:
-        print(f"-- {piece['file']} was replaced or truncated; reading it from the start --", file=sys.stderr, flush=True)
+        print(f"-- {name} was replaced or truncated; reading it from the start --", file=sys.stderr, flush=True)
     if piece["truncated"]:
         if first:
-            print(f"-- older lines of {piece['file']} are not shown (--limit sets how many) --", file=sys.stderr, flush=True)
+            print(f"-- older lines of {name} are not shown (--limit sets how many) --", file=sys.stderr, flush=True)
         else:
-            print(f"-- a line of {piece['file']} longer than the slice was cut --", file=sys.stderr, flush=True)
+            print(f"-- a line of {name} longer than the slice was cut --", file=sys.stderr, flush=True)
     for line in piece["lines"]:
-        print(line, file=out)
+        print(line if raw else shown(line), file=out)
     out.flush()
 
 
@@ -445,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="which session log (default run.log)")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
     tail.add_argument("--limit", type=_non_negative_int, help=f"lines per request (gateway default {TAIL_LIMIT})")
+    tail.add_argument("--raw", action="store_true",
+                      help="print lines exactly as written, terminal escape sequences included "
+                      "(by default control characters are shown escaped, e.g. \\x1b)")
     tail.set_defaults(run=run_logs_tail)
     return parser
 
@@ -462,7 +510,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.run(client, args, sys.stdout)
     except ClientError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        print(f"{PROG}: error: {shown(error)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130  # interrupted before finishing: the shell's convention for SIGINT

@@ -134,6 +134,49 @@ class ConfigError(ValueError):
     """A configuration value is unusable; the message says which and how to fix it."""
 
 
+# Variables that hold a secret. Each may instead be given as <NAME>_FILE, the path of a file holding it
+# (the convention of container secrets and systemd credentials), which keeps the secret out of every
+# process environment. Neither form is handed on to agent commands.
+SECRET_VARIABLES = ("UA_OPS_TOKEN",)
+SECRET_FILE_SUFFIX = "_FILE"
+HIDDEN_FROM_AGENTS = frozenset(name + suffix for name in SECRET_VARIABLES for suffix in ("", SECRET_FILE_SUFFIX))
+MAX_SECRET_FILE_BYTES = 64 * 1024  # a token is tens of bytes; a bigger file is the wrong file (or /dev/zero)
+
+
+def read_secret(env: Dict[str, str], name: str) -> Optional[str]:
+    """The secret ``name`` from ``env``, or from the file that ``<name>_FILE`` names; None when neither is set.
+
+    Surrounding whitespace (a file's trailing newline) is not part of it. Raises ConfigError when both
+    are set, or when the file cannot be read, is empty, is over MAX_SECRET_FILE_BYTES or is not UTF-8.
+    """
+    file_variable = name + SECRET_FILE_SUFFIX
+    value = (env.get(name) or "").strip()
+    path = env.get(file_variable) or ""
+    if not path:
+        return value or None
+    if value:
+        raise ConfigError(f"both {name} and {file_variable} are set; unset one of them "
+                          f"({file_variable}, which keeps the secret out of the environment, is preferred)")
+    try:
+        with open(path, "rb") as secret_file:
+            data = secret_file.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{file_variable} names {_show(path)}, which cannot be read: {exc.strerror or exc}; "
+                          "point it at a readable file that holds the secret") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{file_variable} names {_show(path)}, which is over {MAX_SECRET_FILE_BYTES} bytes: "
+                          "not a secret; point it at the file that holds only the secret")
+    try:
+        secret = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file_variable} names {_show(path)}, which is not UTF-8 text; "
+                          "write the secret into it as text") from None
+    if not secret:
+        raise ConfigError(f"{file_variable} names {_show(path)}, which is empty; write the secret into it, e.g.\n"
+                          f"  python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}")
+    return secret
+
+
 def _split_list(value: Optional[str]) -> List[str]:
     return [item.strip() for item in (value or "").split(",") if item.strip()]
 
@@ -206,12 +249,17 @@ class Config:
             f"refusing to listen on {self.host} without a token: anyone who can reach this address could "
             "read and delete agent sessions. Set one, e.g.\n"
             "  export UA_OPS_TOKEN=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+            "(or write it into a file and set UA_OPS_TOKEN_FILE to its path) "
             "and send it as 'Authorization: Bearer <token>', or bind 127.0.0.1, or pass --insecure "
             "if something else guards this address."
         )
 
     @classmethod
     def from_env(cls, environ: Optional[Dict[str, str]] = None, **overrides: Any) -> "Config":
+        """Read the UA_* variables of ``environ`` (default os.environ); ``overrides`` that are not None win.
+
+        Raises ConfigError naming the variable that is unusable and how to fix it.
+        """
         env = os.environ if environ is None else environ
         port_text = env.get("UA_GATEWAY_PORT", str(DEFAULT_PORT))
         try:
@@ -222,7 +270,7 @@ class Config:
             host=env.get("UA_GATEWAY_HOST") or DEFAULT_HOST,
             port=port,
             workspaces=env.get("UA_WORKSPACES_DIR") or DEFAULT_WORKSPACES,
-            token=(env.get("UA_OPS_TOKEN") or "").strip() or None,
+            token=read_secret(env, "UA_OPS_TOKEN"),
             allowed_users=_split_list(env.get("UA_ALLOWED_USERS")),
             cors_origins=_split_list(env.get("UA_CORS_ORIGINS")),
             allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
@@ -1644,12 +1692,25 @@ WS_PING_INTERVAL = 20.0  # SPEC §6: ping every 20 s ...
 WS_PING_TIMEOUT = 20.0  # ... and drop a peer that has not answered within 20 s
 WS_CLOSE_TIMEOUT = 10.0  # the peer has 10 s to finish the closing handshake (websockets' default)
 WS_MAX_SEND_BUFFER = 8 * 1024 * 1024  # a consumer this far behind is closed with 1008, not buffered for
+WS_MAX_CLOSE_REASON = 123  # RFC 6455 §5.5: a control frame carries at most 125 bytes, 2 of them the code
 WS_SUBPROTOCOL = "ua.v1"
 WS_BEARER_PREFIX = "bearer."  # a token offered as a subprotocol, base64url without padding (Kubernetes' way)
 
 _ws_logger = logging.getLogger("ua_gateway.websocket")
 _ws_logger.addHandler(logging.NullHandler())
 _ws_logger.propagate = False
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` as a close frame can carry it: UTF-8 of at most WS_MAX_CLOSE_REASON bytes.
+
+    A longer reason is cut on a character boundary and ends with "..."; a lone surrogate (an undecodable
+    file name in a path) is shown as ``\\udcxx``. websockets raises ProtocolError for anything longer.
+    """
+    encoded = reason.encode("utf-8", "backslashreplace")
+    if len(encoded) <= WS_MAX_CLOSE_REASON:
+        return encoded.decode("utf-8")
+    return encoded[: WS_MAX_CLOSE_REASON - len(b"...")].decode("utf-8", "ignore") + "..."
 
 
 def _subprotocol_token(request: Request) -> Optional[str]:
@@ -1914,13 +1975,13 @@ class WebSocketBridge:
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         if self.sendable:
-            self.protocol.send_close(code, reason[:120])
+            self.protocol.send_close(code, close_reason(reason))
             self.flush()
             self._closing()
 
     def fail(self, code: int, reason: str = "") -> None:
         if not self.closed:
-            self.protocol.fail(code, reason[:120])
+            self.protocol.fail(code, close_reason(reason))
             self.flush()
             self._closing()
 
@@ -2177,7 +2238,7 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
     JSON-line events on stdout; other stdout lines and all stderr go to run.log."""
 
     async def run(turn: AgentTurn) -> None:
-        env = {key: value for key, value in os.environ.items() if key != "UA_OPS_TOKEN"}  # never hand the token on
+        env = {key: value for key, value in os.environ.items() if key not in HIDDEN_FROM_AGENTS}  # never hand a secret on
         env["UA_SESSION_ID"] = turn.session_id
         env["UA_TURN_ID"] = turn.turn_id
         process = await asyncio.create_subprocess_shell(
@@ -2604,8 +2665,30 @@ def _raise_fd_limit() -> None:
         pass
 
 
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def _forbid_inspection() -> bool:
+    """Mark this process non-dumpable where Linux's prctl is available; returns whether it took effect.
+
+    Processes of the same user, the agent commands included, can then neither read the gateway's
+    /proc/<pid>/environ (where UA_OPS_TOKEN may be) or /proc/<pid>/mem nor ptrace it, and a crash leaves
+    no core dump holding the token. Agent commands are unaffected: exec makes a process dumpable again.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):  # no ctypes, no libc, no prctl: nothing to do
+        return False
+
+
 async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> int:
     """Run a gateway until SIGTERM or SIGINT; returns the exit status."""
+    _forbid_inspection()
     gateway = Gateway(config, agent=agent)
     try:
         await gateway.start()
@@ -2635,7 +2718,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port. "
         "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
         "(see 'sessions --help').",
-        epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN, UA_ALLOWED_USERS, "
+        epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
+        "the path of a file holding it), UA_ALLOWED_USERS, "
         "UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, UA_AGENT_CMD. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
