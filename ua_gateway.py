@@ -99,6 +99,11 @@ SHUTDOWN_GRACE = 5.0  # SPEC §1: in-flight requests get at most 5 s on SIGTERM
 MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
 MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # a 1 MB log slice fits; a peer that does not read is paused behind it
+MAX_SEND_BACKLOG = 64 * 1024  # asyncio's own high-water mark: answers an HTTP peer has yet to read, beyond
+#   which its next pipelined request waits. Enough to keep a reading peer's socket busy; times the
+#   connection cap, what non-reading peers can pin (the kernel's socket buffers come on top, outside RSS).
+SEND_STALL_TIMEOUT = 30.0  # s without a byte taken from a non-empty send buffer -> abort; half nginx's
+#   send_timeout, since a stalled peer pins a connection slot and its unsent answers meanwhile
 OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
 GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker thread can delay the loop
 AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
@@ -179,6 +184,7 @@ class Config:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        send_stall_timeout: float = SEND_STALL_TIMEOUT,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -196,6 +202,7 @@ class Config:
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.send_stall_timeout = send_stall_timeout
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -231,6 +238,10 @@ class Config:
         values.update({key: value for key, value in overrides.items() if value is not None})
         if not 0 <= values["port"] <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
+        if values.get("max_connections", 1) < 1:
+            raise ConfigError(f"max connections must be at least 1, not {values['max_connections']}")
+        if values.get("send_stall_timeout", 1.0) <= 0:
+            raise ConfigError(f"the send stall timeout must be a positive number of seconds, not {values['send_stall_timeout']}")
         return cls(**values)
 
 
@@ -2620,6 +2631,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ws-echo", action="store_true", default=None, help="enable WS /ws/echo for conformance tests")
     parser.add_argument("--insecure", action="store_true", default=None, help="allow a non-loopback bind without a token")
     parser.add_argument("--keepalive-timeout", type=float, help=f"idle keep-alive timeout in seconds (default {KEEPALIVE_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=int, help=f"open connections at most; more get 503 (default {MAX_CONNECTIONS})")
+    parser.add_argument(
+        "--send-stall-timeout", type=float,
+        help=f"abort a connection whose peer reads none of its answers for this many seconds (default {SEND_STALL_TIMEOUT:g})",
+    )
     return parser
 
 
@@ -2642,6 +2658,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ws_echo=args.ws_echo,
             insecure=args.insecure,
             keepalive_timeout=args.keepalive_timeout,
+            max_connections=args.max_connections,
+            send_stall_timeout=args.send_stall_timeout,
         )
         config.check_exposure()
     except ConfigError as exc:
