@@ -98,12 +98,13 @@ KEEPALIVE_TIMEOUT = 75.0  # SPEC §3 default; the value nginx and most proxies e
 SHUTDOWN_GRACE = 5.0  # SPEC §1: in-flight requests get at most 5 s on SIGTERM
 MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
 MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
-WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # a 1 MB log slice fits; a peer that does not read is paused behind it
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # WebSocket output a peer has yet to read before its input stops being
+# read: a 1 MB event fits; the bridge's own bound (WS_MAX_SEND_BUFFER) then closes a peer that stays behind
 MAX_SEND_BACKLOG = 64 * 1024  # asyncio's own high-water mark: answers an HTTP peer has yet to read, beyond
-#   which its next pipelined request waits. Enough to keep a reading peer's socket busy; times the
-#   connection cap, what non-reading peers can pin (the kernel's socket buffers come on top, outside RSS).
+# which its next pipelined request waits. Enough to keep a reading peer's socket busy; times the
+# connection cap, what non-reading peers can pin (the kernel's socket buffers come on top, outside RSS).
 SEND_STALL_TIMEOUT = 30.0  # s without a byte taken from a non-empty send buffer -> abort; half nginx's
-#   send_timeout, since a stalled peer pins a connection slot and its unsent answers meanwhile
+# send_timeout, since a stalled peer pins a connection slot and its unsent answers meanwhile
 OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
 GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker thread can delay the loop
 AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
@@ -1089,6 +1090,7 @@ class Gateway:
             for connection in list(self.connections):
                 if connection.deadline and now >= connection.deadline:
                     connection.on_deadline()
+                connection.check_send_progress(now)
 
     async def _watch_root(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1385,6 +1387,11 @@ class HttpConnection(asyncio.Protocol):
     Deadlines (checked by the gateway's sweeper): the request head within ``header_timeout`` of its first
     byte (or of the connection), a body within BODY_TIMEOUT, and an idle keep-alive connection closes after
     ``keepalive_timeout``. While a handler runs there is no deadline; pipelined bytes wait, bounded.
+
+    Sending: while more than MAX_SEND_BACKLOG bytes of answers wait for the peer to read them, no further
+    pipelined request is answered (and reading stops once MAX_PIPELINE_BUFFER bytes of them wait). When
+    the peer takes none of a non-empty send buffer for ``send_stall_timeout``, the connection is aborted,
+    closing or not: ``transport.close()`` alone would wait for that peer forever.
     """
 
     def __init__(self, gateway: Gateway) -> None:
@@ -1400,8 +1407,11 @@ class HttpConnection(asyncio.Protocol):
         self.peer_eof = False
         self.continue_sent = False
         self.deadline = 0.0
-        self.phase = "head"  # head | body | idle | busy | linger
+        self.phase = "head"  # head | body | idle | busy | send | linger
         self.bridge: Any = None  # the WebSocket bridge once upgraded
+        self.unsent = 0  # the transport's write buffer when the sweeper last looked
+        self.resumed = False  # resume_writing() since the sweeper last looked: the peer took bytes
+        self.send_progress_at = self.loop.time()  # when the peer last took bytes, or none were waiting
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
 
@@ -1416,7 +1426,7 @@ class HttpConnection(asyncio.Protocol):
             self.closed = True
             return
         self.gateway.connections.add(self)
-        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.transport.set_write_buffer_limits(high=MAX_SEND_BACKLOG)
         self._enter("head")
 
     def data_received(self, data: bytes) -> None:
@@ -1461,6 +1471,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.resumed = True
         if self.bridge is not None:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -1496,6 +1507,10 @@ class HttpConnection(asyncio.Protocol):
             request.client = self.client
             request.started = self.loop.time()
             if request.upgrade and self.gateway.try_upgrade(request, self):
+                if self.bridge is not None:
+                    # The bridge bounds its own backlog (WS_MAX_SEND_BUFFER); the mark only decides
+                    # when a WebSocket peer that does not read stops being read.
+                    self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[union-attr]
                 return
             result = self.gateway.dispatch(request)
             if isinstance(result, Response):
@@ -1504,6 +1519,10 @@ class HttpConnection(asyncio.Protocol):
                 self.busy = True
                 self._enter("busy")
                 self.loop.create_task(self._finish(request, result))
+        if self.write_paused and not self.busy and not self.closed and self.phase != "linger":
+            # The requests have arrived; their answers wait for the peer. A 408 would be a lie queued
+            # behind them: the send-stall deadline (check_send_progress) applies instead.
+            self._enter("send")
 
     def _await_more(self) -> None:
         if self.parser.expects_continue and not self.continue_sent:
@@ -1594,6 +1613,27 @@ class HttpConnection(asyncio.Protocol):
             self._send(error_response(HttpError(408, f"{what} not received within {limit:g} s")), None)
         else:
             self._close()
+
+    def check_send_progress(self, now: float) -> None:
+        """The sweeper's look at the send side: abort after ``send_stall_timeout`` without progress.
+
+        Progress is the write buffer emptying, shrinking or crossing the low-water mark since the last
+        look. A peer that reads, but more slowly than a WebSocket app writes, for the whole timeout
+        counts as stalled too: it falls behind without bound.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        unsent = transport.get_write_buffer_size()
+        progressed = not unsent or unsent < self.unsent or self.resumed
+        self.unsent, self.resumed = unsent, False
+        if progressed:
+            self.send_progress_at = now
+        elif now - self.send_progress_at >= self.gateway.config.send_stall_timeout:
+            log = self.gateway.log
+            if log is not None:
+                log.write("send_stalled", client=self.client, unsent=unsent, phase=self.phase)
+            transport.abort()
 
     @property
     def in_flight(self) -> bool:
