@@ -99,7 +99,13 @@ KEEPALIVE_TIMEOUT = 75.0  # SPEC §3 default; the value nginx and most proxies e
 SHUTDOWN_GRACE = 5.0  # SPEC §1: in-flight requests get at most 5 s on SIGTERM
 MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
 MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
-WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # a 1 MB log slice fits; a peer that does not read is paused behind it
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # WebSocket output a peer has yet to read before its input stops being
+# read: a 1 MB event fits; the bridge's own bound (WS_MAX_SEND_BUFFER) then closes a peer that stays behind
+MAX_SEND_BACKLOG = 64 * 1024  # asyncio's own high-water mark: answers an HTTP peer has yet to read, beyond
+# which its next pipelined request waits. Enough to keep a reading peer's socket busy; times the
+# connection cap, what non-reading peers can pin (the kernel's socket buffers come on top, outside RSS).
+SEND_STALL_TIMEOUT = 30.0  # s without a byte taken from a non-empty send buffer -> abort; half nginx's
+# send_timeout, since a stalled peer pins a connection slot and its unsent answers meanwhile
 OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
 GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker thread can delay the loop
 AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
@@ -223,6 +229,7 @@ class Config:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        send_stall_timeout: float = SEND_STALL_TIMEOUT,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -240,6 +247,7 @@ class Config:
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.send_stall_timeout = send_stall_timeout
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -280,6 +288,10 @@ class Config:
         values.update({key: value for key, value in overrides.items() if value is not None})
         if not 0 <= values["port"] <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
+        if values.get("max_connections", 1) < 1:
+            raise ConfigError(f"max connections must be at least 1, not {values['max_connections']}")
+        if values.get("send_stall_timeout", 1.0) <= 0:
+            raise ConfigError(f"the send stall timeout must be a positive number of seconds, not {values['send_stall_timeout']}")
         return cls(**values)
 
 
@@ -1141,6 +1153,7 @@ class Gateway:
             for connection in list(self.connections):
                 if connection.deadline and now >= connection.deadline:
                     connection.on_deadline()
+                connection.check_send_progress(now)
 
     async def _watch_root(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1448,6 +1461,11 @@ class HttpConnection(asyncio.Protocol):
     Deadlines (checked by the gateway's sweeper): the request head within ``header_timeout`` of its first
     byte (or of the connection), a body within BODY_TIMEOUT, and an idle keep-alive connection closes after
     ``keepalive_timeout``. While a handler runs there is no deadline; pipelined bytes wait, bounded.
+
+    Sending: while more than MAX_SEND_BACKLOG bytes of answers wait for the peer to read them, no further
+    pipelined request is answered (and reading stops once MAX_PIPELINE_BUFFER bytes of them wait). When
+    the peer takes none of a non-empty send buffer for ``send_stall_timeout``, the connection is aborted,
+    closing or not: ``transport.close()`` alone would wait for that peer forever.
     """
 
     def __init__(self, gateway: Gateway) -> None:
@@ -1463,8 +1481,11 @@ class HttpConnection(asyncio.Protocol):
         self.peer_eof = False
         self.continue_sent = False
         self.deadline = 0.0
-        self.phase = "head"  # head | body | idle | busy | linger
+        self.phase = "head"  # head | body | idle | busy | send | linger
         self.bridge: Any = None  # the WebSocket bridge once upgraded
+        self.unsent = 0  # the transport's write buffer when the sweeper last looked
+        self.resumed = False  # resume_writing() since the sweeper last looked: the peer took bytes
+        self.send_progress_at = self.loop.time()  # when the peer last took bytes, or none were waiting
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
 
@@ -1479,7 +1500,7 @@ class HttpConnection(asyncio.Protocol):
             self.closed = True
             return
         self.gateway.connections.add(self)
-        self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        self.transport.set_write_buffer_limits(high=MAX_SEND_BACKLOG)
         self._enter("head")
 
     def data_received(self, data: bytes) -> None:
@@ -1524,6 +1545,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        self.resumed = True
         if self.bridge is not None:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -1559,6 +1581,10 @@ class HttpConnection(asyncio.Protocol):
             request.client = self.client
             request.started = self.loop.time()
             if request.upgrade and self.gateway.try_upgrade(request, self):
+                if self.bridge is not None:
+                    # The bridge bounds its own backlog (WS_MAX_SEND_BUFFER); the mark only decides
+                    # when a WebSocket peer that does not read stops being read.
+                    self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[union-attr]
                 return
             result = self.gateway.dispatch(request)
             if isinstance(result, Response):
@@ -1567,6 +1593,10 @@ class HttpConnection(asyncio.Protocol):
                 self.busy = True
                 self._enter("busy")
                 self.loop.create_task(self._finish(request, result))
+        if self.write_paused and not self.busy and not self.closed and self.phase != "linger":
+            # The requests have arrived; their answers wait for the peer. A 408 would be a lie queued
+            # behind them: the send-stall deadline (check_send_progress) applies instead.
+            self._enter("send")
 
     def _await_more(self) -> None:
         if self.parser.expects_continue and not self.continue_sent:
@@ -1657,6 +1687,27 @@ class HttpConnection(asyncio.Protocol):
             self._send(error_response(HttpError(408, f"{what} not received within {limit:g} s")), None)
         else:
             self._close()
+
+    def check_send_progress(self, now: float) -> None:
+        """The sweeper's look at the send side: abort after ``send_stall_timeout`` without progress.
+
+        Progress is the write buffer emptying, shrinking or crossing the low-water mark since the last
+        look. A peer that reads, but more slowly than a WebSocket app writes, for the whole timeout
+        counts as stalled too: it falls behind without bound.
+        """
+        transport = self.transport
+        if transport is None:
+            return
+        unsent = transport.get_write_buffer_size()
+        progressed = not unsent or unsent < self.unsent or self.resumed
+        self.unsent, self.resumed = unsent, False
+        if progressed:
+            self.send_progress_at = now
+        elif now - self.send_progress_at >= self.gateway.config.send_stall_timeout:
+            log = self.gateway.log
+            if log is not None:
+                log.write("send_stalled", client=self.client, unsent=unsent, phase=self.phase)
+            transport.abort()
 
     @property
     def in_flight(self) -> bool:
@@ -2730,6 +2781,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ws-echo", action="store_true", default=None, help="enable WS /ws/echo for conformance tests")
     parser.add_argument("--insecure", action="store_true", default=None, help="allow a non-loopback bind without a token")
     parser.add_argument("--keepalive-timeout", type=float, help=f"idle keep-alive timeout in seconds (default {KEEPALIVE_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=int, help=f"open connections at most; more get 503 (default {MAX_CONNECTIONS})")
+    parser.add_argument(
+        "--send-stall-timeout", type=float,
+        help=f"abort a connection whose peer reads none of its answers for this many seconds (default {SEND_STALL_TIMEOUT:g})",
+    )
     return parser
 
 
@@ -2752,6 +2808,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ws_echo=args.ws_echo,
             insecure=args.insecure,
             keepalive_timeout=args.keepalive_timeout,
+            max_connections=args.max_connections,
+            send_stall_timeout=args.send_stall_timeout,
         )
         config.check_exposure()
     except ConfigError as exc:
