@@ -11,6 +11,10 @@ Rules this module keeps
   before it becomes a path, and files inside a session are opened relative to a
   descriptor of the session directory with ``O_NOFOLLOW``, so a symlink an agent plants
   in its workspace (``run.log -> /etc/passwd``, ``archive -> /``) is never followed.
+  Directories are listed and walked the same way, through descriptors opened level by
+  level, never by a path name that could be swapped for a symlink after a kind check.
+  A live log with a second hard link (a name that may be outside) is neither read nor
+  appended to: ``append_log`` moves it into the archive and starts a fresh file.
 * Reset and compact lose nothing. Bytes move by ``rename`` or hard link, never by
   copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
   so a reader sees the old file or the new one, never an empty or half-written one.
@@ -21,8 +25,9 @@ Rules this module keeps
 Theory of operation
 -------------------
 A session is a real directory ``<root>/<session_id>/`` (not a symlink). Listing does one
-``scandir`` of the root and one per session, stats only the live logs and the heartbeat
-to sort by last activity, and reads heartbeats only for the page it returns.
+``scandir`` of the root and, through a descriptor of each session, one per session that
+changed; it stats only the live logs and the heartbeat to sort by last activity, and
+reads heartbeats only for the page it returns.
 
 A log slice opens the file once, ``fstat``s that descriptor and reads it with
 ``os.pread`` only. Tail mode scans backwards from the end; follow mode reads forwards

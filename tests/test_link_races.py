@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, Tuple
@@ -203,6 +204,32 @@ def test_read_serves_a_log_whose_second_link_is_its_own_archived_copy(svc, root)
     (session / "run.log").write_bytes(b"kept\n")
     os.link(session / "run.log", session / "archive" / STAMP / "run.log")
     assert svc.read_log(SESSION, "run.log")["lines"] == ["kept"]
+
+
+def test_readers_never_see_an_empty_log_while_compaction_links_it_into_the_archive(svc, root):
+    # The guard of the exception above: refusing every second link would serve the live log as missing
+    # between compaction's link and its rename (seen: 16 empty slices in 2 s).
+    (root / SESSION).mkdir()
+    svc.append_log(SESSION, "run.log", b"".join(b"line %d\n" % i for i in range(20_000)))
+    stop = threading.Event()
+    empty = []
+
+    def read_until_stopped() -> None:
+        while not stop.is_set() and not empty:
+            if not svc.read_log(SESSION, "run.log", limit=5)["lines"]:
+                empty.append(True)
+
+    reader = threading.Thread(target=read_until_stopped)
+    reader.start()
+    deadline = time.monotonic() + RACE_SECONDS
+    try:
+        while time.monotonic() < deadline and not empty:
+            svc.append_log(SESSION, "run.log", b"".join(b"more %d\n" % i for i in range(3_000)))
+            svc.compact_session(SESSION, max_lines=2_000)
+    finally:
+        stop.set()
+        reader.join(5)
+    assert not empty, "a reader saw the live log as missing while it was being compacted"
 
 
 def test_compact_never_copies_a_hard_linked_outside_file_into_the_session(svc, root, outside):
