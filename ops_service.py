@@ -11,6 +11,10 @@ Rules this module keeps
   before it becomes a path, and files inside a session are opened relative to a
   descriptor of the session directory with ``O_NOFOLLOW``, so a symlink an agent plants
   in its workspace (``run.log -> /etc/passwd``, ``archive -> /``) is never followed.
+  Directories are listed and walked the same way, through descriptors opened level by
+  level, never by a path name that could be swapped for a symlink after a kind check.
+  A live log with a second hard link (a name that may be outside) is neither read nor
+  appended to: ``append_log`` moves it into the archive and starts a fresh file.
 * Reset and compact lose nothing. Bytes move by ``rename`` or hard link, never by
   copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
   so a reader sees the old file or the new one, never an empty or half-written one.
@@ -21,8 +25,9 @@ Rules this module keeps
 Theory of operation
 -------------------
 A session is a real directory ``<root>/<session_id>/`` (not a symlink). Listing does one
-``scandir`` of the root and one per session, stats only the live logs and the heartbeat
-to sort by last activity, and reads heartbeats only for the page it returns.
+``scandir`` of the root and, through a descriptor of each session, one per session that
+changed; it stats only the live logs and the heartbeat to sort by last activity, and
+reads heartbeats only for the page it returns.
 
 A log slice opens the file once, ``fstat``s that descriptor and reads it with
 ``os.pread`` only. Tail mode scans backwards from the end; follow mode reads forwards
@@ -88,6 +93,7 @@ __all__ = [
     "COMPACT_DEFAULT_MAX_LINES",
     "COMPACT_DEFAULT_MAX_BYTES",
     "MAX_HEARTBEAT_BYTES",
+    "MAX_TREE_DEPTH",
     "STATUSES",
     "is_valid_session_id",
     "new_session_id",
@@ -143,6 +149,11 @@ COMPACT_DEFAULT_MAX_BYTES = 250_000
 # parsed (it reads as null) and write_heartbeat refuses to write one.
 MAX_HEARTBEAT_BYTES = 1 << 20
 
+# Directory levels one walk of memory/ holds open at once (one descriptor each): agent memory
+# is a few levels deep, and 8 disk workers x 32 stays far below a 1024-descriptor limit, so a
+# tree nested thousands deep cannot exhaust descriptors. Deeper levels are not counted.
+MAX_TREE_DEPTH = 32
+
 STATUSES = ("all", "active", "idle", "archived")
 
 # Bytes hashed at the head of a log and just before a cursor: enough to tell a rotated
@@ -162,6 +173,9 @@ _FILE_CHANGED_RETRIES = 3
 # Suffixes tried after a stamp collision ("-1", "-2", ...): two resets in the same
 # microsecond need one; this bound only stops a broken file system from looping forever.
 _MAX_STAMP_SUFFIX = 10_000
+# Times append_log moves a hard-linked live log aside and creates it afresh before giving up:
+# more than one only when something re-plants the link between the move and the create.
+_RELINK_RETRIES = 3
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -178,6 +192,9 @@ _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC
 # open() of a name that is absent, a symlink (O_NOFOLLOW gives ELOOP) or a FIFO without a
 # peer: for a reader, the file is not there.
 _MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO})
+# open(O_DIRECTORY | O_NOFOLLOW) of a name that is absent, a symlink (ELOOP, or ENOTDIR on
+# some systems) or not a directory: there is no directory to descend into.
+_NOT_A_DIR_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 # os.link fails with these where hard links are not possible; compaction then copies.
 _NO_LINK_ERRNOS = frozenset(
@@ -449,8 +466,11 @@ def _read_exact(fd: int, size: int, offset: int) -> bytes:
     return data
 
 
-def _open_regular(opener: Callable[[], int]) -> Optional[Tuple[int, os.stat_result]]:
-    """Open with ``opener``; None if the name is absent, a symlink or not a regular file."""
+def _open_regular(
+    opener: Callable[[], int], accept: Optional[Callable[[os.stat_result], bool]] = None
+) -> Optional[Tuple[int, os.stat_result]]:
+    """Open with ``opener``; None if the name is absent, a symlink, not a regular file, or
+    ``accept`` (given the descriptor's fstat) says the file is not one to read."""
     try:
         fd = opener()
     except OSError as exc:
@@ -459,13 +479,13 @@ def _open_regular(opener: Callable[[], int]) -> Optional[Tuple[int, os.stat_resu
         raise
     try:
         st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and (accept is None or accept(st)):
+            return fd, st
     except BaseException:
         os.close(fd)
         raise
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        return None
-    return fd, st
+    os.close(fd)
+    return None
 
 
 def _cursor_at(fd: int, st: os.stat_result, offset: int) -> str:
@@ -680,9 +700,11 @@ def _read_slice(
     limit: int,
     max_bytes: int,
     display_name: str,
+    accept: Optional[Callable[[os.stat_result], bool]] = None,
 ) -> Dict[str, Any]:
-    """The slice of the file ``opener`` opens. OSError (other than "missing") propagates."""
-    opened = _open_regular(opener)
+    """The slice of the file ``opener`` opens; a file ``accept`` refuses reads as missing.
+    OSError (other than "missing") propagates."""
+    opened = _open_regular(opener, accept)
     if opened is None:
         return _missing_slice(display_name, cursor)
     fd, st = opened
@@ -808,10 +830,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _read_json_object(opener: Callable[[], int]) -> Optional[Dict[str, Any]]:
-    """The JSON object in a small regular file, or None (missing, link, huge, broken)."""
+def _read_json_object(
+    opener: Callable[[], int], accept: Optional[Callable[[os.stat_result], bool]] = None
+) -> Optional[Dict[str, Any]]:
+    """The JSON object in a small regular file, or None (missing, link, huge, broken, or
+    refused by ``accept`` as in ``_open_regular``)."""
     try:
-        opened = _open_regular(opener)
+        opened = _open_regular(opener, accept)
     except OSError:
         return None
     if opened is None:
@@ -846,35 +871,154 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _tree_usage(path: str) -> Tuple[int, int]:
-    """(regular files, bytes) under ``path``, recursively, never following symlinks."""
+def _has_one_link(st: os.stat_result) -> bool:
+    """True if the file has no other name: a second hard link may be a name outside the
+    session (an agent's ``ln /etc/shadow run.log``), whose content is not the session's."""
+    return st.st_nlink == 1
+
+
+def _is_own_log(dir_fd: int, name: str, st: os.stat_result) -> bool:
+    """True if the live log ``name`` (fstat ``st``) of the session open as ``dir_fd`` is the
+    session's own: one link, or two where the other is ``archive/<stamp>/<name>``, which
+    compaction makes for a moment before swapping in the new file (or leaves behind when it
+    is killed there). Both names are then inside the session, so no outside name exists.
+
+    Looks at the archive only for a file with two links, newest stamp first.
+    """
+    if st.st_nlink == 1:
+        return True
+    if st.st_nlink != 2:
+        return False
+    try:
+        with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+            if archive_fd is None:
+                return False
+            for stamp in sorted(os.listdir(archive_fd), key=_stamp_sort_key, reverse=True):
+                with _dir_at(stamp, archive_fd) as stamp_fd:
+                    if stamp_fd is not None and _same_file_at(name, stamp_fd, st):
+                        return True
+    except OSError:
+        return False
+    return False
+
+
+def _same_file(one: os.stat_result, other: os.stat_result) -> bool:
+    return (one.st_dev, one.st_ino) == (other.st_dev, other.st_ino)
+
+
+def _same_file_at(name: str, dir_fd: int, st: os.stat_result) -> bool:
+    try:
+        return _same_file(os.stat(name, dir_fd=dir_fd, follow_symlinks=False), st)
+    except OSError:
+        return False
+
+
+def _open_dir_at(name: str, dir_fd: int) -> Optional[int]:
+    """A descriptor of the directory ``name`` inside ``dir_fd``; None if it is absent, a symlink
+    (never followed: O_NOFOLLOW) or not a directory. Other OSErrors propagate."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in _NOT_A_DIR_ERRNOS:
+            return None
+        raise
+
+
+@contextmanager
+def _dir_at(name: str, dir_fd: int) -> Iterator[Optional[int]]:
+    """``_open_dir_at`` as a context: the descriptor (or None) is closed on leaving."""
+    fd = _open_dir_at(name, dir_fd)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _list_dir_at(name: str, dir_fd: int) -> List[str]:
+    """The entry names of the directory ``name`` inside ``dir_fd``; [] if it is not a real
+    directory or cannot be read. Listed through its own descriptor, so swapping it for a
+    symlink after a kind check cannot make this list the link's target."""
+    try:
+        with _dir_at(name, dir_fd) as fd:
+            return [] if fd is None else os.listdir(fd)
+    except OSError:
+        return []
+
+
+def _has_entry_at(name: str, dir_fd: int) -> bool:
+    """True if the directory ``name`` inside ``dir_fd`` is a real directory with an entry."""
+    try:
+        with _dir_at(name, dir_fd) as fd:
+            if fd is None:
+                return False
+            with os.scandir(fd) as iterator:
+                return next(iterator, None) is not None
+    except OSError:
+        return False
+
+
+def _tree_usage_at(name: str, dir_fd: int) -> Tuple[int, int]:
+    """(regular files, bytes) under the directory ``name`` inside ``dir_fd``, recursively.
+
+    Each level is opened relative to its parent's descriptor with O_NOFOLLOW, so neither a
+    symlink nor a directory swapped for one mid-walk is ever followed. At most
+    MAX_TREE_DEPTH levels are held open; deeper directories are not counted.
+    """
+    try:
+        top = _open_dir_at(name, dir_fd)
+    except OSError:
+        return 0, 0
+    if top is None:
+        return 0, 0
     files = 0
     total = 0
-    pending = [path]
-    while pending:
-        try:
-            iterator = os.scandir(pending.pop())
-        except OSError:
-            continue
-        with iterator:
+    # Depth-first; each frame is (descriptor, subdirectory names still to visit), so the
+    # descriptors open at once are the current path from the top, never a whole level.
+    stack: List[Tuple[int, List[str]]] = []
+    try:
+        fd: Optional[int] = top
+        while fd is not None or stack:
+            if fd is not None:
+                counted, subdirs = _scan_level(fd)
+                files += counted[0]
+                total += counted[1]
+                stack.append((fd, subdirs if len(stack) + 1 < MAX_TREE_DEPTH else []))
+                fd = None
+            parent, pending = stack[-1]
+            if not pending:
+                os.close(stack.pop()[0])
+                continue
+            try:
+                fd = _open_dir_at(pending.pop(), parent)
+            except OSError:
+                fd = None
+    finally:
+        for open_fd, _ in stack:
+            os.close(open_fd)
+    return files, total
+
+
+def _scan_level(dir_fd: int) -> Tuple[Tuple[int, int], List[str]]:
+    """((regular files, bytes), subdirectory names) of one directory open as ``dir_fd``."""
+    files = 0
+    total = 0
+    subdirs: List[str] = []
+    try:
+        # scandir(fd) stats each entry relative to dir_fd (fstatat), never by a path.
+        with os.scandir(dir_fd) as iterator:
             for entry in iterator:
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        pending.append(entry.path)
+                        subdirs.append(entry.name)
                     elif entry.is_file(follow_symlinks=False):
                         total += entry.stat(follow_symlinks=False).st_size
                         files += 1
                 except OSError:
                     continue
-    return files, total
-
-
-def _dir_has_entry(path: str) -> bool:
-    try:
-        with os.scandir(path) as iterator:
-            return next(iterator, None) is not None
     except OSError:
-        return False
+        pass
+    return (files, total), subdirs
 
 
 # --------------------------------------------------------------------------------------
@@ -956,25 +1100,18 @@ def _entry_kinds(entries: Iterator[os.DirEntry]) -> Dict[str, str]:
 
 class _SessionScan:
     """What a session directory holds, for summaries and sorting: the kinds of the entries a
-    summary looks at, and the newest mtime of its activity files."""
+    summary looks at, and the newest mtime of its activity files. Nothing here touches the
+    disk: the facts were gathered through a descriptor of the session directory."""
 
-    __slots__ = ("session_id", "path", "dir_mtime_ns", "entries", "activity_ns")
+    __slots__ = ("session_id", "dir_mtime_ns", "entries", "activity_ns", "archived")
 
-    def __init__(self, session_id: str, path: str, dir_mtime_ns: int, entries: Dict[str, str]) -> None:
+    def __init__(self, session_id: str, dir_mtime_ns: int, entries: Dict[str, str], activity_ns: int) -> None:
         self.session_id = session_id
-        self.path = path
         self.dir_mtime_ns = dir_mtime_ns
         self.entries = entries
-        newest: Optional[int] = None
-        for name in _ACTIVITY_FILES:
-            if entries.get(name) != "file":
-                continue
-            try:
-                mtime = os.stat(path + os.sep + name, follow_symlinks=False).st_mtime_ns
-            except OSError:
-                continue
-            newest = mtime if newest is None else max(newest, mtime)
-        self.activity_ns = dir_mtime_ns if newest is None else newest
+        self.activity_ns = activity_ns
+        # Whether archive/ has an entry; looked up only when the status needs it (None: not yet).
+        self.archived: Optional[bool] = None
 
     def is_file(self, name: str) -> bool:
         return self.entries.get(name) == "file"
@@ -985,6 +1122,27 @@ class _SessionScan:
     @property
     def has_live_log(self) -> bool:
         return any(self.is_file(name) for name in LOG_FILES)
+
+
+def _activity_ns(dir_fd: int, entries: Dict[str, str], default: int) -> int:
+    """The newest mtime of the activity files in the session open as ``dir_fd``, else ``default``."""
+    newest: Optional[int] = None
+    for name in _ACTIVITY_FILES:
+        if entries.get(name) != "file":
+            continue
+        try:
+            mtime = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime_ns
+        except OSError:
+            continue
+        newest = mtime if newest is None else max(newest, mtime)
+    return default if newest is None else newest
+
+
+def _heartbeat_at(dir_fd: int) -> Optional[Dict[str, Any]]:
+    """The parsed heartbeat of the session open as ``dir_fd`` (None: missing, a link, broken)."""
+    return _read_json_object(
+        lambda: os.open(HEARTBEAT_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link
+    )
 
 
 def _require_runtime(runtime: object) -> None:
@@ -1022,6 +1180,9 @@ class OpsService:
         # session id -> ((st_ino, st_mtime_ns) of its directory, entry kinds): see _scan_session_dir
         self._kinds_cache: Dict[str, Tuple[Tuple[int, int], Dict[str, str]]] = {}
         self._locks_guard = threading.Lock()
+        # Live logs found hard-linked and moved aside by append_log (see there); a gauge for
+        # the server's metrics and logs.
+        self.linked_logs_moved = 0
 
     # -- root ---------------------------------------------------------------------------
 
@@ -1174,7 +1335,7 @@ class OpsService:
         offset = _non_negative_int("offset", offset, 0)
         _require_runtime(runtime)
         with self._os_errors("listing sessions", None):
-            scans = list(self._scan_sessions())
+            scans = self._scan_sessions()
             if status != "all":
                 scans = [scan for scan in scans if self._status(scan, runtime) == status]
             scans.sort(key=lambda scan: (-scan.activity_ns, scan.session_id))
@@ -1185,46 +1346,44 @@ class OpsService:
     def session_details(self, session_id: str, runtime: Optional[Runtime] = None) -> Dict[str, Any]:
         """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (SPEC §5).
 
+        Everything is read through descriptors opened from the session directory's own with
+        O_NOFOLLOW, at every depth: a symlink where a directory is expected (``archive``,
+        ``memory`` or below), or swapped in while this runs, is never followed.
         Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable.
         """
         _require_runtime(runtime)
+        _require_session_id(session_id)
         with self._os_errors("reading session {}".format(session_id), session_id):
-            path = self.session_dir(session_id)
+            with self._session_fd(session_id) as dir_fd:
+                return self._details_at(session_id, dir_fd, runtime)
+
+    def _details_at(self, session_id: str, dir_fd: int, runtime: Optional[Runtime]) -> Dict[str, Any]:
+        dir_mtime_ns = os.fstat(dir_fd).st_mtime_ns
+        # Each entry is stat'ed relative to dir_fd (scandir of a descriptor uses fstatat).
+        with os.scandir(dir_fd) as iterator:
+            all_entries = {entry.name: entry for entry in iterator}
+        kinds = _entry_kinds(iter(all_entries.values()))
+        scan = _SessionScan(session_id, dir_mtime_ns, kinds, _activity_ns(dir_fd, kinds, dir_mtime_ns))
+        summary = self._summary(scan, runtime, dir_fd)
+        summary["heartbeat"] = _heartbeat_at(dir_fd) if scan.is_file(HEARTBEAT_FILE_NAME) else None
+        memory_files, memory_bytes = 0, 0
+        if scan.is_dir(MEMORY_DIR_NAME):
+            memory_files, memory_bytes = _tree_usage_at(MEMORY_DIR_NAME, dir_fd)
+        if scan.is_file(MEMORY_FILE_NAME):
             try:
-                dir_mtime_ns = os.lstat(path).st_mtime_ns
-                with os.scandir(path) as iterator:
-                    all_entries = {entry.name: entry for entry in iterator}
-            except (FileNotFoundError, NotADirectoryError):
-                raise SessionNotFound(self._not_found(session_id)) from None
-            scan = _SessionScan(
-                session_id,
-                str(path),
-                dir_mtime_ns,
-                _entry_kinds(iter(all_entries.values())),
-            )
-            summary = self._summary(scan, runtime)
-            summary["heartbeat"] = self._heartbeat(scan)
-            memory_files, memory_bytes = 0, 0
-            if scan.is_dir(MEMORY_DIR_NAME):
-                memory_files, memory_bytes = _tree_usage(os.path.join(scan.path, MEMORY_DIR_NAME))
-            if scan.is_file(MEMORY_FILE_NAME):
-                try:
-                    memory_bytes += all_entries[MEMORY_FILE_NAME].stat(follow_symlinks=False).st_size
-                except OSError:
-                    pass
-            files = []
-            for name in sorted(all_entries):
-                try:
-                    st = all_entries[name].stat(follow_symlinks=False)
-                except OSError:
-                    continue  # removed since the scan
-                files.append({"name": name, "size": st.st_size, "modified": _iso(st.st_mtime_ns)})
-            archives: List[str] = []
-            if scan.is_dir(ARCHIVE_DIR_NAME):
-                try:
-                    archives = sorted(os.listdir(os.path.join(scan.path, ARCHIVE_DIR_NAME)), key=_stamp_sort_key)
-                except OSError:
-                    archives = []
+                memory_bytes += all_entries[MEMORY_FILE_NAME].stat(follow_symlinks=False).st_size
+            except OSError:
+                pass
+        files = []
+        for name in sorted(all_entries):
+            try:
+                st = all_entries[name].stat(follow_symlinks=False)
+            except OSError:
+                continue  # removed since the scan
+            files.append({"name": name, "size": st.st_size, "modified": _iso(st.st_mtime_ns)})
+        archives: List[str] = []
+        if scan.is_dir(ARCHIVE_DIR_NAME):
+            archives = sorted(_list_dir_at(ARCHIVE_DIR_NAME, dir_fd), key=_stamp_sort_key)
         return {
             "session": summary,
             "memory": {
@@ -1259,7 +1418,12 @@ class OpsService:
         with self._os_errors("reading {} of session {}".format(file_name, session_id), session_id):
             with self._session_fd(session_id) as dir_fd:
                 return _read_slice(
-                    lambda: os.open(file_name, _READ_FLAGS, dir_fd=dir_fd), parsed, limit, max_bytes, file_name
+                    lambda: os.open(file_name, _READ_FLAGS, dir_fd=dir_fd),
+                    parsed,
+                    limit,
+                    max_bytes,
+                    file_name,
+                    accept=lambda st: _is_own_log(dir_fd, file_name, st),
                 )
 
     def read_gateway_log(
@@ -1293,12 +1457,17 @@ class OpsService:
             finally:
                 os.close(dir_fd)
 
-    def append_log(self, session_id: str, file_name: str, data: bytes) -> None:
+    def append_log(self, session_id: str, file_name: str, data: bytes) -> Optional[str]:
         """Append ``data`` to one of LOG_FILES of a session, creating the file if needed.
 
         The only way the server writes logs: it holds the session lock, so appends never
         interleave with a reset or a compaction, and it opens the file per call, so the
         append after a reset or compaction lands in the new live file.
+
+        A live log with a second hard link (``ln /outside/file run.log``: the other name may be
+        outside the session) is never appended to: it is moved into a new ``archive/<stamp>/``,
+        ``data`` goes to a fresh file, ``linked_logs_moved`` counts it, and the return value says
+        where it went (``"archive/<stamp>/run.log"``) for the caller to log. Otherwise None.
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable
         (e.g. the name is a symlink, which is never written through), StorageFull.
         """
@@ -1307,15 +1476,16 @@ class OpsService:
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidArgument("data must be bytes, got {}".format(type(data).__name__))
         if not data:
-            return
+            return None
         doing = "appending to {} of session {}".format(file_name, session_id)
         with self.session_lock(session_id), self._os_errors(doing, session_id, "the data was not fully written"):
             with self._session_fd(session_id) as dir_fd:
-                fd = self._open_for_append(session_id, file_name, dir_fd)
+                fd, moved = self._open_for_append(session_id, file_name, dir_fd)
                 try:
                     _write_all(fd, bytes(data))
                 finally:
                     os.close(fd)
+        return moved
 
     def write_heartbeat(self, session_id: str, state: Mapping[str, Any]) -> None:
         """Replace ``heartbeat_state.json`` atomically (temp file in the same directory, then
@@ -1424,7 +1594,12 @@ class OpsService:
             with self._session_fd(session_id) as dir_fd:
                 try:
                     for name in LOG_FILES:
-                        opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=dir_fd))
+                        # A log with an outside name is left alone: its tail must not become
+                        # the session's (the next append_log moves it aside).
+                        opened = _open_regular(
+                            lambda: os.open(name, _READ_FLAGS, dir_fd=dir_fd),
+                            lambda st: _is_own_log(dir_fd, name, st),
+                        )
                         if opened is None:
                             continue
                         fd, st = opened
@@ -1552,13 +1727,42 @@ class OpsService:
                 continue  # 32 random bits collided within one second: draw again
             return session_id
 
-    def _open_for_append(self, session_id: str, file_name: str, dir_fd: int) -> int:
+    def _open_for_append(self, session_id: str, file_name: str, dir_fd: int) -> Tuple[int, Optional[str]]:
+        """A descriptor to append to: a regular file whose only name is ``file_name``. Returns
+        it and, when a hard-linked file had to be moved aside first, where that went."""
+        moved: Optional[str] = None
+        exclusive = False
+        for _ in range(_RELINK_RETRIES):
+            # After a move the name is created anew with O_EXCL, so a link planted meanwhile
+            # fails the create instead of being opened.
+            flags = _APPEND_FLAGS | (os.O_EXCL if exclusive else 0)
+            try:
+                fd = self._open_regular_for_append(session_id, file_name, dir_fd, flags)
+            except FileExistsError:
+                exclusive = False  # something took the name since the move: look at it again
+                continue
+            try:
+                if _has_one_link(os.fstat(fd)):
+                    return fd, moved
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+            moved = self._move_linked_log(session_id, file_name, dir_fd)
+            exclusive = True
+        raise WorkspacesUnavailable(
+            "{} of session {} is hard-linked again each time it is moved aside; the gateway "
+            "never writes to a file with another name (it may be outside the session): find "
+            "what plants the link".format(file_name, session_id)
+        )
+
+    def _open_regular_for_append(self, session_id: str, file_name: str, dir_fd: int, flags: int) -> int:
         refused = WorkspacesUnavailable(
             "{} of session {} is not a regular file (a symlink, directory or device); the "
             "gateway never writes through it: remove or rename it".format(file_name, session_id)
         )
         try:
-            fd = os.open(file_name, _APPEND_FLAGS, 0o644, dir_fd=dir_fd)
+            fd = os.open(file_name, flags, 0o644, dir_fd=dir_fd)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 raise refused from None
@@ -1571,6 +1775,20 @@ class OpsService:
             raise
         return fd
 
+    def _move_linked_log(self, session_id: str, file_name: str, dir_fd: int) -> str:
+        """Move a hard-linked live log into a new archive (a rename: its bytes, and the other
+        name, are left as they are); returns where it went, relative to the session."""
+        stamp, stamp_fd = self._new_archive(session_id, dir_fd)
+        try:
+            os.rename(file_name, file_name, src_dir_fd=dir_fd, dst_dir_fd=stamp_fd)
+        except FileNotFoundError:
+            pass  # removed since we opened it: nothing left to move
+        finally:
+            os.close(stamp_fd)
+        with self._locks_guard:
+            self.linked_logs_moved += 1
+        return "{}/{}/{}".format(ARCHIVE_DIR_NAME, stamp, file_name)
+
     @staticmethod
     def _unlink_quietly(name: str, dir_fd: int) -> None:
         try:
@@ -1580,73 +1798,130 @@ class OpsService:
 
     # -- internals: listing ------------------------------------------------------------
 
-    def _scan_sessions(self) -> Iterator[_SessionScan]:
+    def _scan_sessions(self) -> List[_SessionScan]:
         self.check_root()
         try:
-            iterator = os.scandir(self.root)
+            # The root itself may be an operator's symlink: followed, like everywhere else.
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
         except OSError:
             self.check_root()
             raise
-        with iterator:
-            for entry in iterator:
-                name = entry.name
-                if not is_valid_session_id(name):
-                    continue
-                try:
-                    if not entry.is_dir(follow_symlinks=False):
+        scans = []
+        try:
+            with os.scandir(root_fd) as iterator:
+                for entry in iterator:
+                    name = entry.name
+                    if not is_valid_session_id(name):
                         continue
-                    dir_stat = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue  # removed mid-scan: not a session any more
-                scan = self._scan_session_dir(name, entry.path, dir_stat)
-                if scan is not None:
-                    yield scan
+                    try:
+                        if not entry.is_dir(follow_symlinks=False):
+                            continue
+                    except OSError:
+                        continue  # removed mid-scan: not a session any more
+                    scan = self._scan_session_dir(name, root_fd)
+                    if scan is not None:
+                        scans.append(scan)
+        finally:
+            os.close(root_fd)
+        return scans
 
-    def _scan_session_dir(self, session_id: str, path: str, dir_stat: os.stat_result) -> Optional[_SessionScan]:
+    def _scan_session_dir(self, session_id: str, root_fd: int) -> Optional[_SessionScan]:
+        """The scan of one session, read through a descriptor of its directory (O_NOFOLLOW),
+        so a session swapped for a symlink after the root's scan is skipped, never followed."""
+        try:
+            dir_fd = _open_dir_at(session_id, root_fd)
+        except OSError:
+            return self._scan_unreadable(session_id, root_fd)
+        if dir_fd is None:
+            return None  # removed, or replaced by a symlink, since the root's scan
+        try:
+            dir_stat = os.fstat(dir_fd)
+            if dir_stat.st_nlink == 0:
+                return None  # removed since it was opened: not a session any more
+            kinds = self._cached_kinds(session_id, dir_fd, dir_stat)
+            return _SessionScan(
+                session_id, dir_stat.st_mtime_ns, kinds, _activity_ns(dir_fd, kinds, dir_stat.st_mtime_ns)
+            )
+        finally:
+            os.close(dir_fd)
+
+    @staticmethod
+    def _scan_unreadable(session_id: str, root_fd: int) -> Optional[_SessionScan]:
+        # A directory the gateway may not open is listed with what the root's entry tells.
+        try:
+            dir_stat = os.stat(session_id, dir_fd=root_fd, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(dir_stat.st_mode):
+            return None
+        return _SessionScan(session_id, dir_stat.st_mtime_ns, {}, dir_stat.st_mtime_ns)
+
+    def _cached_kinds(self, session_id: str, dir_fd: int, dir_stat: os.stat_result) -> Dict[str, str]:
         # Which entries a directory holds changes only with its mtime, so a listing re-reads only
         # the directories that changed. One changed within the last second is read every time: a
         # second change within the mtime's granularity would not move it (git's "racy" rule).
         key = (dir_stat.st_ino, dir_stat.st_mtime_ns)
         cached = self._kinds_cache.get(session_id)
         if cached is not None and cached[0] == key:
-            kinds = cached[1]
-        else:
-            try:
-                with os.scandir(path) as iterator:
-                    kinds = _entry_kinds(iterator)
-            except (FileNotFoundError, NotADirectoryError):
-                return None
-            except OSError:
-                kinds = {}  # unreadable: listed with what the root entry tells
-            if time.time_ns() - dir_stat.st_mtime_ns > _RACY_NS:
-                if len(self._kinds_cache) >= _KINDS_CACHE_MAX:
-                    self._kinds_cache.clear()
-                self._kinds_cache[session_id] = (key, kinds)
-        return _SessionScan(session_id, path, dir_stat.st_mtime_ns, kinds)
+            return cached[1]
+        try:
+            with os.scandir(dir_fd) as iterator:
+                kinds = _entry_kinds(iterator)
+        except OSError:
+            return {}  # unreadable: listed with what the directory's own stat tells
+        if time.time_ns() - dir_stat.st_mtime_ns > _RACY_NS:
+            if len(self._kinds_cache) >= _KINDS_CACHE_MAX:
+                self._kinds_cache.clear()
+            self._kinds_cache[session_id] = (key, kinds)
+        return kinds
 
-    @staticmethod
-    def _status(scan: _SessionScan, runtime: Optional[Runtime]) -> str:
+    @contextmanager
+    def _listed_session_fd(self, session_id: str) -> Iterator[Optional[int]]:
+        """A descriptor of a session found by a listing, or None if it is no longer a real
+        directory (removed, or swapped for a symlink, since the scan)."""
+        try:
+            dir_fd: Optional[int] = os.open(str(self.root / session_id), _DIR_FLAGS)
+        except OSError:
+            dir_fd = None
+        try:
+            yield dir_fd
+        finally:
+            if dir_fd is not None:
+                os.close(dir_fd)
+
+    def _is_archived(self, scan: _SessionScan, dir_fd: Optional[int]) -> bool:
+        if scan.archived is None:
+            if scan.has_live_log or not scan.is_dir(ARCHIVE_DIR_NAME):
+                scan.archived = False
+            elif dir_fd is not None:
+                scan.archived = _has_entry_at(ARCHIVE_DIR_NAME, dir_fd)
+            else:
+                with self._listed_session_fd(scan.session_id) as listed_fd:
+                    scan.archived = listed_fd is not None and _has_entry_at(ARCHIVE_DIR_NAME, listed_fd)
+        return scan.archived
+
+    def _status(self, scan: _SessionScan, runtime: Optional[Runtime], dir_fd: Optional[int] = None) -> str:
         connections, running = _runtime_of(runtime, scan.session_id)
         if connections > 0 or running:
             return "active"
-        if not scan.has_live_log and scan.is_dir(ARCHIVE_DIR_NAME):
-            if _dir_has_entry(os.path.join(scan.path, ARCHIVE_DIR_NAME)):
-                return "archived"
-        return "idle"
+        return "archived" if self._is_archived(scan, dir_fd) else "idle"
 
-    @staticmethod
-    def _heartbeat(scan: _SessionScan) -> Optional[Dict[str, Any]]:
-        if not scan.is_file(HEARTBEAT_FILE_NAME):
-            return None
-        path = os.path.join(scan.path, HEARTBEAT_FILE_NAME)
-        return _read_json_object(lambda: os.open(path, _READ_FLAGS))
+    def _summary(self, scan: _SessionScan, runtime: Optional[Runtime], dir_fd: Optional[int] = None) -> Dict[str, Any]:
+        """The summary of ``scan``; its heartbeat and archive are read through ``dir_fd`` when
+        given, else through a descriptor opened here."""
+        if dir_fd is None:
+            with self._listed_session_fd(scan.session_id) as listed_fd:
+                return self._summary_at(scan, runtime, listed_fd)
+        return self._summary_at(scan, runtime, dir_fd)
 
-    def _summary(self, scan: _SessionScan, runtime: Optional[Runtime]) -> Dict[str, Any]:
+    def _summary_at(self, scan: _SessionScan, runtime: Optional[Runtime], dir_fd: Optional[int]) -> Dict[str, Any]:
         connections, running = _runtime_of(runtime, scan.session_id)
-        heartbeat = self._heartbeat(scan)
+        heartbeat = None
+        if dir_fd is not None and scan.is_file(HEARTBEAT_FILE_NAME):
+            heartbeat = _heartbeat_at(dir_fd)
         return {
             "session_id": scan.session_id,
-            "status": self._status(scan, runtime),
+            "status": self._status(scan, runtime, dir_fd),
             "last_modified": _iso(scan.dir_mtime_ns),
             "last_activity": _iso(scan.activity_ns),
             "has_run_log": scan.is_file(LOG_FILES[0]),
@@ -1708,6 +1983,7 @@ class OpsService:
         self._remove_stale(temp, dir_fd)
         temp_fd = os.open(temp, _CREATE_FLAGS, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
         swapped = False
+        new_st = os.fstat(temp_fd)
         try:
             copied = _copy_range(fd, temp_fd, keep_start, st.st_size)
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -1726,9 +2002,12 @@ class OpsService:
         late = os.fstat(fd).st_size
         if late > copied:
             # Bytes that reached the old inode between the last copy and the rename.
-            live_fd = os.open(name, os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC, dir_fd=dir_fd)
+            live_fd = os.open(name, _APPEND_FLAGS & ~os.O_CREAT, dir_fd=dir_fd)
             try:
-                _copy_range(fd, live_fd, copied, late)
+                # Only into the file just swapped in: if the name was replaced since (say by a
+                # hard link to an outside file), the late bytes stay in the archived copy.
+                if _same_file(os.fstat(live_fd), new_st):
+                    _copy_range(fd, live_fd, copied, late)
             finally:
                 os.close(live_fd)
         return True

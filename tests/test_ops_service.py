@@ -322,16 +322,18 @@ def test_list_limit_that_is_not_an_integer_is_invalid_argument(svc, value):
 def test_listing_skips_a_session_removed_mid_scan(svc, root, monkeypatch):
     make_session(root, "stays")
     make_session(root, "vanishes", {"run.log": "x\n"})
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir_that_loses_a_race(path="."):
-        if str(path).endswith("vanishes") and os.path.isdir(path):
-            for name in os.listdir(path):
-                os.unlink(os.path.join(path, name))
-            os.rmdir(path)
-        return real_scandir(path)
+    def open_that_loses_a_race(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if path == "vanishes":  # opened through the root's descriptor, then removed
+            gone = root / "vanishes"
+            for name in os.listdir(gone):
+                os.unlink(gone / name)
+            os.rmdir(gone)
+        return fd
 
-    monkeypatch.setattr(os, "scandir", scandir_that_loses_a_race)
+    monkeypatch.setattr(os, "open", open_that_loses_a_race)
     assert [s["session_id"] for s in svc.list_sessions()["sessions"]] == ["stays"]
 
 
