@@ -1185,6 +1185,9 @@ class Gateway:
                     405, f"method {request.method} is not allowed on {_show(request.path)}; use {route.allow}",
                     headers=[("Allow", route.allow)],
                 )
+            for name, value in params.items():
+                if name == "session_id":
+                    session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
             return handler(request, params)
         except HttpError as error:
             return error_response(error)
@@ -1197,7 +1200,7 @@ class Gateway:
         The route is matched on the decoded path segments first; what it needs is then read from the
         route itself (``Route.scope``), so every spelling of a path that reaches a route gets that route's
         decision. Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
-        ``authorize``, 400 for an invalid session id.
+        ``authorize``.
         """
         if self.config.allowed_hosts:
             self._check_host(request)
@@ -1206,9 +1209,6 @@ class Gateway:
             raise HttpError(404, f"no endpoint at {_show(request.path)}; the API is described at /api/v1/openapi.json")
         if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
             self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token)
-        for name, value in params.items():
-            if name == "session_id":
-                session_id_param(value)
         return route, params
 
     def internal_error(self, request: Request, error: BaseException) -> Response:
