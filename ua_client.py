@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="The Ops API client: look at and manage agent sessions and logs of a running gateway.",
-        epilog="The token is read from UA_OPS_TOKEN (never from the command line). Exit status: 0 done, "
+        epilog="The token is read from UA_OPS_TOKEN or the file UA_OPS_TOKEN_FILE names (never from the command line). Exit status: 0 done, "
         "1 the gateway refused or could not be reached, 2 usage error.",
     )
     commands = parser.add_subparsers(dest="command", metavar="{sessions,logs}", required=True)
@@ -497,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def environment_token(env: Dict[str, str]) -> str:
+    """The token from UA_OPS_TOKEN, or from the file UA_OPS_TOKEN_FILE names (as the gateway reads it)."""
+    path = env.get("UA_OPS_TOKEN_FILE")
+    if not path or env.get("UA_OPS_TOKEN"):
+        return env.get("UA_OPS_TOKEN", "").strip()
+    try:
+        with open(path, "rb") as secret_file:
+            return secret_file.read(64 * 1024).decode("utf-8", "replace").strip()
+    except OSError as exc:
+        raise ClientError(f"UA_OPS_TOKEN_FILE names {path!r}, which cannot be read: {exc.strerror or exc}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one client command, e.g. ``main(["sessions", "list", "--json"])``; returns the exit status."""
     parser = build_parser()
@@ -506,8 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("--file needs --session; without it the gateway's own log is read")
     except SystemExit as exit_request:  # --help (0) or a usage error (2): a status, not an exception
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
-    client = GatewayClient(args.url, os.environ.get("UA_OPS_TOKEN", "").strip())
     try:
+        client = GatewayClient(args.url, environment_token(os.environ))
         return args.run(client, args, sys.stdout)
     except ClientError as error:
         print(f"{PROG}: error: {shown(error)}", file=sys.stderr)

@@ -238,6 +238,25 @@ def test_token_from_the_environment_is_sent(start_gateway):
     assert [s["session_id"] for s in json.loads(result.stdout)["sessions"]] == ["cli-token"]
 
 
+def test_token_from_the_file_ua_ops_token_file_names_is_sent(start_gateway, tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("s3cret-token\n")
+    protected = start_gateway(env={"UA_OPS_TOKEN_FILE": str(secret)})
+    protected.make_session("cli-token-file")
+
+    result = run_client(protected.url, "sessions", "list", "--json", env={"UA_OPS_TOKEN_FILE": str(secret)})
+
+    assert result.returncode == 0, result.stderr
+    assert [s["session_id"] for s in json.loads(result.stdout)["sessions"]] == ["cli-token-file"]
+
+
+def test_an_unreadable_token_file_exits_1_naming_it(gateway, tmp_path):
+    result = run_client(gateway.url, "sessions", "list", env={"UA_OPS_TOKEN_FILE": str(tmp_path / "missing")})
+
+    assert result.returncode == 1
+    assert "UA_OPS_TOKEN_FILE" in result.stderr and "missing" in result.stderr
+
+
 def test_connection_refused_exits_1_with_a_clear_message():
     result = run_client(f"http://127.0.0.1:{free_port()}", "sessions", "list")
 
