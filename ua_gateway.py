@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import concurrent.futures
 import email.utils
 import enum
@@ -39,6 +40,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -105,7 +107,12 @@ GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker th
 AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
 AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
 AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
-AUTH_TRACKED_ADDRESSES = 10000  # bounded memory when an attacker rotates addresses
+AUTH_TRACKED_ADDRESSES = 10000  # per table (failures, lockouts): bounded memory when an attacker rotates addresses
+SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: far above a person or an agent
+# runner at work, far below the 2,400 a second one local script made (4,800 directories a second)
+SESSION_CREATE_BURST = 250  # ... after a burst of this many: 200 clients starting at once (the load we test) fit
+SESSION_CREATE_PER_MINUTE = 600  # all addresses together: 36,000 directories an hour at most, whoever asks
+SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
@@ -151,6 +158,21 @@ def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, i
     return networks
 
 
+def _env_number(env: Dict[str, str], name: str, kind: Callable[[str], Any]) -> Any:
+    """A non-negative number from the environment, None when unset (the default applies)."""
+    text = (env.get(name) or "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, 0 or more (0 turns the limit off), not {_show(text)}")
+    return value
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -180,6 +202,9 @@ class Config:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        session_create_rate: float = SESSION_CREATE_RATE,
+        session_create_burst: int = SESSION_CREATE_BURST,
+        session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -197,6 +222,9 @@ class Config:
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.session_create_rate = session_create_rate  # 0: no limit per address
+        self.session_create_burst = session_create_burst
+        self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -228,7 +256,11 @@ class Config:
             allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
             allowed_hosts=_split_list(env.get("UA_ALLOWED_HOSTS")),
             agent_cmd=env.get("UA_AGENT_CMD") or None,
+            session_create_rate=_env_number(env, "UA_SESSION_CREATE_RATE", float),
+            session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
+            session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
         )
+        values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})
         if not 0 <= values["port"] <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
@@ -661,7 +693,13 @@ def client_ip(address: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.I
 
 
 class AccessControl:
-    """Decides who may use protected endpoints. All methods run on the event loop (not thread-safe)."""
+    """Decides who may use protected endpoints and how fast sessions may be created. All methods run on
+    the event loop (not thread-safe).
+
+    The failure and lockout tables are kept in time order (an entry that changes moves to the end), so
+    expired entries are always at the front: each call forgets them in time proportional to their number,
+    and a full table drops its oldest entry. Neither table ever holds more than AUTH_TRACKED_ADDRESSES.
+    """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.token_digest = _digest(config.token) if config.token else None
@@ -669,8 +707,13 @@ class AccessControl:
         self.cors_origins = config.cors_origins
         self.allowed_users = config.allowed_users
         self.clock = clock
-        self._failures: Dict[str, List[float]] = {}
-        self._locked_until: Dict[str, float] = {}
+        self._failures: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()  # by last failure
+        self._locked_until: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # by lockout start
+        self._create_rate = config.session_create_rate
+        self._create_burst = max(1, config.session_create_burst)
+        self._create_per_minute = config.session_create_per_minute
+        self._create_buckets: "collections.OrderedDict[str, Tuple[float, float]]" = collections.OrderedDict()
+        self._created: "collections.deque[float]" = collections.deque()  # creations of the last 60 s, oldest first
 
     def address_allowed(self, address: str) -> bool:
         if not self.allow_from:
@@ -679,14 +722,10 @@ class AccessControl:
         return ip is not None and any(ip in network for network in self.allow_from)
 
     def lockout_remaining(self, address: str) -> float:
+        now = self.clock()
+        self._forget_expired(now)
         until = self._locked_until.get(address)
-        if until is None:
-            return 0.0
-        remaining = until - self.clock()
-        if remaining <= 0:
-            del self._locked_until[address]
-            return 0.0
-        return remaining
+        return 0.0 if until is None else until - now
 
     def token_matches(self, candidates: Iterable[Optional[str]]) -> bool:
         if self.token_digest is None:
@@ -701,24 +740,44 @@ class AccessControl:
     def record_failure(self, address: str) -> bool:
         """Count a failed authentication; True when this failure starts a lockout."""
         now = self.clock()
-        if address not in self._failures and len(self._failures) >= AUTH_TRACKED_ADDRESSES:
-            self._prune(now)
-            if len(self._failures) >= AUTH_TRACKED_ADDRESSES:
-                self._failures.pop(next(iter(self._failures)))
-        recent = [t for t in self._failures.get(address, ()) if now - t < AUTH_FAILURE_WINDOW]
+        self._forget_expired(now)
+        recent = [t for t in self._failures.pop(address, ()) if now - t < AUTH_FAILURE_WINDOW]
         recent.append(now)
         if len(recent) >= AUTH_FAILURE_LIMIT:
-            self._failures.pop(address, None)
-            self._locked_until[address] = now + AUTH_LOCKOUT
+            self._locked_until.pop(address, None)
+            _put_bounded(self._locked_until, address, now + AUTH_LOCKOUT, AUTH_TRACKED_ADDRESSES)
             return True
-        self._failures[address] = recent
+        _put_bounded(self._failures, address, recent, AUTH_TRACKED_ADDRESSES)
         return False
 
-    def _prune(self, now: float) -> None:
-        for address in [a for a, times in self._failures.items() if now - times[-1] >= AUTH_FAILURE_WINDOW]:
-            del self._failures[address]
-        for address in [a for a, until in self._locked_until.items() if until <= now]:
-            del self._locked_until[address]
+    def _forget_expired(self, now: float) -> None:
+        failures, locked = self._failures, self._locked_until
+        while failures and now - next(iter(failures.values()))[-1] >= AUTH_FAILURE_WINDOW:
+            failures.popitem(last=False)
+        while locked and next(iter(locked.values())) <= now:
+            locked.popitem(last=False)
+
+    def session_creation_wait(self, address: str) -> float:
+        """Count a session creation by ``address``: 0.0 when admitted, else the seconds to wait before
+        one would be (nothing is counted then). A token bucket per address (``session_create_rate`` a
+        second after ``session_create_burst``), and at most ``session_create_per_minute`` in any 60 s."""
+        now = self.clock()
+        created = self._created
+        while created and now - created[0] >= 60.0:
+            created.popleft()
+        wait = 0.0
+        if self._create_per_minute and len(created) >= self._create_per_minute:
+            wait = created[-self._create_per_minute] + 60.0 - now  # when the one that frees a place is 60 s old
+        if self._create_rate:
+            level, then = self._create_buckets.pop(address, (self._create_burst, now))
+            tokens = min(self._create_burst, level + (now - then) * self._create_rate)
+            wait = max(wait, (1.0 - tokens) / self._create_rate)
+            _put_bounded(self._create_buckets, address, (tokens - (wait <= 0), now), SESSION_CREATE_TRACKED_ADDRESSES)
+        if wait > 0:
+            return wait
+        if self._create_per_minute:
+            created.append(now)
+        return 0.0
 
     def user_allowed(self, user_id: Optional[str]) -> bool:
         return not self.allowed_users or (user_id is not None and user_id in self.allowed_users)
@@ -728,6 +787,13 @@ class AccessControl:
         if origin and origin.rstrip("/") in self.cors_origins:
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         return []
+
+
+def _put_bounded(table: "collections.OrderedDict[str, Any]", key: str, value: Any, limit: int) -> None:
+    """Append ``key`` to a table kept oldest first, dropping the oldest entries beyond ``limit``."""
+    while len(table) >= limit:
+        table.popitem(last=False)
+    table[key] = value
 
 
 def request_tokens(request: Request) -> List[Optional[str]]:
@@ -1386,7 +1452,21 @@ class Gateway:
             raise HttpError(400, "user_id must be a string")
         if not self.access.user_allowed(user_id):
             raise HttpError(403, "user_id is missing or not in UA_ALLOWED_USERS")
+        self.admit_session_creation(request.client)
         return self._ops_response(201, self.ops.create_session)
+
+    def admit_session_creation(self, address: str) -> None:
+        """Count one session creation (HTTP or the WebSocket lobby) by ``address``; HttpError 429 with
+        Retry-After when it is over UA_SESSION_CREATE_RATE/_BURST or UA_SESSION_CREATE_PER_MINUTE."""
+        wait = self.access.session_creation_wait(address)
+        if wait:
+            seconds = max(1, math.ceil(wait))
+            raise HttpError(
+                429,
+                f"too many sessions created (from {address} or in all); retry in {seconds} s, or attach to an "
+                "existing session; the limits are UA_SESSION_CREATE_RATE, _BURST and _PER_MINUTE",
+                headers=[("Retry-After", str(seconds))],
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
