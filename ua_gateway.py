@@ -1759,6 +1759,8 @@ class WebSocketBridge:
     ``app`` gets ``on_open(bridge)``, ``on_message(bridge, text_or_bytes)`` and ``on_close(bridge)``.
     Everything runs on the event loop. Sending never blocks: when the peer falls WS_MAX_SEND_BUFFER
     bytes behind, the connection is closed with 1008 ("slow consumer") rather than buffering without bound.
+    "Behind" counts what the transport holds and what is queued for it in this loop iteration, so the
+    peer never holds more than WS_MAX_SEND_BUFFER plus the one message that crossed it.
     """
 
     def __init__(self, connection: HttpConnection, protocol: Any, app: Any) -> None:
@@ -1779,6 +1781,7 @@ class WebSocketBridge:
         self.ping_timer: Optional[asyncio.TimerHandle] = None
         self.close_timer: Optional[asyncio.TimerHandle] = None
         self.flush_scheduled = False
+        self.unflushed = 0  # bytes of messages sent since the last flush, still in the protocol's queue
         # Where the incoming stream's frames end (see _frame_end): the protocol is fed one frame at a time.
         self.frame_head = bytearray()
         self.frame_left = 0
@@ -1946,14 +1949,12 @@ class WebSocketBridge:
         if transport is None or transport.is_closing():
             return
         outgoing = self.protocol.data_to_send()
-        # Judged on what the peer has yet to read of earlier writes, before adding more: one message bigger
-        # than the bound (the echo route takes 16 MiB) is no slow consumer; a peer still that far behind
-        # when more is to be sent is. `sendable`, not `open`: fail() flushes its own close frame through
-        # here, which must not fail again (that recursed without end).
-        if outgoing and transport.get_write_buffer_size() > WS_MAX_SEND_BUFFER and self.sendable:
-            # Clawdbot's rule too: a peer that does not read is cut off, not buffered for; what was to
-            # be sent is dropped and the close frame queued behind the backlog instead.
-            self.fail(1008, "slow consumer: the client is not reading its messages")
+        self.unflushed = 0
+        # Frames the protocol made itself (pongs) are judged here, messages in send_text/send_binary.
+        # `sendable`, not `open`: fail() flushes its own close frame through here, which must not fail
+        # again (that recursed without end).
+        if outgoing and self._too_far_behind() and self.sendable:
+            self._cut_off_slow_consumer()
             return
         pending: List[bytes] = []
         for data in outgoing:
@@ -1977,13 +1978,32 @@ class WebSocketBridge:
 
     def send_text(self, text: str) -> None:
         if self.sendable:
-            self.protocol.send_text(text.encode())
-            self._flush_soon()
+            self._queue(text.encode(), self.protocol.send_text)
 
     def send_binary(self, data: bytes) -> None:
         if self.sendable:
-            self.protocol.send_binary(data)
-            self._flush_soon()
+            self._queue(data, self.protocol.send_binary)
+
+    def _queue(self, data: bytes, send: Callable[[bytes], None]) -> None:
+        if self._too_far_behind():
+            self._cut_off_slow_consumer()
+            return
+        send(data)
+        self.unflushed += len(data)
+        self._flush_soon()
+
+    def _too_far_behind(self) -> bool:
+        # Judged before adding more: one message bigger than the bound (the echo route takes 16 MiB) is
+        # no slow consumer; a peer still that far behind when more is to be sent is.
+        transport = self.transport
+        return transport is not None and transport.get_write_buffer_size() + self.unflushed > WS_MAX_SEND_BUFFER
+
+    def _cut_off_slow_consumer(self) -> None:
+        # Clawdbot's rule too: a peer that does not read is cut off, not buffered for; what was still to
+        # be sent is dropped and the close frame queued behind the backlog instead.
+        self.protocol.data_to_send()
+        self.unflushed = 0
+        self.fail(1008, f"slow consumer: the client fell {WS_MAX_SEND_BUFFER >> 20} MiB behind in reading its messages")
 
     def _flush_soon(self) -> None:
         # The events of a turn are often emitted in one loop iteration; sending them together saves
@@ -2067,7 +2087,11 @@ MAX_CLIENT_TURN_ID = 128
 REMEMBERED_TURN_IDS = 256  # completed client_turn_ids kept per session to answer duplicates
 MAX_JOURNAL_LINE = 64 * 1024  # a longer event is cut in the journal (the client still gets all of it)
 MAX_PENDING_MESSAGES = 32  # messages a client may send before its attach has finished
+MAX_PENDING_BYTES = 4 * 1024 * 1024  # ... and their memory: one 1 MiB message at 4 bytes a character (a str
+# holding one emoji takes that for each of its characters); an attach takes milliseconds
 MAX_PENDING_INPUTS = 32  # input_responses the agent has not taken yet; a client may not pile up more
+MAX_PENDING_INPUT_BYTES = 1024 * 1024  # ... and their memory, held as JSON text: one full-size answer; more
+# waits until the agent has read it (a parsed [{}, {}, ...] would take 20 times its text)
 AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
 MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
 SESSION_WRITE_DELAY = 0.01  # s: journal lines are on disk this soon after their event; batching them
@@ -2211,7 +2235,7 @@ class AgentTurn:
         self.metadata = metadata
         self.client_turn_id = client_turn_id
         self.turn_id = client_turn_id or next(_turn_ids)
-        self.inputs: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
+        self.inputs = InputQueue()
         self.cancelled = False
         self.task: Optional[asyncio.Task] = None
         self.started = time.time()
@@ -2522,6 +2546,41 @@ class SessionHub:
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
 
 
+class InputQueue(asyncio.Queue):
+    """The ``input_response``s a turn's agent has not taken yet (``AgentTurn.next_input``).
+
+    ``offer`` holds an answer as compact JSON text and counts its memory in ``held_bytes``; ``get``
+    parses it back. Anything else put (the ``None`` that tells a forwarder to stop) is passed as is.
+    """
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.held_bytes = 0
+
+    def offer(self, answer: Dict[str, Any]) -> Optional[str]:
+        """Queue ``answer``, or say why not: over MAX_PENDING_INPUTS or MAX_PENDING_INPUT_BYTES (an empty
+        queue takes any one answer, so that every answer can get through)."""
+        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        if self.qsize() >= MAX_PENDING_INPUTS:
+            return f"the agent has not read the last {MAX_PENDING_INPUTS} input responses"
+        if self.qsize() and self.held_bytes + sys.getsizeof(text) > MAX_PENDING_INPUT_BYTES:
+            return f"the agent has not read {self.held_bytes} bytes of earlier input responses"
+        self.put_nowait(text)  # type: ignore[arg-type]
+        return None
+
+    def _put(self, item: Any) -> None:
+        if isinstance(item, str):
+            self.held_bytes += sys.getsizeof(item)
+        super()._put(item)
+
+    def _get(self) -> Any:
+        item = super()._get()
+        if isinstance(item, str):
+            self.held_bytes -= sys.getsizeof(item)
+            return json.loads(item)
+        return item
+
+
 class AgentSocket:
     """The agent protocol on one WebSocket (SPEC §6): attach, turns, input, cancel, ping."""
 
@@ -2532,6 +2591,7 @@ class AgentSocket:
         self.lobby = session_id is None
         self.live: Optional[LiveSession] = None
         self.pending: Optional[List[Union[str, bytes]]] = []  # messages held until attached; None once live
+        self.pending_bytes = 0  # their memory (sys.getsizeof): MAX_PENDING_BYTES at most
         self.user_id = user_id
         self.bridge: Any = None
 
@@ -2555,8 +2615,12 @@ class AgentSocket:
 
     def on_message(self, bridge: WebSocketBridge, message: Union[str, bytes]) -> None:
         if self.pending is not None:
+            self.pending_bytes += sys.getsizeof(message)
             if len(self.pending) >= MAX_PENDING_MESSAGES:
-                bridge.close(1008, "too many messages before the session was attached")
+                bridge.close(1008, "too many messages before the session was attached; wait for 'connected'")
+            elif self.pending_bytes > MAX_PENDING_BYTES:
+                bridge.close(1008, f"over {MAX_PENDING_BYTES >> 20} MiB sent before the session was attached; "
+                                   "wait for 'connected'")
             else:
                 self.pending.append(message)
             return
@@ -2587,11 +2651,22 @@ class AgentSocket:
         self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
-        held, self.pending = self.pending or [], None
+        held, self.pending, self.pending_bytes = self.pending or [], None, 0
         for message in ([first] if first is not None else []) + held:
             self._handle(message)
 
     async def _create_and_attach(self, first: Union[str, bytes]) -> None:
+        try:
+            self.gateway.admit_session_creation(self.bridge.request.client)
+        except HttpError as refusal:
+            # Still a lobby: the client may retry this execute once the wait is over.
+            self.session_id = None
+            retry_after = dict(refusal.headers).get("Retry-After")
+            self.send("error", {"message": refusal.detail, "retry_after": int(retry_after or 1)})
+            held, self.pending, self.pending_bytes = self.pending or [], None, 0
+            for message in held:
+                self._handle(message)
+            return
         try:
             created = await self.gateway.run_ops(self.gateway.ops.create_session)
         except OpsError as exc:
@@ -2659,13 +2734,12 @@ class AgentSocket:
         if turn is None:
             self.send("error", {"message": "no turn is waiting for input"})
             return
-        if turn.inputs.qsize() >= MAX_PENDING_INPUTS:
-            self.send("error", {"message": f"the agent has not read the last {MAX_PENDING_INPUTS} input responses; "
-                                           "this one was dropped"})
-            return
         input_id = data.get("input_id", "default")
-        turn.inputs.put_nowait({"input_id": input_id if isinstance(input_id, str) else "default",
-                                "response": data.get("response")})
+        refused = turn.inputs.offer({"input_id": input_id if isinstance(input_id, str) else "default",
+                                     "response": data.get("response")})
+        if refused:
+            self.send("error", {"message": f"{refused}; this one was dropped: send it again once the agent has read "
+                                           "them (after its next input_required)"})
 
 
 # ---------------------------------------------------------------------------------------------------------
