@@ -2560,9 +2560,9 @@ class InputQueue(asyncio.Queue):
     def offer(self, answer: Dict[str, Any]) -> Optional[str]:
         """Queue ``answer``, or say why not: over MAX_PENDING_INPUTS or MAX_PENDING_INPUT_BYTES (an empty
         queue takes any one answer, so that every answer can get through)."""
-        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
         if self.qsize() >= MAX_PENDING_INPUTS:
             return f"the agent has not read the last {MAX_PENDING_INPUTS} input responses"
+        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
         if self.qsize() and self.held_bytes + sys.getsizeof(text) > MAX_PENDING_INPUT_BYTES:
             return f"the agent has not read {self.held_bytes} bytes of earlier input responses"
         self.put_nowait(text)  # type: ignore[arg-type]
