@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import base64
 import codecs
+import collections
 import concurrent.futures
 import email.utils
 import enum
@@ -39,6 +40,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -111,7 +113,12 @@ GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker th
 AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
 AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
 AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
-AUTH_TRACKED_ADDRESSES = 10000  # bounded memory when an attacker rotates addresses
+AUTH_TRACKED_ADDRESSES = 10000  # per table (failures, lockouts): bounded memory when an attacker rotates addresses
+SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: far above a person or an agent
+# runner at work, far below the 2,400 a second one local script made (4,800 directories a second)
+SESSION_CREATE_BURST = 250  # ... after a burst of this many: 200 clients starting at once (the load we test) fit
+SESSION_CREATE_PER_MINUTE = 600  # all addresses together: 36,000 directories an hour at most, whoever asks
+SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
@@ -200,6 +207,21 @@ def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, i
     return networks
 
 
+def _env_number(env: Dict[str, str], name: str, kind: Callable[[str], Any]) -> Any:
+    """A non-negative number from the environment, None when unset (the default applies)."""
+    text = (env.get(name) or "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, 0 or more (0 turns the limit off), not {_show(text)}")
+    return value
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -230,6 +252,9 @@ class Config:
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
+        session_create_rate: float = SESSION_CREATE_RATE,
+        session_create_burst: int = SESSION_CREATE_BURST,
+        session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -248,6 +273,9 @@ class Config:
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.send_stall_timeout = send_stall_timeout
+        self.session_create_rate = session_create_rate  # 0: no limit per address
+        self.session_create_burst = session_create_burst
+        self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -284,7 +312,11 @@ class Config:
             allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
             allowed_hosts=_split_list(env.get("UA_ALLOWED_HOSTS")),
             agent_cmd=env.get("UA_AGENT_CMD") or None,
+            session_create_rate=_env_number(env, "UA_SESSION_CREATE_RATE", float),
+            session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
+            session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
         )
+        values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})
         if not 0 <= values["port"] <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
@@ -721,7 +753,13 @@ def client_ip(address: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.I
 
 
 class AccessControl:
-    """Decides who may use protected endpoints. All methods run on the event loop (not thread-safe)."""
+    """Decides who may use protected endpoints and how fast sessions may be created. All methods run on
+    the event loop (not thread-safe).
+
+    The failure and lockout tables are kept in time order (an entry that changes moves to the end), so
+    expired entries are always at the front: each call forgets them in time proportional to their number,
+    and a full table drops its oldest entry. Neither table ever holds more than AUTH_TRACKED_ADDRESSES.
+    """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.token_digest = _digest(config.token) if config.token else None
@@ -729,8 +767,13 @@ class AccessControl:
         self.cors_origins = config.cors_origins
         self.allowed_users = config.allowed_users
         self.clock = clock
-        self._failures: Dict[str, List[float]] = {}
-        self._locked_until: Dict[str, float] = {}
+        self._failures: "collections.OrderedDict[str, List[float]]" = collections.OrderedDict()  # by last failure
+        self._locked_until: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # by lockout start
+        self._create_rate = config.session_create_rate
+        self._create_burst = max(1, config.session_create_burst)
+        self._create_per_minute = config.session_create_per_minute
+        self._create_buckets: "collections.OrderedDict[str, Tuple[float, float]]" = collections.OrderedDict()
+        self._created: "collections.deque[float]" = collections.deque()  # creations of the last 60 s, oldest first
 
     def address_allowed(self, address: str) -> bool:
         if not self.allow_from:
@@ -739,14 +782,10 @@ class AccessControl:
         return ip is not None and any(ip in network for network in self.allow_from)
 
     def lockout_remaining(self, address: str) -> float:
+        now = self.clock()
+        self._forget_expired(now)
         until = self._locked_until.get(address)
-        if until is None:
-            return 0.0
-        remaining = until - self.clock()
-        if remaining <= 0:
-            del self._locked_until[address]
-            return 0.0
-        return remaining
+        return 0.0 if until is None else until - now
 
     def token_matches(self, candidates: Iterable[Optional[str]]) -> bool:
         if self.token_digest is None:
@@ -761,24 +800,44 @@ class AccessControl:
     def record_failure(self, address: str) -> bool:
         """Count a failed authentication; True when this failure starts a lockout."""
         now = self.clock()
-        if address not in self._failures and len(self._failures) >= AUTH_TRACKED_ADDRESSES:
-            self._prune(now)
-            if len(self._failures) >= AUTH_TRACKED_ADDRESSES:
-                self._failures.pop(next(iter(self._failures)))
-        recent = [t for t in self._failures.get(address, ()) if now - t < AUTH_FAILURE_WINDOW]
+        self._forget_expired(now)
+        recent = [t for t in self._failures.pop(address, ()) if now - t < AUTH_FAILURE_WINDOW]
         recent.append(now)
         if len(recent) >= AUTH_FAILURE_LIMIT:
-            self._failures.pop(address, None)
-            self._locked_until[address] = now + AUTH_LOCKOUT
+            self._locked_until.pop(address, None)
+            _put_bounded(self._locked_until, address, now + AUTH_LOCKOUT, AUTH_TRACKED_ADDRESSES)
             return True
-        self._failures[address] = recent
+        _put_bounded(self._failures, address, recent, AUTH_TRACKED_ADDRESSES)
         return False
 
-    def _prune(self, now: float) -> None:
-        for address in [a for a, times in self._failures.items() if now - times[-1] >= AUTH_FAILURE_WINDOW]:
-            del self._failures[address]
-        for address in [a for a, until in self._locked_until.items() if until <= now]:
-            del self._locked_until[address]
+    def _forget_expired(self, now: float) -> None:
+        failures, locked = self._failures, self._locked_until
+        while failures and now - next(iter(failures.values()))[-1] >= AUTH_FAILURE_WINDOW:
+            failures.popitem(last=False)
+        while locked and next(iter(locked.values())) <= now:
+            locked.popitem(last=False)
+
+    def session_creation_wait(self, address: str) -> float:
+        """Count a session creation by ``address``: 0.0 when admitted, else the seconds to wait before
+        one would be (nothing is counted then). A token bucket per address (``session_create_rate`` a
+        second after ``session_create_burst``), and at most ``session_create_per_minute`` in any 60 s."""
+        now = self.clock()
+        created = self._created
+        while created and now - created[0] >= 60.0:
+            created.popleft()
+        wait = 0.0
+        if self._create_per_minute and len(created) >= self._create_per_minute:
+            wait = created[-self._create_per_minute] + 60.0 - now  # when the one that frees a place is 60 s old
+        if self._create_rate:
+            level, then = self._create_buckets.pop(address, (self._create_burst, now))
+            tokens = min(self._create_burst, level + (now - then) * self._create_rate)
+            wait = max(wait, (1.0 - tokens) / self._create_rate)
+            _put_bounded(self._create_buckets, address, (tokens - (wait <= 0), now), SESSION_CREATE_TRACKED_ADDRESSES)
+        if wait > 0:
+            return wait
+        if self._create_per_minute:
+            created.append(now)
+        return 0.0
 
     def user_allowed(self, user_id: Optional[str]) -> bool:
         return not self.allowed_users or (user_id is not None and user_id in self.allowed_users)
@@ -788,6 +847,13 @@ class AccessControl:
         if origin and origin.rstrip("/") in self.cors_origins:
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         return []
+
+
+def _put_bounded(table: "collections.OrderedDict[str, Any]", key: str, value: Any, limit: int) -> None:
+    """Append ``key`` to a table kept oldest first, dropping the oldest entries beyond ``limit``."""
+    while len(table) >= limit:
+        table.popitem(last=False)
+    table[key] = value
 
 
 def request_tokens(request: Request) -> List[Optional[str]]:
@@ -1447,7 +1513,21 @@ class Gateway:
             raise HttpError(400, "user_id must be a string")
         if not self.access.user_allowed(user_id):
             raise HttpError(403, "user_id is missing or not in UA_ALLOWED_USERS")
+        self.admit_session_creation(request.client)
         return self._ops_response(201, self.ops.create_session)
+
+    def admit_session_creation(self, address: str) -> None:
+        """Count one session creation (HTTP or the WebSocket lobby) by ``address``; HttpError 429 with
+        Retry-After when it is over UA_SESSION_CREATE_RATE/_BURST or UA_SESSION_CREATE_PER_MINUTE."""
+        wait = self.access.session_creation_wait(address)
+        if wait:
+            seconds = max(1, math.ceil(wait))
+            raise HttpError(
+                429,
+                f"too many sessions created (from {address} or in all); retry in {seconds} s, or attach to an "
+                "existing session; the limits are UA_SESSION_CREATE_RATE, _BURST and _PER_MINUTE",
+                headers=[("Retry-After", str(seconds))],
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1791,6 +1871,8 @@ class WebSocketBridge:
     ``app`` gets ``on_open(bridge)``, ``on_message(bridge, text_or_bytes)`` and ``on_close(bridge)``.
     Everything runs on the event loop. Sending never blocks: when the peer falls WS_MAX_SEND_BUFFER
     bytes behind, the connection is closed with 1008 ("slow consumer") rather than buffering without bound.
+    "Behind" counts what the transport holds and what is queued for it in this loop iteration, so the
+    peer never holds more than WS_MAX_SEND_BUFFER plus the one message that crossed it.
     """
 
     def __init__(self, connection: HttpConnection, protocol: Any, app: Any) -> None:
@@ -1811,6 +1893,7 @@ class WebSocketBridge:
         self.ping_timer: Optional[asyncio.TimerHandle] = None
         self.close_timer: Optional[asyncio.TimerHandle] = None
         self.flush_scheduled = False
+        self.unflushed = 0  # bytes of messages sent since the last flush, still in the protocol's queue
         # Where the incoming stream's frames end (see _frame_end): the protocol is fed one frame at a time.
         self.frame_head = bytearray()
         self.frame_left = 0
@@ -1978,14 +2061,12 @@ class WebSocketBridge:
         if transport is None or transport.is_closing():
             return
         outgoing = self.protocol.data_to_send()
-        # Judged on what the peer has yet to read of earlier writes, before adding more: one message bigger
-        # than the bound (the echo route takes 16 MiB) is no slow consumer; a peer still that far behind
-        # when more is to be sent is. `sendable`, not `open`: fail() flushes its own close frame through
-        # here, which must not fail again (that recursed without end).
-        if outgoing and transport.get_write_buffer_size() > WS_MAX_SEND_BUFFER and self.sendable:
-            # Clawdbot's rule too: a peer that does not read is cut off, not buffered for; what was to
-            # be sent is dropped and the close frame queued behind the backlog instead.
-            self.fail(1008, "slow consumer: the client is not reading its messages")
+        self.unflushed = 0
+        # Frames the protocol made itself (pongs) are judged here, messages in send_text/send_binary.
+        # `sendable`, not `open`: fail() flushes its own close frame through here, which must not fail
+        # again (that recursed without end).
+        if outgoing and self._too_far_behind() and self.sendable:
+            self._cut_off_slow_consumer()
             return
         pending: List[bytes] = []
         for data in outgoing:
@@ -2009,13 +2090,32 @@ class WebSocketBridge:
 
     def send_text(self, text: str) -> None:
         if self.sendable:
-            self.protocol.send_text(text.encode())
-            self._flush_soon()
+            self._queue(text.encode(), self.protocol.send_text)
 
     def send_binary(self, data: bytes) -> None:
         if self.sendable:
-            self.protocol.send_binary(data)
-            self._flush_soon()
+            self._queue(data, self.protocol.send_binary)
+
+    def _queue(self, data: bytes, send: Callable[[bytes], None]) -> None:
+        if self._too_far_behind():
+            self._cut_off_slow_consumer()
+            return
+        send(data)
+        self.unflushed += len(data)
+        self._flush_soon()
+
+    def _too_far_behind(self) -> bool:
+        # Judged before adding more: one message bigger than the bound (the echo route takes 16 MiB) is
+        # no slow consumer; a peer still that far behind when more is to be sent is.
+        transport = self.transport
+        return transport is not None and transport.get_write_buffer_size() + self.unflushed > WS_MAX_SEND_BUFFER
+
+    def _cut_off_slow_consumer(self) -> None:
+        # Clawdbot's rule too: a peer that does not read is cut off, not buffered for; what was still to
+        # be sent is dropped and the close frame queued behind the backlog instead.
+        self.protocol.data_to_send()
+        self.unflushed = 0
+        self.fail(1008, f"slow consumer: the client fell {WS_MAX_SEND_BUFFER >> 20} MiB behind in reading its messages")
 
     def _flush_soon(self) -> None:
         # The events of a turn are often emitted in one loop iteration; sending them together saves
@@ -2099,7 +2199,11 @@ MAX_CLIENT_TURN_ID = 128
 REMEMBERED_TURN_IDS = 256  # completed client_turn_ids kept per session to answer duplicates
 MAX_JOURNAL_LINE = 64 * 1024  # a longer event is cut in the journal (the client still gets all of it)
 MAX_PENDING_MESSAGES = 32  # messages a client may send before its attach has finished
+MAX_PENDING_BYTES = 4 * 1024 * 1024  # ... and their memory: one 1 MiB message at 4 bytes a character (a str
+# holding one emoji takes that for each of its characters); an attach takes milliseconds
 MAX_PENDING_INPUTS = 32  # input_responses the agent has not taken yet; a client may not pile up more
+MAX_PENDING_INPUT_BYTES = 1024 * 1024  # ... and their memory, held as JSON text: one full-size answer; more
+# waits until the agent has read it (a parsed [{}, {}, ...] would take 20 times its text)
 AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
 MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
 SESSION_WRITE_DELAY = 0.01  # s: journal lines are on disk this soon after their event; batching them
@@ -2243,7 +2347,7 @@ class AgentTurn:
         self.metadata = metadata
         self.client_turn_id = client_turn_id
         self.turn_id = client_turn_id or next(_turn_ids)
-        self.inputs: "asyncio.Queue[Dict[str, Any]]" = asyncio.Queue()
+        self.inputs = InputQueue()
         self.cancelled = False
         self.task: Optional[asyncio.Task] = None
         self.started = time.time()
@@ -2554,6 +2658,41 @@ class SessionHub:
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
 
 
+class InputQueue(asyncio.Queue):
+    """The ``input_response``s a turn's agent has not taken yet (``AgentTurn.next_input``).
+
+    ``offer`` holds an answer as compact JSON text and counts its memory in ``held_bytes``; ``get``
+    parses it back. Anything else put (the ``None`` that tells a forwarder to stop) is passed as is.
+    """
+
+    def _init(self, maxsize: int) -> None:
+        super()._init(maxsize)
+        self.held_bytes = 0
+
+    def offer(self, answer: Dict[str, Any]) -> Optional[str]:
+        """Queue ``answer``, or say why not: over MAX_PENDING_INPUTS or MAX_PENDING_INPUT_BYTES (an empty
+        queue takes any one answer, so that every answer can get through)."""
+        if self.qsize() >= MAX_PENDING_INPUTS:
+            return f"the agent has not read the last {MAX_PENDING_INPUTS} input responses"
+        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        if self.qsize() and self.held_bytes + sys.getsizeof(text) > MAX_PENDING_INPUT_BYTES:
+            return f"the agent has not read {self.held_bytes} bytes of earlier input responses"
+        self.put_nowait(text)  # type: ignore[arg-type]
+        return None
+
+    def _put(self, item: Any) -> None:
+        if isinstance(item, str):
+            self.held_bytes += sys.getsizeof(item)
+        super()._put(item)
+
+    def _get(self) -> Any:
+        item = super()._get()
+        if isinstance(item, str):
+            self.held_bytes -= sys.getsizeof(item)
+            return json.loads(item)
+        return item
+
+
 class AgentSocket:
     """The agent protocol on one WebSocket (SPEC §6): attach, turns, input, cancel, ping."""
 
@@ -2564,6 +2703,7 @@ class AgentSocket:
         self.lobby = session_id is None
         self.live: Optional[LiveSession] = None
         self.pending: Optional[List[Union[str, bytes]]] = []  # messages held until attached; None once live
+        self.pending_bytes = 0  # their memory (sys.getsizeof): MAX_PENDING_BYTES at most
         self.user_id = user_id
         self.bridge: Any = None
 
@@ -2587,8 +2727,12 @@ class AgentSocket:
 
     def on_message(self, bridge: WebSocketBridge, message: Union[str, bytes]) -> None:
         if self.pending is not None:
+            self.pending_bytes += sys.getsizeof(message)
             if len(self.pending) >= MAX_PENDING_MESSAGES:
-                bridge.close(1008, "too many messages before the session was attached")
+                bridge.close(1008, "too many messages before the session was attached; wait for 'connected'")
+            elif self.pending_bytes > MAX_PENDING_BYTES:
+                bridge.close(1008, f"over {MAX_PENDING_BYTES >> 20} MiB sent before the session was attached; "
+                                   "wait for 'connected'")
             else:
                 self.pending.append(message)
             return
@@ -2619,11 +2763,22 @@ class AgentSocket:
         self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
-        held, self.pending = self.pending or [], None
+        held, self.pending, self.pending_bytes = self.pending or [], None, 0
         for message in ([first] if first is not None else []) + held:
             self._handle(message)
 
     async def _create_and_attach(self, first: Union[str, bytes]) -> None:
+        try:
+            self.gateway.admit_session_creation(self.bridge.request.client)
+        except HttpError as refusal:
+            # Still a lobby: the client may retry this execute once the wait is over.
+            self.session_id = None
+            retry_after = dict(refusal.headers).get("Retry-After")
+            self.send("error", {"message": refusal.detail, "retry_after": int(retry_after or 1)})
+            held, self.pending, self.pending_bytes = self.pending or [], None, 0
+            for message in held:
+                self._handle(message)
+            return
         try:
             created = await self.gateway.run_ops(self.gateway.ops.create_session)
         except OpsError as exc:
@@ -2691,13 +2846,12 @@ class AgentSocket:
         if turn is None:
             self.send("error", {"message": "no turn is waiting for input"})
             return
-        if turn.inputs.qsize() >= MAX_PENDING_INPUTS:
-            self.send("error", {"message": f"the agent has not read the last {MAX_PENDING_INPUTS} input responses; "
-                                           "this one was dropped"})
-            return
         input_id = data.get("input_id", "default")
-        turn.inputs.put_nowait({"input_id": input_id if isinstance(input_id, str) else "default",
-                                "response": data.get("response")})
+        refused = turn.inputs.offer({"input_id": input_id if isinstance(input_id, str) else "default",
+                                     "response": data.get("response")})
+        if refused:
+            self.send("error", {"message": f"{refused}; this one was dropped: send it again once the agent has read "
+                                           "them (after its next input_required)"})
 
 
 # ---------------------------------------------------------------------------------------------------------
