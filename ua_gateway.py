@@ -43,6 +43,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -108,6 +109,12 @@ AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
 AUTH_TRACKED_ADDRESSES = 10000  # bounded memory when an attacker rotates addresses
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
+FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
+# log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
+AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
+ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood cannot starve open connections
+ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
+REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
 
@@ -1025,7 +1032,8 @@ class Gateway:
         self.started_at = time.monotonic()
         self.root_problem: Optional[str] = None
         self.log: Optional[GatewayLog] = None
-        self.server: Optional[asyncio.AbstractServer] = None
+        self.server: Optional[Listener] = None
+        self.fd_budget: Optional[int] = None  # connections the open-file limit leaves room for, if it has one
         self.port = config.port
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
@@ -1045,6 +1053,7 @@ class Gateway:
         await loop.run_in_executor(self.executor, self.ops.ensure_root)
         self.assets = await loop.run_in_executor(self.executor, read_console_assets)
         self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME / ops_service.GATEWAY_LOG_NAME)
+        self.fd_budget = descriptor_budget()
         if self.agent is not None:
             agent = self.agent
         elif self.config.agent_cmd:
@@ -1052,17 +1061,12 @@ class Gateway:
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
-        self.server = await loop.create_server(
-            lambda: HttpConnection(self),
-            host=self.config.host,
-            port=self.config.port,
-            backlog=1024,
-            reuse_address=True,
-        )
+        self.server = await Listener.open(self, self.config.host, self.config.port, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
         self.started_at = time.monotonic()
         self._tasks = [loop.create_task(self._sweep_deadlines()), loop.create_task(self._watch_root())]
-        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root))
+        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
+                       connection_limit=self.connection_limit())
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
@@ -1084,6 +1088,15 @@ class Gateway:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
         self.executor.shutdown(wait=False)
+
+    def connection_limit(self) -> int:
+        """How many connections may be open now: ``max_connections``, lowered to what the open-file limit
+        leaves (``fd_budget``) once every running agent command has its AGENT_TURN_FDS descriptors."""
+        limit = self.config.max_connections
+        if self.fd_budget is not None:
+            commands = len(self.hub.agent_groups) if self.hub is not None else 0
+            limit = min(limit, self.fd_budget - AGENT_TURN_FDS * commands)
+        return limit
 
     async def _sweep_deadlines(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1424,9 +1437,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else ""
-        if len(self.gateway.connections) >= self.gateway.config.max_connections or self.gateway.draining:
-            detail = "the gateway is at its connection limit; retry shortly" if not self.gateway.draining else "the gateway is shutting down"
-            transport.write(serialize_response(error_response(HttpError(503, detail)), keep_alive=False))  # type: ignore[attr-defined]
+        if self.gateway.draining:  # the connection limit is the Listener's, decided before accepting
+            transport.write(refusal_bytes("the gateway is shutting down"))  # type: ignore[attr-defined]
             transport.close()
             self.closed = True
             return
@@ -2589,11 +2601,12 @@ class AgentSocket:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running the server: signals, the startup line, exit codes.
+# Running the server: accepting within the open-file limit, signals, the startup line, exit codes.
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one; ``descriptor_budget`` then sizes connections from it."""
     try:
         import resource
 
@@ -2604,9 +2617,182 @@ def _raise_fd_limit() -> None:
         pass
 
 
+def descriptor_budget() -> Optional[int]:
+    """How many connections the soft RLIMIT_NOFILE leaves room for once FD_RESERVE is kept, or None
+    where the limit is unknown or unlimited."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - FD_RESERVE, 1)
+
+
+def refusal_bytes(detail: str) -> bytes:
+    """A complete 503 answer, for a connection the gateway will not serve."""
+    error = HttpError(503, detail, headers=[("Retry-After", "1")])
+    return serialize_response(error_response(error), keep_alive=False)
+
+
+class Listener:
+    """The listening sockets and the accept loop of a gateway. Event loop only.
+
+    asyncio's own accept loop, when accept() fails for want of descriptors, reports a traceback and
+    schedules a retry for every remaining connection of a backlog-sized batch (CPython 3.9 to 3.13): at
+    the limit that is a busy CPU and megabytes of stderr a second. Here each accepted socket is checked
+    against ``Gateway.connection_limit`` first: past it, the peer gets a short 503 at once and the socket
+    is closed, from the descriptors FD_RESERVE keeps free. If accept() fails all the same (descriptors
+    taken by something else), accepting pauses for ACCEPT_RETRY_DELAY. Either way one ``connection_limit``
+    record a REPORT_INTERVAL at most says how many were refused, and nothing is written to stderr.
+    """
+
+    def __init__(self, gateway: Gateway, sockets: List[socket.socket]) -> None:
+        self.gateway = gateway
+        self.sockets = sockets
+        self.loop = asyncio.get_running_loop()
+        self.pending = 0  # accepted sockets whose HttpConnection is not made yet: they count against the limit
+        self.refused = 0  # since the last report
+        self.accept_failures = 0  # since the last report
+        self.detail = ""
+        self.paused = False
+        self.closed = False
+        self._report: Optional[asyncio.TimerHandle] = None
+        self._reported = -REPORT_INTERVAL
+
+    @classmethod
+    async def open(cls, gateway: Gateway, host: str, port: int, backlog: int) -> "Listener":
+        """Bind every address ``host`` resolves to (as ``loop.create_server`` does) and start accepting.
+        Raises OSError when an address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        sockets: List[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
+                sock.bind(address)
+                sock.listen(backlog)
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        listener = cls(gateway, sockets)
+        listener._start_accepting()
+        return listener
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; report refusals not yet reported."""
+        if self.closed:
+            return
+        self.closed = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        if self._report is not None:
+            self._report.cancel()
+            self._write_report()
+
+    def _start_accepting(self) -> None:
+        self.paused = False
+        if not self.closed:
+            for sock in self.sockets:
+                self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: retrying now would only spin
+                self.accept_failures += 1
+                self._pause(f"accept() failed: {exc.strerror or exc}")
+                return
+            if len(self.gateway.connections) + self.pending >= self.gateway.connection_limit():
+                self._refuse(conn)
+                continue
+            self.pending += 1
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            await self.loop.connect_accepted_socket(lambda: HttpConnection(self.gateway), conn)
+        except OSError:  # the peer is gone already
+            conn.close()
+        finally:
+            self.pending -= 1
+
+    def _refuse(self, conn: socket.socket) -> None:
+        limit = self.gateway.connection_limit()
+        try:
+            conn.setblocking(False)
+            conn.send(refusal_bytes(f"the gateway is at its connection limit ({max(limit, 0)}); retry shortly"))
+        except OSError:
+            pass
+        conn.close()
+        self.refused += 1
+        self._note(f"at the connection limit ({max(limit, 0)} for an open-file limit leaving {self.gateway.fd_budget})")
+
+    def _pause(self, detail: str) -> None:
+        if not self.paused:
+            self.paused = True
+            for sock in self.sockets:
+                self.loop.remove_reader(sock.fileno())
+            self.loop.call_later(ACCEPT_RETRY_DELAY, self._start_accepting)
+        self._note(detail)
+
+    def _note(self, detail: str) -> None:
+        self.detail = detail
+        if self._report is None:
+            delay = max(0.0, self._reported + REPORT_INTERVAL - self.loop.time())
+            self._report = self.loop.call_later(delay, self._write_report)
+
+    def _write_report(self) -> None:
+        self._report = None
+        self._reported = self.loop.time()
+        if self.gateway.log is not None:
+            self.gateway.log.write("connection_limit", refused=self.refused, accept_failures=self.accept_failures,
+                                   connections=len(self.gateway.connections) + self.pending, detail=self.detail)
+        self.refused = self.accept_failures = 0
+
+
+class LoopErrorReporter:
+    """The event loop's exception handler when the gateway owns the loop: asyncio's report on stderr,
+    one a REPORT_INTERVAL at most, the next one saying how many were left out. Whatever repeats an
+    error per event (a bug, an exhausted resource) then costs a line a second, not a flooded disk."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.reported = -REPORT_INTERVAL
+        self.left_out = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.reported < REPORT_INTERVAL:
+            self.left_out += 1
+            return
+        if self.left_out:
+            context = dict(context, message=f"{context.get('message')} ({self.left_out} earlier errors not reported)")
+        self.reported, self.left_out = now, 0
+        loop.default_exception_handler(context)
+        if self.gateway.log is not None:
+            self.gateway.log.write("loop_error", message=context.get("message"), error=repr(context.get("exception")))
+
+
 async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> int:
     """Run a gateway until SIGTERM or SIGINT; returns the exit status."""
     gateway = Gateway(config, agent=agent)
+    asyncio.get_running_loop().set_exception_handler(LoopErrorReporter(gateway))
     try:
         await gateway.start()
     except OSError as exc:
