@@ -107,8 +107,13 @@ AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
 AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
 AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
 AUTH_TRACKED_ADDRESSES = 10000  # bounded memory when an attacker rotates addresses
-GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
+GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
+GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
+GATEWAY_LOG_FIELD_CHARS = 256  # a logged string, JSON-escaped, is cut to this: a whole API path, not a client's 8 KiB
+GATEWAY_LOG_MAX_PENDING = 50000  # records waiting for a slow disk (2.5 s of a 20k/s flood); more are counted as dropped
+SECURITY_LOG_BURST = 100  # security.log takes this many records at once ...
+SECURITY_LOG_RATE = 10.0  # ... then this many a second: 64 MiB takes hours of flooding, not seconds
 FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
 # log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
 AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
@@ -158,6 +163,15 @@ def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, i
     return networks
 
 
+def _positive_int(env: Dict[str, str], name: str, default: int) -> int:
+    text = env.get(name) or ""
+    if not text:
+        return default
+    if not text.isdigit() or len(text) > MAX_INT_DIGITS or int(text) < 1:
+        raise ConfigError(f"{name} must be a whole number of at least 1, not {_show(text)}")
+    return int(text)
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -187,6 +201,7 @@ class Config:
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -204,6 +219,7 @@ class Config:
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
         self.max_connections = max_connections
+        self.log_rotate_bytes = log_rotate_bytes
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -235,6 +251,7 @@ class Config:
             allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
             allowed_hosts=_split_list(env.get("UA_ALLOWED_HOSTS")),
             agent_cmd=env.get("UA_AGENT_CMD") or None,
+            log_rotate_bytes=_positive_int(env, "UA_GATEWAY_LOG_ROTATE_BYTES", GATEWAY_LOG_ROTATE_BYTES),
         )
         values.update({key: value for key, value in overrides.items() if value is not None})
         if not 0 <= values["port"] <= 65535:
@@ -751,30 +768,125 @@ def request_tokens(request: Request) -> List[Optional[str]]:
 # The gateway's own log: JSON lines under <root>/_gateway/, written by one thread so the loop never waits.
 # ---------------------------------------------------------------------------------------------------------
 
+SECURITY_EVENTS = frozenset({"auth_failure", "connection_limit"})  # records also kept in security.log ...
+SECURITY_STATUSES = frozenset({403, 421, 429})  # ... and so are the access records of these refusals
+_LOG_FIELD_SHORT = GATEWAY_LOG_FIELD_CHARS // 12  # no string this short escapes past the cap (an emoji takes 12)
+_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # the C escaper json.dumps uses
+
+
+def log_field(value: Any) -> Any:
+    """``value`` as a log record holds it: None, booleans and numbers as they are; anything else as a
+    string whose JSON escaping is at most GATEWAY_LOG_FIELD_CHARS characters, cut and marked when longer.
+
+    The bound is on the escaped text, because that is what reaches the disk: a path of 512 '"' is 1,024
+    characters once escaped, and one astral character is 12.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= _LOG_FIELD_SHORT or len(_json_string(text)) - 2 <= GATEWAY_LOG_FIELD_CHARS:
+        return text
+    mark = f"...[{len(text)} chars, cut]"
+    room = GATEWAY_LOG_FIELD_CHARS - len(mark)
+    low, high = 0, min(len(text), room)  # the longest prefix that fits lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(_json_string(text[:middle])) - 2 <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + mark
+
+
+def _security_kind(event: str, fields: Dict[str, Any]) -> Optional[str]:
+    """What a record is for security.log's budget ("lockout", "access 429", ...), or None: not a security record."""
+    if event == "access":
+        status = fields.get("status")
+        return f"access {status}" if status in SECURITY_STATUSES else None
+    if event == "auth_failure" and fields.get("lockout"):
+        return "lockout"
+    return event if event in SECURITY_EVENTS else None
+
+
+class _SecurityBudget:
+    """Which security records reach security.log: one a second per (kind, client), and SECURITY_LOG_RATE a
+    second in all after a burst of SECURITY_LOG_BURST. A flood from one address costs one record a second;
+    one from many addresses costs SECURITY_LOG_RATE a second. What is held back is counted by kind.
+    Not thread-safe: GatewayLog's lock guards it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.tokens = float(SECURITY_LOG_BURST)
+        self.refilled = clock()
+        self.second = -1
+        self.written: "set[Tuple[str, Any]]" = set()  # keys written this second: at most BURST + RATE of them
+        self.suppressed: Dict[str, int] = {}
+
+    def admit(self, kind: str, client: Any) -> bool:
+        now = self.clock()
+        if int(now) != self.second:
+            self.second = int(now)
+            self.written.clear()
+        self.tokens = min(float(SECURITY_LOG_BURST), self.tokens + (now - self.refilled) * SECURITY_LOG_RATE)
+        self.refilled = now
+        key = (kind, client)
+        if key in self.written or self.tokens < 1.0:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return False
+        self.tokens -= 1.0
+        self.written.add(key)
+        return True
+
+    def take_suppressed(self) -> Dict[str, int]:
+        counts, self.suppressed = self.suppressed, {}
+        return counts
+
 
 class GatewayLog:
-    """Append-only JSON-lines log of access and events. ``write`` is cheap and thread-safe.
+    """Append-only JSON-lines logs of access and events. ``write`` is cheap and thread-safe.
 
     Records are collected in memory and written by one thread every GATEWAY_LOG_INTERVAL: waking a
     thread per request would make the event loop queue for the GIL after every socket call.
     Records never contain a token: callers pass only the fields listed in each call, never headers.
+
+    Every record goes to gateway.log, each field capped by ``log_field``, so a record is bounded whatever
+    a client sends. Security records (SECURITY_EVENTS, refusals with SECURITY_STATUSES) also go to
+    security.log within a ``_SecurityBudget``, with a ``security_suppressed`` record a second at most
+    counting what the budget held back: a request flood rotates gateway.log, not the auth failures.
+    Each file rotates past ``rotate_bytes`` and keeps GATEWAY_LOG_BACKUPS older files. ``dropped``
+    counts records lost to a full queue or a failed write (health shows it).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, directory: Path, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
+        self.path = directory / ops_service.GATEWAY_LOG_NAME
+        self.security_path = directory / ops_service.SECURITY_LOG_NAME
+        self.rotate_bytes = rotate_bytes
         self.dropped = 0
         self._pending: List[str] = []
+        self._security: List[str] = []
+        self._budget = _SecurityBudget()
+        self._summarized = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ua-gateway-log", daemon=True)
         self._thread.start()
 
     def write(self, event: str, **fields: Any) -> None:
+        for name, value in fields.items():
+            if not (value is None or isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= _LOG_FIELD_SHORT)):
+                fields[name] = log_field(value)
         # Formatted now: a string is not tracked by the garbage collector, while dicts held here for
         # 100 ms at 20k requests/s would survive into old generations and cost full collections.
         line = json.dumps({"ts": _log_stamp(), "event": event, **fields}, separators=(",", ":"))
+        kind = _security_kind(event, fields)
         with self._lock:
-            self._pending.append(line)
+            if len(self._pending) < GATEWAY_LOG_MAX_PENDING:
+                self._pending.append(line)
+            else:
+                self.dropped += 1
+            if kind is not None and self._budget.admit(kind, fields.get("client")):
+                self._security.append(line)
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is pending and stop the thread."""
@@ -786,30 +898,57 @@ class GatewayLog:
             stopping = self._stop.wait(GATEWAY_LOG_INTERVAL)
             with self._lock:
                 batch, self._pending = self._pending, []
+                security, self._security = self._security, []
+                summary = self._summary(final=stopping)
+            if summary:
+                security.append(summary)
             if batch:
-                self._append(batch)
+                self._append(self.path, batch)
+            if security:
+                self._append(self.security_path, security)
             if stopping:
                 return
 
-    def _append(self, batch: List[str]) -> None:
+    def _summary(self, final: bool) -> Optional[str]:
+        """A record of what the security budget held back, once a second at most (the caller holds the lock)."""
+        now = time.monotonic()
+        if not self._budget.suppressed or (now - self._summarized < REPORT_INTERVAL and not final):
+            return None
+        self._summarized = now
+        counts = self._budget.take_suppressed()
+        return json.dumps({"ts": _log_stamp(), "event": "security_suppressed", "records": sum(counts.values()),
+                           "by_kind": counts}, separators=(",", ":"))
+
+    def _append(self, path: Path, batch: List[str]) -> None:
         data = ("\n".join(batch) + "\n").encode()
         try:
-            if not self.path.parent.is_dir():
+            if not path.parent.is_dir():
                 # Recreate our own directory, but never the workspaces root: a missing root is the
                 # operator's to fix, and health reports it.
-                if not self.path.parent.parent.is_dir():
-                    raise FileNotFoundError(self.path.parent.parent)
-                self.path.parent.mkdir(exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+                if not path.parent.parent.is_dir():
+                    raise FileNotFoundError(path.parent.parent)
+                path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
             try:
                 os.write(fd, data)
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            if size > GATEWAY_LOG_ROTATE_BYTES:
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            if size > self.rotate_bytes:
+                _rotate(path, GATEWAY_LOG_BACKUPS)
         except OSError:
-            self.dropped += len(batch)
+            with self._lock:
+                self.dropped += len(batch)
+
+
+def _rotate(path: Path, backups: int) -> None:
+    """<name>.N-1 -> <name>.N, ..., <name> -> <name>.1: the oldest of ``backups`` rotated files is replaced."""
+    for index in range(backups - 1, 0, -1):
+        try:
+            os.replace(path.with_name(f"{path.name}.{index}"), path.with_name(f"{path.name}.{index + 1}"))
+        except FileNotFoundError:
+            pass
+    os.replace(path, path.with_name(path.name + ".1"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1052,7 +1191,7 @@ class Gateway:
         self.config.check_exposure()
         await loop.run_in_executor(self.executor, self.ops.ensure_root)
         self.assets = await loop.run_in_executor(self.executor, read_console_assets)
-        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME / ops_service.GATEWAY_LOG_NAME)
+        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME, self.config.log_rotate_bytes)
         self.fd_budget = descriptor_budget()
         if self.agent is not None:
             agent = self.agent
@@ -1321,9 +1460,11 @@ class Gateway:
 
     def health(self, request: Request, params: Dict[str, str]) -> Response:
         uptime = round(time.monotonic() - self.started_at, 3)
+        log_dropped = self.log.dropped if self.log is not None else 0  # records lost to a failing disk or a full queue
         if self.root_problem:
-            return json_response(503, {"status": "degraded", "detail": self.root_problem, "version": __version__, "uptime_s": uptime})
-        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime})
+            return json_response(503, {"status": "degraded", "detail": self.root_problem, "version": __version__, "uptime_s": uptime,
+                                       "log_dropped": log_dropped})
+        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, "log_dropped": log_dropped})
 
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
@@ -2822,7 +2963,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
         "(see 'sessions --help').",
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN, UA_ALLOWED_USERS, "
-        "UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, UA_AGENT_CMD. Flags override them.",
+        "UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, UA_AGENT_CMD, UA_GATEWAY_LOG_ROTATE_BYTES. "
+        "Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
     parser.add_argument("--host", help=f"address to bind (default {DEFAULT_HOST}; non-loopback needs UA_OPS_TOKEN)")
