@@ -77,6 +77,7 @@ __all__ = [
     "SESSION_ID_RE",
     "GATEWAY_DIR_NAME",
     "GATEWAY_LOG_NAME",
+    "SECURITY_LOG_NAME",
     "LOG_FILES",
     "HEARTBEAT_FILE_NAME",
     "MEMORY_FILE_NAME",
@@ -125,6 +126,7 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # SESSION_ID_RE, so it can never be listed, read or deleted as a session.
 GATEWAY_DIR_NAME = "_gateway"
 GATEWAY_LOG_NAME = "gateway.log"  # JSON lines, written by the server
+SECURITY_LOG_NAME = "security.log"  # the security records of gateway.log, kept apart so floods cannot rotate them away
 TRASH_DIR_NAME = "trash"  # <root>/_gateway/trash: deleted sessions are renamed here first
 
 LOG_FILES = ("run.log", "activity_journal.log")

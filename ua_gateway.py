@@ -45,6 +45,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -119,8 +120,19 @@ SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: f
 SESSION_CREATE_BURST = 250  # ... after a burst of this many: 200 clients starting at once (the load we test) fit
 SESSION_CREATE_PER_MINUTE = 600  # all addresses together: 36,000 directories an hour at most, whoever asks
 SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
-GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # one backup (gateway.log.1) of this size, then rotate
+GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
+GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
+GATEWAY_LOG_FIELD_CHARS = 256  # a logged string, JSON-escaped, is cut to this: a whole API path, not a client's 8 KiB
+GATEWAY_LOG_MAX_PENDING = 50000  # records waiting for a slow disk (2.5 s of a 20k/s flood); more are counted as dropped
+SECURITY_LOG_BURST = 100  # security.log takes this many records at once ...
+SECURITY_LOG_RATE = 10.0  # ... then this many a second: 64 MiB takes hours of flooding, not seconds
+FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
+# log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
+AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
+ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood cannot starve open connections
+ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
+REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
 
@@ -222,6 +234,15 @@ def _env_number(env: Dict[str, str], name: str, kind: Callable[[str], Any]) -> A
     return value
 
 
+def _positive_int(env: Dict[str, str], name: str, default: int) -> int:
+    text = env.get(name) or ""
+    if not text:
+        return default
+    if not text.isdigit() or len(text) > MAX_INT_DIGITS or int(text) < 1:
+        raise ConfigError(f"{name} must be a whole number of at least 1, not {_show(text)}")
+    return int(text)
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -255,6 +276,7 @@ class Config:
         session_create_rate: float = SESSION_CREATE_RATE,
         session_create_burst: int = SESSION_CREATE_BURST,
         session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
+        log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -276,6 +298,7 @@ class Config:
         self.session_create_rate = session_create_rate  # 0: no limit per address
         self.session_create_burst = session_create_burst
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
+        self.log_rotate_bytes = log_rotate_bytes
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -315,6 +338,7 @@ class Config:
             session_create_rate=_env_number(env, "UA_SESSION_CREATE_RATE", float),
             session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
             session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
+            log_rotate_bytes=_positive_int(env, "UA_GATEWAY_LOG_ROTATE_BYTES", GATEWAY_LOG_ROTATE_BYTES),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})
@@ -870,30 +894,125 @@ def request_tokens(request: Request) -> List[Optional[str]]:
 # The gateway's own log: JSON lines under <root>/_gateway/, written by one thread so the loop never waits.
 # ---------------------------------------------------------------------------------------------------------
 
+SECURITY_EVENTS = frozenset({"auth_failure", "connection_limit"})  # records also kept in security.log ...
+SECURITY_STATUSES = frozenset({403, 421, 429})  # ... and so are the access records of these refusals
+_LOG_FIELD_SHORT = GATEWAY_LOG_FIELD_CHARS // 12  # no string this short escapes past the cap (an emoji takes 12)
+_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # the C escaper json.dumps uses
+
+
+def log_field(value: Any) -> Any:
+    """``value`` as a log record holds it: None, booleans and numbers as they are; anything else as a
+    string whose JSON escaping is at most GATEWAY_LOG_FIELD_CHARS characters, cut and marked when longer.
+
+    The bound is on the escaped text, because that is what reaches the disk: a path of 512 '"' is 1,024
+    characters once escaped, and one astral character is 12.
+    """
+    if value is None or isinstance(value, (int, float)):
+        return value
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= _LOG_FIELD_SHORT or len(_json_string(text)) - 2 <= GATEWAY_LOG_FIELD_CHARS:
+        return text
+    mark = f"...[{len(text)} chars, cut]"
+    room = GATEWAY_LOG_FIELD_CHARS - len(mark)
+    low, high = 0, min(len(text), room)  # the longest prefix that fits lies in [low, high]
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(_json_string(text[:middle])) - 2 <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + mark
+
+
+def _security_kind(event: str, fields: Dict[str, Any]) -> Optional[str]:
+    """What a record is for security.log's budget ("lockout", "access 429", ...), or None: not a security record."""
+    if event == "access":
+        status = fields.get("status")
+        return f"access {status}" if status in SECURITY_STATUSES else None
+    if event == "auth_failure" and fields.get("lockout"):
+        return "lockout"
+    return event if event in SECURITY_EVENTS else None
+
+
+class _SecurityBudget:
+    """Which security records reach security.log: one a second per (kind, client), and SECURITY_LOG_RATE a
+    second in all after a burst of SECURITY_LOG_BURST. A flood from one address costs one record a second;
+    one from many addresses costs SECURITY_LOG_RATE a second. What is held back is counted by kind.
+    Not thread-safe: GatewayLog's lock guards it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.tokens = float(SECURITY_LOG_BURST)
+        self.refilled = clock()
+        self.second = -1
+        self.written: "set[Tuple[str, Any]]" = set()  # keys written this second: at most BURST + RATE of them
+        self.suppressed: Dict[str, int] = {}
+
+    def admit(self, kind: str, client: Any) -> bool:
+        now = self.clock()
+        if int(now) != self.second:
+            self.second = int(now)
+            self.written.clear()
+        self.tokens = min(float(SECURITY_LOG_BURST), self.tokens + (now - self.refilled) * SECURITY_LOG_RATE)
+        self.refilled = now
+        key = (kind, client)
+        if key in self.written or self.tokens < 1.0:
+            self.suppressed[kind] = self.suppressed.get(kind, 0) + 1
+            return False
+        self.tokens -= 1.0
+        self.written.add(key)
+        return True
+
+    def take_suppressed(self) -> Dict[str, int]:
+        counts, self.suppressed = self.suppressed, {}
+        return counts
+
 
 class GatewayLog:
-    """Append-only JSON-lines log of access and events. ``write`` is cheap and thread-safe.
+    """Append-only JSON-lines logs of access and events. ``write`` is cheap and thread-safe.
 
     Records are collected in memory and written by one thread every GATEWAY_LOG_INTERVAL: waking a
     thread per request would make the event loop queue for the GIL after every socket call.
     Records never contain a token: callers pass only the fields listed in each call, never headers.
+
+    Every record goes to gateway.log, each field capped by ``log_field``, so a record is bounded whatever
+    a client sends. Security records (SECURITY_EVENTS, refusals with SECURITY_STATUSES) also go to
+    security.log within a ``_SecurityBudget``, with a ``security_suppressed`` record a second at most
+    counting what the budget held back: a request flood rotates gateway.log, not the auth failures.
+    Each file rotates past ``rotate_bytes`` and keeps GATEWAY_LOG_BACKUPS older files. ``dropped``
+    counts records lost to a full queue or a failed write (health shows it).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, directory: Path, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
+        self.path = directory / ops_service.GATEWAY_LOG_NAME
+        self.security_path = directory / ops_service.SECURITY_LOG_NAME
+        self.rotate_bytes = rotate_bytes
         self.dropped = 0
         self._pending: List[str] = []
+        self._security: List[str] = []
+        self._budget = _SecurityBudget()
+        self._summarized = time.monotonic()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ua-gateway-log", daemon=True)
         self._thread.start()
 
     def write(self, event: str, **fields: Any) -> None:
+        for name, value in fields.items():
+            if not (value is None or isinstance(value, (int, float)) or (isinstance(value, str) and len(value) <= _LOG_FIELD_SHORT)):
+                fields[name] = log_field(value)
         # Formatted now: a string is not tracked by the garbage collector, while dicts held here for
         # 100 ms at 20k requests/s would survive into old generations and cost full collections.
         line = json.dumps({"ts": _log_stamp(), "event": event, **fields}, separators=(",", ":"))
+        kind = _security_kind(event, fields)
         with self._lock:
-            self._pending.append(line)
+            if len(self._pending) < GATEWAY_LOG_MAX_PENDING:
+                self._pending.append(line)
+            else:
+                self.dropped += 1
+            if kind is not None and self._budget.admit(kind, fields.get("client")):
+                self._security.append(line)
 
     def close(self, timeout: float = 2.0) -> None:
         """Write what is pending and stop the thread."""
@@ -905,30 +1024,57 @@ class GatewayLog:
             stopping = self._stop.wait(GATEWAY_LOG_INTERVAL)
             with self._lock:
                 batch, self._pending = self._pending, []
+                security, self._security = self._security, []
+                summary = self._summary(final=stopping)
+            if summary:
+                security.append(summary)
             if batch:
-                self._append(batch)
+                self._append(self.path, batch)
+            if security:
+                self._append(self.security_path, security)
             if stopping:
                 return
 
-    def _append(self, batch: List[str]) -> None:
+    def _summary(self, final: bool) -> Optional[str]:
+        """A record of what the security budget held back, once a second at most (the caller holds the lock)."""
+        now = time.monotonic()
+        if not self._budget.suppressed or (now - self._summarized < REPORT_INTERVAL and not final):
+            return None
+        self._summarized = now
+        counts = self._budget.take_suppressed()
+        return json.dumps({"ts": _log_stamp(), "event": "security_suppressed", "records": sum(counts.values()),
+                           "by_kind": counts}, separators=(",", ":"))
+
+    def _append(self, path: Path, batch: List[str]) -> None:
         data = ("\n".join(batch) + "\n").encode()
         try:
-            if not self.path.parent.is_dir():
+            if not path.parent.is_dir():
                 # Recreate our own directory, but never the workspaces root: a missing root is the
                 # operator's to fix, and health reports it.
-                if not self.path.parent.parent.is_dir():
-                    raise FileNotFoundError(self.path.parent.parent)
-                self.path.parent.mkdir(exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+                if not path.parent.parent.is_dir():
+                    raise FileNotFoundError(path.parent.parent)
+                path.parent.mkdir(exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
             try:
                 os.write(fd, data)
                 size = os.fstat(fd).st_size
             finally:
                 os.close(fd)
-            if size > GATEWAY_LOG_ROTATE_BYTES:
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            if size > self.rotate_bytes:
+                _rotate(path, GATEWAY_LOG_BACKUPS)
         except OSError:
-            self.dropped += len(batch)
+            with self._lock:
+                self.dropped += len(batch)
+
+
+def _rotate(path: Path, backups: int) -> None:
+    """<name>.N-1 -> <name>.N, ..., <name> -> <name>.1: the oldest of ``backups`` rotated files is replaced."""
+    for index in range(backups - 1, 0, -1):
+        try:
+            os.replace(path.with_name(f"{path.name}.{index}"), path.with_name(f"{path.name}.{index + 1}"))
+        except FileNotFoundError:
+            pass
+    os.replace(path, path.with_name(path.name + ".1"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1151,7 +1297,8 @@ class Gateway:
         self.started_at = time.monotonic()
         self.root_problem: Optional[str] = None
         self.log: Optional[GatewayLog] = None
-        self.server: Optional[asyncio.AbstractServer] = None
+        self.server: Optional[Listener] = None
+        self.fd_budget: Optional[int] = None  # connections the open-file limit leaves room for, if it has one
         self.port = config.port
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
@@ -1170,7 +1317,8 @@ class Gateway:
         self.config.check_exposure()
         await loop.run_in_executor(self.executor, self.ops.ensure_root)
         self.assets = await loop.run_in_executor(self.executor, read_console_assets)
-        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME / ops_service.GATEWAY_LOG_NAME)
+        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME, self.config.log_rotate_bytes)
+        self.fd_budget = descriptor_budget()
         if self.agent is not None:
             agent = self.agent
         elif self.config.agent_cmd:
@@ -1178,17 +1326,12 @@ class Gateway:
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
-        self.server = await loop.create_server(
-            lambda: HttpConnection(self),
-            host=self.config.host,
-            port=self.config.port,
-            backlog=1024,
-            reuse_address=True,
-        )
+        self.server = await Listener.open(self, self.config.host, self.config.port, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
         self.started_at = time.monotonic()
         self._tasks = [loop.create_task(self._sweep_deadlines()), loop.create_task(self._watch_root())]
-        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root))
+        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
+                       connection_limit=self.connection_limit())
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
@@ -1210,6 +1353,15 @@ class Gateway:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
         self.executor.shutdown(wait=False)
+
+    def connection_limit(self) -> int:
+        """How many connections may be open now: ``max_connections``, lowered to what the open-file limit
+        leaves (``fd_budget``) once every running agent command has its AGENT_TURN_FDS descriptors."""
+        limit = self.config.max_connections
+        if self.fd_budget is not None:
+            commands = len(self.hub.agent_groups) if self.hub is not None else 0
+            limit = min(limit, self.fd_budget - AGENT_TURN_FDS * commands)
+        return limit
 
     async def _sweep_deadlines(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1435,9 +1587,11 @@ class Gateway:
 
     def health(self, request: Request, params: Dict[str, str]) -> Response:
         uptime = round(time.monotonic() - self.started_at, 3)
+        log_dropped = self.log.dropped if self.log is not None else 0  # records lost to a failing disk or a full queue
         if self.root_problem:
-            return json_response(503, {"status": "degraded", "detail": self.root_problem, "version": __version__, "uptime_s": uptime})
-        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime})
+            return json_response(503, {"status": "degraded", "detail": self.root_problem, "version": __version__, "uptime_s": uptime,
+                                       "log_dropped": log_dropped})
+        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, "log_dropped": log_dropped})
 
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
@@ -1573,9 +1727,8 @@ class HttpConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.client = str(peer[0]) if peer else ""
-        if len(self.gateway.connections) >= self.gateway.config.max_connections or self.gateway.draining:
-            detail = "the gateway is at its connection limit; retry shortly" if not self.gateway.draining else "the gateway is shutting down"
-            transport.write(serialize_response(error_response(HttpError(503, detail)), keep_alive=False))  # type: ignore[attr-defined]
+        if self.gateway.draining:  # the connection limit is the Listener's, decided before accepting
+            transport.write(refusal_bytes("the gateway is shutting down"))  # type: ignore[attr-defined]
             transport.close()
             self.closed = True
             return
@@ -2855,11 +3008,12 @@ class AgentSocket:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Running the server: signals, the startup line, exit codes.
+# Running the server: accepting within the open-file limit, signals, the startup line, exit codes.
 # ---------------------------------------------------------------------------------------------------------
 
 
 def _raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one; ``descriptor_budget`` then sizes connections from it."""
     try:
         import resource
 
@@ -2891,10 +3045,183 @@ def _forbid_inspection() -> bool:
         return False
 
 
+def descriptor_budget() -> Optional[int]:
+    """How many connections the soft RLIMIT_NOFILE leaves room for once FD_RESERVE is kept, or None
+    where the limit is unknown or unlimited."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, ValueError, OSError):
+        return None
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - FD_RESERVE, 1)
+
+
+def refusal_bytes(detail: str) -> bytes:
+    """A complete 503 answer, for a connection the gateway will not serve."""
+    error = HttpError(503, detail, headers=[("Retry-After", "1")])
+    return serialize_response(error_response(error), keep_alive=False)
+
+
+class Listener:
+    """The listening sockets and the accept loop of a gateway. Event loop only.
+
+    asyncio's own accept loop, when accept() fails for want of descriptors, reports a traceback and
+    schedules a retry for every remaining connection of a backlog-sized batch (CPython 3.9 to 3.13): at
+    the limit that is a busy CPU and megabytes of stderr a second. Here each accepted socket is checked
+    against ``Gateway.connection_limit`` first: past it, the peer gets a short 503 at once and the socket
+    is closed, from the descriptors FD_RESERVE keeps free. If accept() fails all the same (descriptors
+    taken by something else), accepting pauses for ACCEPT_RETRY_DELAY. Either way one ``connection_limit``
+    record a REPORT_INTERVAL at most says how many were refused, and nothing is written to stderr.
+    """
+
+    def __init__(self, gateway: Gateway, sockets: List[socket.socket]) -> None:
+        self.gateway = gateway
+        self.sockets = sockets
+        self.loop = asyncio.get_running_loop()
+        self.pending = 0  # accepted sockets whose HttpConnection is not made yet: they count against the limit
+        self.refused = 0  # since the last report
+        self.accept_failures = 0  # since the last report
+        self.detail = ""
+        self.paused = False
+        self.closed = False
+        self._report: Optional[asyncio.TimerHandle] = None
+        self._reported = -REPORT_INTERVAL
+
+    @classmethod
+    async def open(cls, gateway: Gateway, host: str, port: int, backlog: int) -> "Listener":
+        """Bind every address ``host`` resolves to (as ``loop.create_server`` does) and start accepting.
+        Raises OSError when an address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        sockets: List[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # IPv4 has its own socket
+                sock.bind(address)
+                sock.listen(backlog)
+                sock.setblocking(False)
+        except OSError:
+            for sock in sockets:
+                sock.close()
+            raise
+        listener = cls(gateway, sockets)
+        listener._start_accepting()
+        return listener
+
+    def close(self) -> None:
+        """Stop accepting and close the listening sockets; report refusals not yet reported."""
+        if self.closed:
+            return
+        self.closed = True
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        if self._report is not None:
+            self._report.cancel()
+            self._write_report()
+
+    def _start_accepting(self) -> None:
+        self.paused = False
+        if not self.closed:
+            for sock in self.sockets:
+                self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: retrying now would only spin
+                self.accept_failures += 1
+                self._pause(f"accept() failed: {exc.strerror or exc}")
+                return
+            if len(self.gateway.connections) + self.pending >= self.gateway.connection_limit():
+                self._refuse(conn)
+                continue
+            self.pending += 1
+            self.loop.create_task(self._connect(conn))
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            conn.setblocking(False)
+            await self.loop.connect_accepted_socket(lambda: HttpConnection(self.gateway), conn)
+        except OSError:  # the peer is gone already
+            conn.close()
+        finally:
+            self.pending -= 1
+
+    def _refuse(self, conn: socket.socket) -> None:
+        limit = self.gateway.connection_limit()
+        try:
+            conn.setblocking(False)
+            conn.send(refusal_bytes(f"the gateway is at its connection limit ({max(limit, 0)}); retry shortly"))
+        except OSError:
+            pass
+        conn.close()
+        self.refused += 1
+        self._note(f"at the connection limit ({max(limit, 0)} for an open-file limit leaving {self.gateway.fd_budget})")
+
+    def _pause(self, detail: str) -> None:
+        if not self.paused:
+            self.paused = True
+            for sock in self.sockets:
+                self.loop.remove_reader(sock.fileno())
+            self.loop.call_later(ACCEPT_RETRY_DELAY, self._start_accepting)
+        self._note(detail)
+
+    def _note(self, detail: str) -> None:
+        self.detail = detail
+        if self._report is None:
+            delay = max(0.0, self._reported + REPORT_INTERVAL - self.loop.time())
+            self._report = self.loop.call_later(delay, self._write_report)
+
+    def _write_report(self) -> None:
+        self._report = None
+        self._reported = self.loop.time()
+        if self.gateway.log is not None:
+            self.gateway.log.write("connection_limit", refused=self.refused, accept_failures=self.accept_failures,
+                                   connections=len(self.gateway.connections) + self.pending, detail=self.detail)
+        self.refused = self.accept_failures = 0
+
+
+class LoopErrorReporter:
+    """The event loop's exception handler when the gateway owns the loop: asyncio's report on stderr,
+    one a REPORT_INTERVAL at most, the next one saying how many were left out. Whatever repeats an
+    error per event (a bug, an exhausted resource) then costs a line a second, not a flooded disk."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.reported = -REPORT_INTERVAL
+        self.left_out = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.reported < REPORT_INTERVAL:
+            self.left_out += 1
+            return
+        if self.left_out:
+            context = dict(context, message=f"{context.get('message')} ({self.left_out} earlier errors not reported)")
+        self.reported, self.left_out = now, 0
+        loop.default_exception_handler(context)
+        if self.gateway.log is not None:
+            self.gateway.log.write("loop_error", message=context.get("message"), error=repr(context.get("exception")))
+
+
 async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> int:
     """Run a gateway until SIGTERM or SIGINT; returns the exit status."""
     _forbid_inspection()
     gateway = Gateway(config, agent=agent)
+    asyncio.get_running_loop().set_exception_handler(LoopErrorReporter(gateway))
     try:
         await gateway.start()
     except OSError as exc:
@@ -2924,8 +3251,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
         "(see 'sessions --help').",
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
-        "the path of a file holding it), UA_ALLOWED_USERS, "
-        "UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, UA_AGENT_CMD. Flags override them.",
+        "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
+        "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
+        "UA_GATEWAY_LOG_ROTATE_BYTES. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
     parser.add_argument("--host", help=f"address to bind (default {DEFAULT_HOST}; non-loopback needs UA_OPS_TOKEN)")
