@@ -1315,7 +1315,11 @@ class Gateway:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.config.check_exposure()
-        await loop.run_in_executor(self.executor, self.ops.ensure_root)
+        try:
+            await loop.run_in_executor(self.executor, self.ops.ensure_root)
+        except OSError as exc:
+            raise ConfigError(f"cannot create or open the workspaces root {self.ops.root}: {exc.strerror or exc}; "
+                              "create it, fix its permissions, or point UA_WORKSPACES_DIR / --workspaces elsewhere") from None
         self.assets = await loop.run_in_executor(self.executor, read_console_assets)
         self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME, self.config.log_rotate_bytes)
         self.fd_budget = descriptor_budget()
@@ -3224,6 +3228,9 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     asyncio.get_running_loop().set_exception_handler(LoopErrorReporter(gateway))
     try:
         await gateway.start()
+    except ConfigError as exc:
+        print(f"ua-gateway: error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"ua-gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
               " (another gateway may be running there; choose another --port)", file=sys.stderr)

@@ -179,3 +179,12 @@ def test_port_in_use_is_reported_clearly(tmp_path):
         )
     assert result.returncode == 1
     assert "--port" in result.stderr
+
+
+def test_an_unusable_workspaces_root_exits_2_naming_the_root_not_the_port(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    result = run_cli("--port", "0", "--workspaces", str(blocker / "root"))
+    assert result.returncode == 2
+    assert "workspaces root" in result.stderr and str(blocker / "root") in result.stderr
+    assert "--port" not in result.stderr
