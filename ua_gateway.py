@@ -117,8 +117,8 @@ AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
 AUTH_TRACKED_ADDRESSES = 10000  # per table (failures, lockouts): bounded memory when an attacker rotates addresses
 SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: far above a person or an agent
 # runner at work, far below the 2,400 a second one local script made (4,800 directories a second)
-SESSION_CREATE_BURST = 250  # ... after a burst of this many: 200 clients starting at once (the load we test) fit
-SESSION_CREATE_PER_MINUTE = 600  # all addresses together: 36,000 directories an hour at most, whoever asks
+SESSION_CREATE_BURST = 1000  # ... after a burst of this many: a fleet of 1,000 clients starting at once fits
+SESSION_CREATE_PER_MINUTE = 3000  # all addresses together: 180,000 session directories an hour at most, whoever asks
 SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
 GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
