@@ -467,6 +467,11 @@ class RequestParser:
     def in_body(self) -> bool:
         return self._pending is not None
 
+    @property
+    def pending_head(self) -> Optional[Request]:
+        """The request whose head has arrived and whose body is still arriving, if any."""
+        return self._pending
+
     def take_remaining(self) -> bytes:
         """Hand over what follows the last request (the first WebSocket frames after an upgrade)."""
         data = bytes(self._buffer)
@@ -1433,6 +1438,18 @@ class Gateway:
             self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token)
         return route, params
 
+    def refuse_before_body(self, request: Request) -> Optional[Response]:
+        """The answer to a request whose body has not arrived yet, when ``admit`` refuses it; else None.
+
+        The refusal closes the connection: the unread body is discarded, never parsed as requests."""
+        try:
+            self.admit(request, _subprotocol_token(request) if request.upgrade else None)
+        except HttpError as error:
+            response = error_response(error)
+            response.close = True
+            return response
+        return None
+
     def internal_error(self, request: Request, error: BaseException) -> Response:
         if self.log is not None:
             self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
@@ -1836,6 +1853,16 @@ class HttpConnection(asyncio.Protocol):
             self._enter("send")
 
     def _await_more(self) -> None:
+        head = self.parser.pending_head
+        if head is not None and not head.client:
+            # Its body is still to come: refuse now if the route would, before a byte of it is held
+            # or a "100 Continue" invites it (an anonymous client could otherwise pin 1 MiB per socket).
+            head.client = self.client
+            head.started = self.loop.time()
+            refusal = self.gateway.refuse_before_body(head)
+            if refusal is not None:
+                self._send(refusal, head)
+                return
         if self.parser.expects_continue and not self.continue_sent:
             self.continue_sent = True
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
