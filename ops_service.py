@@ -20,7 +20,8 @@ Rules this module keeps
   so a reader sees the old file or the new one, never an empty or half-written one.
 * Operations that change a session hold that session's lock, so they are serialized
   with each other and with ``append_log``. Reads take no lock.
-* The cost of a log slice grows with the bytes it returns, not with the file's size.
+* The cost of a log slice grows with the bytes it returns, not with the file's size; the cost of
+  a compaction with the bytes it keeps plus MAX_LINE_SCAN (a longer line counts as cut).
 
 Theory of operation
 -------------------
