@@ -20,7 +20,8 @@ Rules this module keeps
   so a reader sees the old file or the new one, never an empty or half-written one.
 * Operations that change a session hold that session's lock, so they are serialized
   with each other and with ``append_log``. Reads take no lock.
-* The cost of a log slice grows with the bytes it returns, not with the file's size.
+* The cost of a log slice grows with the bytes it returns, not with the file's size; the cost of
+  a compaction with the bytes it keeps plus MAX_LINE_SCAN (a longer line counts as cut).
 
 Theory of operation
 -------------------
@@ -93,6 +94,7 @@ __all__ = [
     "LIST_MAX_LIMIT",
     "COMPACT_DEFAULT_MAX_LINES",
     "COMPACT_DEFAULT_MAX_BYTES",
+    "MAX_LINE_SCAN",
     "MAX_HEARTBEAT_BYTES",
     "MAX_TREE_DEPTH",
     "STATUSES",
@@ -146,6 +148,12 @@ LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client
 
 COMPACT_DEFAULT_MAX_LINES = 400  # SPEC §5 defaults of the compact body
 COMPACT_DEFAULT_MAX_BYTES = 250_000
+# PROTOCOL §5.7: compaction looks back at most this far for the start of a line; a longer line is
+# treated as cut this many bytes before its end, and nothing before the cut is kept. Without it, one
+# newline-less multi-GiB log made a compaction read the whole file while it held the session lock,
+# and an unfinished line was copied whole however long. 1 MiB: the longest line an agent's output
+# yields (MAX_AGENT_LINE) and more than a slice returns (MAX_MAX_BYTES), so no real line is cut.
+MAX_LINE_SCAN = 1 << 20
 
 # A heartbeat is a few hundred bytes; a bigger file is not one we wrote, so it is not
 # parsed (it reads as null) and write_heartbeat refuses to write one.
@@ -1034,32 +1042,46 @@ class _CompactPlan(NamedTuple):
 
 
 def _end_of_complete_lines(fd: int, size: int) -> int:
-    """Offset just after the last newline; 0 if there is none."""
+    """Offset just after the last newline; 0 if the file has none; -1 if the unfinished last
+    line is longer than MAX_LINE_SCAN (no newline in the bytes that could start it)."""
+    floor = max(0, size - MAX_LINE_SCAN - 1)  # a newline at size - MAX_LINE_SCAN - 1 starts a line that fits
     pos = size
-    while pos > 0:
-        step = min(IO_CHUNK, pos)
+    while pos > floor:
+        step = min(IO_CHUNK, pos - floor)
         chunk = _read_exact(fd, step, pos - step)
         pos -= step
         last = chunk.rfind(b"\n")
         if last >= 0:
             return pos + last + 1
-    return 0
+    return -1 if size > MAX_LINE_SCAN else 0
 
 
 def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _CompactPlan:
-    """Keep the last ``max_lines`` complete lines within ``max_bytes``, plus the unfinished line."""
+    """Keep the last ``max_lines`` complete lines within ``max_bytes``, plus the unfinished line.
+
+    Reads at most the kept bytes plus MAX_LINE_SCAN (and one IO_CHUNK), whatever the file's size: a
+    line longer than MAX_LINE_SCAN counts as starting MAX_LINE_SCAN bytes before its end (cut), and
+    nothing before it is kept. An unfinished last line that long is kept cut, alone.
+    """
     end = _end_of_complete_lines(fd, size)
+    if end < 0:
+        return _CompactPlan(size - MAX_LINE_SCAN, 0)
     if end == 0:
         return _CompactPlan(0, 0)
     if max_lines == 0 or max_bytes == 0:
         return _CompactPlan(end, 0)
-    keep = end
+    keep = end  # start of the oldest line kept so far; the line being looked for ends here
     kept = 0
     # A line that would start before `lowest` cannot fit in max_bytes: scan no further.
     lowest = max(0, end - max_bytes)
     pos = end - 1  # the newline at end - 1 closes the last line, it starts none
-    while pos > lowest - 1 and pos > 0:
-        step = min(IO_CHUNK, pos - max(0, lowest - 1))
+    while pos > 0:
+        # A newline at `floor` is the lowest one that can start a line that fits both bounds;
+        # it only moves down as lines are kept, so every byte already read stays in the window.
+        floor = max(0, lowest - 1, keep - 1 - MAX_LINE_SCAN)
+        if pos <= floor:
+            break
+        step = min(IO_CHUNK, pos - floor)
         chunk = _read_exact(fd, step, pos - step)
         pos -= step
         index = len(chunk)
@@ -1068,13 +1090,17 @@ def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _Com
             if index < 0:
                 break
             line_start = pos + index + 1
-            if kept == max_lines or line_start < lowest:
+            if line_start < lowest:
                 return _CompactPlan(keep, kept)
             keep = line_start
             kept += 1
-    if pos == 0 and kept < max_lines and lowest == 0:
-        # The file's first line starts at offset 0, with no newline before it.
-        return _CompactPlan(0, kept + 1)
+            if kept == max_lines:
+                return _CompactPlan(keep, kept)
+    # No newline down to the floor: the line ending at `keep` starts at offset 0, or is longer
+    # than MAX_LINE_SCAN and is cut; kept only if it fits max_bytes.
+    line_start = keep - MAX_LINE_SCAN if keep > MAX_LINE_SCAN else 0
+    if line_start >= lowest:
+        return _CompactPlan(line_start, kept + 1)
     return _CompactPlan(keep, kept)
 
 

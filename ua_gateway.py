@@ -2431,7 +2431,15 @@ class SessionWriter:
     live file, and nothing is written into an archive. ``append`` and ``heartbeat`` are called on the
     event loop; what they collect within SESSION_WRITE_DELAY reaches the thread as one batch, so a
     burst of events and turns costs one hand-off, one write per file and one heartbeat per session.
+
+    The thread never waits for a session's lock: a session that is busy (a long compaction or reset
+    holds its lock) keeps its items, in order, for the next pass, retried every BUSY_RETRY seconds,
+    so one slow session cannot stall the journals and heartbeats of all others.
     """
+
+    # s: how soon the items of a busy session are tried again; short, so that its lines reach disk
+    # right after the lock is free, yet a try is one non-blocking acquire, so retrying costs nothing.
+    BUSY_RETRY = 0.02
 
     def __init__(self, ops: OpsService, log: Optional[GatewayLog]) -> None:
         self.ops = ops
@@ -2465,10 +2473,16 @@ class SessionWriter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        # Items of sessions that were busy at the last pass, oldest first: they go before anything
+        # newer of the same session, so no file's lines are reordered.
+        deferred: List[Tuple[str, str, Optional[str], Any]] = []
         while True:
-            batch = self._queue.get()
+            try:
+                batch = self._queue.get(timeout=self.BUSY_RETRY) if deferred else self._queue.get()
+            except queue.Empty:
+                batch = []
             stop = batch is None
-            batch = batch or []
+            batch = deferred + (batch or [])
             # Take the whole backlog at once: when writing falls behind (200 busy sessions, a slow
             # disk), it folds into one write per file and one heartbeat per session.
             while not stop:
@@ -2480,12 +2494,14 @@ class SessionWriter:
                     stop = True
                 else:
                     batch.extend(more)
-            if batch:
-                self._write(batch)
+            # At close, wait for busy sessions: what was handed over is written, not left behind.
+            deferred = self._write(batch, wait=stop) if batch else []
             if stop:
                 return
 
-    def _write(self, batch: List[Tuple[str, str, Optional[str], Any]]) -> None:
+    def _write(self, batch: List[Tuple[str, str, Optional[str], Any]], wait: bool = False
+               ) -> List[Tuple[str, str, Optional[str], Any]]:
+        """Write the batch; returns the items of the sessions whose lock was busy (unless ``wait``)."""
         # One write per file and one heartbeat per session for the whole batch: order matters only
         # within a file, and a heartbeat is a state of which the latest is the one to keep.
         appends: Dict[Tuple[str, str], List[bytes]] = {}
@@ -2495,23 +2511,38 @@ class SessionWriter:
                 appends.setdefault((session_id, file_name or ""), []).append(payload)
             else:
                 heartbeats[session_id] = payload
-        actions = [
-            (session_id, file_name, functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks)))
-            for (session_id, file_name), chunks in appends.items()
-        ] + [
-            (session_id, None, functools.partial(self.ops.write_heartbeat, session_id, state))
-            for session_id, state in heartbeats.items()
-        ]
-        for session_id, file_name, action in actions:
+        actions: Dict[str, List[Tuple[Optional[str], Callable[[], Any]]]] = {}
+        for (session_id, file_name), chunks in appends.items():
+            actions.setdefault(session_id, []).append(
+                (file_name, functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks))))
+        for session_id, state in heartbeats.items():
+            actions.setdefault(session_id, []).append(
+                (None, functools.partial(self.ops.write_heartbeat, session_id, state)))
+        busy = set()
+        for session_id, session_actions in actions.items():
+            # The same re-entrant lock append_log and write_heartbeat take: holding it across the
+            # session's writes makes their own acquire immediate.
+            lock = self.ops.session_lock(session_id)
+            if not lock.acquire(blocking=wait):
+                busy.add(session_id)
+                continue
             try:
-                action()
-            except SessionNotFound:
-                pass  # deleted while its turn was ending: nothing to keep
-            except (OpsError, OSError) as exc:
-                self.dropped += 1
-                if self.log is not None:
-                    self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
-                                   detail=str(exc)[:300])
+                for file_name, action in session_actions:
+                    self._run_action(session_id, file_name, action)
+            finally:
+                lock.release()
+        return [item for item in batch if item[1] in busy]
+
+    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except SessionNotFound:
+            pass  # deleted while its turn was ending: nothing to keep
+        except (OpsError, OSError) as exc:
+            self.dropped += 1
+            if self.log is not None:
+                self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
+                               detail=str(exc)[:300])
 
 
 class AgentTurn:
