@@ -58,6 +58,7 @@ import binascii
 import errno
 import hashlib
 import hmac
+import heapq
 import json
 import math
 import os
@@ -887,13 +888,28 @@ def _has_one_link(st: os.stat_result) -> bool:
     return st.st_nlink == 1
 
 
+# Archive stamps _is_own_log looks into for the second name of a live log, newest first.
+# Compaction links into the stamp it has just made, the newest; a few more cover stamps
+# made by resets in the same moment. Each costs two opens and a stat per log read.
+OWN_LOG_STAMPS = 4
+
+# Entries of "files" and of "archives" in session details (SPEC §5): an agent can create
+# any number of names, and each costs a stat and JSON bytes; past the cap the answer
+# says "files_truncated" / "archives_truncated" and gives the totals.
+DETAILS_MAX_ENTRIES = 1000
+
+
 def _is_own_log(dir_fd: int, name: str, st: os.stat_result) -> bool:
     """True if the live log ``name`` (fstat ``st``) of the session open as ``dir_fd`` is the
     session's own: one link, or two where the other is ``archive/<stamp>/<name>``, which
     compaction makes for a moment before swapping in the new file (or leaves behind when it
     is killed there). Both names are then inside the session, so no outside name exists.
 
-    Looks at the archive only for a file with two links, newest stamp first.
+    Looks at the archive only for a file with two links, and only in the OWN_LOG_STAMPS
+    newest stamps: compaction's stamp is the newest one it just made, and opening every
+    stamp of an archive an agent filled with 30,000 directories took a second per read.
+    A log whose copy sorts further back reads as not the session's own (append_log then
+    moves it aside into a new stamp: nothing is lost).
     """
     if st.st_nlink == 1:
         return True
@@ -903,7 +919,8 @@ def _is_own_log(dir_fd: int, name: str, st: os.stat_result) -> bool:
         with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
             if archive_fd is None:
                 return False
-            for stamp in sorted(os.listdir(archive_fd), key=_stamp_sort_key, reverse=True):
+            newest = heapq.nlargest(OWN_LOG_STAMPS, os.listdir(archive_fd), key=_stamp_sort_key)
+            for stamp in newest:
                 with _dir_at(stamp, archive_fd) as stamp_fd:
                     if stamp_fd is not None and _same_file_at(name, stamp_fd, st):
                         return True
@@ -966,6 +983,54 @@ def _has_entry_at(name: str, dir_fd: int) -> bool:
                 return next(iterator, None) is not None
     except OSError:
         return False
+
+
+def _remove_tree_at(name: str, dir_fd: int, trash_fd: int, depth: int = 0) -> None:
+    """Remove ``name`` inside ``dir_fd`` and everything below it, best effort, through
+    descriptors opened with O_NOFOLLOW: a symlink is removed itself, never followed, at any
+    depth, whatever is swapped in meanwhile. At most MAX_TREE_DEPTH descriptors are held:
+    a directory deeper than that is first renamed into ``trash_fd`` (same volume) under a
+    fresh name and removed from there, so a tree nested thousands deep is removed too.
+    """
+    pending = [name]
+    while pending:
+        _remove_entry_at(pending.pop(), dir_fd, trash_fd, depth, pending)
+        dir_fd, depth = trash_fd, 0
+
+
+def _remove_entry_at(name: str, dir_fd: int, trash_fd: int, depth: int, pending: List[str]) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EISDIR, errno.EPERM):
+            return  # gone, or not ours to remove: best effort
+    if depth >= MAX_TREE_DEPTH:
+        spare = "deep.{}".format(secrets.token_hex(8))
+        try:
+            os.rename(name, spare, src_dir_fd=dir_fd, dst_dir_fd=trash_fd)
+        except OSError:
+            return
+        pending.append(spare)
+        return
+    try:
+        fd = _open_dir_at(name, dir_fd)
+    except OSError:
+        return
+    if fd is None:
+        return
+    try:
+        for child in os.listdir(fd):
+            _remove_entry_at(child, fd, trash_fd, depth + 1, pending)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
 
 
 def _tree_usage_at(name: str, dir_fd: int) -> Tuple[int, int]:
@@ -1217,15 +1282,35 @@ class OpsService:
     def ensure_root(self) -> None:
         """Create the root and ``_gateway/`` if missing, and clear leftovers in the trash.
 
+        ``_gateway`` is opened with O_NOFOLLOW, never through a symlink: one planted there (by
+        anything that can write the root) would send the gateway's logs and trash outside it.
+        Such a ``_gateway`` (or one that is not a directory) is refused with an OSError naming
+        it, never moved or followed: it may be an operator's, who decides what to do with it.
+
         For server start-up; OSError propagates.
         """
-        gateway_dir = self.root / GATEWAY_DIR_NAME
-        os.makedirs(gateway_dir, exist_ok=True)
-        trash = gateway_dir / TRASH_DIR_NAME
-        if not gateway_dir.is_symlink() and trash.is_dir() and not trash.is_symlink():
-            # A delete interrupted by a crash leaves its renamed directory here.
-            for entry in os.scandir(trash):
-                self._remove_from_trash(entry.path)
+        os.makedirs(self.root, exist_ok=True)
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            _mkdir_at(GATEWAY_DIR_NAME, root_fd)
+            try:
+                gateway_fd = os.open(GATEWAY_DIR_NAME, _DIR_FLAGS, dir_fd=root_fd)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise OSError(exc.errno, "{} is a symlink or not a directory; the gateway never writes "
+                              "through one: remove it (the gateway creates its own)".format(
+                                  self.root / GATEWAY_DIR_NAME)) from None
+            try:
+                with _dir_at(TRASH_DIR_NAME, gateway_fd) as trash_fd:
+                    if trash_fd is not None:
+                        # A delete interrupted by a crash leaves its renamed directory here.
+                        for name in os.listdir(trash_fd):
+                            _remove_tree_at(name, trash_fd, trash_fd)
+            finally:
+                os.close(gateway_fd)
+        finally:
+            os.close(root_fd)
 
     def check_root(self, writable: bool = False) -> None:
         """Raise WorkspacesUnavailable if the root is missing, not a directory, or not
@@ -1372,7 +1457,9 @@ class OpsService:
         return {"sessions": sessions, "total": len(scans), "limit": limit, "offset": offset}
 
     def session_details(self, session_id: str, runtime: Optional[Runtime] = None) -> Dict[str, Any]:
-        """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (SPEC §5).
+        """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (SPEC §5), each
+        list at most DETAILS_MAX_ENTRIES long (the first names, the newest stamps), with its
+        ``*_total`` and ``*_truncated``.
 
         Everything is read through descriptors opened from the session directory's own with
         O_NOFOLLOW, at every depth: a symlink where a directory is expected (``archive``,
@@ -1402,16 +1489,18 @@ class OpsService:
                 memory_bytes += all_entries[MEMORY_FILE_NAME].stat(follow_symlinks=False).st_size
             except OSError:
                 pass
+        # The first DETAILS_MAX_ENTRIES names, and the newest as many stamps: only those are stat'ed.
         files = []
-        for name in sorted(all_entries):
+        for name in heapq.nsmallest(DETAILS_MAX_ENTRIES, all_entries):
             try:
                 st = all_entries[name].stat(follow_symlinks=False)
             except OSError:
                 continue  # removed since the scan
             files.append({"name": name, "size": st.st_size, "modified": _iso(st.st_mtime_ns)})
-        archives: List[str] = []
+        stamps: List[str] = []
         if scan.is_dir(ARCHIVE_DIR_NAME):
-            archives = sorted(_list_dir_at(ARCHIVE_DIR_NAME, dir_fd), key=_stamp_sort_key)
+            stamps = _list_dir_at(ARCHIVE_DIR_NAME, dir_fd)
+        archives = sorted(heapq.nlargest(DETAILS_MAX_ENTRIES, stamps, key=_stamp_sort_key), key=_stamp_sort_key)
         return {
             "session": summary,
             "memory": {
@@ -1420,7 +1509,11 @@ class OpsService:
                 "bytes": memory_bytes,
             },
             "files": files,
+            "files_total": len(all_entries),
+            "files_truncated": len(all_entries) > DETAILS_MAX_ENTRIES,
             "archives": archives,
+            "archives_total": len(stamps),
+            "archives_truncated": len(stamps) > DETAILS_MAX_ENTRIES,
         }
 
     # -- logs --------------------------------------------------------------------------
@@ -2115,12 +2208,23 @@ class OpsService:
         finally:
             os.close(gateway_fd)
 
-    @staticmethod
-    def _remove_from_trash(path: str) -> None:
-        # Best effort: the session is already gone from the listing. rmtree refuses to
-        # follow a symlink, which is then unlinked itself.
-        shutil.rmtree(path, ignore_errors=True)
+    def _remove_from_trash(self, path: str) -> None:
+        """Remove ``path``, a name ``_move_to_trash`` gave, through descriptors of the root,
+        ``_gateway`` and the trash opened with O_NOFOLLOW: a ``_gateway`` swapped for a
+        symlink since the rename leaves the entry in place, never removes the link's target.
+        Best effort: the session is already gone from the listing."""
         try:
-            os.unlink(path)
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            with _dir_at(GATEWAY_DIR_NAME, root_fd) as gateway_fd:
+                if gateway_fd is None:
+                    return
+                with _dir_at(TRASH_DIR_NAME, gateway_fd) as trash_fd:
+                    if trash_fd is not None:
+                        _remove_tree_at(os.path.basename(path), trash_fd, trash_fd)
         except OSError:
             pass
+        finally:
+            os.close(root_fd)

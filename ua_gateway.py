@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import email.utils
 import enum
+import errno
 import functools
 import hashlib
 import hmac
@@ -46,6 +47,7 @@ import queue
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -994,6 +996,7 @@ class GatewayLog:
         self.security_path = directory / ops_service.SECURITY_LOG_NAME
         self.rotate_bytes = rotate_bytes
         self.dropped = 0
+        self.problem: Optional[str] = None  # why records are being dropped, while they are (health shows it)
         self._pending: List[str] = []
         self._security: List[str] = []
         self._budget = _SecurityBudget()
@@ -1033,10 +1036,8 @@ class GatewayLog:
                 summary = self._summary(final=stopping)
             if summary:
                 security.append(summary)
-            if batch:
-                self._append(self.path, batch)
-            if security:
-                self._append(self.security_path, security)
+            if batch or security:
+                self._write_batches([(self.path.name, batch), (self.security_path.name, security)])
             if stopping:
                 return
 
@@ -1050,36 +1051,100 @@ class GatewayLog:
         return json.dumps({"ts": _log_stamp(), "event": "security_suppressed", "records": sum(counts.values()),
                            "by_kind": counts}, separators=(",", ":"))
 
-    def _append(self, path: Path, batch: List[str]) -> None:
-        data = ("\n".join(batch) + "\n").encode()
+    def _write_batches(self, batches: List[Tuple[str, List[str]]]) -> None:
+        """Append each (file name, records) to its file in the log directory, opened for this tick.
+
+        The directory is opened from a descriptor of the root with O_NOFOLLOW, and the files relative to
+        it, on every tick: ``<root>/_gateway`` swapped for a symlink (anyone who can write the root can)
+        is never followed, so the log never lands outside the root, and rotation never renames files
+        there. Its records are dropped and ``problem`` says why, until the directory is ours again.
+        """
         try:
-            if not path.parent.is_dir():
-                # Recreate our own directory, but never the workspaces root: a missing root is the
-                # operator's to fix, and health reports it.
-                if not path.parent.parent.is_dir():
-                    raise FileNotFoundError(path.parent.parent)
-                path.parent.mkdir(exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o640)
+            dir_fd = self._open_directory()
+        except OSError as exc:
+            self._drop(batches, exc)
+            return
+        try:
+            failed = False
+            for name, batch in batches:
+                if batch:
+                    try:
+                        self._append(dir_fd, name, batch)
+                    except OSError as exc:  # this file's records only: the other file may still be fine
+                        self._drop([(name, batch)], exc)
+                        failed = True
+            if not failed:
+                self._report(None)
+        finally:
+            os.close(dir_fd)
+
+    def _open_directory(self) -> int:
+        """A descriptor of our log directory, created if missing, but never the workspaces root: a missing
+        root is the operator's to fix, and health reports it. Raises OSError (ELOOP, ENOTDIR: not ours)."""
+        directory = self.path.parent
+        try:
+            root_fd = os.open(directory.parent, os.O_RDONLY | _O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as exc:  # the root's problem, not the log directory's: health reports it as such
+            raise FileNotFoundError(errno.ENOENT, f"workspaces root: {exc.strerror or exc}") from None
+        try:
             try:
-                os.write(fd, data)
-                size = os.fstat(fd).st_size
-            finally:
-                os.close(fd)
-            if size > self.rotate_bytes:
-                _rotate(path, GATEWAY_LOG_BACKUPS)
-        except OSError:
-            with self._lock:
-                self.dropped += len(batch)
+                return os.open(directory.name, _LOG_DIR_FLAGS, dir_fd=root_fd)
+            except FileNotFoundError:
+                try:
+                    os.mkdir(directory.name, 0o750, dir_fd=root_fd)
+                except FileExistsError:
+                    pass
+                return os.open(directory.name, _LOG_DIR_FLAGS, dir_fd=root_fd)
+        finally:
+            os.close(root_fd)
+
+    def _append(self, dir_fd: int, name: str, batch: List[str]) -> None:
+        data = ("\n".join(batch) + "\n").encode()
+        # O_NONBLOCK: a FIFO planted as the log must not block this thread; only a regular file of one
+        # link is written (a second link may be a name outside the root).
+        fd = os.open(name, _LOG_FILE_FLAGS, 0o640, dir_fd=dir_fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(errno.EPERM, f"{name} is not a regular file of one link; it is left alone")
+            os.write(fd, data)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        if size > self.rotate_bytes:
+            _rotate(dir_fd, name, GATEWAY_LOG_BACKUPS)
+
+    def _drop(self, batches: List[Tuple[str, List[str]]], error: OSError) -> None:
+        with self._lock:
+            self.dropped += sum(len(batch) for _, batch in batches)
+        if error.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EPERM):
+            self._report(f"the gateway log directory {self.path.parent} (or a log in it) is a symlink or not a "
+                         f"regular directory or file ({error.strerror or error}); its records are dropped, never "
+                         "written through it: remove it, and the gateway creates its own")
+
+    def _report(self, problem: Optional[str]) -> None:
+        """Set ``problem``; a new one is printed to stderr once (the log itself cannot hold it)."""
+        if problem != self.problem and problem is not None:
+            print(f"ua-gateway: warning: {problem}", file=sys.stderr, flush=True)
+        self.problem = problem
 
 
-def _rotate(path: Path, backups: int) -> None:
-    """<name>.N-1 -> <name>.N, ..., <name> -> <name>.1: the oldest of ``backups`` rotated files is replaced."""
+# _gateway and its logs are opened without following a symlink (see GatewayLog._write_batches).
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_LOG_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOG_FILE_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+                   | getattr(os, "O_NOCTTY", 0))
+
+
+def _rotate(dir_fd: int, name: str, backups: int) -> None:
+    """<name>.N-1 -> <name>.N, ..., <name> -> <name>.1 inside ``dir_fd``: the oldest of ``backups`` rotated
+    files is replaced. A rename replaces a symlink at the destination itself, never its target."""
     for index in range(backups - 1, 0, -1):
         try:
-            os.replace(path.with_name(f"{path.name}.{index}"), path.with_name(f"{path.name}.{index + 1}"))
+            os.replace(f"{name}.{index}", f"{name}.{index + 1}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except FileNotFoundError:
             pass
-    os.replace(path, path.with_name(path.name + ".1"))
+    os.replace(name, f"{name}.1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1388,9 +1453,16 @@ class Gateway:
             try:
                 await loop.run_in_executor(self.executor, functools.partial(self.ops.check_root, writable=True))
                 await loop.run_in_executor(self.executor, self.ops.check_space)  # a full volume is not writable
-                self.root_problem = None
+                problem = None
             except (WorkspacesUnavailable, StorageFull) as exc:
-                self.root_problem = exc.detail
+                problem = exc.detail
+            if problem != self.root_problem:
+                # Named in full here and to an authorized health call; a public one gets it without the path.
+                if problem is not None:
+                    print(f"ua-gateway: warning: {problem}", file=sys.stderr, flush=True)
+                if self.log is not None:
+                    self.log.write("root_problem" if problem else "root_recovered", detail=problem)
+            self.root_problem = problem
             await asyncio.sleep(ROOT_CHECK_INTERVAL)
 
     async def run_ops(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -1609,10 +1681,26 @@ class Gateway:
     def health(self, request: Request, params: Dict[str, str]) -> Response:
         uptime = round(time.monotonic() - self.started_at, 3)
         log_dropped = self.log.dropped if self.log is not None else 0  # records lost to a failing disk or a full queue
-        if self.root_problem:
-            return json_response(503, {"status": "degraded", "detail": self.root_problem, "version": __version__, "uptime_s": uptime,
+        problem = self.root_problem or (self.log.problem if self.log is not None else None)
+        if problem:
+            if not self._may_see_paths(request):
+                problem = problem.replace(str(self.ops.root), "<workspaces root>") + (
+                    " (the path is on the gateway's stderr, and in the answer to a health call with the token)")
+            return json_response(503, {"status": "degraded", "detail": problem, "version": __version__, "uptime_s": uptime,
                                        "log_dropped": log_dropped})
         return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, "log_dropped": log_dropped})
+
+    def _may_see_paths(self, request: Request) -> bool:
+        """True if ``request`` passes the checks of a token route (``authorize``: cross-site refusal, allowlist,
+        lockout, token), so health may name file-system paths to it. A caller that offers no token when one
+        is configured is simply public: that is not a failed authentication, and monitors poll health so."""
+        if self.access.token_digest is not None and not any(request_tokens(request)):
+            return False
+        try:
+            self.authorize(request, "request")
+        except HttpError:
+            return False
+        return True
 
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
