@@ -293,6 +293,7 @@ def test_cancel_sent_right_after_execute_ends_the_turn_once_and_leaves_no_agent(
 
 
 def test_cancel_while_the_agent_runs_ends_the_turn_once_and_stops_it(slow):
+    """The boundary the old code already kept; here so that every boundary of a turn has its test."""
     directory = slow.make_session("cancel-running")
 
     async def scenario():
@@ -370,25 +371,38 @@ def test_shutdown_kills_what_a_finished_turn_left_behind_at_once(start_gateway, 
     assert time.monotonic() - stopping < ua_gateway.AGENT_KILL_GRACE  # not the reaper's SIGKILL: the shutdown's
 
 
-def test_shutdown_ends_a_running_turn_with_query_complete_before_closing(slow):
-    directory = slow.make_session("shutdown-turn")
+def test_shutdown_ends_the_turn_of_an_embedded_agent_that_ignores_its_cancel(tmp_path):
+    async def deaf(turn: ua_gateway.AgentTurn) -> None:
+        turn.emit("status", {"status": "working"})
+        try:
+            await asyncio.sleep(300)
+        except asyncio.CancelledError:
+            pass  # deaf to the shutdown's cancel...
+        await asyncio.sleep(300)  # ...it takes a second one (the test's own, at the end) to stop it
 
     async def scenario():
-        async with connect(f"{slow.ws_url}/api/v1/sessions/shutdown-turn/stream") as ws:
-            await recv(ws)
-            await ws.send(execute("go"))
-            await recv(ws)
-            slow.process.send_signal(signal.SIGTERM)
-            frames = []
-            try:
-                while True:
-                    frames.append(await recv(ws, 15))
-            except ConnectionClosed as closed:
-                return frames, closed.rcvd.code if closed.rcvd else 1006
+        gateway = ua_gateway.Gateway(ua_gateway.Config(port=0, workspaces=tmp_path / "ws"), agent=deaf)
+        await gateway.start()
+        frames = []
+        try:
+            async with connect(f"ws://127.0.0.1:{gateway.port}/ws/agent") as ws:
+                await ws.send(execute("go"))
+                await recv_until(ws, "status")
+                stopping = asyncio.ensure_future(gateway.stop(grace=0.5))
+                try:
+                    while True:
+                        frames.append(await recv(ws))
+                except ConnectionClosed as closed:
+                    code = closed.rcvd.code if closed.rcvd else 1006
+                await stopping
+        finally:
+            for task in asyncio.all_tasks() - {asyncio.current_task()}:
+                task.cancel()  # the deaf agent's turn
+        return frames, code
 
     frames, code = run(scenario())
     assert [f["type"] for f in frames] == ["cancelled", "query_complete"] and code == 1001
-    assert process_gone(pid_from(directory / "agent.pid"))
+    assert frames[1]["data"]["completed"] is False
 
 
 # -- 16.5: an exception while reading an agent ---------------------------------------------------------
