@@ -2387,15 +2387,19 @@ class AgentLineSplitter:
         self._cut = 0
 
     def feed(self, data: bytes) -> List[Tuple[bytes, int]]:
-        lines = []
-        start = 0
-        while True:
-            end = data.find(b"\n", start)
-            self._add(data, start, len(data) if end < 0 else end)
-            if end < 0:
-                return lines
-            lines.append(self._take())
-            start = end + 1
+        end = data.find(b"\n")
+        if end < 0:
+            self._add(data, 0, len(data))
+            return []
+        self._add(data, 0, end)
+        lines = [self._take()]
+        # The lines wholly inside ``data``, split at C speed: agents send many short lines per read.
+        *whole, rest = data[end + 1:].split(b"\n")
+        limit = self.max_line
+        lines.extend((line.rstrip(b"\r"), 0) if len(line) <= limit else (line[:limit].rstrip(b"\r"), len(line) - limit)
+                     for line in whole)
+        self._add(rest, 0, len(rest))
+        return lines
 
     def finish(self) -> Optional[Tuple[bytes, int]]:
         """The last line, when the output ended without a newline."""

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any, Deque, Dict, List, Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
@@ -506,6 +508,20 @@ def test_splitter_gives_an_unfinished_last_line_at_the_end():
     splitter = ua_gateway.AgentLineSplitter(max_line=4)
     assert splitter.feed(b"one\ntwo") == [(b"one", 0)]
     assert splitter.finish() == (b"two", 0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.lists(st.sampled_from([b"a", b"b", b"\r", b"\n"]), max_size=60).map(b"".join),
+       cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=8), max_line=st.integers(1, 6))
+def test_splitter_gives_the_same_lines_however_the_output_is_chunked(data, cuts, max_line):
+    splitter = ua_gateway.AgentLineSplitter(max_line=max_line)
+    bounds = [0, *sorted(cuts), len(data)]
+    lines = [line for start, end in zip(bounds, bounds[1:]) for line in splitter.feed(data[start:end])]
+    last = splitter.finish()
+    whole = data.split(b"\n")
+    whole = whole if whole[-1] else whole[:-1]
+    assert lines + ([last] if last else []) == [(line[:max_line].rstrip(b"\r"), max(0, len(line) - max_line))
+                                                for line in whole]
 
 
 # -- 16.8: no client text forges a run.log line --------------------------------------------------------
