@@ -2480,6 +2480,16 @@ AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
 MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
 SESSION_WRITE_DELAY = 0.01  # s: journal lines are on disk this soon after their event; batching them
 # amortizes the writer thread, whose work would otherwise compete with the loop for the GIL per turn
+AGENT_DRAIN_TIMEOUT = 0.2  # s: once an agent has exited, what it left in its pipes (a pipe buffer, 64 KiB by
+# default) is read in microseconds; pipes silent this long are held by a child it left behind, not waited for
+AGENT_GROUP_POLL = 0.05  # s between checks whether a terminated process group is gone
+AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the SIGKILL (a process in D state)
+REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
+REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
+# recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst
+# The client_turn_ids that are handed to an agent command (UA_CLIENT_TURN_ID): nothing a shell would split,
+# expand or glob. Others still de-duplicate turns; they just do not reach the agent's environment.
+SAFE_CLIENT_TURN_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,%d}" % MAX_CLIENT_TURN_ID)
 
 
 def utc_now_iso() -> str:
@@ -2491,6 +2501,31 @@ def frame_json(event_type: str, data: Any) -> str:
 
 
 journal_stamp = _PerSecond(lambda second: datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%d %H:%M:%S"))
+
+# What ends or disguises a line in a log viewer, a terminal or a line-by-line reader: the C0 controls (CR,
+# LF, ESC, ...), DEL, the C1 controls (NEL U+0085 among them), the Unicode line and paragraph separators,
+# and the backslash, which the escapes themselves use.
+_LINE_UNSAFE_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+_LINE_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: "re.Match[str]") -> str:
+    char = match.group()
+    return _LINE_ESCAPES.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+
+
+def one_line(text: str) -> str:
+    """``text`` made one log line: every character that could end it or start a forged one is escaped.
+
+    The one escape for everything the gateway writes into a session's logs on a client's or an agent's
+    behalf (journal lines, ``AgentTurn.log``): ``\\n``, ``\\r``, ``\\t``, ``\\\\``, else ``\\xNN`` or ``\\uNNNN``.
+    """
+    return _LINE_UNSAFE_RE.sub(_escape_char, text)
+
+
+def cut_marker(cut_bytes: int) -> bytes:
+    """What ends a line that was cut to a limit, so a reader knows how much is missing."""
+    return f" ...[{cut_bytes} bytes cut]".encode()
 
 
 def journal_line(event_type: str, data: Any) -> bytes:
@@ -2504,10 +2539,9 @@ def journal_line(event_type: str, data: Any) -> bytes:
                 break
     if text is None:
         text = json.dumps(data, separators=(",", ":"), ensure_ascii=False, sort_keys=True)
-    text = text.replace("\\", "\\\\").replace("\r", "\\r").replace("\n", "\\n")
-    line = f"[{stamp}] [{event_type.upper()}] {text}".encode("utf-8", "replace")
+    line = f"[{stamp}] [{event_type.upper()}] {one_line(text)}".encode("utf-8", "replace")
     if len(line) > MAX_JOURNAL_LINE:
-        line = line[:MAX_JOURNAL_LINE] + f" ...[{len(line) - MAX_JOURNAL_LINE} bytes cut]".encode()
+        line = line[:MAX_JOURNAL_LINE] + cut_marker(len(line) - MAX_JOURNAL_LINE)
     return line + b"\n"
 
 
@@ -2633,6 +2667,34 @@ class SessionWriter:
                                detail=str(exc)[:300])
 
 
+class TurnState(enum.Enum):
+    """Where a turn is in its life. ``AgentTurn.advance`` is the only place that changes it."""
+
+    STARTING = "starting"  # accepted and its task scheduled; the agent has not been called
+    RUNNING = "running"  # the agent runs; its events reach the session's connections
+    CANCELLING = "cancelling"  # "cancelled" went out; the agent is being stopped, its events are dropped
+    ENDED = "ended"  # query_complete went out; nothing of the turn follows
+
+
+class TurnEvent(enum.Enum):
+    RUN = "run"  # the turn's task is about to call the agent
+    CANCEL = "cancel"  # a client, a forced delete or the shutdown cancels the turn
+    END = "end"  # the agent returned or raised, the task ended without calling it, or the shutdown gave up
+
+
+# The whole life of a turn. A pair missing here is refused: a second cancel, a run after a cancel (so a
+# turn cancelled before its task started never calls the agent), anything after the end. Every path to
+# the end goes through END, so a turn ends, with one query_complete, exactly once (issue 16.1).
+TURN_TRANSITIONS: Dict[Tuple[TurnState, TurnEvent], TurnState] = {
+    (TurnState.STARTING, TurnEvent.RUN): TurnState.RUNNING,
+    (TurnState.STARTING, TurnEvent.CANCEL): TurnState.CANCELLING,
+    (TurnState.RUNNING, TurnEvent.CANCEL): TurnState.CANCELLING,
+    (TurnState.STARTING, TurnEvent.END): TurnState.ENDED,
+    (TurnState.RUNNING, TurnEvent.END): TurnState.ENDED,
+    (TurnState.CANCELLING, TurnEvent.END): TurnState.ENDED,
+}
+
+
 class AgentTurn:
     """What an agent sees of one turn. ``emit`` and ``log`` may be called from the event loop only.
 
@@ -2649,16 +2711,27 @@ class AgentTurn:
         self.user_input = user_input
         self.metadata = metadata
         self.client_turn_id = client_turn_id
-        self.turn_id = client_turn_id or next(_turn_ids)
+        self.turn_id = next(_turn_ids)  # the gateway's own, never the client's: agents use it in commands
         self.inputs = InputQueue()
-        self.cancelled = False
+        self.state = TurnState.STARTING
+        self.cancelled = False  # set on entering CANCELLING and kept after the end, for the heartbeat
         self.task: Optional[asyncio.Task] = None
         self.started = time.time()
         self.events = 0
 
+    def advance(self, event: TurnEvent) -> Optional[TurnState]:
+        """Apply ``event`` (see TURN_TRANSITIONS); return the state it left, or None if refused."""
+        before = self.state
+        after = TURN_TRANSITIONS.get((before, event))
+        if after is None:
+            return None
+        self.state = after
+        self.cancelled = self.cancelled or after is TurnState.CANCELLING
+        return before
+
     def emit(self, event_type: str, data: Any = None) -> None:
-        if self.cancelled:
-            return  # the client was told "cancelled"; nothing of this turn follows but query_complete
+        if self.state is not TurnState.RUNNING:
+            return  # cancelled (the client was told) or ended: nothing of this turn follows its query_complete
         if not isinstance(event_type, str) or not AGENT_EVENT_RE.fullmatch(event_type) or event_type in RESERVED_EVENT_TYPES:
             self.log(f"[gateway] agent sent an event of invalid type {_show(event_type)}; ignored")
             return
@@ -2668,7 +2741,8 @@ class AgentTurn:
         self.hub.broadcast(self.session_id, event_type, data)
 
     def log(self, text: str) -> None:
-        self.hub.writer.append(self.session_id, "run.log", text.encode("utf-8", "replace") + b"\n")
+        """Append ``text`` to run.log as one line; line breaks in it are escaped (see ``one_line``)."""
+        self.hub.writer.append(self.session_id, "run.log", one_line(text).encode("utf-8", "replace") + b"\n")
 
     async def next_input(self) -> Dict[str, Any]:
         return await self.inputs.get()
@@ -2693,125 +2767,283 @@ async def echo_agent(turn: AgentTurn) -> None:
 
 def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
     """An agent that runs ``command`` per turn (SPEC §6): the request as one JSON line on stdin,
-    JSON-line events on stdout; other stdout lines and all stderr go to run.log."""
+    JSON-line events on stdout; other stdout lines and all stderr go to run.log.
+
+    The turn ends when the command's process exits, whoever else still holds its pipes. Whatever ends
+    it (that exit, a cancel, the shutdown, an error while reading), the command's whole process group is
+    terminated: SIGTERM, then SIGKILL after AGENT_KILL_GRACE s for what is left. A turn whose command
+    exited ends at once, while what it left behind is stopped in the background; a cancelled or failed
+    turn ends once the group has stopped.
+    """
 
     async def run(turn: AgentTurn) -> None:
-        env = {key: value for key, value in os.environ.items() if key not in HIDDEN_FROM_AGENTS}  # never hand a secret on
-        env["UA_SESSION_ID"] = turn.session_id
-        env["UA_TURN_ID"] = turn.turn_id
-        process = await asyncio.create_subprocess_shell(
-            command,
-            cwd=str(turn.workspace_dir),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # its own process group, so cancel reaches the children too
-        )
-        turn.hub.agent_groups.add(process.pid)
-        request = {
-            "type": "execute",
-            "session_id": turn.session_id,
-            "turn_id": turn.turn_id,
-            "workspace_dir": str(turn.workspace_dir),
-            "data": {"user_input": turn.user_input, "metadata": turn.metadata, "client_turn_id": turn.client_turn_id},
-        }
+        process, exited = await _start_agent_process(command, turn)
+        group = process.pid  # start_new_session: the shell leads a process group of its own
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         stdin = process.stdin
-
-        def send(message: Dict[str, Any]) -> None:
-            if not stdin.is_closing():
-                stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
-
-        async def forward_inputs() -> None:
-            while True:
-                answer = await turn.next_input()
-                if answer is None:  # the process has ended
-                    return
-                send({"type": "input_response", "data": answer})
-                try:
-                    await stdin.drain()  # an agent that does not read its stdin holds the inputs back
-                except (ConnectionError, BrokenPipeError):
-                    return
-
-        def on_stdout(line: bytes) -> None:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict) and isinstance(event.get("type"), str):
-                turn.emit(event["type"], event.get("data"))
-            else:
-                turn.hub.writer.append(turn.session_id, "run.log", line + b"\n")
-
-        def on_stderr(line: bytes) -> None:
-            turn.hub.writer.append(turn.session_id, "run.log", line + b"\n")
-
-        send(request)
-        inputs = asyncio.ensure_future(forward_inputs())
-        readers = asyncio.gather(_read_lines(process.stdout, on_stdout), _read_lines(process.stderr, on_stderr))
+        readers = [AgentOutputReader(process.stdout, functools.partial(_on_agent_stdout, turn)),
+                   AgentOutputReader(process.stderr, functools.partial(_on_agent_raw_line, turn))]
+        inputs = asyncio.ensure_future(_forward_inputs(turn, stdin))
+        _write_json_line(stdin, _agent_request(turn))
+        stopping: Optional[asyncio.Task] = None
         try:
-            await readers
-            status = await process.wait()
-        except asyncio.CancelledError:
-            await _terminate(process)
-            readers.cancel()
-            raise
+            await _until_exit(exited, readers)
+            stopping = turn.hub.stop_agent_group(group)  # what it started in the background ends with its turn
+            await _drain(readers)
         finally:
-            turn.inputs.put_nowait(None)  # type: ignore[arg-type]  # the forwarder's cue to stop
-            await asyncio.wait([inputs], timeout=1.0)
-            inputs.cancel()
-            stdin.close()
-            try:
-                # Python 3.9 logs "Future exception was never retrieved" for a stdin pipe that broke
-                # (the agent exited without reading it) unless someone awaits its closing.
-                await asyncio.wait_for(stdin.wait_closed(), 1.0)
-            except (OSError, asyncio.TimeoutError):
-                pass
-            turn.hub.agent_groups.discard(process.pid)
-        if status != 0:
-            raise AgentFailed(f"agent command exited with status {status}; its output is in run.log")
+            stopping = stopping or turn.hub.stop_agent_group(group)
+            if not exited.done():
+                # Cancelled, or failed while the agent runs: the turn ends once its group has stopped.
+                await asyncio.wait([stopping])
+                await asyncio.wait([exited], timeout=AGENT_EXIT_WAIT)
+            for reader in readers:
+                reader.stop()
+            await _stop_inputs(turn, inputs, stdin)
+        if process.returncode != 0:
+            raise AgentFailed(f"agent command exited with status {process.returncode}; its output is in run.log")
 
     return run
 
 
-async def _read_lines(stream: asyncio.StreamReader, on_line: Callable[[bytes], None]) -> None:
-    pending = b""
-    while True:
-        chunk = await stream.read(65536)
-        if not chunk:
-            if pending:
-                on_line(pending.rstrip(b"\r"))
-            return
-        pending += chunk
-        *lines, pending = pending.split(b"\n")
-        for line in lines:
-            on_line(line.rstrip(b"\r"))
-        if len(pending) > MAX_AGENT_LINE:
-            on_line(pending[:MAX_AGENT_LINE] + b" ...[cut]")
-            pending = b""
+class _AgentProcessProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's protocol for a subprocess with pipes, plus ``exited``: a future set when it exits.
 
-
-async def _terminate(process: "asyncio.subprocess.Process") -> None:
-    """SIGTERM the agent's process group, then SIGKILL what is left of it after AGENT_KILL_GRACE s.
-
-    The group, not the process: the command runs under /bin/sh, which may die of the SIGTERM while
-    the agent it started ignores it (and Python 3.9's wait() returns as soon as the shell is gone).
+    ``Process.wait()`` cannot say that: from Python 3.11 on it also waits for every pipe to close, and
+    a child the agent left behind holds them for as long as it lives (issue 16.6).
     """
-    group = process.pid  # start_new_session: the shell leads a group of its own
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=2 ** 16, loop=loop)  # asyncio's default limit; we never readline()
+        self.exited: "asyncio.Future[None]" = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+def _agent_env(turn: AgentTurn) -> Dict[str, str]:
+    """The command's environment: the gateway's, without any secret, with the turn's ids (never the
+    client's id verbatim in UA_TURN_ID: an agent that interpolates it in a command must be safe)."""
+    hidden = HIDDEN_FROM_AGENTS | {"UA_CLIENT_TURN_ID"}
+    env = {key: value for key, value in os.environ.items() if key not in hidden}
+    env["UA_SESSION_ID"] = turn.session_id
+    env["UA_TURN_ID"] = turn.turn_id
+    if turn.client_turn_id is not None and SAFE_CLIENT_TURN_ID_RE.fullmatch(turn.client_turn_id):
+        env["UA_CLIENT_TURN_ID"] = turn.client_turn_id
+    return env
+
+
+async def _start_agent_process(
+    command: str, turn: AgentTurn
+) -> Tuple["asyncio.subprocess.Process", "asyncio.Future[None]"]:
+    """Start ``command`` in the session directory, in a process group of its own, known to the hub.
+
+    A cancel that arrives while the shell is being started lets it start, then stops its group and
+    waits for it: no agent process may run without the hub knowing its group.
+    """
+    loop = asyncio.get_running_loop()
+    pipe = asyncio.subprocess.PIPE
+    starting = asyncio.ensure_future(loop.subprocess_shell(
+        lambda: _AgentProcessProtocol(loop), command, cwd=str(turn.workspace_dir), env=_agent_env(turn),
+        stdin=pipe, stdout=pipe, stderr=pipe, start_new_session=True))
+    try:
+        transport, protocol = await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        transport, protocol = await starting
+        await asyncio.wait([turn.hub.stop_agent_group(transport.get_pid())])
+        await asyncio.wait([protocol.exited], timeout=AGENT_EXIT_WAIT)
+        transport.close()
+        raise
+    turn.hub.agent_groups.add(transport.get_pid())
+    return asyncio.subprocess.Process(transport, protocol, loop), protocol.exited
+
+
+def _agent_request(turn: AgentTurn) -> Dict[str, Any]:
+    return {
+        "type": "execute",
+        "session_id": turn.session_id,
+        "turn_id": turn.turn_id,
+        "workspace_dir": str(turn.workspace_dir),
+        "data": {"user_input": turn.user_input, "metadata": turn.metadata, "client_turn_id": turn.client_turn_id},
+    }
+
+
+def _write_json_line(stdin: asyncio.StreamWriter, message: Dict[str, Any]) -> None:
+    if not stdin.is_closing():
+        stdin.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+async def _forward_inputs(turn: AgentTurn, stdin: asyncio.StreamWriter) -> None:
+    while True:
+        answer = await turn.next_input()
+        if answer is None:  # the turn is ending
+            return
+        _write_json_line(stdin, {"type": "input_response", "data": answer})
+        try:
+            await stdin.drain()  # an agent that does not read its stdin holds the inputs back
+        except (ConnectionError, BrokenPipeError):
+            return
+
+
+async def _stop_inputs(turn: AgentTurn, inputs: "asyncio.Future[None]", stdin: asyncio.StreamWriter) -> None:
+    turn.inputs.put_nowait(None)  # type: ignore[arg-type]  # the forwarder's cue to stop
+    await asyncio.wait([inputs], timeout=1.0)
+    inputs.cancel()
+    stdin.close()
+    try:
+        # Python 3.9 logs "Future exception was never retrieved" for a stdin pipe that broke
+        # (the agent exited without reading it) unless someone awaits its closing.
+        await asyncio.wait_for(stdin.wait_closed(), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        pass
+
+
+def _on_agent_stdout(turn: AgentTurn, line: bytes, cut: int) -> None:
+    """A JSON event goes to the clients; any other line to run.log. A cut line is never parsed: it is
+    not what the agent wrote (issue 16.7)."""
+    event = None
+    if not cut:
+        try:
+            event = json.loads(line)
+        except (ValueError, RecursionError):  # RecursionError: a line of 5,000 "[" (issue 16.5)
+            event = None
+    if isinstance(event, dict) and isinstance(event.get("type"), str):
+        turn.emit(event["type"], event.get("data"))
+    else:
+        _on_agent_raw_line(turn, line, cut)
+
+
+def _on_agent_raw_line(turn: AgentTurn, line: bytes, cut: int) -> None:
+    turn.hub.writer.append(turn.session_id, "run.log", line + (cut_marker(cut) if cut else b"") + b"\n")
+
+
+class AgentLineSplitter:
+    """Splits an agent's output into lines of at most ``max_line`` bytes. Sans-I/O: bytes in, lines out.
+
+    ``feed`` and ``finish`` give ``(line, cut)`` pairs, ``cut`` being the bytes dropped from a line over
+    the limit. Such a line comes out when its newline arrives (or at the end), its first ``max_line``
+    bytes only; the rest of it is skipped, never taken for lines of its own (issue 16.7). A trailing CR
+    is removed.
+    """
+
+    def __init__(self, max_line: int = MAX_AGENT_LINE) -> None:
+        self.max_line = max_line
+        self._line = bytearray()
+        self._cut = 0
+
+    def feed(self, data: bytes) -> List[Tuple[bytes, int]]:
+        end = data.find(b"\n")
+        if end < 0:
+            self._add(data, 0, len(data))
+            return []
+        self._add(data, 0, end)
+        lines = [self._take()]
+        # The lines wholly inside ``data``, split at C speed: agents send many short lines per read.
+        *whole, rest = data[end + 1:].split(b"\n")
+        limit = self.max_line
+        lines.extend((line.rstrip(b"\r"), 0) if len(line) <= limit else (line[:limit].rstrip(b"\r"), len(line) - limit)
+                     for line in whole)
+        self._add(rest, 0, len(rest))
+        return lines
+
+    def finish(self) -> Optional[Tuple[bytes, int]]:
+        """The last line, when the output ended without a newline."""
+        return self._take() if self._line or self._cut else None
+
+    def _add(self, data: bytes, start: int, end: int) -> None:
+        keep = max(0, min(end - start, self.max_line - len(self._line)))
+        self._line += data[start:start + keep]
+        self._cut += end - start - keep
+
+    def _take(self) -> Tuple[bytes, int]:
+        line, cut = bytes(self._line), self._cut
+        self._line.clear()
+        self._cut = 0
+        return line.rstrip(b"\r"), cut
+
+
+class AgentOutputReader:
+    """Reads one output pipe of an agent command, line by line, until EOF or ``stop()``.
+
+    It counts what it reads, so that ``_drain`` can tell a pipe that still delivers from a silent one.
+    An exception of ``on_line`` ends the reading task with it.
+    """
+
+    def __init__(self, stream: asyncio.StreamReader, on_line: Callable[[bytes, int], None]) -> None:
+        self.bytes_read = 0
+        self._splitter = AgentLineSplitter()
+        self._on_line = on_line
+        self.task = asyncio.ensure_future(self._read(stream))
+
+    async def _read(self, stream: asyncio.StreamReader) -> None:
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            self.bytes_read += len(chunk)
+            for line, cut in self._splitter.feed(chunk):
+                self._on_line(line, cut)
+        self._flush()
+
+    def stop(self) -> None:
+        """Stop reading (a child the agent left behind may hold the pipe); keep an unfinished last line."""
+        if not self.task.done():
+            self.task.cancel()
+            self._flush()
+
+    def _flush(self) -> None:
+        last = self._splitter.finish()
+        if last is not None:
+            self._on_line(*last)
+
+
+async def _until_exit(exited: "asyncio.Future[None]", readers: Sequence[AgentOutputReader]) -> None:
+    """Wait for the agent's exit. An exception while reading its output ends the wait, and the turn."""
+    waiting = {exited, *(reader.task for reader in readers)}
+    while not exited.done():
+        done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not exited and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+
+
+async def _drain(readers: Sequence[AgentOutputReader]) -> None:
+    """Read what an exited agent left in its pipes: until EOF, or until they have been silent for
+    AGENT_DRAIN_TIMEOUT s (a child it left behind holds them; it is not waited for). Bounded in all by
+    AGENT_KILL_GRACE: by then that child has been killed, unless it escaped the process group."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + AGENT_KILL_GRACE + AGENT_DRAIN_TIMEOUT
+    tasks = [reader.task for reader in readers]
+    seen = -1
+    while True:
+        read = sum(reader.bytes_read for reader in readers)
+        if read == seen or loop.time() >= deadline:
+            break
+        seen = read
+        _, pending = await asyncio.wait(tasks, timeout=AGENT_DRAIN_TIMEOUT)
+        if not pending:
+            break
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+async def _terminate_group(group: int, grace: float = AGENT_KILL_GRACE) -> None:
+    """SIGTERM a process group, then SIGKILL what is left of it after ``grace`` seconds.
+
+    The group, not the process: the command runs under /bin/sh, which may die of the SIGTERM while the
+    agent it started ignores it, and the children an agent starts in the background are in it too.
+    """
     if not _signal_group(group, signal.SIGTERM):
         return
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + AGENT_KILL_GRACE
+    deadline = loop.time() + grace
     while _signal_group(group, 0):
         if loop.time() >= deadline:
             _signal_group(group, signal.SIGKILL)
-            break
-        await asyncio.sleep(0.05)
-    try:
-        await asyncio.wait_for(process.wait(), 5.0)
-    except asyncio.TimeoutError:
-        pass
+            return
+        await asyncio.sleep(AGENT_GROUP_POLL)
 
 
 def _signal_group(group: int, signum: int) -> bool:
@@ -2831,7 +3063,48 @@ class LiveSession:
         self.workspace_dir = workspace_dir
         self.sockets: "set[AgentSocket]" = set()
         self.turn: Optional[AgentTurn] = None
-        self.finished: Dict[str, bool] = {}  # client_turn_id -> completed, oldest first
+
+
+class FinishedTurns:
+    """The client_turn_ids of finished turns, per session, so that a client that retries after a
+    reconnect gets the first answer instead of a second run (issue 16.9). Event-loop only.
+
+    Kept whether or not the session has a connection, and bounded: REMEMBERED_TURN_IDS ids per session,
+    each for REMEMBERED_TURN_AGE s, for at most REMEMBERED_SESSIONS sessions (least recently used first out).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_sessions: int = REMEMBERED_SESSIONS,
+                 max_ids: int = REMEMBERED_TURN_IDS, max_age: float = REMEMBERED_TURN_AGE) -> None:
+        self.clock = clock
+        self.max_sessions = max_sessions
+        self.max_ids = max_ids
+        self.max_age = max_age
+        # session_id -> {client_turn_id: (turn_id, completed, finished at)}, both oldest first
+        self._sessions: Dict[str, Dict[str, Tuple[str, bool, float]]] = {}
+
+    def remember(self, session_id: str, client_turn_id: str, turn_id: str, completed: bool) -> None:
+        ids = self._sessions.pop(session_id, None) or {}
+        self._sessions[session_id] = ids
+        ids.pop(client_turn_id, None)
+        ids[client_turn_id] = (turn_id, completed, self.clock())
+        while len(ids) > self.max_ids:
+            del ids[next(iter(ids))]
+        while len(self._sessions) > self.max_sessions:
+            del self._sessions[next(iter(self._sessions))]
+
+    def lookup(self, session_id: str, client_turn_id: str) -> Optional[Tuple[str, bool]]:
+        """``(turn_id, completed)`` of the finished turn that had this client_turn_id, or None."""
+        ids = self._sessions.get(session_id)
+        if ids is None:
+            return None
+        horizon = self.clock() - self.max_age
+        while ids and next(iter(ids.values()))[2] < horizon:
+            del ids[next(iter(ids))]
+        found = ids.get(client_turn_id)
+        return None if found is None else (found[0], found[1])
+
+    def forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
 
 
 class SessionHub:
@@ -2842,6 +3115,8 @@ class SessionHub:
         self.agent = agent
         self.sessions: Dict[str, LiveSession] = {}
         self.agent_groups: "set[int]" = set()  # process groups of running agent commands
+        self.group_reapers: Dict[int, asyncio.Task] = {}  # groups being terminated, in the background
+        self.finished = FinishedTurns()
         self.writer = SessionWriter(gateway.ops, gateway.log)
 
     def snapshot(self) -> Dict[str, Tuple[int, bool]]:
@@ -2887,19 +3162,25 @@ class SessionHub:
             sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id})
             sock.send("query_complete", {"completed": False})
             return
-        if client_turn_id is not None and client_turn_id in live.finished:
-            sock.send("status", {"status": "duplicate_turn_ignored", "turn_id": client_turn_id})
-            sock.send("query_complete", {"completed": live.finished[client_turn_id], "duplicate": True})
+        finished = self.finished.lookup(live.session_id, client_turn_id) if client_turn_id is not None else None
+        if finished is not None:
+            turn_id, completed = finished
+            sock.send("status", {"status": "duplicate_turn_ignored", "turn_id": turn_id, "client_turn_id": client_turn_id})
+            sock.send("query_complete", {"completed": completed, "duplicate": True, "turn_id": turn_id})
             return
         turn = AgentTurn(self, live, user_input, metadata, client_turn_id)
         live.turn = turn
         turn.task = asyncio.get_running_loop().create_task(self._run_turn(live, turn))
+        # A task cancelled before its first step never runs its body (issue 16.1); its turn ends all the same.
+        turn.task.add_done_callback(lambda _task: self._end_turn(live, turn, completed=False))
 
     async def _run_turn(self, live: LiveSession, turn: AgentTurn) -> None:
         completed = False
         try:
+            if turn.advance(TurnEvent.RUN) is None:
+                return  # cancelled before it started: the agent is never called
             await self.agent(turn)
-            completed = not turn.cancelled
+            completed = True
         except asyncio.CancelledError:
             pass
         except AgentFailed as exc:
@@ -2907,25 +3188,49 @@ class SessionHub:
         except Exception as exc:  # an embedded agent's bug must not take the gateway down
             turn.emit("error", {"message": f"agent failed: {exc!r}"[:1000]})
         finally:
+            self._end_turn(live, turn, completed)
+
+    def _end_turn(self, live: LiveSession, turn: AgentTurn, completed: bool) -> None:
+        """End ``turn``: query_complete to every connection, its client_turn_id remembered, the heartbeat.
+        Every way a turn can end comes here; the END transition makes it happen once."""
+        if turn.advance(TurnEvent.END) is None:
+            return
+        completed = completed and not turn.cancelled
+        if live.turn is turn:
             live.turn = None
-            if turn.client_turn_id is not None:
-                live.finished[turn.client_turn_id] = completed
-                while len(live.finished) > REMEMBERED_TURN_IDS:
-                    live.finished.pop(next(iter(live.finished)))
-            self.broadcast(live.session_id, "query_complete", {"completed": completed, "turn_id": turn.turn_id})
-            ended = time.time()
-            self.writer.heartbeat(live.session_id, {
-                "last_run": ended,
-                "last_turn": {
-                    "turn_id": turn.turn_id,
-                    "completed": completed,
-                    "cancelled": turn.cancelled,
-                    "started": datetime.fromtimestamp(turn.started, timezone.utc).isoformat(),
-                    "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
-                    "events": turn.events,
-                },
-            })
-            self._forget_if_idle(live)
+        done: Dict[str, Any] = {"completed": completed, "turn_id": turn.turn_id}
+        if turn.client_turn_id is not None:
+            self.finished.remember(live.session_id, turn.client_turn_id, turn.turn_id, completed)
+            done["client_turn_id"] = turn.client_turn_id
+        self.broadcast(live.session_id, "query_complete", done)
+        ended = time.time()
+        self.writer.heartbeat(live.session_id, {
+            "last_run": ended,
+            "last_turn": {
+                "turn_id": turn.turn_id,
+                "completed": completed,
+                "cancelled": turn.cancelled,
+                "started": datetime.fromtimestamp(turn.started, timezone.utc).isoformat(),
+                "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+                "events": turn.events,
+            },
+        })
+        self._forget_if_idle(live)
+
+    def stop_agent_group(self, group: int) -> asyncio.Task:
+        """Terminate an agent command's process group in the background: SIGTERM, then SIGKILL after
+        AGENT_KILL_GRACE s. Once per group: a second call gets the same task. The shutdown SIGKILLs
+        whatever is left of it."""
+        reaper = self.group_reapers.get(group)
+        if reaper is None:
+            self.agent_groups.add(group)
+            reaper = self.group_reapers[group] = asyncio.get_running_loop().create_task(_terminate_group(group))
+            reaper.add_done_callback(lambda _task: self._group_stopped(group))
+        return reaper
+
+    def _group_stopped(self, group: int) -> None:
+        self.group_reapers.pop(group, None)
+        self.agent_groups.discard(group)
 
     def cancel(self, session_id: str, reason: str) -> Optional[asyncio.Task]:
         """Cancel the running turn: ``cancelled`` goes out now; the task ends once the agent has stopped."""
@@ -2933,10 +3238,11 @@ class SessionHub:
         if live is None or live.turn is None or live.turn.task is None:
             return None
         turn = live.turn
-        if not turn.cancelled:
+        before = turn.advance(TurnEvent.CANCEL)
+        if before is not None:
             self.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": turn.turn_id})
-            turn.cancelled = True
-            turn.task.cancel()
+            if before is TurnState.RUNNING:
+                turn.task.cancel()  # a STARTING turn's task sees CANCELLING and never calls the agent
         return turn.task
 
     async def cancel_and_wait(self, session_id: str, reason: str) -> None:
@@ -2949,14 +3255,21 @@ class SessionHub:
         if live is not None:
             for sock in list(live.sockets):
                 sock.bridge.close(code, reason)
+        self.finished.forget(session_id)  # deleted: a new session of that id starts with no history
 
     async def shutdown(self, grace: float) -> None:
         tasks = [t for t in (self.cancel(sid, "server shutting down") for sid in list(self.sessions)) if t is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
+        for live in list(self.sessions.values()):
+            if live.turn is not None:
+                # An embedded agent that ignores its cancel still has its turn ended before the sockets close.
+                self._end_turn(live, live.turn, completed=False)
         for group in list(self.agent_groups):
             # An agent that ignored SIGTERM for the whole grace period must not outlive the gateway.
             _signal_group(group, signal.SIGKILL)
+        for reaper in list(self.group_reapers.values()):
+            reaper.cancel()
         self.writer.hand_over()
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
 
