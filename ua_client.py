@@ -13,6 +13,9 @@ Rules this file keeps
   for people, its control characters are shown escaped (``\\x1b``), never sent to the terminal, which would
   obey them (OSC 52 writes the clipboard). ``logs tail --raw`` is the one way to print them as they are.
 - Redirects are never followed: urllib would send the token along to wherever they point.
+- An answer is untrusted input: at most MAX_ANSWER_BYTES are read, at most MAX_ANSWER_DEPTH levels of
+  nesting are accepted, and its shape (the keys and types each command reads) is checked before any
+  of it is used. Anything else is a ClientError naming what was wrong (exit 1), never a traceback.
 
 Theory of operation: ``main`` parses arguments and calls one ``run_*`` function per command. Those talk
 to the gateway through ``GatewayClient`` (one method per endpoint, plain dicts in and out) and format
@@ -23,6 +26,7 @@ verbatim, asks again at once while ``more`` is true, and otherwise waits ``FOLLO
 from __future__ import annotations
 
 import argparse
+import http.client
 import ipaddress
 import json
 import os
@@ -50,6 +54,12 @@ REQUEST_TIMEOUT = 30.0  # a reset or compact of a large log takes a few seconds;
 FOLLOW_INTERVAL = 1.0  # how often `logs tail --follow` asks for new lines when it is caught up
 TAIL_LIMIT = 200  # the gateway's default slice size (SPEC §5)
 PROG = "ua_gateway"
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a page of 1,000 sessions or a log slice is well under 1 MiB; more is not
+# the gateway's answer, and reading it unbounded would let whatever answers fill this process's memory
+MAX_ERROR_BYTES = 64 * 1024  # an error's body is one sentence of detail; the rest is not read
+MAX_DETAIL_CHARS = 1000  # an error detail printed on one line of stderr is cut to this
+MAX_ANSWER_DEPTH = 100  # the gateway's own fields nest 3 levels, a heartbeat an agent wrote comes through as
+# it is, so leave room; decoding and printing recurse, and 100 stays far from Python's recursion limit
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -142,15 +152,27 @@ class GatewayClient:
         request = urllib.request.Request(url, data=data, headers=headers, method=method)
         try:
             with self._opener.open(request, timeout=self.timeout) as response:
-                return json.loads(response.read() or b"null")
+                raw = response.read(MAX_ANSWER_BYTES + 1)
+                missing = response.length if len(raw) <= MAX_ANSWER_BYTES else None  # Content-Length not yet read
         except urllib.error.HTTPError as error:
             if 300 <= error.code < 400:
                 raise ClientError(self._redirected(url, error)) from None
             raise _api_error(error) from None
         except urllib.error.URLError as error:
             raise ClientError(self._unreachable(error.reason)) from None
-        except (OSError, ValueError) as error:  # timeouts, resets, a body that is not JSON
-            raise ClientError(f"no usable answer from the gateway at {self.base_url}: {error}") from None
+        except (OSError, http.client.HTTPException) as error:  # timeouts, resets, a status line that is not HTTP
+            raise ClientError(self._unusable(f"{type(error).__name__}: {error}")) from None
+        if missing:
+            raise ClientError(self._unusable(f"the answer ended {missing} bytes short of its Content-Length"))
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise ClientError(self._unusable(f"the answer is over {MAX_ANSWER_BYTES} bytes (MAX_ANSWER_BYTES)"))
+        try:
+            return _decode_answer(raw)
+        except ValueError as error:
+            raise ClientError(self._unusable(str(error))) from None
+
+    def _unusable(self, why: str) -> str:
+        return f"no usable answer from the gateway at {self.base_url}: {why}"
 
     def _redirected(self, url: str, error: urllib.error.HTTPError) -> str:
         location = error.headers.get("Location")
@@ -169,28 +191,38 @@ class GatewayClient:
     # -- endpoints -----------------------------------------------------------------------------------------
 
     def list_sessions(self, status: str = "all", limit: Optional[int] = None, offset: Optional[int] = None) -> Any:
-        return self.request("GET", "/api/v1/ops/sessions", {"status": status, "limit": limit, "offset": offset})
+        answer = self.request("GET", "/api/v1/ops/sessions", {"status": status, "limit": limit, "offset": offset})
+        return self._checked(answer, SESSIONS_PAGE)
 
     def session_details(self, session_id: str) -> Any:
-        return self.request("GET", f"/api/v1/ops/sessions/{_quote(session_id)}")
+        return self._checked(self.request("GET", f"/api/v1/ops/sessions/{_quote(session_id)}"), SESSION_DETAILS)
 
     def reset_session(self, session_id: str, clear_logs: bool = True, clear_memory: bool = False,
                       clear_work_products: bool = False) -> Any:
         body = {"clear_logs": clear_logs, "clear_memory": clear_memory, "clear_work_products": clear_work_products}
-        return self.request("POST", f"/api/v1/ops/sessions/{_quote(session_id)}/reset", body=body)
+        return self._checked(self.request("POST", f"/api/v1/ops/sessions/{_quote(session_id)}/reset", body=body),
+                             RESET_RESULT)
 
     def compact_session(self, session_id: str, max_lines: Optional[int] = None, max_bytes: Optional[int] = None) -> Any:
         body = {name: value for name, value in (("max_lines", max_lines), ("max_bytes", max_bytes)) if value is not None}
-        return self.request("POST", f"/api/v1/ops/sessions/{_quote(session_id)}/compact", body=body)
+        answer = self.request("POST", f"/api/v1/ops/sessions/{_quote(session_id)}/compact", body=body)
+        return self._checked(answer, COMPACT_RESULT)
 
     def delete_session(self, session_id: str, force: bool = False) -> Any:
         query = {"confirm": "true", "force": "true" if force else None}
-        return self.request("DELETE", f"/api/v1/ops/sessions/{_quote(session_id)}", query)
+        return self._checked(self.request("DELETE", f"/api/v1/ops/sessions/{_quote(session_id)}", query), DELETE_RESULT)
 
     def read_log(self, session_id: Optional[str] = None, file_name: Optional[str] = None,
                  cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
         query = {"session_id": session_id, "file": file_name, "cursor": cursor, "limit": limit}
-        return self.request("GET", "/api/v1/ops/logs/tail", query)
+        return self._checked(self.request("GET", "/api/v1/ops/logs/tail", query), LOG_SLICE)
+
+    def _checked(self, answer: Any, shape: "Shape") -> Any:
+        try:
+            shape(answer, "answer")
+        except MalformedAnswer as error:
+            raise ClientError(self._unusable(str(error))) from None
+        return answer
 
 
 def _quote(segment: str) -> str:
@@ -198,12 +230,126 @@ def _quote(segment: str) -> str:
 
 
 def _api_error(error: urllib.error.HTTPError) -> ApiError:
-    raw = error.read()
     try:
-        detail = json.loads(raw)["detail"]
+        raw = error.read(MAX_ERROR_BYTES)
+    except (OSError, http.client.HTTPException):
+        raw = b""  # the status alone says enough
+    try:
+        detail = _decode_answer(raw)["detail"]
     except (ValueError, KeyError, TypeError):
         detail = raw.decode("utf-8", "replace").strip() or error.reason
-    return ApiError(error.code, str(detail), error.headers.get("Retry-After"))
+    detail = str(detail)
+    if len(detail) > MAX_DETAIL_CHARS:
+        detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
+    return ApiError(error.code, detail, error.headers.get("Retry-After"))
+
+
+def _decode_answer(raw: bytes) -> Any:
+    """The JSON value of an answer's body (null when empty). Raises ValueError saying what is wrong with it."""
+    try:
+        value = json.loads(raw or b"null")
+    except RecursionError:
+        raise ValueError(f"the answer is nested too deeply to decode (more than {MAX_ANSWER_DEPTH} levels)") from None
+    except ValueError as error:  # not JSON, or not UTF-8 (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"the answer is not JSON ({error})") from None
+    if _nesting_depth(value) > MAX_ANSWER_DEPTH:
+        raise ValueError(f"the answer is nested more than {MAX_ANSWER_DEPTH} levels deep")
+    return value
+
+
+def _nesting_depth(value: Any) -> int:
+    """How many arrays and objects deep ``value`` goes; iterative, so that no depth can exhaust the stack."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_ANSWER_DEPTH:
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shape of each answer: the keys and types the commands read (SPEC §5). Checked before any is used.
+# ---------------------------------------------------------------------------------------------------------
+
+
+class MalformedAnswer(ValueError):
+    """An answer lacks a key a command reads, or holds a value of the wrong type there."""
+
+
+Shape = Callable[[Any, str], None]  # shape(value, where) raises MalformedAnswer naming ``where``
+MAX_COUNT = 2 ** 63 - 1  # counts and sizes are 64-bit on the gateway; bigger ones break float formatting
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def _scalar(name: str, accepts: Callable[[Any], bool]) -> Shape:
+    def check(value: Any, where: str) -> None:
+        if not accepts(value):
+            raise MalformedAnswer(f"{where} should be {name}, not {_kind(value)}")
+    return check
+
+
+STRING = _scalar("a string", lambda value: isinstance(value, str))
+OPTIONAL_STRING = _scalar("a string or null", lambda value: value is None or isinstance(value, str))
+BOOLEAN = _scalar("a boolean", lambda value: isinstance(value, bool))
+COUNT = _scalar(f"a whole number from 0 to {MAX_COUNT}",
+                lambda value: type(value) is int and 0 <= value <= MAX_COUNT)
+
+
+def _object(**fields: Shape) -> Shape:
+    def check(value: Any, where: str) -> None:
+        if not isinstance(value, dict):
+            raise MalformedAnswer(f"{where} should be an object, not {_kind(value)}")
+        for key, field in fields.items():
+            if key not in value:
+                raise MalformedAnswer(f"{where} has no {key!r}")
+            field(value[key], f"{where}.{key}")
+    return check
+
+
+def _array_of(item: Shape) -> Shape:
+    def check(value: Any, where: str) -> None:
+        if not isinstance(value, list):
+            raise MalformedAnswer(f"{where} should be an array, not {_kind(value)}")
+        for index, element in enumerate(value):
+            item(element, f"{where}[{index}]")
+    return check
+
+
+def _map_of(item: Shape) -> Shape:
+    def check(value: Any, where: str) -> None:
+        _object()(value, where)
+        for key, element in value.items():
+            item(element, f"{where}[{json.dumps(key)}]")
+    return check
+
+
+SESSION_SUMMARY = _object(
+    session_id=STRING, status=STRING, last_activity=OPTIONAL_STRING, last_modified=OPTIONAL_STRING,
+    has_run_log=BOOLEAN, has_activity_journal=BOOLEAN, has_memory=BOOLEAN, heartbeat_last=OPTIONAL_STRING,
+    active_connections=COUNT, running=BOOLEAN,
+)
+SESSIONS_PAGE = _object(sessions=_array_of(SESSION_SUMMARY), total=COUNT, offset=COUNT)
+SESSION_DETAILS = _object(
+    session=SESSION_SUMMARY,
+    memory=_object(has_memory_md=BOOLEAN, files=COUNT, bytes=COUNT),
+    files=_array_of(_object(name=STRING, size=COUNT, modified=OPTIONAL_STRING)),
+    archives=_array_of(STRING),
+)
+RESET_RESULT = _object(archived=_array_of(STRING), archive_dir=OPTIONAL_STRING)
+COMPACT_RESULT = _object(files=_map_of(COUNT), bytes_freed=COUNT, archive_dir=OPTIONAL_STRING)
+DELETE_RESULT = _object(session_id=STRING)
+LOG_SLICE = _object(file=STRING, cursor=STRING, lines=_array_of(STRING), truncated=BOOLEAN, reset=BOOLEAN,
+                    more=BOOLEAN)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -301,6 +301,32 @@ class Config:
         self.session_create_burst = session_create_burst
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
+        self._check_limits()
+
+    # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
+    # A timeout of 0, NaN or infinity would silently turn its deadline off; a negative limit refuses all.
+    LIMITS = (
+        ("keepalive_timeout", "--keepalive-timeout", None, False),
+        ("header_timeout", "Config(header_timeout=...)", None, False),
+        ("send_stall_timeout", "--send-stall-timeout", None, False),
+        ("max_connections", "--max-connections", None, True),
+        ("session_create_rate", "UA_SESSION_CREATE_RATE", "no limit per address", False),
+        ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
+        ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
+        ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
+    )
+
+    def _check_limits(self) -> None:
+        """Raise ConfigError naming the first timeout or limit that is not a finite number above 0
+        (or exactly 0 where LIMITS gives 0 a meaning), and how to set it."""
+        for attribute, where, zero_means, whole in self.LIMITS:
+            value = getattr(self, attribute)
+            is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if is_number and math.isfinite(value) and (value > 0 or (value == 0 and zero_means)):
+                continue
+            kind = "a whole number" if whole else "a finite number" + (" of seconds" if "timeout" in attribute else "")
+            allowed = f"0 ({zero_means}) or more" if zero_means else "above 0"
+            raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {_show(value)}")
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
@@ -346,11 +372,7 @@ class Config:
         values.update({key: value for key, value in overrides.items() if value is not None})
         if not 0 <= values["port"] <= 65535:
             raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
-        if values.get("max_connections", 1) < 1:
-            raise ConfigError(f"max connections must be at least 1, not {values['max_connections']}")
-        if values.get("send_stall_timeout", 1.0) <= 0:
-            raise ConfigError(f"the send stall timeout must be a positive number of seconds, not {values['send_stall_timeout']}")
-        return cls(**values)
+        return cls(**values)  # Config checks every timeout and limit (_check_limits)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -893,7 +915,7 @@ def request_tokens(request: Request) -> List[Optional[str]]:
     authorization = request.header("authorization") or ""
     scheme, _, credential = authorization.partition(" ")
     if scheme.lower() == "bearer":
-        candidates.append(credential.strip())
+        candidates.append(credential.strip(_OWS))  # RFC 9110 §11.4: NBSP and friends are part of the credential
     return candidates
 
 
