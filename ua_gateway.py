@@ -405,6 +405,17 @@ _INT_RE = re.compile(r"[+-]?[0-9]+")
 _DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 # RFC 9110 §5.5: a field value is visible characters, SP and HTAB; any other control character is
 # refused, since a proxy in front may read it differently (request smuggling, log injection).
+# RFC 9112 §7.1 chunk-size [ chunk-ext ] with §7.1.1's grammar (token or quoted-string values, BWS around
+# ";" and "="), then optional whitespace as most servers allow. No control character anywhere: a bare LF
+# in an extension would let a front proxy that splits lines on LF see a request where we see chunk data.
+_CHUNK_LINE_RE = re.compile(
+    rb"([0-9A-Fa-f]{1,16})"
+    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\"))?)*"
+    rb"[ \t]*"
+)
+# RFC 9110 §5.5 field-line for trailers: a token, ":", and a value of visible characters, spaces and tabs.
+_TRAILER_LINE_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t \x21-\x7e\x80-\xff]*")
 _FIELD_VALUE_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _OWS = " \t"  # RFC 9110 §5.6.3 optional whitespace; str.strip() would also drop \x0b, \x1c-\x1f, \x85, \xa0
 
@@ -605,6 +616,12 @@ class RequestParser:
         """Work out how the body is delimited (RFC 9112 §6), refusing anything that could smuggle."""
         lengths = request.header_tokens("content-length")
         codings = request.header_tokens("transfer-encoding")
+        for name in ("transfer-encoding", "content-length"):
+            for key, value in request.headers:
+                # An empty field or list element ("Content-Length: ,2", "Transfer-Encoding: ,") is read
+                # differently by different parsers: refuse it rather than guess (RFC 9112 §6.3).
+                if key == name and any(not element.strip(_OWS) for element in value.split(",")):
+                    raise HttpError(400, f"empty element in {name} {_show(value)}; send one value", close=True)
         if codings:
             if lengths:
                 raise HttpError(
@@ -686,11 +703,13 @@ class _ChunkedBody:
             if self.in_trailers:
                 if not line:
                     return bytes(self.body)
+                if not _TRAILER_LINE_RE.fullmatch(line):
+                    raise HttpError(400, f"malformed trailer field {_show(line)} (RFC 9110 §5.5)", close=True)
                 continue
-            size_text = line.split(b";", 1)[0].strip(b" \t")
-            if not size_text or len(size_text) > 16 or not all(c in b"0123456789abcdefABCDEF" for c in size_text):
-                raise HttpError(400, f"malformed chunk size {_show(line)}", close=True)
-            size = int(size_text, 16)
+            match = _CHUNK_LINE_RE.fullmatch(line)
+            if match is None:
+                raise HttpError(400, f"malformed chunk size line {_show(line)} (RFC 9112 §7.1)", close=True)
+            size = int(match.group(1), 16)
             if size == 0:
                 self.in_trailers = True
                 continue
