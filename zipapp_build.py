@@ -41,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "APP_DATA_DIRS",
     "APP_MODULES",
+    "APP_PACKAGES",
     "BuildError",
     "WEBSOCKETS_SHA256",
     "WEBSOCKETS_VERSION",
@@ -67,10 +67,13 @@ CACHE_DIR = ROOT / "build" / "cache"  # git-ignored; holds the verified websocke
 # Top-level runtime modules of the application. Each one must exist (and be tracked by git).
 APP_MODULES = ("ua_gateway.py", "ops_service.py", "ua_client.py")
 
-# Directories of runtime data, included as plain files when they exist. They need no
-# __init__.py: the app reads them with pkgutil.get_data("ua_gateway", "console/index.html"),
-# or, if the directory gets an __init__.py, with importlib.resources.files("console").
-APP_DATA_DIRS = ("console",)
+# Packages of the application, every file in them included: their modules and their data (the
+# console's files in uagw/console/, which the app reads with pkgutil.get_data("uagw", ...), so
+# they are read straight from the zip). Each must have an __init__.py.
+APP_PACKAGES = ("uagw",)
+# The one place the version is written: ``__version__ = "..."`` in this file (pyproject.toml reads
+# it too, as its dynamic version).
+VERSION_FILE = "uagw/__init__.py"
 
 # 15.0.1 is the newest websockets release that still supports Python 3.9 (16.0 needs 3.10).
 WEBSOCKETS_VERSION = "15.0.1"
@@ -173,18 +176,18 @@ def _is_git_checkout(root: Path) -> bool:
 
 
 def read_project_version(root: Path = ROOT) -> str:
-    """The ``version = "..."`` of pyproject.toml's [project] table.
+    """The ``__version__ = "..."`` of VERSION_FILE, read as text: the build never imports the app.
 
-    A regex rather than tomllib, which only exists from Python 3.11. Raises BuildError.
+    Raises BuildError.
     """
+    path = root / VERSION_FILE
     try:
-        text = (root / "pyproject.toml").read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise BuildError(f"cannot read {root / 'pyproject.toml'}: {exc}") from None
-    table = re.search(r"^\[project\][ \t]*$(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL)
-    found = table and re.search(r'^version\s*=\s*"([^"]+)"', table.group(1), re.MULTILINE)
+        raise BuildError(f"cannot read {path}: {exc}") from None
+    found = re.search(r'^__version__\s*=\s*"([^"]+)"', text, re.MULTILINE)
     if not found:
-        raise BuildError(f'{root / "pyproject.toml"} has no version = "..." in its [project] table')
+        raise BuildError(f'{path} has no __version__ = "..."')
     return found.group(1)
 
 
@@ -225,18 +228,18 @@ def _read_regular_file(path: Path, relpath: str) -> bytes:
 
 
 def _project_paths_from_git(root: Path) -> list[str]:
-    listed = _git(root, "ls-files", "-z", "--", *APP_MODULES, *APP_DATA_DIRS)
+    listed = _git(root, "ls-files", "-z", "--", *APP_MODULES, *APP_PACKAGES)
     if listed is None:
         raise BuildError(f"git ls-files failed in {root}")
     tracked = [name for name in listed.split("\0") if name]
-    for module in APP_MODULES:
+    for module in APP_MODULES + tuple(f"{package}/__init__.py" for package in APP_PACKAGES):
         if module not in tracked:
             if (root / module).exists():
                 raise BuildError(
                     f"{module} exists but is not tracked by git; run `git add {module}` "
                     "(the archive is built from tracked files so that it matches a commit)"
                 )
-            raise BuildError(f"{module} is missing from {root} (it is listed in APP_MODULES)")
+            raise BuildError(f"{module} is missing from {root} (APP_MODULES and APP_PACKAGES list it)")
     return tracked
 
 
@@ -246,10 +249,12 @@ def _project_paths_from_directory(root: Path) -> list[str]:
         if not (root / module).exists() and not (root / module).is_symlink():
             raise BuildError(f"{module} is missing from {root} (it is listed in APP_MODULES)")
         paths.append(module)
-    for data_dir in APP_DATA_DIRS:
-        top = root / data_dir
+    for package in APP_PACKAGES:
+        top = root / package
         if top.is_symlink():
-            raise BuildError(f"{data_dir} is a symlink; the archive takes regular files only")
+            raise BuildError(f"{package} is a symlink; the archive takes regular files only")
+        if not (top / "__init__.py").is_file():
+            raise BuildError(f"{package}/__init__.py is missing from {root} (the package is listed in APP_PACKAGES)")
         for dirpath, dirnames, filenames in os.walk(str(top)):
             for name in dirnames:
                 if os.path.islink(os.path.join(dirpath, name)):
@@ -260,7 +265,7 @@ def _project_paths_from_directory(root: Path) -> list[str]:
 
 
 def collect_project_files(root: Path = ROOT) -> dict[str, bytes]:
-    """APP_MODULES and the files under APP_DATA_DIRS, keyed by their path relative to root.
+    """APP_MODULES and the files under APP_PACKAGES, keyed by their path relative to root.
 
     In a git checkout only tracked files count, so untracked junk stays out; elsewhere (for
     example a ``git archive`` export) the directory is read. Raises BuildError.
@@ -478,7 +483,7 @@ def _render_build_info(
     dirty = None
     if in_checkout:
         # A build from modified files does not match its commit; say so.
-        paths = (*APP_MODULES, *APP_DATA_DIRS, "pyproject.toml")
+        paths = (*APP_MODULES, *APP_PACKAGES, "pyproject.toml")
         status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *paths)
         dirty = bool(status and status.strip())
     info = {
@@ -535,7 +540,7 @@ def verify_archive(path: Path) -> None:
             if name.endswith("/") or "__pycache__" in name.split("/") or name.endswith(FORBIDDEN_SUFFIXES):
                 raise BuildError(f"{path}: forbidden entry {name}")
         required_entries = (MAIN_ENTRY, BUILD_INFO_ENTRY, WEBSOCKETS_LICENSE_ENTRY, "websockets/__init__.py")
-        for required in required_entries + APP_MODULES:
+        for required in required_entries + APP_MODULES + (VERSION_FILE,):
             if required not in names:
                 raise BuildError(f"{path}: {required} is missing")
         recorded = json.loads(archive.read(BUILD_INFO_ENTRY))["files"]

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ua_gateway
+from uagw.routing import Route, Scope
 
 TOKEN = "property-test-token-0c41"
 PROBE_SESSION = "probe-1"
@@ -26,7 +27,7 @@ REFUSED = frozenset((401, 403, 429))
 NOT_A_ROUTE = frozenset((400, 404))
 
 
-def router_routes(tmp_path) -> List[ua_gateway.Route]:
+def router_routes(tmp_path) -> List[Route]:
     """Every route the gateway serves, with the optional ones switched on."""
     gateway = ua_gateway.Gateway(ua_gateway.Config(workspaces=tmp_path / "unused", ws_echo=True))
     try:
@@ -35,7 +36,7 @@ def router_routes(tmp_path) -> List[ua_gateway.Route]:
         gateway.executor.shutdown(wait=False)
 
 
-def concrete(route: ua_gateway.Route) -> str:
+def concrete(route: Route) -> str:
     segments = [PROBE_SESSION if p == "{session_id}" else ("app.js" if p == "{asset}" else p) for p in route.pattern]
     return "/" + "/".join(segments)
 
@@ -128,7 +129,7 @@ def prober(probe_target) -> Iterator[Prober]:
     prober.close()
 
 
-def decisions(prober: Prober, route: ua_gateway.Route, method: str) -> Tuple[int, List[Tuple[str, int]]]:
+def decisions(prober: Prober, route: Route, method: str) -> Tuple[int, List[Tuple[str, int]]]:
     path = concrete(route)
     canonical = prober.status(method, path)
     return canonical, [(spelled, prober.status(method, spelled)) for spelled in spellings(path)]
@@ -142,7 +143,7 @@ def test_every_route_method_and_spelling_gets_the_canonical_decision(probe_targe
     for route in routes:
         for method in METHODS:
             canonical, results = decisions(prober, route, method)
-            if route.scope is not ua_gateway.Scope.PUBLIC and method != "OPTIONS":
+            if route.scope is not Scope.PUBLIC and method != "OPTIONS":
                 protected_seen += 1
                 assert canonical == 401, f"{method} {route.template} without a token gave {canonical}, not 401"
             for spelled, status in results:

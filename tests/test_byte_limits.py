@@ -22,8 +22,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-import ua_gateway
-from ua_gateway import AccessControl, AgentTurn, Config, ConfigError, Gateway
+from ua_gateway import AgentTurn, Config, ConfigError, Gateway
+from uagw import limits
+from uagw.access import AccessControl
 
 MiB = 1024 * 1024
 
@@ -189,19 +190,19 @@ def addresses(count: int) -> List[str]:
 
 def test_lockout_table_never_holds_more_than_the_tracked_addresses(tmp_path):
     access = AccessControl(Config(workspaces=tmp_path), clock=Clock())
-    for address in addresses(ua_gateway.AUTH_TRACKED_ADDRESSES + 1000):
-        fail_times(access, address, ua_gateway.AUTH_FAILURE_LIMIT)
-    assert len(access._locked_until) == ua_gateway.AUTH_TRACKED_ADDRESSES
+    for address in addresses(limits.AUTH_TRACKED_ADDRESSES + 1000):
+        fail_times(access, address, limits.AUTH_FAILURE_LIMIT)
+    assert len(access._locked_until) == limits.AUTH_TRACKED_ADDRESSES
     assert access.lockout_remaining("127.0.0.1") == 0.0, "the oldest lockout made room for the newest"
-    assert access.lockout_remaining(addresses(ua_gateway.AUTH_TRACKED_ADDRESSES + 1000)[-1]) > 0
+    assert access.lockout_remaining(addresses(limits.AUTH_TRACKED_ADDRESSES + 1000)[-1]) > 0
 
 
 def test_expired_lockouts_are_forgotten(tmp_path):
     clock = Clock()
     access = AccessControl(Config(workspaces=tmp_path), clock=clock)
     for address in addresses(100):
-        fail_times(access, address, ua_gateway.AUTH_FAILURE_LIMIT)
-    clock.now += ua_gateway.AUTH_LOCKOUT
+        fail_times(access, address, limits.AUTH_FAILURE_LIMIT)
+    clock.now += limits.AUTH_LOCKOUT
     assert access.lockout_remaining("10.0.0.1") == 0.0
     assert len(access._locked_until) == 0
 
@@ -211,7 +212,7 @@ def test_expired_failures_are_forgotten_before_the_table_is_full(tmp_path):
     access = AccessControl(Config(workspaces=tmp_path), clock=clock)
     for address in addresses(100):
         fail_times(access, address, 1)
-    clock.now += ua_gateway.AUTH_FAILURE_WINDOW
+    clock.now += limits.AUTH_FAILURE_WINDOW
     access.record_failure("10.0.0.1")
     assert list(access._failures) == ["10.0.0.1"]
 
@@ -221,12 +222,12 @@ def test_an_address_that_keeps_failing_keeps_its_count_when_the_table_is_full(tm
     clock = Clock()
     access = AccessControl(Config(workspaces=tmp_path), clock=clock)
     access.record_failure("10.0.0.1")
-    for address in addresses(ua_gateway.AUTH_TRACKED_ADDRESSES - 1):
+    for address in addresses(limits.AUTH_TRACKED_ADDRESSES - 1):
         fail_times(access, address, 1)
     clock.now += 1
-    fail_times(access, "10.0.0.1", ua_gateway.AUTH_FAILURE_LIMIT - 2)  # first seen long ago, failing still
+    fail_times(access, "10.0.0.1", limits.AUTH_FAILURE_LIMIT - 2)  # first seen long ago, failing still
     access.record_failure("10.0.0.2")  # the table is full: 127.0.0.1 goes, not 10.0.0.1
-    assert len(access._failures) == ua_gateway.AUTH_TRACKED_ADDRESSES
+    assert len(access._failures) == limits.AUTH_TRACKED_ADDRESSES
     assert access.record_failure("10.0.0.1") is True, "the tenth failure still locks out"
 
 
@@ -254,12 +255,12 @@ def test_session_creation_past_the_global_cap_per_minute_is_429(start_gateway):
 def test_the_default_gateway_caps_anonymous_session_creation(start_gateway):
     # Before: no cap at all (about 2,400 sessions a second from one local script).
     gateway = start_gateway()
-    for created in range(ua_gateway.SESSION_CREATE_BURST + 50):
+    for created in range(limits.SESSION_CREATE_BURST + 50):
         status = gateway.post("/api/v1/sessions", body={}).status
         if status != 201:
             break
     assert status == 429
-    assert ua_gateway.SESSION_CREATE_BURST <= created < ua_gateway.SESSION_CREATE_BURST + 50
+    assert limits.SESSION_CREATE_BURST <= created < limits.SESSION_CREATE_BURST + 50
 
 
 def test_the_lobby_counts_against_the_same_limit_and_may_retry(start_gateway):

@@ -30,9 +30,12 @@ def test_version_prints_name_and_version():
     assert result.stdout.strip() == f"ua-gateway {ua_gateway.__version__}"
 
 
-def test_version_matches_pyproject():
+def test_version_is_written_once_and_pyproject_reads_it():
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert re.search(r'^version = "([^"]+)"', pyproject, re.M).group(1) == ua_gateway.__version__
+    assert not re.search(r'^version = "', pyproject, re.M)
+    assert re.search(r'^version = \{ attr = "uagw.__version__" \}', pyproject, re.M)
+    written = [path.name for path in (ROOT / "uagw").glob("*.py") if "__version__ = " in path.read_text()]
+    assert written == ["__init__.py"]
 
 
 def test_help_lists_flags_and_environment():

@@ -18,7 +18,8 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from harness import start_watched
-from ua_gateway import WS_MAX_CLOSE_REASON, close_reason
+from uagw.limits import WS_MAX_CLOSE_REASON
+from uagw.websocket import close_reason
 
 # One character of each UTF-8 length, the last one a lone surrogate as an undecodable file name gives.
 WIDE = ["a", "é", "ワ", "😀", "\udcff"]

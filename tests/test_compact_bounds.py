@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import ops_service
 from ops_service import OpsService
-from ua_gateway import SessionWriter
+from uagw.logs import SessionWriter
 
 GIB = 1 << 30
 SPARSE_SIZE = 4 * GIB  # multi-GiB apparent size, no disk blocks: truncate() makes a hole

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import ua_gateway  # noqa: E402
+import uagw.cli  # noqa: E402
 from conftest import gateway_env  # noqa: E402
 
 BAD_NUMBERS = ("0", "-1", "nan", "inf", "-inf")
@@ -28,7 +29,7 @@ BAD_WHOLE_NUMBERS = ("0", "-1")  # argparse's int() already refuses nan and inf
 def limit_flags() -> List[Tuple[str, str]]:
     """(flag, bad value) for every numeric flag of the gateway but --port (where 0 picks a free port)."""
     cases = []
-    for action in ua_gateway.build_arg_parser()._actions:
+    for action in uagw.cli.build_arg_parser()._actions:
         if action.type in (int, float) and action.dest != "port":
             bad = BAD_NUMBERS if action.type is float else BAD_WHOLE_NUMBERS
             cases += [(action.option_strings[0], value) for value in bad]

@@ -19,7 +19,7 @@ import pytest
 import zipapp_build
 from conftest import ROOT, RunningGateway, gateway_env, launch
 
-CONSOLE = ROOT / "console"
+CONSOLE = ROOT / "uagw" / "console"
 EPOCH = 1767225600  # any fixed SOURCE_DATE_EPOCH; the build needs one outside a git checkout
 
 
@@ -120,8 +120,8 @@ def copy_project(into: Path) -> Path:
     directory, so files not yet committed are built too."""
     for module in zipapp_build.APP_MODULES:
         shutil.copy2(ROOT / module, into / module)
-    for data_dir in zipapp_build.APP_DATA_DIRS:
-        shutil.copytree(ROOT / data_dir, into / data_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    for package in zipapp_build.APP_PACKAGES:
+        shutil.copytree(ROOT / package, into / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy2(ROOT / "pyproject.toml", into / "pyproject.toml")
     return into
 

@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT, launch, parse_responses, read_all
 from harness import WatchedGateway
 
-import ua_gateway
+from uagw.limits import FD_RESERVE
 
 FD_LIMIT = 64
 FREE_WHEN_EXHAUSTED = 12  # descriptors the "exhausted" child leaves free: enough to start, not to serve 16
@@ -131,12 +131,12 @@ def test_health_is_answered_while_full_and_once_connections_close(flooded):
 @CAP
 def test_connection_limit_is_sized_from_the_open_file_limit(flooded):
     start = next(r for r in flooded["records"] if r["event"] == "start")
-    assert start["connection_limit"] == FD_LIMIT - ua_gateway.FD_RESERVE
+    assert start["connection_limit"] == FD_LIMIT - FD_RESERVE
 
 
 @CAP
 def test_refused_connections_are_logged_at_most_once_a_second(flooded):
     reports = [r for r in flooded["records"] if r["event"] == "connection_limit"]
-    assert reports and sum(r["refused"] for r in reports) >= CONNECTIONS - (FD_LIMIT - ua_gateway.FD_RESERVE)
+    assert reports and sum(r["refused"] for r in reports) >= CONNECTIONS - (FD_LIMIT - FD_RESERVE)
     stamps = [datetime.fromisoformat(r["ts"]).timestamp() for r in reports]
     assert all(later - earlier >= 0.9 for earlier, later in zip(stamps, stamps[1:])), stamps

@@ -28,6 +28,9 @@ import ops_service
 import ua_gateway
 from ops_service import InvalidArgument, InvalidCursor, decode_cursor, read_log_slice
 from ua_gateway import HttpError, Request, RequestParser
+from uagw.http11 import error_response
+from uagw.limits import MAX_HEAD_BYTES
+from uagw.routing import ops_error_response
 
 FUZZ = settings(
     max_examples=400,
@@ -211,7 +214,7 @@ def test_parser_buffers_at_most_the_head_limit_without_answering(pieces):
             parser.next_request()
         except HttpError:
             return
-        assert parser.buffered <= ua_gateway.MAX_HEAD_BYTES + 64
+        assert parser.buffered <= MAX_HEAD_BYTES + 64
 
 
 # -- the router and handlers, in process --------------------------------------------------------------------
@@ -260,9 +263,9 @@ def test_dispatch_never_answers_5xx(inproc_gateway, method, parts, query, body):
         try:
             result = loop.run_until_complete(result)
         except HttpError as error:
-            result = ua_gateway.error_response(error)
+            result = error_response(error)
         except ops_service.OpsError as error:
-            result = ua_gateway.ops_error_response(error)
+            result = ops_error_response(error)
     assert result.status < 500, (target, result.status, result.body[:300])
 
 

@@ -18,7 +18,8 @@ import pytest
 
 from conftest import RunningGateway, launch
 
-from ua_gateway import GATEWAY_LOG_BACKUPS, GATEWAY_LOG_FIELD_CHARS, log_field
+from uagw.limits import GATEWAY_LOG_BACKUPS, GATEWAY_LOG_FIELD_CHARS
+from uagw.logs import log_field
 
 TOKEN = "log-flood-test-token"
 ROTATE_BYTES = 256 * 1024

@@ -1,4 +1,4 @@
-"""The OpenAPI document (console/openapi.json) matches the router, is valid OpenAPI 3.1, and is what
+"""The OpenAPI document (uagw/console/openapi.json) matches the router, is valid OpenAPI 3.1, and is what
 the gateway serves at /api/v1/openapi.json.
 
 The router is read in-process (``Gateway(...).router.routes``), so a route added to the code without
@@ -13,10 +13,11 @@ from typing import Set, Tuple
 
 import pytest
 
+import ops_service
 import ua_gateway
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCUMENT_PATH = ROOT / "console" / "openapi.json"
+DOCUMENT_PATH = ROOT / "uagw" / "console" / "openapi.json"
 HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
@@ -114,7 +115,7 @@ def test_protected_operations_declare_both_token_schemes(document: dict):
 def test_session_id_parameter_uses_the_session_id_rule(document: dict):
     pattern = document["components"]["parameters"]["SessionId"]["schema"]["pattern"]
 
-    assert pattern == ua_gateway.ops_service.SESSION_ID_RE.pattern
+    assert pattern == ops_service.SESSION_ID_RE.pattern
 
 
 def test_served_document_is_the_file(gateway):

@@ -19,7 +19,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from conftest import ROOT, gateway_env, launch
-from ua_gateway import MAX_SECRET_FILE_BYTES, Config, ConfigError
+from ua_gateway import Config, ConfigError
+from uagw.limits import MAX_SECRET_FILE_BYTES
 
 TOKEN = "token-file-secret-4d2a"
 STARTUP_TIMEOUT = 10.0

@@ -34,6 +34,9 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 import ua_gateway
+from uagw.agents import AgentLineSplitter, command_agent
+from uagw.limits import AGENT_KILL_GRACE, MAX_AGENT_LINE
+from uagw.sessions import FinishedTurns, LiveSession, SessionHub
 
 GATEWAY_TURN_ID = re.compile(r"turn_[0-9a-f]+")  # what the gateway's own turn ids look like
 PROMPTLY = 3.0  # s: "at once", with room for a loaded machine; the reference points are 300 s sleeps
@@ -358,7 +361,7 @@ def test_a_child_the_agent_left_behind_is_stopped_after_its_turn(start_gateway, 
     frames = run(one_turn(f"{gateway.ws_url}/api/v1/sessions/child-detached/stream"))
     assert frames[-1]["data"]["completed"] is True
     child = pid_from(directory / "child.pid")
-    assert wait_for(lambda: process_gone(child), timeout=ua_gateway.AGENT_KILL_GRACE + PROMPTLY)
+    assert wait_for(lambda: process_gone(child), timeout=AGENT_KILL_GRACE + PROMPTLY)
 
 
 def test_shutdown_kills_what_a_finished_turn_left_behind_at_once(start_gateway, tmp_path):
@@ -370,7 +373,7 @@ def test_shutdown_kills_what_a_finished_turn_left_behind_at_once(start_gateway, 
     gateway.process.send_signal(signal.SIGTERM)
     assert gateway.process.wait(15) == 0
     assert wait_for(lambda: process_gone(child), timeout=2)
-    assert time.monotonic() - stopping < ua_gateway.AGENT_KILL_GRACE  # not the reaper's SIGKILL: the shutdown's
+    assert time.monotonic() - stopping < AGENT_KILL_GRACE  # not the reaper's SIGKILL: the shutdown's
 
 
 def test_shutdown_ends_the_turn_of_an_embedded_agent_that_ignores_its_cancel(tmp_path):
@@ -452,8 +455,8 @@ def test_an_exception_while_reading_an_agent_ends_the_turn_and_stops_its_group(t
 
     async def scenario() -> List[int]:
         gateway = ua_gateway.Gateway(ua_gateway.Config(workspaces=workspaces))
-        hub = ua_gateway.SessionHub(gateway, ua_gateway.command_agent(agent))
-        live = ua_gateway.LiveSession("reading-fails", workspaces / "reading-fails")
+        hub = SessionHub(gateway, command_agent(agent))
+        live = LiveSession("reading-fails", workspaces / "reading-fails")
         turn = ua_gateway.AgentTurn(hub, live, "go", {}, None)
 
         def fail(event_type: str, data: Any = None) -> None:
@@ -492,12 +495,12 @@ def test_an_overlong_stdout_line_is_cut_marked_and_never_parsed(start_gateway, t
     lines = run_log.split(b"\n")
     total = len(b"tool said: ") + 3 * 1024 * 1024 + len(forged)
     assert lines[0].startswith(b"tool said: ")
-    assert lines[0].endswith(b" ...[%d bytes cut]" % (total - ua_gateway.MAX_AGENT_LINE))
+    assert lines[0].endswith(b" ...[%d bytes cut]" % (total - MAX_AGENT_LINE))
     assert lines[1:] == [b""]  # nothing of the line's rest became lines of its own
 
 
 def test_splitter_gives_a_cut_line_once_with_the_count_and_skips_its_rest():
-    splitter = ua_gateway.AgentLineSplitter(max_line=4)
+    splitter = AgentLineSplitter(max_line=4)
     assert splitter.feed(b"ab\r\nabcdefg") == [(b"ab", 0)]
     assert splitter.feed(b'{"type": "x"}') == []
     assert splitter.feed(b"\nok\n") == [(b"abcd", 3 + 13), (b"ok", 0)]
@@ -505,7 +508,7 @@ def test_splitter_gives_a_cut_line_once_with_the_count_and_skips_its_rest():
 
 
 def test_splitter_gives_an_unfinished_last_line_at_the_end():
-    splitter = ua_gateway.AgentLineSplitter(max_line=4)
+    splitter = AgentLineSplitter(max_line=4)
     assert splitter.feed(b"one\ntwo") == [(b"one", 0)]
     assert splitter.finish() == (b"two", 0)
 
@@ -514,7 +517,7 @@ def test_splitter_gives_an_unfinished_last_line_at_the_end():
 @given(data=st.lists(st.sampled_from([b"a", b"b", b"\r", b"\n"]), max_size=60).map(b"".join),
        cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=8), max_line=st.integers(1, 6))
 def test_splitter_gives_the_same_lines_however_the_output_is_chunked(data, cuts, max_line):
-    splitter = ua_gateway.AgentLineSplitter(max_line=max_line)
+    splitter = AgentLineSplitter(max_line=max_line)
     bounds = [0, *sorted(cuts), len(data)]
     lines = [line for start, end in zip(bounds, bounds[1:]) for line in splitter.feed(data[start:end])]
     last = splitter.finish()
@@ -558,7 +561,7 @@ def test_a_finished_client_turn_id_is_answered_as_a_duplicate_after_a_reconnect(
 
 def test_finished_turns_are_forgotten_after_their_age():
     now = [1000.0]
-    finished = ua_gateway.FinishedTurns(clock=lambda: now[0], max_age=60.0)
+    finished = FinishedTurns(clock=lambda: now[0], max_age=60.0)
     finished.remember("s", "t1", "turn_1", True)
     now[0] += 59.0
     assert finished.lookup("s", "t1") == ("turn_1", True)
@@ -567,14 +570,14 @@ def test_finished_turns_are_forgotten_after_their_age():
 
 
 def test_finished_turns_keep_the_newest_ids_of_a_session():
-    finished = ua_gateway.FinishedTurns(max_ids=2)
+    finished = FinishedTurns(max_ids=2)
     for n in range(3):
         finished.remember("s", f"t{n}", f"turn_{n}", True)
     assert [finished.lookup("s", f"t{n}") for n in range(3)] == [None, ("turn_1", True), ("turn_2", True)]
 
 
 def test_finished_turns_drop_the_least_recently_used_session_first():
-    finished = ua_gateway.FinishedTurns(max_sessions=2)
+    finished = FinishedTurns(max_sessions=2)
     finished.remember("a", "t", "turn_a", True)
     finished.remember("b", "t", "turn_b", True)
     finished.remember("a", "u", "turn_a2", False)  # "a" is now the most recently used

@@ -138,14 +138,15 @@ def main(argv=None):
 
 
 def _make_project(root: Path, *, git: bool) -> Path:
-    """A minimal project: pyproject, both app modules and a console/ without __init__.py."""
-    (root / "console" / "js").mkdir(parents=True)
-    (root / "pyproject.toml").write_text('[project]\nname = "ua-gateway"\nversion = "9.8.7"\n')
+    """A minimal project: pyproject, the app modules and the uagw package with its console/ data."""
+    (root / "uagw" / "console" / "js").mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[project]\nname = "ua-gateway"\ndynamic = ["version"]\n')
+    (root / "uagw" / "__init__.py").write_text('__version__ = "9.8.7"\n')
     (root / "ua_gateway.py").write_text(STUB_APP)
     (root / "ops_service.py").write_text('"""stub"""\n')
     (root / "ua_client.py").write_text('"""stub"""\n')
-    (root / "console" / "index.html").write_text("<!doctype html>\n")
-    (root / "console" / "js" / "app.js").write_text("'use strict';\n")
+    (root / "uagw" / "console" / "index.html").write_text("<!doctype html>\n")
+    (root / "uagw" / "console" / "js" / "app.js").write_text("'use strict';\n")
     if git:
         _git(root, "init", "-q")
         _git(root, "add", "-A")
@@ -333,14 +334,14 @@ def test_older_pythons_are_refused_with_a_clear_message(python: str, pyz: Path, 
 @needs_git
 def test_untracked_files_stay_out_of_a_checkout_build(websockets_release: Path, tmp_path: Path):
     project = _make_project(tmp_path / "project", git=True)
-    (project / "console" / "notes.txt").write_text("scratch\n")
+    (project / "uagw" / "console" / "notes.txt").write_text("scratch\n")
     (project / "extra.py").write_text("junk = 1\n")
 
     names = _names(zipapp_build.build(tmp_path / "out.pyz", websockets_release, EPOCH, project_root=project))
 
-    assert "console/index.html" in names
-    assert "console/js/app.js" in names
-    assert "console/notes.txt" not in names
+    assert "uagw/console/index.html" in names
+    assert "uagw/console/js/app.js" in names
+    assert "uagw/console/notes.txt" not in names
     assert "extra.py" not in names
 
 
@@ -357,8 +358,8 @@ def test_untracked_app_module_is_refused_with_advice(websockets_release: Path, t
 @needs_git
 def test_symlinked_project_file_is_refused(websockets_release: Path, tmp_path: Path):
     project = _make_project(tmp_path / "project", git=True)
-    (project / "console" / "link.html").symlink_to("index.html")
-    _git(project, "add", "console/link.html")
+    (project / "uagw" / "console" / "link.html").symlink_to("index.html")
+    _git(project, "add", "uagw/console/link.html")
 
     with pytest.raises(zipapp_build.BuildError, match="symlink"):
         zipapp_build.build(tmp_path / "out.pyz", websockets_release, EPOCH, project_root=project)
@@ -368,13 +369,13 @@ def test_outside_git_the_files_come_from_the_directory_without_bytecode(
     websockets_release: Path, tmp_path: Path
 ):
     project = _make_project(tmp_path / "project", git=False)
-    (project / "console" / "__pycache__").mkdir()
-    (project / "console" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    (project / "uagw" / "console" / "__pycache__").mkdir()
+    (project / "uagw" / "console" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
 
     out = zipapp_build.build(tmp_path / "out.pyz", websockets_release, EPOCH, project_root=project)
 
     names = _names(out)
-    assert {"ua_gateway.py", "ops_service.py", "console/index.html", "console/js/app.js"} <= set(names)
+    assert {"ua_gateway.py", "ops_service.py", "uagw/console/index.html", "uagw/console/js/app.js"} <= set(names)
     assert not [name for name in names if "__pycache__" in name]
     info = _build_info(out)
     assert (info["version"], info["git_commit"]) == ("9.8.7", "unknown")
@@ -382,7 +383,7 @@ def test_outside_git_the_files_come_from_the_directory_without_bytecode(
 
 def test_symlinked_data_directory_is_refused_outside_git(websockets_release: Path, tmp_path: Path):
     project = _make_project(tmp_path / "project", git=False)
-    (project / "console" / "linked").symlink_to(project / "console" / "js")
+    (project / "uagw" / "console" / "linked").symlink_to(project / "uagw" / "console" / "js")
 
     with pytest.raises(zipapp_build.BuildError, match="symlink"):
         zipapp_build.build(tmp_path / "out.pyz", websockets_release, EPOCH, project_root=project)

@@ -1,0 +1,526 @@
+"""The application: the gateway's routes, the Ops API handlers, access checks, health, WebSocket
+upgrades, and the lifecycle that ties the listener, the session hub and the logs together (``Gateway``).
+
+May import: the standard library, websockets, ``ops_service`` and every ``uagw`` module except ``uagw.cli``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import math
+import pkgutil
+import sys
+import time
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from urllib.parse import parse_qsl
+
+from websockets.server import ServerProtocol
+
+import ops_service
+from ops_service import OpsService, StorageFull, WorkspacesUnavailable
+
+from . import __version__
+from .limits import (
+    AGENT_TURN_FDS, CORS_MAX_AGE, OPS_THREADS, ROOT_CHECK_INTERVAL, SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE,
+    WS_MAX_MESSAGE,
+)
+from .text import show
+from .config import Config, ConfigError, is_loopback_host
+from .http11 import HttpError, Request, Response, error_response, json_response
+from .access import AccessControl, request_tokens
+from .logs import GatewayLog
+from .routing import (
+    Route, Router, Scope, bool_param, int_param, json_object_body, path_segments, query_params, session_id_param,
+)
+from .server import HttpConnection, Listener, descriptor_budget
+from .websocket import EchoApp, WS_SUBPROTOCOL, WebSocketBridge, select_subprotocol, subprotocol_token, ws_logger
+from .agents import command_agent, echo_agent
+from .sessions import AgentSocket, SessionHub
+
+__all__ = [
+    "CONSOLE_ASSETS",
+    "CONSOLE_HEADERS",
+    "CORS_ALLOW_HEADERS",
+    "Gateway",
+    "SAME_ORIGIN_FETCH_SITES",
+    "read_console_assets",
+]
+
+
+CONSOLE_ASSETS = {  # the console's files: package data in uagw/console/ (inside the .pyz and a wheel too)
+    "index.html": "text/html; charset=utf-8",
+    "app.js": "text/javascript; charset=utf-8",
+    "style.css": "text/css; charset=utf-8",
+    "openapi.json": "application/json",
+}
+CONSOLE_HEADERS = [
+    # The console loads nothing from elsewhere; it talks to this gateway only (HTTP and WebSocket).
+    ("Content-Security-Policy", "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                                "frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    ("X-Frame-Options", "DENY"),
+    ("Referrer-Policy", "no-referrer"),
+    ("Cache-Control", "no-cache"),
+]
+
+
+def read_console_assets() -> Dict[str, bytes]:
+    """The console files that exist, read as this package's data: from the directory, the .pyz or a wheel."""
+    assets = {}
+    for name in CONSOLE_ASSETS:
+        try:
+            data = pkgutil.get_data(__package__ or "uagw", f"console/{name}")
+        except OSError:
+            continue
+        if data is not None:
+            assets[name] = data
+    return assets
+
+
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
+# Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
+SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
+
+
+class Gateway:
+    """The whole server. ``await start()``, then ``await stop()``; ``url`` is known once started.
+
+    ``agent`` (for embedding) is an async callable that runs one turn; see "Agents" below.
+    """
+
+    def __init__(self, config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> None:
+        self.config = config
+        self.ops = OpsService(config.workspaces)
+        self.access = AccessControl(config)
+        self.agent = agent
+        self.executor = concurrent.futures.ThreadPoolExecutor(OPS_THREADS, thread_name_prefix="ua-ops")
+        self.connections: "set[HttpConnection]" = set()
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.root_problem: Optional[str] = None
+        self.log: Optional[GatewayLog] = None
+        self.server: Optional[Listener] = None
+        self.fd_budget: Optional[int] = None  # connections the open-file limit leaves room for, if it has one
+        self.port = config.port
+        self._tasks: List[asyncio.Task] = []
+        self.hub: Optional[SessionHub] = None
+        self.assets: Dict[str, bytes] = {}
+        self.router = Router(self._routes())
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.config.check_exposure()
+        try:
+            await loop.run_in_executor(self.executor, self.ops.ensure_root)
+        except OSError as exc:
+            raise ConfigError(f"cannot create or open the workspaces root {self.ops.root}: {exc.strerror or exc}; "
+                              "create it, fix its permissions, or point UA_WORKSPACES_DIR / --workspaces elsewhere") from None
+        self.assets = await loop.run_in_executor(self.executor, read_console_assets)
+        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME, self.config.log_rotate_bytes)
+        self.fd_budget = descriptor_budget()
+        if self.agent is not None:
+            agent = self.agent
+        elif self.config.agent_cmd:
+            agent = command_agent(self.config.agent_cmd)
+        else:
+            agent = echo_agent
+        self.hub = SessionHub(self, agent)
+        self.server = await Listener.open(self, self.config.host, self.config.port, backlog=1024)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.started_at = time.monotonic()
+        self._tasks = [loop.create_task(self._sweep_deadlines()), loop.create_task(self._watch_root())]
+        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
+                       connection_limit=self.connection_limit())
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
+        self.draining = True
+        if self.server is not None:
+            self.server.close()
+        deadline = time.monotonic() + grace
+        if self.hub is not None:
+            await self.hub.shutdown(grace)
+        for connection in list(self.connections):
+            connection.shutdown()
+        while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()
+        for task in self._tasks:
+            task.cancel()
+        if self.log is not None:
+            self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
+            self.log.close()
+        self.executor.shutdown(wait=False)
+
+    def connection_limit(self) -> int:
+        """How many connections may be open now: ``max_connections``, lowered to what the open-file limit
+        leaves (``fd_budget``) once every running agent command has its AGENT_TURN_FDS descriptors."""
+        limit = self.config.max_connections
+        if self.fd_budget is not None:
+            commands = len(self.hub.agent_groups) if self.hub is not None else 0
+            limit = min(limit, self.fd_budget - AGENT_TURN_FDS * commands)
+        return limit
+
+    async def _sweep_deadlines(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            for connection in list(self.connections):
+                if connection.deadline and now >= connection.deadline:
+                    connection.on_deadline()
+                connection.check_send_progress(now)
+
+    async def _watch_root(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await loop.run_in_executor(self.executor, functools.partial(self.ops.check_root, writable=True))
+                await loop.run_in_executor(self.executor, self.ops.check_space)  # a full volume is not writable
+                problem = None
+            except (WorkspacesUnavailable, StorageFull) as exc:
+                problem = exc.detail
+            if problem != self.root_problem:
+                # Named in full here and to an authorized health call; a public one gets it without the path.
+                if problem is not None:
+                    print(f"ua-gateway: warning: {problem}", file=sys.stderr, flush=True)
+                if self.log is not None:
+                    self.log.write("root_problem" if problem else "root_recovered", detail=problem)
+            self.root_problem = problem
+            await asyncio.sleep(ROOT_CHECK_INTERVAL)
+
+    async def run_ops(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run an OpsService call in a worker thread: disk work never blocks the event loop."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(function, *args, **kwargs))
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+
+    def dispatch(self, request: Request) -> Union[Response, Awaitable[Response]]:
+        """Route one request. Returns a response now, or an awaitable for work that touches the disk."""
+        try:
+            route, params = self.admit(request)
+            if request.method == "OPTIONS":
+                return self._options(request, route)
+            handler = route.handlers.get(request.method)
+            if handler is None:
+                raise HttpError(
+                    405, f"method {request.method} is not allowed on {show(request.path)}; use {route.allow}",
+                    headers=[("Allow", route.allow)],
+                )
+            for name, value in params.items():
+                if name == "session_id":
+                    session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
+            return handler(request, params)
+        except HttpError as error:
+            return error_response(error)
+        except Exception as error:  # a bug of ours: answer 500, log it, keep serving
+            return self.internal_error(request, error)
+
+    def admit(self, request: Request, extra_token: Optional[str] = None) -> Tuple[Route, Dict[str, str]]:
+        """The one place that decides whether a request may reach a route, for HTTP and upgrades alike.
+
+        The route is matched on the decoded path segments first; what it needs is then read from the
+        route itself (``Route.scope``), so every spelling of a path that reaches a route gets that route's
+        decision. Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
+        ``authorize``.
+        """
+        if self.config.allowed_hosts:
+            self._check_host(request)
+        route, params = self.router.match(path_segments(request.path))
+        if route is None:
+            raise HttpError(404, f"no endpoint at {show(request.path)}; the API is described at /api/v1/openapi.json")
+        if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
+            self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token)
+        return route, params
+
+    def refuse_before_body(self, request: Request) -> Optional[Response]:
+        """The answer to a request whose body has not arrived yet, when ``admit`` refuses it; else None.
+
+        The refusal closes the connection: the unread body is discarded, never parsed as requests."""
+        try:
+            self.admit(request, subprotocol_token(request) if request.upgrade else None)
+        except HttpError as error:
+            response = error_response(error)
+            response.close = True
+            return response
+        return None
+
+    def internal_error(self, request: Request, error: BaseException) -> Response:
+        if self.log is not None:
+            self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
+        return error_response(HttpError(500, "internal error; the gateway log has the details"))
+
+    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None) -> None:
+        """SPEC §4 for a protected request (``what`` names it in errors): a cross-site browser request is
+        refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
+        one a browser offers as a WebSocket subprotocol). Raises HttpError on refusal."""
+        self._refuse_cross_site(request, what)
+        address = request.client
+        if not self.access.address_allowed(address):
+            raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
+        remaining = self.access.lockout_remaining(address)
+        if remaining:
+            seconds = int(remaining) + 1
+            raise HttpError(
+                429,
+                f"too many failed authentications from {address}; try again in {seconds} s with the right token",
+                headers=[("Retry-After", str(seconds))],
+            )
+        if not self.access.token_matches(request_tokens(request) + [extra_token]):
+            locked = self.access.record_failure(address)
+            if self.log is not None:
+                self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
+            raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
+
+    def _check_host(self, request: Request) -> None:
+        host = (request.header("host") or "").lower()
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]")
+        if not (is_loopback_host(name) or name in self.config.allowed_hosts or host in self.config.allowed_hosts):
+            raise HttpError(421, f"Host {show(host)} is not served here; list it in UA_ALLOWED_HOSTS")
+
+    def _options(self, request: Request, route: Route) -> Response:
+        headers = [("Allow", route.allow)]
+        cors = self.access.cors_headers(request)
+        if cors:
+            headers += cors + [
+                ("Access-Control-Allow-Methods", route.allow),
+                ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+                ("Access-Control-Max-Age", str(CORS_MAX_AGE)),
+            ]
+        return Response(204, headers=headers)
+
+    async def _ops_response(self, http_status: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Response:
+        return json_response(http_status, await self.run_ops(function, *args, **kwargs))
+
+    def runtime(self) -> Dict[str, Tuple[int, bool]]:
+        """{session_id: (active_connections, running)} for sessions with live connections or turns."""
+        return self.hub.snapshot() if self.hub is not None else {}
+
+    # -- WebSocket upgrades --------------------------------------------------------------------------------
+
+    def try_upgrade(self, request: Request, connection: "HttpConnection") -> bool:
+        """Hand a WebSocket upgrade on a WebSocket route to the bridge. False: not ours, serve it as HTTP."""
+        route, _ = self.router.match(path_segments(request.path))
+        if route is None or route.websocket is None:
+            return False
+        try:
+            route, params = self.admit(request, subprotocol_token(request))
+        except HttpError as error:
+            response = error_response(error)
+            response.close = True
+            connection._send(response, request)
+            return True
+        app = route.websocket(request, params)
+        protocol = ServerProtocol(
+            subprotocols=[WS_SUBPROTOCOL],
+            select_subprotocol=select_subprotocol,
+            max_size=WS_ECHO_MAX_MESSAGE if isinstance(app, EchoApp) else WS_MAX_MESSAGE,
+            logger=ws_logger,
+        )
+        bridge = WebSocketBridge(connection, protocol, app)
+        connection.bridge = bridge
+        connection.deadline = 0.0
+        if self.log is not None:
+            self.log.write("websocket", client=request.client, path=request.path[:512])
+        bridge.start(request, request.raw_head, connection.parser.take_remaining())
+        if connection.peer_eof and connection.bridge is bridge:
+            # The peer half-closed while this upgrade waited behind earlier pipelined requests.
+            bridge.eof_received()
+            connection._close()
+        return True
+
+    def _refuse_cross_site(self, request: Request, what: str) -> None:
+        """A browser request that is not same-origin (CSRF, cross-site WebSocket hijacking, a page on a
+        sibling subdomain) → 403, unless its Origin is the gateway's own or listed in UA_CORS_ORIGINS.
+
+        Browsers send Origin on every WebSocket and on cross-origin requests that change state, and
+        Sec-Fetch-Site on every request (an <img> or a form post included); other clients send neither.
+        ``same-site`` is refused too: a page on another port or subdomain of the same site is another
+        origin. Checked before the token, so that a web page cannot lock the operator's own address out
+        by failing authentications on its behalf.
+        """
+        origin = request.header("origin")
+        if origin is not None and self.access.cors_headers(request):
+            return
+        fetch_site = (request.header("sec-fetch-site") or "").lower()
+        if fetch_site and fetch_site not in SAME_ORIGIN_FETCH_SITES:
+            listed = "list its Origin in UA_CORS_ORIGINS" if origin else "it sent no Origin to check"
+            raise HttpError(403, f"{what} from another origin refused (Sec-Fetch-Site: {show(fetch_site)}); {listed}")
+        if origin is None:
+            return
+        own = (request.header("host") or "").lower()
+        scheme, _, origin_host = origin.lower().partition("://")
+        if origin_host.rstrip("/") != own:
+            raise HttpError(403, f"{what} from Origin {show(origin)} refused; list it in UA_CORS_ORIGINS")
+
+    def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        session_id = params.get("session_id", query.get("session_id"))
+        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"))
+
+    def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
+        raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
+                        headers=[("Upgrade", "websocket")])
+
+    def _routes(self) -> List[Route]:
+        public, token = Scope.PUBLIC, Scope.TOKEN
+        return [
+            Route("/", {"GET": self.console_page}, scope=public),
+            Route("/console/{asset}", {"GET": self.console_asset}, scope=public),
+            Route("/api/v1/openapi.json", {"GET": self.openapi}, scope=public),
+            Route("/api/v1/health", {"GET": self.health}, scope=public),
+            Route("/api/v1/ops/sessions", {"GET": self.list_sessions}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session},
+                  scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
+            Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
+            Route("/api/v1/sessions", {"POST": self.create_session}, scope=token),
+            Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, scope=token,
+                  websocket=self._agent_socket),
+            Route("/ws/agent", {"GET": self._websocket_only}, scope=token, websocket=self._agent_socket),
+        ] + ([Route("/ws/echo", {"GET": self._websocket_only}, scope=token, websocket=lambda r, p: EchoApp())]
+             if self.config.ws_echo else [])
+
+    # -- handlers ------------------------------------------------------------------------------------------
+
+    def console_page(self, request: Request, params: Dict[str, str]) -> Response:
+        return self._asset("index.html")
+
+    def console_asset(self, request: Request, params: Dict[str, str]) -> Response:
+        return self._asset(params["asset"])
+
+    def openapi(self, request: Request, params: Dict[str, str]) -> Response:
+        return self._asset("openapi.json")
+
+    def _asset(self, name: str) -> Response:
+        body = self.assets.get(name)
+        if body is None:
+            raise HttpError(404, f"no console file {show(name)} in this build")
+        return Response(200, body, content_type=CONSOLE_ASSETS[name], headers=list(CONSOLE_HEADERS))
+
+    def health(self, request: Request, params: Dict[str, str]) -> Response:
+        uptime = round(time.monotonic() - self.started_at, 3)
+        log_dropped = self.log.dropped if self.log is not None else 0  # records lost to a failing disk or a full queue
+        problem = self.root_problem or (self.log.problem if self.log is not None else None)
+        if problem:
+            if not self._may_see_paths(request):
+                problem = problem.replace(str(self.ops.root), "<workspaces root>") + (
+                    " (the path is on the gateway's stderr, and in the answer to a health call with the token)")
+            return json_response(503, {"status": "degraded", "detail": problem, "version": __version__, "uptime_s": uptime,
+                                       "log_dropped": log_dropped})
+        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, "log_dropped": log_dropped})
+
+    def _may_see_paths(self, request: Request) -> bool:
+        """True if ``request`` passes the checks of a token route (``authorize``: cross-site refusal, allowlist,
+        lockout, token), so health may name file-system paths to it. A caller that offers no token when one
+        is configured is simply public: that is not a failed authentication, and monitors poll health so."""
+        if self.access.token_digest is not None and not any(request_tokens(request)):
+            return False
+        try:
+            self.authorize(request, "request")
+        except HttpError:
+            return False
+        return True
+
+    def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        return self._ops_response(
+            200,
+            self.ops.list_sessions,
+            status=query.get("status", "all"),
+            limit=int_param(query, "limit"),
+            offset=int_param(query, "offset"),
+            runtime=self.runtime(),
+        )
+
+    def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
+
+    def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        return self._ops_response(
+            200,
+            self.ops.read_log,
+            params["session_id"],
+            "activity_journal.log",
+            cursor=query.get("cursor"),
+            limit=int_param(query, "limit"),
+            max_bytes=int_param(query, "max_bytes"),
+        )
+
+    def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        session_id = query.get("session_id")
+        file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
+        slice_args = dict(cursor=query.get("cursor"), limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"))
+        if session_id is None:
+            if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
+                raise HttpError(400, f"file {show(file_name)} needs session_id; without it the gateway's own log is read")
+            return self._ops_response(200, self.ops.read_gateway_log, **slice_args)
+        session_id_param(session_id)
+        file_name = file_name or "run.log"
+        if file_name not in ops_service.LOG_FILES:
+            raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
+        return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
+
+    def reset_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        body = json_object_body(request, ("clear_logs", "clear_memory", "clear_work_products"))
+        return self._ops_response(200, self.ops.reset_session, params["session_id"], **body)
+
+    def compact_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        body = json_object_body(request, ("max_lines", "max_bytes"))
+        return self._ops_response(200, self.ops.compact_session, params["session_id"], **body)
+
+    def delete_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        query = query_params(request)
+        if not bool_param(query, "confirm"):
+            raise HttpError(400, "deleting a session needs ?confirm=true; nothing was touched")
+        force = bool_param(query, "force")
+        return self._delete(params["session_id"], force)
+
+    async def _delete(self, session_id: str, force: bool) -> Response:
+        hub = self.hub
+        if hub is not None and hub.running(session_id):
+            if not force:
+                raise HttpError(409, f"session {session_id} has a turn running; cancel it first or add force=true")
+            await hub.cancel_and_wait(session_id, "session deleted")
+        result = await self.run_ops(self.ops.delete_session, session_id)
+        if hub is not None:
+            hub.close_session(session_id, 4004, "session deleted")
+        return json_response(200, result)
+
+    def create_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        body = json_object_body(request, ("user_id",))
+        user_id = body.get("user_id")
+        if user_id is not None and not isinstance(user_id, str):
+            raise HttpError(400, "user_id must be a string")
+        if not self.access.user_allowed(user_id):
+            raise HttpError(403, "user_id is missing or not in UA_ALLOWED_USERS")
+        self.admit_session_creation(request.client)
+        return self._ops_response(201, self.ops.create_session)
+
+    def admit_session_creation(self, address: str) -> None:
+        """Count one session creation (HTTP or the WebSocket lobby) by ``address``; HttpError 429 with
+        Retry-After when it is over UA_SESSION_CREATE_RATE/_BURST or UA_SESSION_CREATE_PER_MINUTE."""
+        wait = self.access.session_creation_wait(address)
+        if wait:
+            seconds = max(1, math.ceil(wait))
+            raise HttpError(
+                429,
+                f"too many sessions created (from {address} or in all); retry in {seconds} s, or attach to an "
+                "existing session; the limits are UA_SESSION_CREATE_RATE, _BURST and _PER_MINUTE",
+                headers=[("Retry-After", str(seconds))],
+            )

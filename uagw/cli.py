@@ -1,0 +1,178 @@
+"""The command line: arguments, ``serve`` (run a gateway until SIGTERM or SIGINT), ``main``, the
+open-file limit, the non-dumpable process flag and the event loop's error reporter.
+
+May import: the standard library, ``uagw.limits``, ``uagw.config`` and ``uagw.app``; ``ua_client`` is
+imported only when a client command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
+
+from . import __version__
+from .limits import (
+    DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GIL_SWITCH_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS,
+    REPORT_INTERVAL, SEND_STALL_TIMEOUT,
+)
+from .config import Config, ConfigError
+from .app import Gateway
+
+__all__ = [
+    "CLIENT_COMMANDS",
+    "LoopErrorReporter",
+    "PR_SET_DUMPABLE",
+    "build_arg_parser",
+    "main",
+    "serve",
+]
+
+
+def _raise_fd_limit() -> None:
+    """Raise the soft open-file limit to the hard one; ``descriptor_budget`` then sizes connections from it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
+PR_SET_DUMPABLE = 4  # <linux/prctl.h>
+
+
+def _forbid_inspection() -> bool:
+    """Mark this process non-dumpable where Linux's prctl is available; returns whether it took effect.
+
+    Processes of the same user, the agent commands included, can then neither read the gateway's
+    /proc/<pid>/environ (where UA_OPS_TOKEN may be) or /proc/<pid>/mem nor ptrace it, and a crash leaves
+    no core dump holding the token. Agent commands are unaffected: exec makes a process dumpable again.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (ImportError, OSError, AttributeError):  # no ctypes, no libc, no prctl: nothing to do
+        return False
+
+
+class LoopErrorReporter:
+    """The event loop's exception handler when the gateway owns the loop: asyncio's report on stderr,
+    one a REPORT_INTERVAL at most, the next one saying how many were left out. Whatever repeats an
+    error per event (a bug, an exhausted resource) then costs a line a second, not a flooded disk."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.reported = -REPORT_INTERVAL
+        self.left_out = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: Dict[str, Any]) -> None:
+        now = time.monotonic()
+        if now - self.reported < REPORT_INTERVAL:
+            self.left_out += 1
+            return
+        if self.left_out:
+            context = dict(context, message=f"{context.get('message')} ({self.left_out} earlier errors not reported)")
+        self.reported, self.left_out = now, 0
+        loop.default_exception_handler(context)
+        if self.gateway.log is not None:
+            self.gateway.log.write("loop_error", message=context.get("message"), error=repr(context.get("exception")))
+
+
+async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> int:
+    """Run a gateway until SIGTERM or SIGINT; returns the exit status."""
+    _forbid_inspection()
+    gateway = Gateway(config, agent=agent)
+    asyncio.get_running_loop().set_exception_handler(LoopErrorReporter(gateway))
+    try:
+        await gateway.start()
+    except ConfigError as exc:
+        print(f"ua-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ua-gateway: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+              " (another gateway may be running there; choose another --port)", file=sys.stderr)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # Disk work runs in threads; a waiting event loop gets the GIL back within this time rather than
+    # CPython's default 5 ms, which would otherwise show up as latency whenever a worker is busy.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+    print(f"ua-gateway {__version__} listening on {gateway.url} (workspaces {gateway.ops.root})", flush=True)
+    await stop.wait()
+    await gateway.stop()
+    return 0
+
+
+CLIENT_COMMANDS = ("sessions", "logs")
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ua_gateway",
+        description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port. "
+        "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
+        "(see 'sessions --help').",
+        epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
+        "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
+        "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
+        "UA_GATEWAY_LOG_ROTATE_BYTES. Flags override them.",
+    )
+    parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
+    parser.add_argument("--host", help=f"address to bind (default {DEFAULT_HOST}; non-loopback needs UA_OPS_TOKEN)")
+    parser.add_argument("--port", type=int, help=f"port to bind (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--workspaces", help=f"workspaces root (default ./{DEFAULT_WORKSPACES}, created if missing)")
+    parser.add_argument("--agent-cmd", help="run each agent turn with this command (JSON lines on stdin/stdout)")
+    parser.add_argument("--ws-echo", action="store_true", default=None, help="enable WS /ws/echo for conformance tests")
+    parser.add_argument("--insecure", action="store_true", default=None, help="allow a non-loopback bind without a token")
+    parser.add_argument("--keepalive-timeout", type=float, help=f"idle keep-alive timeout in seconds (default {KEEPALIVE_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=int, help=f"open connections at most; more get 503 (default {MAX_CONNECTIONS})")
+    parser.add_argument(
+        "--send-stall-timeout", type=float,
+        help=f"abort a connection whose peer reads none of its answers for this many seconds (default {SEND_STALL_TIMEOUT:g})",
+    )
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] and args_list[0] in CLIENT_COMMANDS:
+        import ua_client  # the command-line client of the Ops API; it needs nothing of the server
+
+        return ua_client.main(args_list)
+    if args_list[:1] == ["serve"]:
+        args_list = args_list[1:]
+    parser = build_arg_parser()
+    args = parser.parse_args(args_list)
+    try:
+        config = Config.from_env(
+            host=args.host,
+            port=args.port,
+            workspaces=args.workspaces,
+            agent_cmd=args.agent_cmd,
+            ws_echo=args.ws_echo,
+            insecure=args.insecure,
+            keepalive_timeout=args.keepalive_timeout,
+            max_connections=args.max_connections,
+            send_stall_timeout=args.send_stall_timeout,
+        )
+        config.check_exposure()
+    except ConfigError as exc:
+        print(f"ua-gateway: error: {exc}", file=sys.stderr)
+        return 2
+    _raise_fd_limit()
+    try:
+        return asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        return 0

@@ -1,0 +1,247 @@
+"""Configuration: environment variables (Universal Agent's names) overridden by command-line flags, and
+secrets read from files (``read_secret``). ``Config`` checks every timeout and limit in one place.
+
+May import: the standard library, ``uagw.limits`` and ``uagw.text``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+from .limits import (
+    DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES, HEADER_TIMEOUT, KEEPALIVE_TIMEOUT,
+    MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, SEND_STALL_TIMEOUT, SESSION_CREATE_BURST,
+    SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE,
+)
+from .text import show
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "HIDDEN_FROM_AGENTS",
+    "SECRET_FILE_SUFFIX",
+    "SECRET_VARIABLES",
+    "is_loopback_host",
+    "read_secret",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is unusable; the message says which and how to fix it."""
+
+
+# Variables that hold a secret. Each may instead be given as <NAME>_FILE, the path of a file holding it
+# (the convention of container secrets and systemd credentials), which keeps the secret out of every
+# process environment. Neither form is handed on to agent commands.
+SECRET_VARIABLES = ("UA_OPS_TOKEN",)
+SECRET_FILE_SUFFIX = "_FILE"
+HIDDEN_FROM_AGENTS = frozenset(name + suffix for name in SECRET_VARIABLES for suffix in ("", SECRET_FILE_SUFFIX))
+
+
+def read_secret(env: Dict[str, str], name: str) -> Optional[str]:
+    """The secret ``name`` from ``env``, or from the file that ``<name>_FILE`` names; None when neither is set.
+
+    Surrounding whitespace (a file's trailing newline) is not part of it. Raises ConfigError when both
+    are set, or when the file cannot be read, is empty, is over MAX_SECRET_FILE_BYTES or is not UTF-8.
+    """
+    file_variable = name + SECRET_FILE_SUFFIX
+    value = (env.get(name) or "").strip()
+    path = env.get(file_variable) or ""
+    if not path:
+        return value or None
+    if value:
+        raise ConfigError(f"both {name} and {file_variable} are set; unset one of them "
+                          f"({file_variable}, which keeps the secret out of the environment, is preferred)")
+    try:
+        with open(path, "rb") as secret_file:
+            data = secret_file.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{file_variable} names {show(path)}, which cannot be read: {exc.strerror or exc}; "
+                          "point it at a readable file that holds the secret") from None
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        raise ConfigError(f"{file_variable} names {show(path)}, which is over {MAX_SECRET_FILE_BYTES} bytes: "
+                          "not a secret; point it at the file that holds only the secret")
+    try:
+        secret = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file_variable} names {show(path)}, which is not UTF-8 text; "
+                          "write the secret into it as text") from None
+    if not secret:
+        raise ConfigError(f"{file_variable} names {show(path)}, which is empty; write the secret into it, e.g.\n"
+                          f"  python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}")
+    return secret
+
+
+def _split_list(value: Optional[str]) -> List[str]:
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
+def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]:
+    networks = []
+    for item in _split_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"UA_OPS_ALLOW_FROM entry {show(item)} is not an IP address or CIDR range "
+                "(examples: 10.0.0.5, 10.0.0.0/8, ::1, fd00::/8)"
+            ) from None
+    return networks
+
+
+def _env_number(env: Dict[str, str], name: str, kind: Callable[[str], Any]) -> Any:
+    """A non-negative number from the environment, None when unset (the default applies)."""
+    text = (env.get(name) or "").strip()
+    if not text:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < float("inf"):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what}, 0 or more (0 turns the limit off), not {show(text)}")
+    return value
+
+
+def _positive_int(env: Dict[str, str], name: str, default: int) -> int:
+    text = env.get(name) or ""
+    if not text:
+        return default
+    if not text.isdigit() or len(text) > MAX_INT_DIGITS or int(text) < 1:
+        raise ConfigError(f"{name} must be a whole number of at least 1, not {show(text)}")
+    return int(text)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Config:
+    """Everything the gateway is told at start. Build it with ``Config.from_env`` or by hand."""
+
+    def __init__(
+        self,
+        *,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        workspaces: Union[str, os.PathLike] = DEFAULT_WORKSPACES,
+        token: Optional[str] = None,
+        allowed_users: Sequence[str] = (),
+        cors_origins: Sequence[str] = (),
+        allow_from: Sequence[Any] = (),
+        allowed_hosts: Sequence[str] = (),
+        agent_cmd: Optional[str] = None,
+        ws_echo: bool = False,
+        insecure: bool = False,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT,
+        header_timeout: float = HEADER_TIMEOUT,
+        max_connections: int = MAX_CONNECTIONS,
+        send_stall_timeout: float = SEND_STALL_TIMEOUT,
+        session_create_rate: float = SESSION_CREATE_RATE,
+        session_create_burst: int = SESSION_CREATE_BURST,
+        session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
+        log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
+    ) -> None:
+        self.host = "127.0.0.1" if host == "localhost" else host
+        self.port = port
+        self.workspaces = Path(os.path.abspath(os.fspath(workspaces)))
+        self.token = token or None
+        self.allowed_users = frozenset(allowed_users)
+        self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
+        self.allow_from = [
+            n if not isinstance(n, str) else ipaddress.ip_network(n, strict=False) for n in allow_from
+        ]
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+        self.agent_cmd = agent_cmd
+        self.ws_echo = ws_echo
+        self.insecure = insecure
+        self.keepalive_timeout = keepalive_timeout
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self.send_stall_timeout = send_stall_timeout
+        self.session_create_rate = session_create_rate  # 0: no limit per address
+        self.session_create_burst = session_create_burst
+        self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
+        self.log_rotate_bytes = log_rotate_bytes
+        self._check_limits()
+
+    # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
+    # A timeout of 0, NaN or infinity would silently turn its deadline off; a negative limit refuses all.
+    LIMITS = (
+        ("keepalive_timeout", "--keepalive-timeout", None, False),
+        ("header_timeout", "Config(header_timeout=...)", None, False),
+        ("send_stall_timeout", "--send-stall-timeout", None, False),
+        ("max_connections", "--max-connections", None, True),
+        ("session_create_rate", "UA_SESSION_CREATE_RATE", "no limit per address", False),
+        ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
+        ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
+        ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
+    )
+
+    def _check_limits(self) -> None:
+        """Raise ConfigError naming the first timeout or limit that is not a finite number above 0
+        (or exactly 0 where LIMITS gives 0 a meaning), and how to set it."""
+        for attribute, where, zero_means, whole in self.LIMITS:
+            value = getattr(self, attribute)
+            is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if is_number and math.isfinite(value) and (value > 0 or (value == 0 and zero_means)):
+                continue
+            kind = "a whole number" if whole else "a finite number" + (" of seconds" if "timeout" in attribute else "")
+            allowed = f"0 ({zero_means}) or more" if zero_means else "above 0"
+            raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {show(value)}")
+
+    def check_exposure(self) -> None:
+        """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
+        if self.token or self.insecure or is_loopback_host(self.host):
+            return
+        raise ConfigError(
+            f"refusing to listen on {self.host} without a token: anyone who can reach this address could "
+            "read and delete agent sessions. Set one, e.g.\n"
+            "  export UA_OPS_TOKEN=\"$(python3 -c 'import secrets; print(secrets.token_urlsafe(32))')\"\n"
+            "(or write it into a file and set UA_OPS_TOKEN_FILE to its path) "
+            "and send it as 'Authorization: Bearer <token>', or bind 127.0.0.1, or pass --insecure "
+            "if something else guards this address."
+        )
+
+    @classmethod
+    def from_env(cls, environ: Optional[Dict[str, str]] = None, **overrides: Any) -> "Config":
+        """Read the UA_* variables of ``environ`` (default os.environ); ``overrides`` that are not None win.
+
+        Raises ConfigError naming the variable that is unusable and how to fix it.
+        """
+        env = os.environ if environ is None else environ
+        port_text = env.get("UA_GATEWAY_PORT", str(DEFAULT_PORT))
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ConfigError(f"UA_GATEWAY_PORT must be a port number, not {show(port_text)}") from None
+        values: Dict[str, Any] = dict(
+            host=env.get("UA_GATEWAY_HOST") or DEFAULT_HOST,
+            port=port,
+            workspaces=env.get("UA_WORKSPACES_DIR") or DEFAULT_WORKSPACES,
+            token=read_secret(env, "UA_OPS_TOKEN"),
+            allowed_users=_split_list(env.get("UA_ALLOWED_USERS")),
+            cors_origins=_split_list(env.get("UA_CORS_ORIGINS")),
+            allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
+            allowed_hosts=_split_list(env.get("UA_ALLOWED_HOSTS")),
+            agent_cmd=env.get("UA_AGENT_CMD") or None,
+            session_create_rate=_env_number(env, "UA_SESSION_CREATE_RATE", float),
+            session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
+            session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
+            log_rotate_bytes=_positive_int(env, "UA_GATEWAY_LOG_ROTATE_BYTES", GATEWAY_LOG_ROTATE_BYTES),
+        )
+        values = {key: value for key, value in values.items() if value is not None}  # unset: the default
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        if not 0 <= values["port"] <= 65535:
+            raise ConfigError(f"port must be between 0 and 65535, not {values['port']}")
+        return cls(**values)  # Config checks every timeout and limit (_check_limits)

@@ -1,0 +1,172 @@
+"""Every limit, timeout and default of the gateway, each with the reason for its value.
+
+Rules this module keeps: it holds constants only, and imports nothing. A limit an operator may need to change
+is also a ``Config`` parameter (``uagw.config``), whose default is the constant here; everything else is
+changed here, in one place. docs/PROTOCOL.md §10 lists them for readers.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACCEPT_BATCH",
+    "ACCEPT_RETRY_DELAY",
+    "AGENT_DRAIN_TIMEOUT",
+    "AGENT_EXIT_WAIT",
+    "AGENT_GROUP_POLL",
+    "AGENT_KILL_GRACE",
+    "AGENT_TURN_FDS",
+    "AUTH_FAILURE_LIMIT",
+    "AUTH_FAILURE_WINDOW",
+    "AUTH_LOCKOUT",
+    "AUTH_TRACKED_ADDRESSES",
+    "BODY_TIMEOUT",
+    "CORS_MAX_AGE",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "DEFAULT_WORKSPACES",
+    "FD_RESERVE",
+    "GATEWAY_LOG_BACKUPS",
+    "GATEWAY_LOG_FIELD_CHARS",
+    "GATEWAY_LOG_INTERVAL",
+    "GATEWAY_LOG_MAX_PENDING",
+    "GATEWAY_LOG_ROTATE_BYTES",
+    "GIL_SWITCH_INTERVAL",
+    "HEADER_TIMEOUT",
+    "KEEPALIVE_TIMEOUT",
+    "MAX_AGENT_LINE",
+    "MAX_BODY_BYTES",
+    "MAX_CHUNKED_OVERHEAD",
+    "MAX_CHUNK_LINE",
+    "MAX_CLIENT_TURN_ID",
+    "MAX_CONNECTIONS",
+    "MAX_HEADER_COUNT",
+    "MAX_HEAD_BYTES",
+    "MAX_INT_DIGITS",
+    "MAX_JOURNAL_LINE",
+    "MAX_PENDING_BYTES",
+    "MAX_PENDING_INPUTS",
+    "MAX_PENDING_INPUT_BYTES",
+    "MAX_PENDING_MESSAGES",
+    "MAX_PIPELINE_BUFFER",
+    "MAX_REQUEST_LINE",
+    "MAX_SECRET_FILE_BYTES",
+    "MAX_SEND_BACKLOG",
+    "OPS_THREADS",
+    "REMEMBERED_SESSIONS",
+    "REMEMBERED_TURN_AGE",
+    "REMEMBERED_TURN_IDS",
+    "REPORT_INTERVAL",
+    "ROOT_CHECK_INTERVAL",
+    "SECURITY_LOG_BURST",
+    "SECURITY_LOG_RATE",
+    "SEND_STALL_TIMEOUT",
+    "SERVER_NAME",
+    "SESSION_CREATE_BURST",
+    "SESSION_CREATE_PER_MINUTE",
+    "SESSION_CREATE_RATE",
+    "SESSION_CREATE_TRACKED_ADDRESSES",
+    "SESSION_WRITE_DELAY",
+    "SHUTDOWN_GRACE",
+    "WRITE_BUFFER_HIGH",
+    "WS_CLOSE_TIMEOUT",
+    "WS_ECHO_MAX_MESSAGE",
+    "WS_MAX_CLOSE_REASON",
+    "WS_MAX_MESSAGE",
+    "WS_MAX_SEND_BUFFER",
+    "WS_PING_INTERVAL",
+    "WS_PING_TIMEOUT",
+]
+
+
+# HTTP, connections and the server
+
+MAX_HEAD_BYTES = 64 * 1024  # SPEC §3: request headers over 64 KiB -> 431
+MAX_REQUEST_LINE = 8192  # the most common default of popular HTTP servers; longer -> 414
+MAX_HEADER_COUNT = 128  # the limit websockets applies to handshakes; more -> 431
+MAX_BODY_BYTES = 1024 * 1024  # SPEC §3: a body over 1 MiB -> 413
+MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; nobody needs more
+MAX_CHUNKED_OVERHEAD = 256 * 1024  # framing bytes allowed beyond the body, against 1-byte-chunk floods
+MAX_INT_DIGITS = 18  # number parameters fit in 64 bits; longer strings are rejected before int()
+HEADER_TIMEOUT = 10.0  # SPEC §3: a request head not complete within 10 s -> disconnect
+BODY_TIMEOUT = 30.0  # a body of at most 1 MiB arrives in 30 s even on a poor link
+KEEPALIVE_TIMEOUT = 75.0  # SPEC §3 default; the value nginx and most proxies expect of an upstream
+SHUTDOWN_GRACE = 5.0  # SPEC §1: in-flight requests get at most 5 s on SIGTERM
+MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
+MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
+WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # WebSocket output a peer has yet to read before its input stops being
+# read: a 1 MB event fits; the bridge's own bound (WS_MAX_SEND_BUFFER) then closes a peer that stays behind
+MAX_SEND_BACKLOG = 64 * 1024  # asyncio's own high-water mark: answers an HTTP peer has yet to read, beyond
+# which its next pipelined request waits. Enough to keep a reading peer's socket busy; times the
+# connection cap, what non-reading peers can pin (the kernel's socket buffers come on top, outside RSS).
+SEND_STALL_TIMEOUT = 30.0  # s without a byte taken from a non-empty send buffer -> abort; half nginx's
+# send_timeout, since a stalled peer pins a connection slot and its unsent answers meanwhile
+OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
+GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker thread can delay the loop
+AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
+AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
+AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
+AUTH_TRACKED_ADDRESSES = 10000  # per table (failures, lockouts): bounded memory when an attacker rotates addresses
+SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: far above a person or an agent
+# runner at work, far below the 2,400 a second one local script made (4,800 directories a second)
+SESSION_CREATE_BURST = 1000  # ... after a burst of this many: a fleet of 1,000 clients starting at once fits
+SESSION_CREATE_PER_MINUTE = 3000  # all addresses together: 180,000 session directories an hour at most, whoever asks
+SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
+GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
+GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
+GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
+GATEWAY_LOG_FIELD_CHARS = 256  # a logged string, JSON-escaped, is cut to this: a whole API path, not a client's 8 KiB
+GATEWAY_LOG_MAX_PENDING = 50000  # records waiting for a slow disk (2.5 s of a 20k/s flood); more are counted as dropped
+SECURITY_LOG_BURST = 100  # security.log takes this many records at once ...
+SECURITY_LOG_RATE = 10.0  # ... then this many a second: 64 MiB takes hours of flooding, not seconds
+FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
+# log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
+AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
+ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood cannot starve open connections
+ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
+REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
+ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
+CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
+
+
+# Defaults an operator changes through Config (environment variables or flags)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8002
+DEFAULT_WORKSPACES = "AGENT_RUN_WORKSPACES"
+SERVER_NAME = "ua-gateway"  # the Server header and the WebSocket handshake's
+MAX_SECRET_FILE_BYTES = 64 * 1024  # a token is tens of bytes; a bigger file is the wrong file (or /dev/zero)
+
+
+# WebSocket (docs/PROTOCOL.md §6)
+
+WS_MAX_MESSAGE = 1024 * 1024  # SPEC §6: a frame (or message) over 1 MiB closes with 1009
+WS_ECHO_MAX_MESSAGE = 16 * 1024 * 1024  # SPEC §6: the diagnostic echo route allows 16 MiB
+WS_PING_INTERVAL = 20.0  # SPEC §6: ping every 20 s ...
+WS_PING_TIMEOUT = 20.0  # ... and drop a peer that has not answered within 20 s
+WS_CLOSE_TIMEOUT = 10.0  # the peer has 10 s to finish the closing handshake (websockets' default)
+WS_MAX_SEND_BUFFER = 8 * 1024 * 1024  # a consumer this far behind is closed with 1008, not buffered for
+WS_MAX_CLOSE_REASON = 123  # RFC 6455 §5.5: a control frame carries at most 125 bytes, 2 of them the code
+
+
+# Sessions and agents (docs/PROTOCOL.md §6 and §9)
+
+MAX_CLIENT_TURN_ID = 128  # characters of a client_turn_id
+REMEMBERED_TURN_IDS = 256  # completed client_turn_ids kept per session to answer duplicates
+MAX_JOURNAL_LINE = 64 * 1024  # a longer event is cut in the journal (the client still gets all of it)
+MAX_PENDING_MESSAGES = 32  # messages a client may send before its attach has finished
+MAX_PENDING_BYTES = 4 * 1024 * 1024  # ... and their memory: one 1 MiB message at 4 bytes a character (a str
+# holding one emoji takes that for each of its characters); an attach takes milliseconds
+MAX_PENDING_INPUTS = 32  # input_responses the agent has not taken yet; a client may not pile up more
+MAX_PENDING_INPUT_BYTES = 1024 * 1024  # ... and their memory, held as JSON text: one full-size answer; more
+# waits until the agent has read it (a parsed [{}, {}, ...] would take 20 times its text)
+AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
+MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
+SESSION_WRITE_DELAY = 0.01  # s: journal lines are on disk this soon after their event; batching them
+# amortizes the writer thread, whose work would otherwise compete with the loop for the GIL per turn
+AGENT_DRAIN_TIMEOUT = 0.2  # s: once an agent has exited, what it left in its pipes (a pipe buffer, 64 KiB by
+# default) is read in microseconds; pipes silent this long are held by a child it left behind, not waited for
+AGENT_GROUP_POLL = 0.05  # s between checks whether a terminated process group is gone
+AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the SIGKILL (a process in D state)
+REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
+REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
+# recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst

@@ -1,0 +1,192 @@
+"""Routing: the route table (``Route``, ``Router``, ``Scope``), request helpers (path segments, query
+parameters, JSON bodies, session ids), each failing with a clear 400, and the one table that turns
+OpsService's exceptions into statuses (``OPS_ERROR_STATUS``).
+
+May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.text`` and ``uagw.http11``.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from urllib.parse import parse_qsl, unquote
+
+import ops_service
+from ops_service import InvalidArgument, OpsError, SessionBusy, SessionNotFound, StorageFull, WorkspacesUnavailable
+
+from .limits import MAX_INT_DIGITS
+from .text import show
+from .http11 import HttpError, INT_RE, Request, Response, error_response
+
+__all__ = [
+    "Handler",
+    "OPS_ERROR_STATUS",
+    "Route",
+    "Router",
+    "Scope",
+    "bool_param",
+    "int_param",
+    "json_object_body",
+    "ops_error_response",
+    "path_segments",
+    "query_params",
+    "session_id_param",
+]
+
+
+def path_segments(path: str) -> List[str]:
+    """Split a path and percent-decode each segment exactly once (SPEC §3)."""
+    return [unquote(segment, errors="surrogateescape") if "%" in segment else segment for segment in path.split("/")[1:]]
+
+
+def query_params(request: Request) -> Dict[str, str]:
+    if not request.query_string:
+        return {}
+    try:
+        pairs = parse_qsl(request.query_string, keep_blank_values=True, errors="surrogateescape", max_num_fields=64)
+    except ValueError:
+        raise HttpError(400, "too many query parameters (at most 64)") from None
+    params: Dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            raise HttpError(400, f"query parameter {show(name)} is given more than once; give it once")
+        params[name] = value
+    return params
+
+
+def int_param(params: Dict[str, str], name: str) -> Optional[int]:
+    text = params.get(name)
+    if text is None:
+        return None
+    if len(text) > MAX_INT_DIGITS + 1 or not INT_RE.fullmatch(text):
+        raise HttpError(400, f"query parameter {name} must be an integer, not {show(text)}")
+    return int(text)
+
+
+_TRUE = frozenset(("true", "1", "yes", "on"))
+_FALSE = frozenset(("false", "0", "no", "off"))
+
+
+def bool_param(params: Dict[str, str], name: str) -> bool:
+    text = params.get(name)
+    if text is None:
+        return False
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    raise HttpError(400, f"query parameter {name} must be true or false, not {show(text)}")
+
+
+def json_object_body(request: Request, allowed: Sequence[str]) -> Dict[str, Any]:
+    """The request's JSON object body (an empty body is ``{}``), with only the ``allowed`` keys."""
+    if not request.body.strip():
+        return {}
+    try:
+        value = json.loads(request.body)
+    except (ValueError, RecursionError) as exc:
+        raise HttpError(400, f"request body is not valid JSON ({show(str(exc), 120)}); send a JSON object") from None
+    if not isinstance(value, dict):
+        raise HttpError(400, f"request body must be a JSON object, not {type(value).__name__}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise HttpError(
+            400, f"unknown field(s) {show(unknown)} in the request body; allowed: {', '.join(allowed) or 'none'}"
+        )
+    return value
+
+
+def session_id_param(value: str) -> str:
+    if not ops_service.is_valid_session_id(value):
+        raise HttpError(
+            400,
+            f"invalid session id {show(value)}: use 1-128 characters of A-Z a-z 0-9 _ . - "
+            "starting with a letter or digit",
+        )
+    return value
+
+
+# OpsService raises named exceptions; this table is the one place that turns them into statuses.
+OPS_ERROR_STATUS: Tuple[Tuple[type, int], ...] = (
+    (InvalidArgument, 400),
+    (SessionNotFound, 404),
+    (SessionBusy, 409),
+    (StorageFull, 507),
+    (WorkspacesUnavailable, 503),
+)
+
+
+def ops_error_response(error: OpsError) -> Response:
+    for kind, status in OPS_ERROR_STATUS:
+        if isinstance(error, kind):
+            return error_response(HttpError(status, error.detail))
+    return error_response(HttpError(500, error.detail))
+
+
+Handler = Callable[[Request, Dict[str, str]], Union[Response, Awaitable[Response]]]
+
+
+class Scope(str, enum.Enum):
+    """What a route needs from its caller. A property of the route in the router table, read after
+    matching: never guessed from the raw path, which has many spellings (SPEC §4)."""
+
+    PUBLIC = "public"  # anyone who can reach the port (health, the console's files, the OpenAPI document)
+    TOKEN = "token"  # the token (UA_OPS_TOKEN), the address allowlist, the lockout and the cross-site refusal
+
+
+class Route:
+    """A path pattern with its handlers and the ``scope`` every method on it needs (OPTIONS excepted:
+    a CORS preflight carries no credentials, and answers only which methods exist)."""
+
+    __slots__ = ("pattern", "handlers", "scope", "websocket")
+
+    def __init__(
+        self,
+        pattern: str,
+        handlers: Dict[str, Handler],
+        *,
+        scope: Scope,
+        websocket: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        self.pattern = tuple(pattern.split("/")[1:])
+        self.handlers = handlers
+        self.scope = scope
+        self.websocket = websocket
+
+    @property
+    def template(self) -> str:
+        return "/" + "/".join(self.pattern)
+
+    @property
+    def allow(self) -> str:
+        methods = set(self.handlers) | ({"GET"} if self.websocket else set())
+        return ", ".join(sorted(methods | {"OPTIONS"}))
+
+    def match(self, segments: Sequence[str]) -> Optional[Dict[str, str]]:
+        if len(segments) != len(self.pattern):
+            return None
+        params = {}
+        for expected, actual in zip(self.pattern, segments):
+            if expected.startswith("{"):
+                params[expected[1:-1]] = actual
+            elif expected != actual:
+                return None
+        return params
+
+
+class Router:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self.routes = list(routes)
+        self._static = {route.pattern: route for route in routes if not any(p.startswith("{") for p in route.pattern)}
+        self._dynamic = [route for route in routes if route.pattern not in self._static]
+
+    def match(self, segments: Sequence[str]) -> Tuple[Optional[Route], Dict[str, str]]:
+        route = self._static.get(tuple(segments))
+        if route is not None:
+            return route, {}
+        for route in self._dynamic:
+            params = route.match(segments)
+            if params is not None:
+                return route, params
+        return None, {}

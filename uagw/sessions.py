@@ -1,0 +1,423 @@
+"""Sessions and agent connections (docs/PROTOCOL.md §6): who is connected (``SessionHub``,
+``LiveSession``), which turn runs, finished turns remembered for retries (``FinishedTurns``), and the agent
+protocol on one WebSocket (``AgentSocket``). Event-loop only.
+
+May import: the standard library, ``ops_service``, and ``uagw`` modules below it (limits, text, http11, logs,
+websocket, agents). The gateway (``uagw.app.Gateway``) is named for type checking only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+
+import ops_service
+from ops_service import InvalidArgument, OpsError, SessionNotFound
+
+from .limits import (
+    MAX_CLIENT_TURN_ID, MAX_PENDING_BYTES, MAX_PENDING_MESSAGES, REMEMBERED_SESSIONS, REMEMBERED_TURN_AGE,
+    REMEMBERED_TURN_IDS,
+)
+from .text import show
+from .http11 import HttpError
+from .logs import SessionWriter
+from .websocket import WebSocketBridge
+from .agents import (
+    AgentFailed, AgentTurn, TurnEvent, TurnState, frame_json, journal_line, signal_group, terminate_group,
+)
+
+if TYPE_CHECKING:  # names for annotations only: importing them would point up the layers
+    from .app import Gateway
+
+__all__ = [
+    "AgentSocket",
+    "FinishedTurns",
+    "LiveSession",
+    "SessionHub",
+]
+
+
+class LiveSession:
+    """A session with connections or a running turn. Lives in ``SessionHub.sessions`` only meanwhile."""
+
+    def __init__(self, session_id: str, workspace_dir: Path) -> None:
+        self.session_id = session_id
+        self.workspace_dir = workspace_dir
+        self.sockets: "set[AgentSocket]" = set()
+        self.turn: Optional[AgentTurn] = None
+
+
+class FinishedTurns:
+    """The client_turn_ids of finished turns, per session, so that a client that retries after a
+    reconnect gets the first answer instead of a second run (issue 16.9). Event-loop only.
+
+    Kept whether or not the session has a connection, and bounded: REMEMBERED_TURN_IDS ids per session,
+    each for REMEMBERED_TURN_AGE s, for at most REMEMBERED_SESSIONS sessions (least recently used first out).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_sessions: int = REMEMBERED_SESSIONS,
+                 max_ids: int = REMEMBERED_TURN_IDS, max_age: float = REMEMBERED_TURN_AGE) -> None:
+        self.clock = clock
+        self.max_sessions = max_sessions
+        self.max_ids = max_ids
+        self.max_age = max_age
+        # session_id -> {client_turn_id: (turn_id, completed, finished at)}, both oldest first
+        self._sessions: Dict[str, Dict[str, Tuple[str, bool, float]]] = {}
+
+    def remember(self, session_id: str, client_turn_id: str, turn_id: str, completed: bool) -> None:
+        ids = self._sessions.pop(session_id, None) or {}
+        self._sessions[session_id] = ids
+        ids.pop(client_turn_id, None)
+        ids[client_turn_id] = (turn_id, completed, self.clock())
+        while len(ids) > self.max_ids:
+            del ids[next(iter(ids))]
+        while len(self._sessions) > self.max_sessions:
+            del self._sessions[next(iter(self._sessions))]
+
+    def lookup(self, session_id: str, client_turn_id: str) -> Optional[Tuple[str, bool]]:
+        """``(turn_id, completed)`` of the finished turn that had this client_turn_id, or None."""
+        ids = self._sessions.get(session_id)
+        if ids is None:
+            return None
+        horizon = self.clock() - self.max_age
+        while ids and next(iter(ids.values()))[2] < horizon:
+            del ids[next(iter(ids))]
+        found = ids.get(client_turn_id)
+        return None if found is None else (found[0], found[1])
+
+    def forget(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+
+
+class SessionHub:
+    """Connections and turns of every live session. Event-loop only."""
+
+    def __init__(self, gateway: Gateway, agent: Callable[[AgentTurn], Awaitable[None]]) -> None:
+        self.gateway = gateway
+        self.agent = agent
+        self.sessions: Dict[str, LiveSession] = {}
+        self.agent_groups: "set[int]" = set()  # process groups of running agent commands
+        self.group_reapers: Dict[int, asyncio.Task] = {}  # groups being terminated, in the background
+        self.finished = FinishedTurns()
+        self.writer = SessionWriter(gateway.ops, gateway.log)
+
+    def snapshot(self) -> Dict[str, Tuple[int, bool]]:
+        return {sid: (len(live.sockets), live.turn is not None) for sid, live in self.sessions.items()}
+
+    def running(self, session_id: str) -> bool:
+        live = self.sessions.get(session_id)
+        return live is not None and live.turn is not None
+
+    def attach(self, session_id: str, workspace_dir: Path, sock: "AgentSocket") -> LiveSession:
+        live = self.sessions.get(session_id)
+        if live is None:
+            live = self.sessions[session_id] = LiveSession(session_id, workspace_dir)
+        live.sockets.add(sock)
+        return live
+
+    def detach(self, sock: "AgentSocket") -> None:
+        live = self.sessions.get(sock.session_id or "")
+        if live is None:
+            return
+        live.sockets.discard(sock)
+        self._forget_if_idle(live)
+
+    def _forget_if_idle(self, live: LiveSession) -> None:
+        if not live.sockets and live.turn is None:
+            self.sessions.pop(live.session_id, None)
+
+    def broadcast(self, session_id: str, event_type: str, data: Dict[str, Any]) -> None:
+        """Send an event of a turn to every connection of the session and append it to the journal."""
+        frame = frame_json(event_type, data)
+        live = self.sessions.get(session_id)
+        if live is not None:
+            for sock in list(live.sockets):
+                sock.bridge.send_text(frame)
+        self.writer.append(session_id, "activity_journal.log", journal_line(event_type, data))
+
+    def start_turn(self, live: LiveSession, sock: "AgentSocket", user_input: str, metadata: Dict[str, Any],
+                   client_turn_id: Optional[str]) -> None:
+        if live.turn is not None:
+            if client_turn_id is not None and client_turn_id == live.turn.client_turn_id:
+                sock.send("status", {"status": "turn_in_progress", "turn_id": live.turn.turn_id})
+                return
+            sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id})
+            sock.send("query_complete", {"completed": False})
+            return
+        finished = self.finished.lookup(live.session_id, client_turn_id) if client_turn_id is not None else None
+        if finished is not None:
+            turn_id, completed = finished
+            sock.send("status", {"status": "duplicate_turn_ignored", "turn_id": turn_id, "client_turn_id": client_turn_id})
+            sock.send("query_complete", {"completed": completed, "duplicate": True, "turn_id": turn_id})
+            return
+        turn = AgentTurn(self, live, user_input, metadata, client_turn_id)
+        live.turn = turn
+        turn.task = asyncio.get_running_loop().create_task(self._run_turn(live, turn))
+        # A task cancelled before its first step never runs its body (issue 16.1); its turn ends all the same.
+        turn.task.add_done_callback(lambda _task: self._end_turn(live, turn, completed=False))
+
+    async def _run_turn(self, live: LiveSession, turn: AgentTurn) -> None:
+        completed = False
+        try:
+            if turn.advance(TurnEvent.RUN) is None:
+                return  # cancelled before it started: the agent is never called
+            await self.agent(turn)
+            completed = True
+        except asyncio.CancelledError:
+            pass
+        except AgentFailed as exc:
+            turn.emit("error", {"message": str(exc)})
+        except Exception as exc:  # an embedded agent's bug must not take the gateway down
+            turn.emit("error", {"message": f"agent failed: {exc!r}"[:1000]})
+        finally:
+            self._end_turn(live, turn, completed)
+
+    def _end_turn(self, live: LiveSession, turn: AgentTurn, completed: bool) -> None:
+        """End ``turn``: query_complete to every connection, its client_turn_id remembered, the heartbeat.
+        Every way a turn can end comes here; the END transition makes it happen once."""
+        if turn.advance(TurnEvent.END) is None:
+            return
+        completed = completed and not turn.cancelled
+        if live.turn is turn:
+            live.turn = None
+        done: Dict[str, Any] = {"completed": completed, "turn_id": turn.turn_id}
+        if turn.client_turn_id is not None:
+            self.finished.remember(live.session_id, turn.client_turn_id, turn.turn_id, completed)
+            done["client_turn_id"] = turn.client_turn_id
+        self.broadcast(live.session_id, "query_complete", done)
+        ended = time.time()
+        self.writer.heartbeat(live.session_id, {
+            "last_run": ended,
+            "last_turn": {
+                "turn_id": turn.turn_id,
+                "completed": completed,
+                "cancelled": turn.cancelled,
+                "started": datetime.fromtimestamp(turn.started, timezone.utc).isoformat(),
+                "ended": datetime.fromtimestamp(ended, timezone.utc).isoformat(),
+                "events": turn.events,
+            },
+        })
+        self._forget_if_idle(live)
+
+    def stop_agent_group(self, group: int) -> asyncio.Task:
+        """Terminate an agent command's process group in the background: SIGTERM, then SIGKILL after
+        AGENT_KILL_GRACE s. Once per group: a second call gets the same task. The shutdown SIGKILLs
+        whatever is left of it."""
+        reaper = self.group_reapers.get(group)
+        if reaper is None:
+            self.agent_groups.add(group)
+            reaper = self.group_reapers[group] = asyncio.get_running_loop().create_task(terminate_group(group))
+            reaper.add_done_callback(lambda _task: self._group_stopped(group))
+        return reaper
+
+    def _group_stopped(self, group: int) -> None:
+        self.group_reapers.pop(group, None)
+        self.agent_groups.discard(group)
+
+    def cancel(self, session_id: str, reason: str) -> Optional[asyncio.Task]:
+        """Cancel the running turn: ``cancelled`` goes out now; the task ends once the agent has stopped."""
+        live = self.sessions.get(session_id)
+        if live is None or live.turn is None or live.turn.task is None:
+            return None
+        turn = live.turn
+        before = turn.advance(TurnEvent.CANCEL)
+        if before is not None:
+            self.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": turn.turn_id})
+            if before is TurnState.RUNNING:
+                turn.task.cancel()  # a STARTING turn's task sees CANCELLING and never calls the agent
+        return turn.task
+
+    async def cancel_and_wait(self, session_id: str, reason: str) -> None:
+        task = self.cancel(session_id, reason)
+        if task is not None:
+            await asyncio.wait([task])
+
+    def close_session(self, session_id: str, code: int, reason: str) -> None:
+        live = self.sessions.get(session_id)
+        if live is not None:
+            for sock in list(live.sockets):
+                sock.bridge.close(code, reason)
+        self.finished.forget(session_id)  # deleted: a new session of that id starts with no history
+
+    async def shutdown(self, grace: float) -> None:
+        tasks = [t for t in (self.cancel(sid, "server shutting down") for sid in list(self.sessions)) if t is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+        for live in list(self.sessions.values()):
+            if live.turn is not None:
+                # An embedded agent that ignores its cancel still has its turn ended before the sockets close.
+                self._end_turn(live, live.turn, completed=False)
+        for group in list(self.agent_groups):
+            # An agent that ignored SIGTERM for the whole grace period must not outlive the gateway.
+            signal_group(group, signal.SIGKILL)
+        for reaper in list(self.group_reapers.values()):
+            reaper.cancel()
+        self.writer.hand_over()
+        await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
+
+
+class AgentSocket:
+    """The agent protocol on one WebSocket (SPEC §6): attach, turns, input, cancel, ping."""
+
+    def __init__(self, gateway: Gateway, session_id: Optional[str], user_id: Optional[str]) -> None:
+        self.gateway = gateway
+        self.hub = gateway.hub
+        self.session_id = session_id
+        self.lobby = session_id is None
+        self.live: Optional[LiveSession] = None
+        self.pending: Optional[List[Union[str, bytes]]] = []  # messages held until attached; None once live
+        self.pending_bytes = 0  # their memory (sys.getsizeof): MAX_PENDING_BYTES at most
+        self.user_id = user_id
+        self.bridge: Any = None
+
+    def send(self, event_type: str, data: Dict[str, Any]) -> None:
+        self.bridge.send_text(frame_json(event_type, data))
+
+    # -- WebSocketBridge app interface ---------------------------------------------------------------------
+
+    def on_open(self, bridge: WebSocketBridge) -> None:
+        self.bridge = bridge
+        if not self.gateway.access.user_allowed(self.user_id):
+            bridge.close(4003, "user not allowed (X-UA-User or user_id is missing or not in UA_ALLOWED_USERS)")
+            return
+        if self.lobby:
+            self.pending = None
+            return
+        if not ops_service.is_valid_session_id(self.session_id or ""):
+            bridge.close(4000, "invalid session id")
+            return
+        asyncio.get_running_loop().create_task(self._attach(self.session_id or "", None))
+
+    def on_message(self, bridge: WebSocketBridge, message: Union[str, bytes]) -> None:
+        if self.pending is not None:
+            self.pending_bytes += sys.getsizeof(message)
+            if len(self.pending) >= MAX_PENDING_MESSAGES:
+                bridge.close(1008, "too many messages before the session was attached; wait for 'connected'")
+            elif self.pending_bytes > MAX_PENDING_BYTES:
+                bridge.close(1008, f"over {MAX_PENDING_BYTES >> 20} MiB sent before the session was attached; "
+                                   "wait for 'connected'")
+            else:
+                self.pending.append(message)
+            return
+        self._handle(message)
+
+    def on_close(self, bridge: WebSocketBridge) -> None:
+        self.hub.detach(self)
+
+    # -- protocol ------------------------------------------------------------------------------------------
+
+    async def _attach(self, session_id: str, first: Optional[Union[str, bytes]]) -> None:
+        ops = self.gateway.ops
+        try:
+            workspace = await self.gateway.run_ops(ops.session_dir, session_id)
+        except SessionNotFound:
+            self.bridge.close(4004, "session not found")
+            return
+        except InvalidArgument:
+            self.bridge.close(4000, "invalid session id")
+            return
+        except OpsError as exc:
+            self.bridge.close(1011, exc.detail)
+            return
+        if not self.bridge.open:
+            return
+        self.session_id = session_id
+        self.live = self.hub.attach(session_id, Path(workspace), self)
+        self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
+        if self.live.turn is not None:
+            self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
+        held, self.pending, self.pending_bytes = self.pending or [], None, 0
+        for message in ([first] if first is not None else []) + held:
+            self._handle(message)
+
+    async def _create_and_attach(self, first: Union[str, bytes]) -> None:
+        try:
+            self.gateway.admit_session_creation(self.bridge.request.client)
+        except HttpError as refusal:
+            # Still a lobby: the client may retry this execute once the wait is over.
+            self.session_id = None
+            retry_after = dict(refusal.headers).get("Retry-After")
+            self.send("error", {"message": refusal.detail, "retry_after": int(retry_after or 1)})
+            held, self.pending, self.pending_bytes = self.pending or [], None, 0
+            for message in held:
+                self._handle(message)
+            return
+        try:
+            created = await self.gateway.run_ops(self.gateway.ops.create_session)
+        except OpsError as exc:
+            self.send("error", {"message": f"could not create a session: {exc.detail}"})
+            self.pending = None
+            return
+        await self._attach(created["session_id"], first)
+
+    def _handle(self, message: Union[str, bytes]) -> None:
+        if isinstance(message, bytes):
+            self.send("error", {"message": "binary messages are not supported; send JSON text frames"})
+            return
+        try:
+            envelope = json.loads(message)
+        except (ValueError, RecursionError):
+            self.send("error", {"message": "message is not valid JSON; send {\"type\": ..., \"data\": {...}}"})
+            return
+        if not isinstance(envelope, dict) or not isinstance(envelope.get("type"), str):
+            self.send("error", {"message": "message must be a JSON object with a string \"type\""})
+            return
+        kind = envelope["type"]
+        data = envelope.get("data")
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            self.send("error", {"message": "\"data\" must be a JSON object"})
+            return
+        if kind == "ping":
+            self.send("pong", {})
+        elif kind in ("execute", "query"):
+            self._execute(kind, data, message)
+        elif kind == "input_response":
+            self._input_response(data)
+        elif kind == "cancel":
+            reason = data.get("reason")
+            if self.live is None or self.hub.cancel(self.live.session_id, reason if isinstance(reason, str) else "cancelled by client") is None:
+                self.send("error", {"message": "no turn is running to cancel"})
+        else:
+            self.send("error", {"message": f"unknown message type {show(kind)}; "
+                                "expected execute, query, input_response, cancel or ping"})
+
+    def _execute(self, kind: str, data: Dict[str, Any], raw: str) -> None:
+        user_input = data.get("user_input" if kind == "execute" else "text")
+        if not isinstance(user_input, str) or not user_input.strip():
+            field = "data.user_input" if kind == "execute" else "data.text"
+            self.send("error", {"message": f"{kind} needs a non-empty string {field}"})
+            return
+        metadata = data.get("metadata", {})
+        if not isinstance(metadata, dict):
+            metadata = {"raw": metadata}
+        turn_id = data.get("client_turn_id")
+        if turn_id is not None and (not isinstance(turn_id, str) or not 0 < len(turn_id) <= MAX_CLIENT_TURN_ID):
+            self.send("error", {"message": f"client_turn_id must be a string of 1-{MAX_CLIENT_TURN_ID} characters"})
+            return
+        if self.live is None:
+            if self.lobby and self.session_id is None:
+                self.session_id = ""
+                self.pending = []
+                asyncio.get_running_loop().create_task(self._create_and_attach(raw))
+            return
+        self.hub.start_turn(self.live, self, user_input, metadata, turn_id)
+
+    def _input_response(self, data: Dict[str, Any]) -> None:
+        turn = self.live.turn if self.live is not None else None
+        if turn is None:
+            self.send("error", {"message": "no turn is waiting for input"})
+            return
+        input_id = data.get("input_id", "default")
+        refused = turn.inputs.offer({"input_id": input_id if isinstance(input_id, str) else "default",
+                                     "response": data.get("response")})
+        if refused:
+            self.send("error", {"message": f"{refused}; this one was dropped: send it again once the agent has read "
+                                           "them (after its next input_required)"})
