@@ -121,7 +121,7 @@ __all__ = [
 # Names and limits
 # --------------------------------------------------------------------------------------
 
-# SPEC §2. Use fullmatch: with match/search, "$" also matches before a trailing "\n".
+# PROTOCOL.md §2. Use fullmatch: with match/search, "$" also matches before a trailing "\n".
 # The first character excludes ".", "_" and "-", so "..", ".hidden" and "_gateway" fail.
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -139,15 +139,15 @@ MEMORY_DIR_NAME = "memory"
 WORK_PRODUCTS_DIR_NAME = "work_products"
 ARCHIVE_DIR_NAME = "archive"
 
-DEFAULT_LIMIT = 200  # SPEC §5: lines per slice when the caller does not say
+DEFAULT_LIMIT = 200  # PROTOCOL.md §5: lines per slice when the caller does not say
 MAX_LIMIT = 5000  # the clamp of the systems we replace; keeps one response a few MB
-DEFAULT_MAX_BYTES = 250_000  # SPEC §5
+DEFAULT_MAX_BYTES = 250_000  # PROTOCOL.md §5
 MAX_MAX_BYTES = 1_000_000  # one slice never holds more than 1 MB of log in memory
 
-LIST_DEFAULT_LIMIT = 100  # SPEC §5
+LIST_DEFAULT_LIMIT = 100  # PROTOCOL.md §5
 LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client asks
 
-COMPACT_DEFAULT_MAX_LINES = 400  # SPEC §5 defaults of the compact body
+COMPACT_DEFAULT_MAX_LINES = 400  # PROTOCOL.md §5 defaults of the compact body
 COMPACT_DEFAULT_MAX_BYTES = 250_000
 # PROTOCOL §5.7: compaction looks back at most this far for the start of a line; a longer line is
 # treated as cut this many bytes before its end, and nothing before the cut is kept. Without it, one
@@ -742,7 +742,7 @@ def read_log_slice(
     *,
     display_name: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """A slice of the log at ``path`` (SPEC §5, "The log slice").
+    """A slice of the log at ``path`` (PROTOCOL.md §5.11).
 
     Returns ``{"file", "cursor", "size", "lines", "truncated", "reset", "more"}``.
     Without ``cursor`` (or with ``""``): the last complete lines (tail mode); ``truncated``
@@ -893,7 +893,7 @@ def _has_one_link(st: os.stat_result) -> bool:
 # made by resets in the same moment. Each costs two opens and a stat per log read.
 OWN_LOG_STAMPS = 4
 
-# Entries of "files" and of "archives" in session details (SPEC §5): an agent can create
+# Entries of "files" and of "archives" in session details (PROTOCOL.md §5): an agent can create
 # any number of names, and each costs a stat and JSON bytes; past the cap the answer
 # says "files_truncated" / "archives_truncated" and gives the totals.
 DETAILS_MAX_ENTRIES = 1000
@@ -1457,7 +1457,7 @@ class OpsService:
         return {"sessions": sessions, "total": len(scans), "limit": limit, "offset": offset}
 
     def session_details(self, session_id: str, runtime: Optional[Runtime] = None) -> Dict[str, Any]:
-        """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (SPEC §5), each
+        """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (PROTOCOL.md §5), each
         list at most DETAILS_MAX_ENTRIES long (the first names, the newest stamps), with its
         ``*_total`` and ``*_truncated``.
 

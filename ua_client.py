@@ -49,10 +49,10 @@ __all__ = [
     "shown",
 ]
 
-DEFAULT_URL = "http://127.0.0.1:8002"  # the gateway's default bind (SPEC §1)
+DEFAULT_URL = "http://127.0.0.1:8002"  # the gateway's default bind (PROTOCOL.md §1)
 REQUEST_TIMEOUT = 30.0  # a reset or compact of a large log takes a few seconds; a hung gateway does not hang us
 FOLLOW_INTERVAL = 1.0  # how often `logs tail --follow` asks for new lines when it is caught up
-TAIL_LIMIT = 200  # the gateway's default slice size (SPEC §5)
+TAIL_LIMIT = 200  # the gateway's default slice size (PROTOCOL.md §5)
 PROG = "ua_gateway"
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a page of 1,000 sessions or a log slice is well under 1 MiB; more is not
 # the gateway's answer, and reading it unbounded would let whatever answers fill this process's memory
@@ -272,7 +272,7 @@ def _nesting_depth(value: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The shape of each answer: the keys and types the commands read (SPEC §5). Checked before any is used.
+# The shape of each answer: the keys and types the commands read (PROTOCOL.md §5). Checked before any is used.
 # ---------------------------------------------------------------------------------------------------------
 
 

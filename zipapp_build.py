@@ -4,12 +4,12 @@
 Rules this file keeps:
 
 - Standard library only, and it runs on CPython 3.9 to 3.13: a bare build host is enough.
-- Same inputs, same bytes (SPEC §8). The inputs are the project's tracked files, the websockets
+- Same inputs, same bytes (PROTOCOL.md §8). The inputs are the project's tracked files, the websockets
   release pinned by sha256, SOURCE_DATE_EPOCH and the zlib version. Nothing else reaches the
   archive: no mtimes, no file modes, no directory order, no build path, no interpreter version.
 - The archive holds sources only. zipimport never loads ``.so`` files, and a ``.pyc`` serves a
   single interpreter version, so neither belongs in a file that must run on five of them.
-- Running the archive extracts nothing and writes nothing (SPEC §8): everything is imported
+- Running the archive extracts nothing and writes nothing (PROTOCOL.md §8): everything is imported
   straight from the zip, and ``__main__.py`` imports only the application.
 
 Theory of operation: every entry is first collected in memory as (name, bytes): the project
@@ -609,7 +609,7 @@ def build(
 
 def _smoke_run(pyz: Path, version: str) -> None:
     """``python -I pyz --version`` in an empty directory with an empty HOME: it must print the
-    version and leave both empty (SPEC §8: running from the zip writes nothing)."""
+    version and leave both empty (PROTOCOL.md §8: running from the zip writes nothing)."""
     with tempfile.TemporaryDirectory(prefix="ua-pyz-smoke-") as scratch:
         cwd, home, tmp = Path(scratch, "cwd"), Path(scratch, "home"), Path(scratch, "tmp")
         for directory in (cwd, home, tmp):

@@ -1,7 +1,7 @@
 """The bench's baseline: the Universal Agent gateway's design, rebuilt on FastAPI + uvicorn.
 
 Rules this file keeps
-- It reproduces the *cost* of the original (reference/ua_anchor.md §1-§2, §4.1, §7.4), not its API quirks
+- It reproduces the *cost* of the original, not its API quirks
   or its bugs' output: every handler is ``async def`` and does its disk work inline on the event loop
   (pathlib ``iterdir``/``stat``/``exists``, JSON reads, one read of up to ``max_bytes`` per log slice).
 - The session list builds a summary for *every* directory (a heartbeat JSON parse each), sorts, then
@@ -41,19 +41,19 @@ WORKSPACES = Path(os.environ.get("UA_BENCH_WORKSPACES", "AGENT_RUN_WORKSPACES"))
 OPS_TOKEN = os.environ.get("UA_OPS_TOKEN", "").strip()  # read once at import, as the original did
 STARTED = time.monotonic()
 
-# The original's clamps (ua_anchor.md §2.1).
+# The original's clamps.
 MAX_LOG_LIMIT = 5000
 MAX_LOG_MAX_BYTES = 1_000_000
 LOG_FILES = ("activity_journal.log", "run.log")
-# Later versions of the original reject ids that fail this rule (ua_anchor.md §2.7); keeping the check
+# Later versions of the original reject ids that fail this rule; keeping the check
 # makes the baseline list the same sessions as the gateway and costs one regex match.
 SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
-# "active" in the original means "loaded in this process since it started" (ua_anchor.md §2.2).
+# "active" in the original means "loaded in this process since it started".
 loaded_sessions: set = set()
 
 app = FastAPI(title="ua-gateway bench baseline", version=VERSION)
-# The original allows every origin with credentials (ua_anchor.md §1.1): the middleware runs on every request.
+# The original allows every origin with credentials: the middleware runs on every request.
 app.add_middleware(CORSMiddleware, allow_origins=["*"], allow_credentials=True, allow_methods=["*"], allow_headers=["*"])
 
 
@@ -179,7 +179,7 @@ def compact_session(session_id: str, max_lines: int, max_bytes: int) -> Optional
 
 
 # ---------------------------------------------------------------------------------------------------------
-# HTTP handlers: async def, disk work inline (ua_anchor.md §7.4).
+# HTTP handlers: async def, disk work inline.
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -245,7 +245,7 @@ async def ops_logs_tail(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# WebSocket: the original's stream endpoint with an echo agent (ua_anchor.md §4.1).
+# WebSocket: the original's stream endpoint with an echo agent.
 # ---------------------------------------------------------------------------------------------------------
 
 

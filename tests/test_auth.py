@@ -1,4 +1,4 @@
-"""SPEC §4: token, lockout, CORS and Origin, address allowlist, user allowlist; the token never logged."""
+"""PROTOCOL.md §4: token, lockout, CORS and Origin, address allowlist, user allowlist; the token never logged."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §1: starting, configuration, exposure refusal, and graceful shutdown, on the real command line."""
+"""PROTOCOL.md §1: starting, configuration, exposure refusal, and graceful shutdown, on the real command line."""
 
 from __future__ import annotations
 

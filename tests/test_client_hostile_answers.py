@@ -30,7 +30,7 @@ SESSION = {
     "last_activity": "2026-11-26T10:00:00+00:00", "has_run_log": True, "has_activity_journal": False,
     "has_memory": False, "heartbeat_last": None, "active_connections": 0, "running": False,
 }
-# One answer the real gateway could give to each command (SPEC §5); `more` is true so that a followed
+# One answer the real gateway could give to each command (PROTOCOL.md §5); `more` is true so that a followed
 # tail asks again at once (and gets STOP) instead of waiting FOLLOW_INTERVAL.
 VALID_ANSWERS = {
     ("sessions", "list"): {"sessions": [SESSION], "total": 1, "limit": 100, "offset": 0},

@@ -1,4 +1,4 @@
-"""SPEC §6: ``Gateway(..., agent=...)`` runs an embedded async agent, in-process, over real sockets."""
+"""PROTOCOL.md §6: ``Gateway(..., agent=...)`` runs an embedded async agent, in-process, over real sockets."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Faults: kill -9 in the middle of reset and compact, logs rotated or truncated under a follower, a full
 disk, a session directory deleted under a reader, and the workspaces root taken away.
 
-The kill -9 loop is the proof of SPEC §5's "reset and compact lose nothing": a session holds tens of MB
+The kill -9 loop is the proof of PROTOCOL.md §5's "reset and compact lose nothing": a session holds tens of MB
 of logs whose every line is unique and known; reset and compact requests are fired at a real gateway,
 which is SIGKILLed after a random delay, restarted, and hit again, a dozen and more times. At the end
 every line ever written to a log is still in the live file or in an archive (checked by content, in the

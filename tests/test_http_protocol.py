@@ -1,4 +1,4 @@
-"""SPEC §3: the HTTP rules every endpoint keeps, checked over real sockets."""
+"""PROTOCOL.md §3: the HTTP rules every endpoint keeps, checked over real sockets."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def test_identical_repeated_content_length_is_accepted(gateway):
 
 def test_unsupported_transfer_coding_is_rejected(gateway):
     request = raw_request("POST", "/api/v1/sessions", body=b"", headers="Transfer-Encoding: gzip, chunked\r\n")
-    assert parse_responses(gateway.raw(request))[0][0] == 400  # SPEC §3: no 5xx for client input
+    assert parse_responses(gateway.raw(request))[0][0] == 400  # PROTOCOL.md §3: no 5xx for client input
 
 
 def test_expect_100_continue_gets_an_interim_response(gateway):

@@ -198,7 +198,7 @@ def test_read_of_a_hard_linked_log_is_an_empty_slice(svc, root, outside):
 
 def test_read_serves_a_log_whose_second_link_is_its_own_archived_copy(svc, root):
     # What compaction leaves for a moment (or after a kill) between linking the log into the archive and
-    # swapping in the new file: SPEC §5 says a reader then still sees the old file, never an empty one.
+    # swapping in the new file: PROTOCOL.md §5 says a reader then still sees the old file, never an empty one.
     session = root / SESSION
     (session / "archive" / STAMP).mkdir(parents=True)
     (session / "run.log").write_bytes(b"kept\n")

@@ -4,7 +4,7 @@ A state machine appends random UTF-8 text in chunks that split lines and multi-b
 characters, rotates the log by rename (the new file sometimes already longer than the
 follower's offset) or truncates it in place, and reads it with random limits. The
 follower drains the file (reads while ``more``) before each rotation or truncation, as
-SPEC §5 rule 4 expects of a reader that wants to miss nothing.
+PROTOCOL.md §5.11 rule 5 expects of a reader that wants to miss nothing.
 """
 
 from __future__ import annotations

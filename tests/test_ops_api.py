@@ -1,4 +1,4 @@
-"""SPEC §5 and §7 over HTTP: the Ops API contract, containment, and the workspaces root going away."""
+"""PROTOCOL.md §5 and §7 over HTTP: the Ops API contract, containment, and the workspaces root going away."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of ops_service: workspaces on disk, the log slice, reset, compact and delete (SPEC §2, §5)."""
+"""Tests of ops_service: workspaces on disk, the log slice, reset, compact and delete (PROTOCOL.md §2, §5)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ headers, body schema). When this fails, fix the document if it is wrong about th
 wrong, the failing request is in the output ("Reproduce with: curl ...").
 
 The gateway runs without a token (a loopback bind): schemathesis' authentication probes would otherwise
-lock its address out after 10 failures (SPEC §4), and every later answer would be 429. It runs with
+lock its address out after 10 failures (PROTOCOL.md §4), and every later answer would be 429. It runs with
 --ws-echo so that every documented route exists.
 """
 

@@ -1,4 +1,4 @@
-"""SPEC §4: a Bearer credential loses only RFC 9110 optional whitespace (SP, HTAB) around it.
+"""PROTOCOL.md §4: a Bearer credential loses only RFC 9110 optional whitespace (SP, HTAB) around it.
 
 str.strip() would also drop NBSP (0xA0) and NEL (0x85), which a latin-1 header value can carry: a token
 with them around it is a different token, and must be refused.

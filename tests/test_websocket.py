@@ -1,4 +1,4 @@
-"""SPEC §6 (and §4 for upgrades): agent connections over real WebSockets against a real gateway."""
+"""PROTOCOL.md §6 (and §4 for upgrades): agent connections over real WebSockets against a real gateway."""
 
 from __future__ import annotations
 
@@ -703,7 +703,7 @@ def test_200_concurrent_connections_each_complete_5_echo_turns(gateway):
 
 
 def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
-    """A peer that never answers pings is closed about 20 s after the first unanswered one (SPEC §6)."""
+    """A peer that never answers pings is closed about 20 s after the first unanswered one (PROTOCOL.md §6)."""
     import socket as socketlib
 
     key = base64.b64encode(b"0123456789abcdef").decode()

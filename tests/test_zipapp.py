@@ -1,4 +1,4 @@
-"""The zipapp contract (SPEC §8): one reproducible file that runs on CPython 3.9 to 3.13 and writes
+"""The zipapp contract (PROTOCOL.md §8): one reproducible file that runs on CPython 3.9 to 3.13 and writes
 nothing when it runs.
 
 The archive under test is built once per session from this checkout, with the websockets sdist
@@ -287,7 +287,7 @@ def test_main_checks_the_python_version_before_importing_the_app(entries: dict):
 
 
 # ---------------------------------------------------------------------------------------------
-# Running it (SPEC §8: 3.9 to 3.13, nothing installed, nothing written)
+# Running it (PROTOCOL.md §8: 3.9 to 3.13, nothing installed, nothing written)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -487,7 +487,7 @@ print(server.wait(15))
 
 
 def test_serving_from_the_zip_writes_only_under_the_workspaces_root(pyz: Path, tmp_path: Path):
-    """SPEC §8: a whole session's life, served from the .pyz, writes nothing outside the root."""
+    """PROTOCOL.md §8: a whole session's life, served from the .pyz, writes nothing outside the root."""
     root = tmp_path / "root"
     proc = _run_isolated(sys.executable, ["-c", SERVE_FROM_ZIP, str(pyz), str(root)], tmp_path, watched=pyz.parent)
 

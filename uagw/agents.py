@@ -253,7 +253,7 @@ async def echo_agent(turn: AgentTurn) -> None:
 
 
 def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
-    """An agent that runs ``command`` per turn (SPEC §6): the request as one JSON line on stdin,
+    """An agent that runs ``command`` per turn (PROTOCOL.md §6): the request as one JSON line on stdin,
     JSON-line events on stdout; other stdout lines and all stderr go to run.log.
 
     The turn ends when the command's process exits, whoever else still holds its pipes. Whatever ends

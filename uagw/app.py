@@ -261,7 +261,7 @@ class Gateway:
         return error_response(HttpError(500, "internal error; the gateway log has the details"))
 
     def authorize(self, request: Request, what: str, extra_token: Optional[str] = None) -> None:
-        """SPEC §4 for a protected request (``what`` names it in errors): a cross-site browser request is
+        """PROTOCOL.md §4 for a protected request (``what`` names it in errors): a cross-site browser request is
         refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
         one a browser offers as a WebSocket subprotocol). Raises HttpError on refusal."""
         self._refuse_cross_site(request, what)

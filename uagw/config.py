@@ -201,7 +201,7 @@ class Config:
             raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {show(value)}")
 
     def check_exposure(self) -> None:
-        """Refuse a non-loopback bind without a token (SPEC §1), unless ``insecure`` says otherwise."""
+        """Refuse a non-loopback bind without a token (PROTOCOL.md §1), unless ``insecure`` says otherwise."""
         if self.token or self.insecure or is_loopback_host(self.host):
             return
         raise ConfigError(

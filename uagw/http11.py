@@ -125,7 +125,7 @@ class Request:
 
 
 class RequestParser:
-    """Turns the bytes of one connection into ``Request`` objects, enforcing SPEC §3's limits.
+    """Turns the bytes of one connection into ``Request`` objects, enforcing PROTOCOL.md §3's limits.
 
     Call ``feed(data)`` with bytes as they arrive, then ``next_request()`` until it returns None (more
     bytes needed). A malformed request raises ``HttpError``; after one with ``close=True`` the stream is
@@ -288,7 +288,7 @@ class RequestParser:
             if codings[-1] != "chunked":
                 raise HttpError(400, "chunked must be the final transfer coding (RFC 9112 §6.3)", close=True)
             if len(codings) > 1:
-                # RFC 9112 §6.1 suggests 501, but SPEC §3 allows no 5xx for client input: a 400 it is.
+                # RFC 9112 §6.1 suggests 501, but PROTOCOL.md §3 allows no 5xx for client input: a 400 it is.
                 raise HttpError(
                     400, f"transfer codings {show(codings[:-1])} are not supported; send the body chunked "
                     "or with Content-Length", close=True,
@@ -403,7 +403,7 @@ def json_response(status: int, payload: Any, headers: Optional[List[Tuple[str, s
 
 
 def error_response(error: HttpError) -> Response:
-    """The one error shape of SPEC §3: ``{"detail": ...}`` with the error's status."""
+    """The one error shape of PROTOCOL.md §3: ``{"detail": ...}`` with the error's status."""
     return json_response(error.status, {"detail": error.detail}, list(error.headers))
 
 

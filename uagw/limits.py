@@ -80,17 +80,17 @@ __all__ = [
 
 # HTTP, connections and the server
 
-MAX_HEAD_BYTES = 64 * 1024  # SPEC §3: request headers over 64 KiB -> 431
+MAX_HEAD_BYTES = 64 * 1024  # PROTOCOL.md §3: request headers over 64 KiB -> 431
 MAX_REQUEST_LINE = 8192  # the most common default of popular HTTP servers; longer -> 414
 MAX_HEADER_COUNT = 128  # the limit websockets applies to handshakes; more -> 431
-MAX_BODY_BYTES = 1024 * 1024  # SPEC §3: a body over 1 MiB -> 413
+MAX_BODY_BYTES = 1024 * 1024  # PROTOCOL.md §3: a body over 1 MiB -> 413
 MAX_CHUNK_LINE = 4096  # a chunk-size line with extensions; nobody needs more
 MAX_CHUNKED_OVERHEAD = 256 * 1024  # framing bytes allowed beyond the body, against 1-byte-chunk floods
 MAX_INT_DIGITS = 18  # number parameters fit in 64 bits; longer strings are rejected before int()
-HEADER_TIMEOUT = 10.0  # SPEC §3: a request head not complete within 10 s -> disconnect
+HEADER_TIMEOUT = 10.0  # PROTOCOL.md §3: a request head not complete within 10 s -> disconnect
 BODY_TIMEOUT = 30.0  # a body of at most 1 MiB arrives in 30 s even on a poor link
-KEEPALIVE_TIMEOUT = 75.0  # SPEC §3 default; the value nginx and most proxies expect of an upstream
-SHUTDOWN_GRACE = 5.0  # SPEC §1: in-flight requests get at most 5 s on SIGTERM
+KEEPALIVE_TIMEOUT = 75.0  # PROTOCOL.md §3 default; the value nginx and most proxies expect of an upstream
+SHUTDOWN_GRACE = 5.0  # PROTOCOL.md §1: in-flight requests get at most 5 s on SIGTERM
 MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
 MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading
 WRITE_BUFFER_HIGH = 4 * 1024 * 1024  # WebSocket output a peer has yet to read before its input stops being
@@ -102,7 +102,7 @@ SEND_STALL_TIMEOUT = 30.0  # s without a byte taken from a non-empty send buffer
 # send_timeout, since a stalled peer pins a connection slot and its unsent answers meanwhile
 OPS_THREADS = 8  # disk workers; OpsService serializes per session, so more only helps across sessions
 GIL_SWITCH_INTERVAL = 0.0005  # s; see serve(): bounds how long a busy worker thread can delay the loop
-AUTH_FAILURE_LIMIT = 10  # SPEC §4: after 10 failures within the window ...
+AUTH_FAILURE_LIMIT = 10  # PROTOCOL.md §4: after 10 failures within the window ...
 AUTH_FAILURE_WINDOW = 60.0  # ... of 60 s ...
 AUTH_LOCKOUT = 300.0  # ... the address is locked out for 5 minutes
 AUTH_TRACKED_ADDRESSES = 10000  # per table (failures, lockouts): bounded memory when an attacker rotates addresses
@@ -139,9 +139,9 @@ MAX_SECRET_FILE_BYTES = 64 * 1024  # a token is tens of bytes; a bigger file is 
 
 # WebSocket (docs/PROTOCOL.md §6)
 
-WS_MAX_MESSAGE = 1024 * 1024  # SPEC §6: a frame (or message) over 1 MiB closes with 1009
-WS_ECHO_MAX_MESSAGE = 16 * 1024 * 1024  # SPEC §6: the diagnostic echo route allows 16 MiB
-WS_PING_INTERVAL = 20.0  # SPEC §6: ping every 20 s ...
+WS_MAX_MESSAGE = 1024 * 1024  # PROTOCOL.md §6: a frame (or message) over 1 MiB closes with 1009
+WS_ECHO_MAX_MESSAGE = 16 * 1024 * 1024  # PROTOCOL.md §6: the diagnostic echo route allows 16 MiB
+WS_PING_INTERVAL = 20.0  # PROTOCOL.md §6: ping every 20 s ...
 WS_PING_TIMEOUT = 20.0  # ... and drop a peer that has not answered within 20 s
 WS_CLOSE_TIMEOUT = 10.0  # the peer has 10 s to finish the closing handshake (websockets' default)
 WS_MAX_SEND_BUFFER = 8 * 1024 * 1024  # a consumer this far behind is closed with 1008, not buffered for
@@ -159,7 +159,7 @@ MAX_PENDING_BYTES = 4 * 1024 * 1024  # ... and their memory: one 1 MiB message a
 MAX_PENDING_INPUTS = 32  # input_responses the agent has not taken yet; a client may not pile up more
 MAX_PENDING_INPUT_BYTES = 1024 * 1024  # ... and their memory, held as JSON text: one full-size answer; more
 # waits until the agent has read it (a parsed [{}, {}, ...] would take 20 times its text)
-AGENT_KILL_GRACE = 5.0  # SPEC §6: cancel sends SIGTERM, then SIGKILL after 5 s
+AGENT_KILL_GRACE = 5.0  # PROTOCOL.md §6: cancel sends SIGTERM, then SIGKILL after 5 s
 MAX_AGENT_LINE = 1024 * 1024  # a longer stdout/stderr line from an agent command is cut
 SESSION_WRITE_DELAY = 0.01  # s: journal lines are on disk this soon after their event; batching them
 # amortizes the writer thread, whose work would otherwise compete with the loop for the GIL per turn

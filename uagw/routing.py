@@ -36,7 +36,7 @@ __all__ = [
 
 
 def path_segments(path: str) -> List[str]:
-    """Split a path and percent-decode each segment exactly once (SPEC §3)."""
+    """Split a path and percent-decode each segment exactly once (PROTOCOL.md §3)."""
     return [unquote(segment, errors="surrogateescape") if "%" in segment else segment for segment in path.split("/")[1:]]
 
 
@@ -129,7 +129,7 @@ Handler = Callable[[Request, Dict[str, str]], Union[Response, Awaitable[Response
 
 class Scope(str, enum.Enum):
     """What a route needs from its caller. A property of the route in the router table, read after
-    matching: never guessed from the raw path, which has many spellings (SPEC §4)."""
+    matching: never guessed from the raw path, which has many spellings (PROTOCOL.md §4)."""
 
     PUBLIC = "public"  # anyone who can reach the port (health, the console's files, the OpenAPI document)
     TOKEN = "token"  # the token (UA_OPS_TOKEN), the address allowlist, the lockout and the cross-site refusal

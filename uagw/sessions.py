@@ -263,7 +263,7 @@ class SessionHub:
 
 
 class AgentSocket:
-    """The agent protocol on one WebSocket (SPEC §6): attach, turns, input, cancel, ping."""
+    """The agent protocol on one WebSocket (PROTOCOL.md §6): attach, turns, input, cancel, ping."""
 
     def __init__(self, gateway: Gateway, session_id: Optional[str], user_id: Optional[str]) -> None:
         self.gateway = gateway

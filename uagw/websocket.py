@@ -76,7 +76,7 @@ def subprotocol_token(request: Request) -> Optional[str]:
 
 
 def select_subprotocol(protocol: Any, offered: Sequence[str]) -> Optional[str]:
-    # Select ua.v1 when offered; never echo a bearer token back (SPEC §4).
+    # Select ua.v1 when offered; never echo a bearer token back (PROTOCOL.md §4).
     return WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None
 
 
@@ -138,7 +138,7 @@ class WebSocketBridge:
             else:
                 if response.status_code == 500:
                     # websockets answers 500 when a header breaks it in a way it did not foresee (a
-                    # non-ASCII Sec-WebSocket-Key): that is the client's input, so a 400 (SPEC §3).
+                    # non-ASCII Sec-WebSocket-Key): that is the client's input, so a 400 (PROTOCOL.md §3).
                     reason, response = str(self.protocol.handshake_exc), None
         if response is None:
             self.closed = True
@@ -148,7 +148,7 @@ class WebSocketBridge:
             self.connection._send(refusal, request)
             return
         if response.status_code != 101:
-            # SPEC §3: every error is JSON {"detail"}; websockets words its refusals in plain text.
+            # PROTOCOL.md §3: every error is JSON {"detail"}; websockets words its refusals in plain text.
             body = json.dumps({"detail": response.body.decode("utf-8", "replace").strip()}).encode()
             for name in ("Content-Type", "Content-Length"):
                 del response.headers[name]

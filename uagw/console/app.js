@@ -6,9 +6,9 @@
  * Rules this file keeps
  * - The token lives in sessionStorage only (this tab), never in localStorage or a URL. HTTP requests send
  *   it as "Authorization: Bearer"; WebSockets, which cannot carry headers from a browser, offer it as the
- *   subprotocol "bearer.<base64url(token)>" next to "ua.v1" (SPEC §4). Any 401 brings the token prompt back.
+ *   subprotocol "bearer.<base64url(token)>" next to "ua.v1" (PROTOCOL.md §4). Any 401 brings the token prompt back.
  * - Log tails follow the server's cursor, passed back verbatim: no line is skipped or shown twice, and a
- *   reset or truncation is shown, never silently papered over (SPEC §5, "The log slice").
+ *   reset or truncation is shown, never silently papered over (PROTOCOL.md §5.11).
  * - Text from the server is always inserted with textContent, never as HTML.
  *
  * Sections: utilities, the HTTP client and token, the sessions list, the session view, log tails,
