@@ -321,7 +321,8 @@ def _clamped_int(name: str, value: object, default: int, low: int, high: int) ->
                 name, _show(value), low, high, default
             )
         )
-    return max(low, min(high, value))  # type: ignore[type-var]
+    assert isinstance(value, int)  # _is_int said so; tells the type checker
+    return max(low, min(high, value))
 
 
 def _non_negative_int(name: str, value: object, default: int) -> int:

@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TextIO
 
 __all__ = [
     "ApiError",
@@ -643,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def environment_token(env: Dict[str, str]) -> str:
+def environment_token(env: Mapping[str, str]) -> str:
     """The token from UA_OPS_TOKEN, or from the file UA_OPS_TOKEN_FILE names (as the gateway reads it)."""
     path = env.get("UA_OPS_TOKEN_FILE")
     if not path or env.get("UA_OPS_TOKEN"):

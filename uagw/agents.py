@@ -138,7 +138,7 @@ class InputQueue(asyncio.Queue):
         text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
         if self.qsize() and self.held_bytes + sys.getsizeof(text) > MAX_PENDING_INPUT_BYTES:
             return f"the agent has not read {self.held_bytes} bytes of earlier input responses"
-        self.put_nowait(text)  # type: ignore[arg-type]
+        self.put_nowait(text)
         return None
 
     def _put(self, item: Any) -> None:
@@ -374,7 +374,7 @@ async def _forward_inputs(turn: AgentTurn, stdin: asyncio.StreamWriter) -> None:
 
 
 async def _stop_inputs(turn: AgentTurn, inputs: "asyncio.Future[None]", stdin: asyncio.StreamWriter) -> None:
-    turn.inputs.put_nowait(None)  # type: ignore[arg-type]  # the forwarder's cue to stop
+    turn.inputs.put_nowait(None)  # the forwarder's cue to stop
     await asyncio.wait([inputs], timeout=1.0)
     inputs.cancel()
     stdin.close()

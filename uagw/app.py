@@ -314,14 +314,15 @@ class Gateway:
         route, _ = self.router.match(path_segments(request.path))
         if route is None or route.websocket is None:
             return False
+        open_app = route.websocket
         try:
-            route, params = self.admit(request, subprotocol_token(request))
+            _, params = self.admit(request, subprotocol_token(request))  # matches the same route
         except HttpError as error:
             response = error_response(error)
             response.close = True
             connection._send(response, request)
             return True
-        app = route.websocket(request, params)
+        app = open_app(request, params)
         protocol = ServerProtocol(
             subprotocols=[WS_SUBPROTOCOL],
             select_subprotocol=select_subprotocol,

@@ -10,7 +10,7 @@ import ipaddress
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .limits import (
     DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES, HEADER_TIMEOUT, KEEPALIVE_TIMEOUT,
@@ -42,7 +42,7 @@ SECRET_FILE_SUFFIX = "_FILE"
 HIDDEN_FROM_AGENTS = frozenset(name + suffix for name in SECRET_VARIABLES for suffix in ("", SECRET_FILE_SUFFIX))
 
 
-def read_secret(env: Dict[str, str], name: str) -> Optional[str]:
+def read_secret(env: Mapping[str, str], name: str) -> Optional[str]:
     """The secret ``name`` from ``env``, or from the file that ``<name>_FILE`` names; None when neither is set.
 
     Surrounding whitespace (a file's trailing newline) is not part of it. Raises ConfigError when both
@@ -93,7 +93,7 @@ def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, i
     return networks
 
 
-def _env_number(env: Dict[str, str], name: str, kind: Callable[[str], Any]) -> Any:
+def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -> Any:
     """A non-negative number from the environment, None when unset (the default applies)."""
     text = (env.get(name) or "").strip()
     if not text:
@@ -108,7 +108,7 @@ def _env_number(env: Dict[str, str], name: str, kind: Callable[[str], Any]) -> A
     return value
 
 
-def _positive_int(env: Dict[str, str], name: str, default: int) -> int:
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     text = env.get(name) or ""
     if not text:
         return default
@@ -214,7 +214,7 @@ class Config:
         )
 
     @classmethod
-    def from_env(cls, environ: Optional[Dict[str, str]] = None, **overrides: Any) -> "Config":
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None, **overrides: Any) -> "Config":
         """Read the UA_* variables of ``environ`` (default os.environ); ``overrides`` that are not None win.
 
         Raises ConfigError naming the variable that is unusable and how to fix it.

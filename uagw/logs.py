@@ -52,7 +52,7 @@ def _log_stamp() -> str:
 SECURITY_EVENTS = frozenset({"auth_failure", "connection_limit"})  # records also kept in security.log ...
 SECURITY_STATUSES = frozenset({403, 421, 429})  # ... and so are the access records of these refusals
 _LOG_FIELD_SHORT = GATEWAY_LOG_FIELD_CHARS // 12  # no string this short escapes past the cap (an emoji takes 12)
-_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]  # the C escaper json.dumps uses
+_json_string = json.encoder.encode_basestring_ascii  # the C escaper json.dumps uses
 
 
 def log_field(value: Any) -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING, Any, Awaitable, List, Optional
+from typing import TYPE_CHECKING, Any, Awaitable, List, Optional, cast
 
 from ops_service import OpsError
 
@@ -87,16 +87,16 @@ class HttpConnection(asyncio.Protocol):
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        peer = transport.get_extra_info("peername")
+        self.transport = stream = cast(asyncio.Transport, transport)  # a stream socket's transport
+        peer = stream.get_extra_info("peername")
         self.client = str(peer[0]) if peer else ""
         if self.gateway.draining:  # the connection limit is the Listener's, decided before accepting
-            transport.write(refusal_bytes("the gateway is shutting down"))  # type: ignore[attr-defined]
-            transport.close()
+            stream.write(refusal_bytes("the gateway is shutting down"))
+            stream.close()
             self.closed = True
             return
         self.gateway.connections.add(self)
-        self.transport.set_write_buffer_limits(high=MAX_SEND_BACKLOG)
+        stream.set_write_buffer_limits(high=MAX_SEND_BACKLOG)
         self._enter("head")
 
     def data_received(self, data: bytes) -> None:
@@ -426,7 +426,9 @@ class Listener:
     async def _connect(self, conn: socket.socket) -> None:
         try:
             conn.setblocking(False)
-            await self.loop.connect_accepted_socket(lambda: HttpConnection(self.gateway), conn)
+            # typeshed declares it on AbstractEventLoop from 3.10; every 3.9 loop (a BaseEventLoop) has it
+            await self.loop.connect_accepted_socket(  # type: ignore[attr-defined,unused-ignore]
+                lambda: HttpConnection(self.gateway), conn)
         except OSError:  # the peer is gone already
             conn.close()
         finally:

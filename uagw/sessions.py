@@ -225,13 +225,13 @@ class SessionHub:
         live = self.sessions.get(session_id)
         if live is None or live.turn is None or live.turn.task is None:
             return None
-        turn = live.turn
+        turn, task = live.turn, live.turn.task
         before = turn.advance(TurnEvent.CANCEL)
         if before is not None:
             self.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": turn.turn_id})
             if before is TurnState.RUNNING:
-                turn.task.cancel()  # a STARTING turn's task sees CANCELLING and never calls the agent
-        return turn.task
+                task.cancel()  # a STARTING turn's task sees CANCELLING and never calls the agent
+        return task
 
     async def cancel_and_wait(self, session_id: str, reason: str) -> None:
         task = self.cancel(session_id, reason)
@@ -266,6 +266,7 @@ class AgentSocket:
     """The agent protocol on one WebSocket (PROTOCOL.md §6): attach, turns, input, cancel, ping."""
 
     def __init__(self, gateway: Gateway, session_id: Optional[str], user_id: Optional[str]) -> None:
+        assert gateway.hub is not None, "sockets are made by a started gateway"
         self.gateway = gateway
         self.hub = gateway.hub
         self.session_id = session_id

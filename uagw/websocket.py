@@ -19,6 +19,8 @@ from typing import Any, Callable, List, Optional, Sequence, Union
 from websockets.frames import Opcode
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import State as WsState
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
 
 from .limits import (
     SERVER_NAME, WS_CLOSE_TIMEOUT, WS_MAX_CLOSE_REASON, WS_MAX_SEND_BUFFER, WS_PING_INTERVAL, WS_PING_TIMEOUT,
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-WS_SUBPROTOCOL = "ua.v1"
+WS_SUBPROTOCOL = Subprotocol("ua.v1")
 WS_BEARER_PREFIX = "bearer."  # a token offered as a subprotocol, base64url without padding (Kubernetes' way)
 
 ws_logger = logging.getLogger("ua_gateway.websocket")
@@ -75,7 +77,7 @@ def subprotocol_token(request: Request) -> Optional[str]:
     return None
 
 
-def select_subprotocol(protocol: Any, offered: Sequence[str]) -> Optional[str]:
+def select_subprotocol(protocol: ServerProtocol, offered: Sequence[Subprotocol]) -> Optional[Subprotocol]:
     # Select ua.v1 when offered; never echo a bearer token back (PROTOCOL.md §4).
     return WS_SUBPROTOCOL if WS_SUBPROTOCOL in offered else None
 
