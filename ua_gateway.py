@@ -132,6 +132,16 @@ SECURITY_LOG_RATE = 10.0  # ... then this many a second: 64 MiB takes hours of f
 FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
 # log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
 AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
+HTTP_FD_SHARE = 4  # agent commands may take at most (1 - 1/this) of the descriptor budget: a quarter always
+# stays for connections, so running turns can never lock operators (and health) out
+MAX_AGENT_COMMANDS = 256  # agent commands running at once, whatever the descriptor budget: each is a process
+# group with its own memory; past this a turn ends at once with an error saying to retry
+MAX_WRITER_BACKLOG = 16 * 1024 * 1024  # bytes of journal and run.log waiting for the disk; past this the
+# gateway stops reading agents' output (their writes block) until the writer catches up
+WRITER_BACKLOG_POLL = 0.01  # s; how often a paused agent output reader looks again
+MAX_REFUSALS_LINGERING = 8  # refused sockets kept open briefly so the 503 is read, not reset (taken from
+# FD_RESERVE: few, since refusals happen when descriptors are short); more close at once
+REFUSAL_LINGER = 0.2  # s
 ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood cannot starve open connections
 ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
 REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
@@ -150,6 +160,42 @@ def _show(value: Any, limit: int = 80) -> str:
         value = bytes(value).decode("latin-1")
     text = ascii(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+MAX_JSON_DEPTH = 100  # nesting accepted in any JSON we are sent; deeper is refused before it can recurse
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {_show(text, 40)} is too large for a finite double")
+    return value
+
+
+def loads_json(data: Union[str, bytes, bytearray]) -> Any:
+    """Parse JSON from a client or an agent as strict RFC 8259: no NaN or Infinity (browsers' JSON.parse
+    refuses them, so forwarding one would break every client), no number that overflows to infinity,
+    and at most MAX_JSON_DEPTH levels of nesting, so that what we accept we can also encode again.
+
+    Raises ValueError with a reason; never RecursionError.
+    """
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1242,8 +1288,8 @@ def json_object_body(request: Request, allowed: Sequence[str]) -> Dict[str, Any]
     if not request.body.strip():
         return {}
     try:
-        value = json.loads(request.body)
-    except (ValueError, RecursionError) as exc:
+        value = loads_json(request.body)
+    except ValueError as exc:
         raise HttpError(400, f"request body is not valid JSON ({_show(str(exc), 120)}); send a JSON object") from None
     if not isinstance(value, dict):
         raise HttpError(400, f"request body must be a JSON object, not {type(value).__name__}")
@@ -1337,6 +1383,11 @@ class Route:
         return params
 
 
+def method_not_allowed(request: Request, route: Route) -> HttpError:
+    return HttpError(405, f"method {request.method} is not allowed on {_show(request.path)}; use {route.allow}",
+                     headers=[("Allow", route.allow)])
+
+
 class Router:
     def __init__(self, routes: Sequence[Route]) -> None:
         self.routes = list(routes)
@@ -1382,6 +1433,8 @@ def read_console_assets() -> Dict[str, bytes]:
             continue
     return assets
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
+# Methods whose handlers read a request body; a body sent with any other is refused before it is read.
+BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 # Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
@@ -1478,6 +1531,13 @@ class Gateway:
             limit = min(limit, self.fd_budget - AGENT_TURN_FDS * commands)
         return limit
 
+    def agent_command_limit(self) -> int:
+        """How many agent commands may run at once: MAX_AGENT_COMMANDS, and no more than leave a share
+        of the descriptor budget (1/HTTP_FD_SHARE) to connections."""
+        if self.fd_budget is None:
+            return MAX_AGENT_COMMANDS
+        return min(MAX_AGENT_COMMANDS, (self.fd_budget - self.fd_budget // HTTP_FD_SHARE) // AGENT_TURN_FDS)
+
     async def _sweep_deadlines(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -1521,10 +1581,7 @@ class Gateway:
                 return self._options(request, route)
             handler = route.handlers.get(request.method)
             if handler is None:
-                raise HttpError(
-                    405, f"method {request.method} is not allowed on {_show(request.path)}; use {route.allow}",
-                    headers=[("Allow", route.allow)],
-                )
+                raise method_not_allowed(request, route)
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
@@ -1556,7 +1613,12 @@ class Gateway:
 
         The refusal closes the connection: the unread body is discarded, never parsed as requests."""
         try:
-            self.admit(request, _subprotocol_token(request) if request.upgrade else None)
+            route, _ = self.admit(request, _subprotocol_token(request) if request.upgrade else None)
+            if request.method not in route.handlers and request.method != "OPTIONS":
+                raise method_not_allowed(request, route)
+            if request.method not in BODY_METHODS:
+                # No handler of these reads a body: holding one would only let anyone pin memory.
+                raise HttpError(400, f"{request.method} takes no request body; send it without one")
         except HttpError as error:
             response = error_response(error)
             response.close = True
@@ -2608,13 +2670,27 @@ class SessionWriter:
         self.ops = ops
         self.log = log
         self.dropped = 0
+        # Bytes handed to append() (counted on the event loop) and done with by the thread (written or
+        # dropped): each counter has one writer, so their difference is the backlog without a lock.
+        self.queued_bytes = 0
+        self.done_bytes = 0
         self._pending: List[Tuple[str, str, Optional[str], Any]] = []
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ua-session-writer", daemon=True)
         self._thread.start()
 
     def append(self, session_id: str, file_name: str, data: bytes) -> None:
+        self.queued_bytes += len(data)
         self._add(("append", session_id, file_name, data))
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self.queued_bytes - self.done_bytes
+
+    async def wait_for_room(self) -> None:
+        """Return once the backlog is under MAX_WRITER_BACKLOG (event loop only)."""
+        while self.backlog_bytes > MAX_WRITER_BACKLOG:
+            await asyncio.sleep(WRITER_BACKLOG_POLL)
 
     def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
         self._add(("heartbeat", session_id, None, state))
@@ -2694,6 +2770,7 @@ class SessionWriter:
                     self._run_action(session_id, file_name, action)
             finally:
                 lock.release()
+        self.done_bytes += sum(len(item[3]) for item in batch if item[0] == "append" and item[1] not in busy)
         return [item for item in batch if item[1] in busy]
 
     def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:
@@ -2818,12 +2895,17 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
     """
 
     async def run(turn: AgentTurn) -> None:
+        limit = turn.hub.gateway.agent_command_limit()
+        if len(turn.hub.agent_groups) >= limit:
+            raise AgentFailed(f"{limit} agent commands are running, the most this gateway allows at once "
+                              "(its open-file limit and MAX_AGENT_COMMANDS); retry when one has finished")
         process, exited = await _start_agent_process(command, turn)
         group = process.pid  # start_new_session: the shell leads a process group of its own
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         stdin = process.stdin
-        readers = [AgentOutputReader(process.stdout, functools.partial(_on_agent_stdout, turn)),
-                   AgentOutputReader(process.stderr, functools.partial(_on_agent_raw_line, turn))]
+        room = turn.hub.writer.wait_for_room
+        readers = [AgentOutputReader(process.stdout, functools.partial(_on_agent_stdout, turn), room),
+                   AgentOutputReader(process.stderr, functools.partial(_on_agent_raw_line, turn), room)]
         inputs = asyncio.ensure_future(_forward_inputs(turn, stdin))
         _write_json_line(stdin, _agent_request(turn))
         stopping: Optional[asyncio.Task] = None
@@ -2946,8 +3028,8 @@ def _on_agent_stdout(turn: AgentTurn, line: bytes, cut: int) -> None:
     event = None
     if not cut:
         try:
-            event = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: a line of 5,000 "[" (issue 16.5)
+            event = loads_json(line)
+        except ValueError:  # also a line of 5,000 "[" (issue 16.5), or NaN that no client could parse
             event = None
     if isinstance(event, dict) and isinstance(event.get("type"), str):
         turn.emit(event["type"], event.get("data"))
@@ -3011,14 +3093,17 @@ class AgentOutputReader:
     An exception of ``on_line`` ends the reading task with it.
     """
 
-    def __init__(self, stream: asyncio.StreamReader, on_line: Callable[[bytes, int], None]) -> None:
+    def __init__(self, stream: asyncio.StreamReader, on_line: Callable[[bytes, int], None],
+                 room: Callable[[], Awaitable[None]]) -> None:
         self.bytes_read = 0
         self._splitter = AgentLineSplitter()
         self._on_line = on_line
+        self._room = room  # waits while the session writer is too far behind: backpressure to the agent
         self.task = asyncio.ensure_future(self._read(stream))
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
         while True:
+            await self._room()
             chunk = await stream.read(65536)
             if not chunk:
                 break
@@ -3331,7 +3416,10 @@ class InputQueue(asyncio.Queue):
         queue takes any one answer, so that every answer can get through)."""
         if self.qsize() >= MAX_PENDING_INPUTS:
             return f"the agent has not read the last {MAX_PENDING_INPUTS} input responses"
-        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        except (ValueError, RecursionError):  # parsed by loads_json, so this is a safety net only
+            return "the input response cannot be encoded as JSON"
         if self.qsize() and self.held_bytes + sys.getsizeof(text) > MAX_PENDING_INPUT_BYTES:
             return f"the agent has not read {self.held_bytes} bytes of earlier input responses"
         self.put_nowait(text)  # type: ignore[arg-type]
@@ -3449,9 +3537,9 @@ class AgentSocket:
             self.send("error", {"message": "binary messages are not supported; send JSON text frames"})
             return
         try:
-            envelope = json.loads(message)
-        except (ValueError, RecursionError):
-            self.send("error", {"message": "message is not valid JSON; send {\"type\": ..., \"data\": {...}}"})
+            envelope = loads_json(message)
+        except ValueError as exc:
+            self.send("error", {"message": f"message is not valid JSON ({exc}); send {{\"type\": ..., \"data\": {{...}}}}"})
             return
         if not isinstance(envelope, dict) or not isinstance(envelope.get("type"), str):
             self.send("error", {"message": "message must be a JSON object with a string \"type\""})
@@ -3569,6 +3657,14 @@ def refusal_bytes(detail: str) -> bytes:
     return serialize_response(error_response(error), keep_alive=False)
 
 
+def _discard_input(conn: socket.socket) -> None:
+    try:
+        while conn.recv(65536):
+            pass
+    except OSError:  # nothing more for now (BlockingIOError), or the peer is gone
+        pass
+
+
 class Listener:
     """The listening sockets and the accept loop of a gateway. Event loop only.
 
@@ -3587,6 +3683,7 @@ class Listener:
         self.loop = asyncio.get_running_loop()
         self.pending = 0  # accepted sockets whose HttpConnection is not made yet: they count against the limit
         self.refused = 0  # since the last report
+        self.lingering = 0  # refused sockets waiting to be closed
         self.accept_failures = 0  # since the last report
         self.detail = ""
         self.paused = False
@@ -3669,11 +3766,24 @@ class Listener:
         try:
             conn.setblocking(False)
             conn.send(refusal_bytes(f"the gateway is at its connection limit ({max(limit, 0)}); retry shortly"))
+            conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        conn.close()
+        # Closing with the client's request unread would make the kernel answer with a reset, which can
+        # destroy the 503 before it is read: discard what came, and let a few linger a moment first.
+        _discard_input(conn)
+        if self.lingering < MAX_REFUSALS_LINGERING:
+            self.lingering += 1
+            self.loop.call_later(REFUSAL_LINGER, self._close_refused, conn)
+        else:
+            conn.close()
         self.refused += 1
         self._note(f"at the connection limit ({max(limit, 0)} for an open-file limit leaving {self.gateway.fd_budget})")
+
+    def _close_refused(self, conn: socket.socket) -> None:
+        self.lingering -= 1
+        _discard_input(conn)
+        conn.close()
 
     def _pause(self, detail: str) -> None:
         if not self.paused:
