@@ -45,6 +45,7 @@ import math
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
 import stat
@@ -1490,7 +1491,7 @@ class Gateway:
         if self.agent is not None:
             agent = self.agent
         elif self.config.agent_cmd:
-            agent = command_agent(self.config.agent_cmd)
+            agent = command_agent(resolve_agent_command(self.config.agent_cmd))
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
@@ -2834,6 +2835,7 @@ class AgentTurn:
         self.state = TurnState.STARTING
         self.cancelled = False  # set on entering CANCELLING and kept after the end, for the heartbeat
         self.task: Optional[asyncio.Task] = None
+        self.awaiting_input: Optional[Dict[str, Any]] = None  # the last input_required not yet answered
         self.started = time.time()
         self.events = 0
 
@@ -2856,6 +2858,8 @@ class AgentTurn:
         if not isinstance(data, dict):
             data = {} if data is None else {"value": data}
         self.events += 1
+        if event_type == "input_required":
+            self.awaiting_input = data  # asked again of a client that attaches before it is answered
         self.hub.broadcast(self.session_id, event_type, data)
 
     def log(self, text: str) -> None:
@@ -2881,6 +2885,21 @@ async def echo_agent(turn: AgentTurn) -> None:
     turn.emit("status", {"status": "processing"})
     turn.log(f"echo: {turn.user_input}")
     turn.emit("text", {"text": turn.user_input})
+
+
+def resolve_agent_command(command: str) -> str:
+    """``command`` with a relative program path (``./agent.sh args``) made absolute against the gateway's
+    working directory: commands run in the session's directory, where such a path would not resolve.
+    Raises ConfigError when that program does not exist. Anything else is left to the shell."""
+    stripped = command.lstrip()
+    word = stripped.split(None, 1)[0] if stripped else ""
+    if "/" not in word or word.startswith(("/", "~")) or any(c in word for c in "'\"\\$`;&|<>(){}*?"):
+        return command
+    program = os.path.abspath(word)
+    if not os.path.exists(program):
+        raise ConfigError(f"agent command program {_show(word)} not found (looked for {program}); agent commands "
+                          "run in the session's directory, so give a path that exists from where the gateway starts")
+    return shlex.quote(program) + stripped[len(word):]
 
 
 def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
@@ -3508,6 +3527,8 @@ class AgentSocket:
         self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
+            if self.live.turn.awaiting_input is not None:
+                self.send("input_required", self.live.turn.awaiting_input)
         held, self.pending, self.pending_bytes = self.pending or [], None, 0
         for message in ([first] if first is not None else []) + held:
             self._handle(message)
@@ -3594,6 +3615,8 @@ class AgentSocket:
         input_id = data.get("input_id", "default")
         refused = turn.inputs.offer({"input_id": input_id if isinstance(input_id, str) else "default",
                                      "response": data.get("response")})
+        if not refused:
+            turn.awaiting_input = None
         if refused:
             self.send("error", {"message": f"{refused}; this one was dropped: send it again once the agent has read "
                                            "them (after its next input_required)"})
