@@ -191,3 +191,40 @@ def test_an_unusable_workspaces_root_exits_2_naming_the_root_not_the_port(tmp_pa
     assert result.returncode == 2
     assert "workspaces root" in result.stderr and str(blocker / "root") in result.stderr
     assert "--port" not in result.stderr
+
+
+def test_a_relative_agent_command_is_found_from_where_the_gateway_starts(tmp_path):
+    import asyncio
+    import json
+
+    import websockets
+
+    (tmp_path / "agent.sh").write_text('#!/bin/sh\nread line\necho \'{"type": "text", "data": {"text": "from agent.sh"}}\'\n')
+    (tmp_path / "agent.sh").chmod(0o755)
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "ua_gateway.py"), "--port", "0", "--workspaces", "ws", "--agent-cmd", "./agent.sh"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=str(tmp_path), env=gateway_env(),
+    )
+    try:
+        line = process.stdout.readline().decode()
+        url = re.search(r"http://([^\s]+)", line).group(1)
+
+        async def turn():
+            async with websockets.connect(f"ws://{url}/ws/agent", open_timeout=5) as ws:
+                await ws.send(json.dumps({"type": "execute", "data": {"user_input": "go"}}))
+                frames = []
+                while not frames or frames[-1]["type"] != "query_complete":
+                    frames.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                return frames
+
+        texts = [f["data"]["text"] for f in asyncio.run(turn()) if f["type"] == "text"]
+        assert texts == ["from agent.sh"]
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def test_a_missing_relative_agent_command_exits_2_naming_it(tmp_path):
+    result = run_cli("--port", "0", "--workspaces", str(tmp_path / "ws"), "--agent-cmd", "./nope.sh --flag")
+    assert result.returncode == 2
+    assert "nope.sh" in result.stderr and "not found" in result.stderr

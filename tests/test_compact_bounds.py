@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import ops_service
 from ops_service import OpsService
+from uagw.limits import MAX_WRITER_BACKLOG
 from uagw.logs import SessionWriter
 
 GIB = 1 << 30
@@ -240,3 +241,24 @@ def test_a_busy_sessions_lines_land_in_order_once_its_lock_is_free(svc, writer, 
     assert not journal_a.exists()
     a_locked.set()
     assert wait_for(lambda: read_or_empty(journal_a) == expected_a)
+
+
+def test_agent_output_waits_while_the_writer_backlog_is_over_its_bound(svc, writer, a_locked):
+    # A session whose lock is held cannot be written: what its agent prints piles up in memory, until
+    # wait_for_room (which every agent output reader awaits before reading) holds the agent back.
+    chunk = b"x" * (1024 * 1024 - 1) + b"\n"
+    room_while_locked = []
+
+    async def flood() -> None:
+        for _ in range(MAX_WRITER_BACKLOG // len(chunk) + 2):
+            writer.append("a", "run.log", chunk)
+        writer.hand_over()
+        waiting = asyncio.ensure_future(writer.wait_for_room())
+        await asyncio.sleep(0.3)
+        room_while_locked.append(waiting.done())
+        a_locked.set()  # the compaction ends: the backlog drains
+        await asyncio.wait_for(waiting, DISK_WAIT)
+
+    asyncio.run(flood())
+    assert room_while_locked == [False]
+    assert writer.backlog_bytes <= MAX_WRITER_BACKLOG

@@ -140,3 +140,53 @@ def test_refused_connections_are_logged_at_most_once_a_second(flooded):
     assert reports and sum(r["refused"] for r in reports) >= CONNECTIONS - (FD_LIMIT - FD_RESERVE)
     stamps = [datetime.fromisoformat(r["ts"]).timestamp() for r in reports]
     assert all(later - earlier >= 0.9 for earlier, later in zip(stamps, stamps[1:])), stamps
+
+
+SLEEPY_AGENT = "#!/bin/sh\nread line\nsleep 30\n"
+
+
+def test_running_agent_turns_never_take_the_last_connection_slots(tmp_path):
+    # Under a 64-descriptor limit the budget is 16: agent commands may take three quarters of it (3 turns
+    # of 4 descriptors); a fourth turn is refused with a reason, and health is still served.
+    import asyncio
+
+    import websockets
+
+    agent = tmp_path / "sleepy.sh"
+    agent.write_text(SLEEPY_AGENT)
+    agent.chmod(0o755)
+    gateway = launch(tmp_path / "workspaces", "--agent-cmd", str(agent), command=limited_command(False))
+
+    async def frames_after_execute(ws, index: int) -> List[dict]:
+        await ws.send(json.dumps({"type": "execute", "data": {"user_input": f"turn {index}"}}))
+        frames = []
+        try:
+            while True:
+                frames.append(json.loads(await asyncio.wait_for(ws.recv(), 1.5)))
+        except asyncio.TimeoutError:
+            return frames
+
+    async def five_turns() -> List[List[dict]]:
+        sockets = [await websockets.connect(f"{gateway.ws_url}/ws/agent", open_timeout=5) for _ in range(5)]
+        try:
+            return [await frames_after_execute(ws, i) for i, ws in enumerate(sockets)]
+        finally:
+            for ws in sockets:
+                ws.transport.abort()
+
+    try:
+        turns = asyncio.run(five_turns())
+        errors = [f for frames in turns for f in frames if f["type"] == "error"]
+        assert errors and "agent commands are running" in errors[0]["data"]["message"], turns
+        assert len(errors) == 2  # 3 of 5 turns run
+        # The turns outlive their connections (the attack): connections still get their quarter.
+        deadline = time.monotonic() + 5
+        status = health_status(gateway.host, gateway.port, timeout=2.0)
+        while status != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+            status = health_status(gateway.host, gateway.port, timeout=2.0)
+        assert status == 200
+    finally:
+        gateway.process.kill()
+        gateway.process.wait(10)
+        os.system(f"pkill -f {agent} >/dev/null 2>&1")

@@ -40,6 +40,7 @@ def first_status(sock: socket.socket) -> int:
     ("/api/v1/%6Fps/sessions/s-1/compact", 401),
     ("/api/v1/sessions", 401),
     ("/no/such/path", 404),
+    ("/api/v1/health", 405),  # a public route, but no POST handler: nothing would read the body
 ])
 def test_a_refused_request_is_answered_before_its_body_is_sent(start_gateway, path, status):
     gateway = start_gateway(env={"UA_OPS_TOKEN": TOKEN})
@@ -82,3 +83,10 @@ def test_anonymous_bodies_do_not_pin_memory(start_gateway):
     finally:
         for sock in sockets:
             sock.close()
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/"), ("GET", "/api/v1/health"), ("DELETE", "/api/v1/ops/sessions/s-1")])
+def test_a_body_on_a_method_that_takes_none_is_refused_before_it_is_read(gateway, method, path):
+    with socket.create_connection((gateway.host, gateway.port), timeout=5) as sock:
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {MIB}\r\n\r\n".encode())
+        assert first_status(sock) == 400

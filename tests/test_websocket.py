@@ -479,6 +479,34 @@ def test_input_response_is_written_to_the_agent_stdin(start_gateway, tmp_path):
     assert text["data"] == {"text": "hello Ada", "input_id": "q1"}
 
 
+def test_a_client_that_reattaches_is_asked_the_pending_input_again(start_gateway, tmp_path):
+    asker = write_agent(tmp_path, "asker", """
+        import json, sys
+        request = json.loads(sys.stdin.readline())
+        print(json.dumps({"type": "input_required", "data": {"input_id": "q1", "prompt": "name?"}}), flush=True)
+        answer = json.loads(sys.stdin.readline())
+        print(json.dumps({"type": "text", "data": {"text": "hello " + answer["data"]["response"]}}), flush=True)
+    """)
+    gateway = start_gateway("--agent-cmd", asker)
+    gateway.make_session("cmd-reask")
+    url = f"{gateway.ws_url}/api/v1/sessions/cmd-reask/stream"
+
+    async def scenario():
+        async with connect(url) as ws:
+            await recv(ws)
+            await ws.send(execute("go"))
+            await recv_until(ws, "input_required")
+        async with connect(url) as ws:  # the client dropped and came back
+            again = await recv_until(ws, "input_required")
+            await ws.send(json.dumps({"type": "input_response", "data": {"input_id": "q1", "response": "Ada"}}))
+            return again, await recv_until(ws, "query_complete")
+
+    again, frames = run(scenario())
+    assert [f["type"] for f in again] == ["connected", "status", "input_required"]
+    assert again[-1]["data"] == {"input_id": "q1", "prompt": "name?"}
+    assert next(f for f in frames if f["type"] == "text")["data"]["text"] == "hello Ada"
+
+
 def test_agent_does_not_receive_the_ops_token(start_gateway, tmp_path):
     snoop = write_agent(tmp_path, "snoop", """
         import json, os, sys

@@ -24,7 +24,8 @@ own connection.
 
 Module map, lowest layer first
 - ``limits``: every limit, timeout and default, with its reason. Imports nothing.
-- ``text``: ``show`` (an offending value in an error detail), ``PerSecond`` (cached timestamps). Stdlib.
+- ``text``: ``show`` (an offending value in an error detail), ``PerSecond`` (cached timestamps),
+  ``loads_json`` (strict RFC 8259 JSON). limits.
 - ``config``: ``Config``, ``ConfigError``, environment variables and secret files. limits, text.
 - ``http11``: Sans-I/O HTTP/1.1: ``RequestParser``, ``Request``, ``Response``, the error shape. limits, text.
 - ``access``: the token, lockout, address allowlist, CORS, session-creation limits. limits, config, http11.

@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import time
@@ -26,8 +27,8 @@ from .limits import (
     AGENT_DRAIN_TIMEOUT, AGENT_EXIT_WAIT, AGENT_GROUP_POLL, AGENT_KILL_GRACE, MAX_AGENT_LINE, MAX_CLIENT_TURN_ID,
     MAX_JOURNAL_LINE, MAX_PENDING_INPUTS, MAX_PENDING_INPUT_BYTES,
 )
-from .text import PerSecond, show
-from .config import HIDDEN_FROM_AGENTS
+from .text import PerSecond, loads_json, show
+from .config import HIDDEN_FROM_AGENTS, ConfigError
 
 if TYPE_CHECKING:  # names for annotations only: importing them would point up the layers
     from .sessions import LiveSession, SessionHub
@@ -51,6 +52,7 @@ __all__ = [
     "journal_line",
     "journal_stamp",
     "one_line",
+    "resolve_agent_command",
     "signal_group",
     "terminate_group",
     "utc_now_iso",
@@ -135,7 +137,10 @@ class InputQueue(asyncio.Queue):
         queue takes any one answer, so that every answer can get through)."""
         if self.qsize() >= MAX_PENDING_INPUTS:
             return f"the agent has not read the last {MAX_PENDING_INPUTS} input responses"
-        text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        try:
+            text = json.dumps(answer, ensure_ascii=False, separators=(",", ":"))
+        except (ValueError, RecursionError):  # parsed by loads_json, so this is a safety net only
+            return "the input response cannot be encoded as JSON"
         if self.qsize() and self.held_bytes + sys.getsizeof(text) > MAX_PENDING_INPUT_BYTES:
             return f"the agent has not read {self.held_bytes} bytes of earlier input responses"
         self.put_nowait(text)
@@ -203,6 +208,7 @@ class AgentTurn:
         self.state = TurnState.STARTING
         self.cancelled = False  # set on entering CANCELLING and kept after the end, for the heartbeat
         self.task: Optional[asyncio.Task] = None
+        self.awaiting_input: Optional[Dict[str, Any]] = None  # the last input_required not yet answered
         self.started = time.time()
         self.events = 0
 
@@ -225,6 +231,8 @@ class AgentTurn:
         if not isinstance(data, dict):
             data = {} if data is None else {"value": data}
         self.events += 1
+        if event_type == "input_required":
+            self.awaiting_input = data  # asked again of a client that attaches before it is answered
         self.hub.broadcast(self.session_id, event_type, data)
 
     def log(self, text: str) -> None:
@@ -252,6 +260,21 @@ async def echo_agent(turn: AgentTurn) -> None:
     turn.emit("text", {"text": turn.user_input})
 
 
+def resolve_agent_command(command: str) -> str:
+    """``command`` with a relative program path (``./agent.sh args``) made absolute against the gateway's
+    working directory: commands run in the session's directory, where such a path would not resolve.
+    Raises ConfigError when that program does not exist. Anything else is left to the shell."""
+    stripped = command.lstrip()
+    word = stripped.split(None, 1)[0] if stripped else ""
+    if "/" not in word or word.startswith(("/", "~")) or any(c in word for c in "'\"\\$`;&|<>(){}*?"):
+        return command
+    program = os.path.abspath(word)
+    if not os.path.exists(program):
+        raise ConfigError(f"agent command program {show(word)} not found (looked for {program}); agent commands "
+                          "run in the session's directory, so give a path that exists from where the gateway starts")
+    return shlex.quote(program) + stripped[len(word):]
+
+
 def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
     """An agent that runs ``command`` per turn (PROTOCOL.md §6): the request as one JSON line on stdin,
     JSON-line events on stdout; other stdout lines and all stderr go to run.log.
@@ -264,12 +287,17 @@ def command_agent(command: str) -> Callable[[AgentTurn], Awaitable[None]]:
     """
 
     async def run(turn: AgentTurn) -> None:
+        limit = turn.hub.gateway.agent_command_limit()
+        if len(turn.hub.agent_groups) >= limit:
+            raise AgentFailed(f"{limit} agent commands are running, the most this gateway allows at once "
+                              "(its open-file limit and MAX_AGENT_COMMANDS); retry when one has finished")
         process, exited = await _start_agent_process(command, turn)
         group = process.pid  # start_new_session: the shell leads a process group of its own
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         stdin = process.stdin
-        readers = [AgentOutputReader(process.stdout, functools.partial(_on_agent_stdout, turn)),
-                   AgentOutputReader(process.stderr, functools.partial(_on_agent_raw_line, turn))]
+        room = turn.hub.writer.wait_for_room
+        readers = [AgentOutputReader(process.stdout, functools.partial(_on_agent_stdout, turn), room),
+                   AgentOutputReader(process.stderr, functools.partial(_on_agent_raw_line, turn), room)]
         inputs = asyncio.ensure_future(_forward_inputs(turn, stdin))
         _write_json_line(stdin, _agent_request(turn))
         stopping: Optional[asyncio.Task] = None
@@ -392,8 +420,8 @@ def _on_agent_stdout(turn: AgentTurn, line: bytes, cut: int) -> None:
     event = None
     if not cut:
         try:
-            event = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: a line of 5,000 "[" (issue 16.5)
+            event = loads_json(line)
+        except ValueError:  # also a line of 5,000 "[" (issue 16.5), or NaN that no client could parse
             event = None
     if isinstance(event, dict) and isinstance(event.get("type"), str):
         turn.emit(event["type"], event.get("data"))
@@ -457,14 +485,17 @@ class AgentOutputReader:
     An exception of ``on_line`` ends the reading task with it.
     """
 
-    def __init__(self, stream: asyncio.StreamReader, on_line: Callable[[bytes, int], None]) -> None:
+    def __init__(self, stream: asyncio.StreamReader, on_line: Callable[[bytes, int], None],
+                 room: Callable[[], Awaitable[None]]) -> None:
         self.bytes_read = 0
         self._splitter = AgentLineSplitter()
         self._on_line = on_line
+        self._room = room  # waits while the session writer is too far behind: backpressure to the agent
         self.task = asyncio.ensure_future(self._read(stream))
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
         while True:
+            await self._room()
             chunk = await stream.read(65536)
             if not chunk:
                 break

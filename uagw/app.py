@@ -23,8 +23,8 @@ from ops_service import OpsService, StorageFull, WorkspacesUnavailable
 
 from . import __version__
 from .limits import (
-    AGENT_TURN_FDS, CORS_MAX_AGE, OPS_THREADS, ROOT_CHECK_INTERVAL, SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE,
-    WS_MAX_MESSAGE,
+    AGENT_TURN_FDS, CORS_MAX_AGE, HTTP_FD_SHARE, MAX_AGENT_COMMANDS, OPS_THREADS, ROOT_CHECK_INTERVAL,
+    SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE, WS_MAX_MESSAGE,
 )
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
@@ -32,16 +32,18 @@ from .http11 import HttpError, Request, Response, error_response, json_response
 from .access import AccessControl, request_tokens
 from .logs import GatewayLog
 from .routing import (
-    Route, Router, Scope, bool_param, int_param, json_object_body, path_segments, query_params, session_id_param,
+    Route, Router, Scope, bool_param, int_param, json_object_body, method_not_allowed, path_segments, query_params,
+    session_id_param,
 )
 from .server import HttpConnection, Listener, descriptor_budget
 from .websocket import EchoApp, WS_SUBPROTOCOL, WebSocketBridge, select_subprotocol, subprotocol_token, ws_logger
-from .agents import command_agent, echo_agent
+from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
 
 __all__ = [
     "CONSOLE_ASSETS",
     "CONSOLE_HEADERS",
+    "BODY_METHODS",
     "CORS_ALLOW_HEADERS",
     "Gateway",
     "SAME_ORIGIN_FETCH_SITES",
@@ -79,6 +81,8 @@ def read_console_assets() -> Dict[str, bytes]:
 
 
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
+# Methods whose handlers read a request body; a body sent with any other is refused before it is read.
+BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 # Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
@@ -129,7 +133,7 @@ class Gateway:
         if self.agent is not None:
             agent = self.agent
         elif self.config.agent_cmd:
-            agent = command_agent(self.config.agent_cmd)
+            agent = command_agent(resolve_agent_command(self.config.agent_cmd))
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
@@ -169,6 +173,13 @@ class Gateway:
             commands = len(self.hub.agent_groups) if self.hub is not None else 0
             limit = min(limit, self.fd_budget - AGENT_TURN_FDS * commands)
         return limit
+
+    def agent_command_limit(self) -> int:
+        """How many agent commands may run at once: MAX_AGENT_COMMANDS, and no more than leave a share
+        of the descriptor budget (1/HTTP_FD_SHARE) to connections."""
+        if self.fd_budget is None:
+            return MAX_AGENT_COMMANDS
+        return min(MAX_AGENT_COMMANDS, (self.fd_budget - self.fd_budget // HTTP_FD_SHARE) // AGENT_TURN_FDS)
 
     async def _sweep_deadlines(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,10 +224,7 @@ class Gateway:
                 return self._options(request, route)
             handler = route.handlers.get(request.method)
             if handler is None:
-                raise HttpError(
-                    405, f"method {request.method} is not allowed on {show(request.path)}; use {route.allow}",
-                    headers=[("Allow", route.allow)],
-                )
+                raise method_not_allowed(request, route)
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
@@ -248,7 +256,12 @@ class Gateway:
 
         The refusal closes the connection: the unread body is discarded, never parsed as requests."""
         try:
-            self.admit(request, subprotocol_token(request) if request.upgrade else None)
+            route, _ = self.admit(request, subprotocol_token(request) if request.upgrade else None)
+            if request.method not in route.handlers and request.method != "OPTIONS":
+                raise method_not_allowed(request, route)
+            if request.method not in BODY_METHODS:
+                # No handler of these reads a body: holding one would only let anyone pin memory.
+                raise HttpError(400, f"{request.method} takes no request body; send it without one")
         except HttpError as error:
             response = error_response(error)
             response.close = True

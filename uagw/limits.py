@@ -32,7 +32,9 @@ __all__ = [
     "GATEWAY_LOG_ROTATE_BYTES",
     "GIL_SWITCH_INTERVAL",
     "HEADER_TIMEOUT",
+    "HTTP_FD_SHARE",
     "KEEPALIVE_TIMEOUT",
+    "MAX_AGENT_COMMANDS",
     "MAX_AGENT_LINE",
     "MAX_BODY_BYTES",
     "MAX_CHUNKED_OVERHEAD",
@@ -43,15 +45,19 @@ __all__ = [
     "MAX_HEAD_BYTES",
     "MAX_INT_DIGITS",
     "MAX_JOURNAL_LINE",
+    "MAX_JSON_DEPTH",
     "MAX_PENDING_BYTES",
     "MAX_PENDING_INPUTS",
     "MAX_PENDING_INPUT_BYTES",
     "MAX_PENDING_MESSAGES",
     "MAX_PIPELINE_BUFFER",
+    "MAX_REFUSALS_LINGERING",
     "MAX_REQUEST_LINE",
     "MAX_SECRET_FILE_BYTES",
     "MAX_SEND_BACKLOG",
+    "MAX_WRITER_BACKLOG",
     "OPS_THREADS",
+    "REFUSAL_LINGER",
     "REMEMBERED_SESSIONS",
     "REMEMBERED_TURN_AGE",
     "REMEMBERED_TURN_IDS",
@@ -67,6 +73,7 @@ __all__ = [
     "SESSION_CREATE_TRACKED_ADDRESSES",
     "SESSION_WRITE_DELAY",
     "SHUTDOWN_GRACE",
+    "WRITER_BACKLOG_POLL",
     "WRITE_BUFFER_HIGH",
     "WS_CLOSE_TIMEOUT",
     "WS_ECHO_MAX_MESSAGE",
@@ -121,11 +128,22 @@ SECURITY_LOG_RATE = 10.0  # ... then this many a second: 64 MiB takes hours of f
 FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
 # log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
 AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
+HTTP_FD_SHARE = 4  # agent commands may take at most (1 - 1/this) of the descriptor budget: a quarter always
+# stays for connections, so running turns can never lock operators (and health) out
+MAX_AGENT_COMMANDS = 256  # agent commands running at once, whatever the descriptor budget: each is a process
+# group with its own memory; past this a turn ends at once with an error saying to retry
+MAX_WRITER_BACKLOG = 16 * 1024 * 1024  # bytes of journal and run.log waiting for the disk; past this the
+# gateway stops reading agents' output (their writes block) until the writer catches up
+WRITER_BACKLOG_POLL = 0.01  # s; how often a paused agent output reader looks again
+MAX_REFUSALS_LINGERING = 8  # refused sockets kept open briefly so the 503 is read, not reset (taken from
+# FD_RESERVE: few, since refusals happen when descriptors are short); more close at once
+REFUSAL_LINGER = 0.2  # s
 ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood cannot starve open connections
 ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
 REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
+MAX_JSON_DEPTH = 100  # nesting accepted in any JSON we are sent; deeper is refused before it can recurse
 
 
 # Defaults an operator changes through Config (environment variables or flags)

@@ -26,7 +26,8 @@ from ops_service import OpsError, OpsService, SessionNotFound
 
 from .limits import (
     GATEWAY_LOG_BACKUPS, GATEWAY_LOG_FIELD_CHARS, GATEWAY_LOG_INTERVAL, GATEWAY_LOG_MAX_PENDING,
-    GATEWAY_LOG_ROTATE_BYTES, REPORT_INTERVAL, SECURITY_LOG_BURST, SECURITY_LOG_RATE, SESSION_WRITE_DELAY,
+    GATEWAY_LOG_ROTATE_BYTES, MAX_WRITER_BACKLOG, REPORT_INTERVAL, SECURITY_LOG_BURST, SECURITY_LOG_RATE,
+    SESSION_WRITE_DELAY, WRITER_BACKLOG_POLL,
 )
 from .text import PerSecond
 
@@ -317,13 +318,27 @@ class SessionWriter:
         self.ops = ops
         self.log = log
         self.dropped = 0
+        # Bytes handed to append() (counted on the event loop) and done with by the thread (written or
+        # dropped): each counter has one writer, so their difference is the backlog without a lock.
+        self.queued_bytes = 0
+        self.done_bytes = 0
         self._pending: List[Tuple[str, str, Optional[str], Any]] = []
         self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="ua-session-writer", daemon=True)
         self._thread.start()
 
     def append(self, session_id: str, file_name: str, data: bytes) -> None:
+        self.queued_bytes += len(data)
         self._add(("append", session_id, file_name, data))
+
+    @property
+    def backlog_bytes(self) -> int:
+        return self.queued_bytes - self.done_bytes
+
+    async def wait_for_room(self) -> None:
+        """Return once the backlog is under MAX_WRITER_BACKLOG (event loop only)."""
+        while self.backlog_bytes > MAX_WRITER_BACKLOG:
+            await asyncio.sleep(WRITER_BACKLOG_POLL)
 
     def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
         self._add(("heartbeat", session_id, None, state))
@@ -403,6 +418,7 @@ class SessionWriter:
                     self._run_action(session_id, file_name, action)
             finally:
                 lock.release()
+        self.done_bytes += sum(len(item[3]) for item in batch if item[0] == "append" and item[1] not in busy)
         return [item for item in batch if item[1] in busy]
 
     def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:

@@ -8,7 +8,6 @@ May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.text`
 from __future__ import annotations
 
 import enum
-import json
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, unquote
 
@@ -16,7 +15,7 @@ import ops_service
 from ops_service import InvalidArgument, OpsError, SessionBusy, SessionNotFound, StorageFull, WorkspacesUnavailable
 
 from .limits import MAX_INT_DIGITS
-from .text import show
+from .text import loads_json, show
 from .http11 import HttpError, INT_RE, Request, Response, error_response
 
 __all__ = [
@@ -28,6 +27,7 @@ __all__ = [
     "bool_param",
     "int_param",
     "json_object_body",
+    "method_not_allowed",
     "ops_error_response",
     "path_segments",
     "query_params",
@@ -84,8 +84,8 @@ def json_object_body(request: Request, allowed: Sequence[str]) -> Dict[str, Any]
     if not request.body.strip():
         return {}
     try:
-        value = json.loads(request.body)
-    except (ValueError, RecursionError) as exc:
+        value = loads_json(request.body)
+    except ValueError as exc:
         raise HttpError(400, f"request body is not valid JSON ({show(str(exc), 120)}); send a JSON object") from None
     if not isinstance(value, dict):
         raise HttpError(400, f"request body must be a JSON object, not {type(value).__name__}")
@@ -173,6 +173,11 @@ class Route:
             elif expected != actual:
                 return None
         return params
+
+
+def method_not_allowed(request: Request, route: Route) -> HttpError:
+    return HttpError(405, f"method {request.method} is not allowed on {show(request.path)}; use {route.allow}",
+                     headers=[("Allow", route.allow)])
 
 
 class Router:

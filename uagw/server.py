@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, List, Optional, cast
 from ops_service import OpsError
 
 from .limits import (
-    ACCEPT_BATCH, ACCEPT_RETRY_DELAY, BODY_TIMEOUT, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_SEND_BACKLOG,
-    REPORT_INTERVAL, WRITE_BUFFER_HIGH,
+    ACCEPT_BATCH, ACCEPT_RETRY_DELAY, BODY_TIMEOUT, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_REFUSALS_LINGERING,
+    MAX_SEND_BACKLOG, REFUSAL_LINGER, REPORT_INTERVAL, WRITE_BUFFER_HIGH,
 )
 from .http11 import HttpError, Request, RequestParser, Response, error_response, serialize_response
 from .routing import ops_error_response
@@ -337,6 +337,14 @@ class HttpConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+def _discard_input(conn: socket.socket) -> None:
+    try:
+        while conn.recv(65536):
+            pass
+    except OSError:  # nothing more for now (BlockingIOError), or the peer is gone
+        pass
+
+
 class Listener:
     """The listening sockets and the accept loop of a gateway. Event loop only.
 
@@ -355,6 +363,7 @@ class Listener:
         self.loop = asyncio.get_running_loop()
         self.pending = 0  # accepted sockets whose HttpConnection is not made yet: they count against the limit
         self.refused = 0  # since the last report
+        self.lingering = 0  # refused sockets waiting to be closed
         self.accept_failures = 0  # since the last report
         self.detail = ""
         self.paused = False
@@ -439,11 +448,24 @@ class Listener:
         try:
             conn.setblocking(False)
             conn.send(refusal_bytes(f"the gateway is at its connection limit ({max(limit, 0)}); retry shortly"))
+            conn.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        conn.close()
+        # Closing with the client's request unread would make the kernel answer with a reset, which can
+        # destroy the 503 before it is read: discard what came, and let a few linger a moment first.
+        _discard_input(conn)
+        if self.lingering < MAX_REFUSALS_LINGERING:
+            self.lingering += 1
+            self.loop.call_later(REFUSAL_LINGER, self._close_refused, conn)
+        else:
+            conn.close()
         self.refused += 1
         self._note(f"at the connection limit ({max(limit, 0)} for an open-file limit leaving {self.gateway.fd_budget})")
+
+    def _close_refused(self, conn: socket.socket) -> None:
+        self.lingering -= 1
+        _discard_input(conn)
+        conn.close()
 
     def _pause(self, detail: str) -> None:
         if not self.paused:

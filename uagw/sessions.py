@@ -9,7 +9,6 @@ websocket, agents). The gateway (``uagw.app.Gateway``) is named for type checkin
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ from .limits import (
     MAX_CLIENT_TURN_ID, MAX_PENDING_BYTES, MAX_PENDING_MESSAGES, REMEMBERED_SESSIONS, REMEMBERED_TURN_AGE,
     REMEMBERED_TURN_IDS,
 )
-from .text import show
+from .text import loads_json, show
 from .http11 import HttpError
 from .logs import SessionWriter
 from .websocket import WebSocketBridge
@@ -333,6 +332,8 @@ class AgentSocket:
         self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
+            if self.live.turn.awaiting_input is not None:
+                self.send("input_required", self.live.turn.awaiting_input)
         held, self.pending, self.pending_bytes = self.pending or [], None, 0
         for message in ([first] if first is not None else []) + held:
             self._handle(message)
@@ -362,9 +363,9 @@ class AgentSocket:
             self.send("error", {"message": "binary messages are not supported; send JSON text frames"})
             return
         try:
-            envelope = json.loads(message)
-        except (ValueError, RecursionError):
-            self.send("error", {"message": "message is not valid JSON; send {\"type\": ..., \"data\": {...}}"})
+            envelope = loads_json(message)
+        except ValueError as exc:
+            self.send("error", {"message": f"message is not valid JSON ({exc}); send {{\"type\": ..., \"data\": {{...}}}}"})
             return
         if not isinstance(envelope, dict) or not isinstance(envelope.get("type"), str):
             self.send("error", {"message": "message must be a JSON object with a string \"type\""})
@@ -419,6 +420,8 @@ class AgentSocket:
         input_id = data.get("input_id", "default")
         refused = turn.inputs.offer({"input_id": input_id if isinstance(input_id, str) else "default",
                                      "response": data.get("response")})
+        if not refused:
+            turn.awaiting_input = None
         if refused:
             self.send("error", {"message": f"{refused}; this one was dropped: send it again once the agent has read "
                                            "them (after its next input_required)"})

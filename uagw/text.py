@@ -1,16 +1,21 @@
-"""How values become text: ``show`` quotes an offending value for an error detail, ``PerSecond`` caches a
-timestamp format that changes once a second.
+"""Text in and out: ``show`` quotes an offending value for an error detail, ``PerSecond`` caches a
+timestamp format that changes once a second, ``loads_json`` parses the JSON clients and agents send as
+strict RFC 8259.
 
-May import: the standard library only.
+May import: the standard library and ``uagw.limits``.
 """
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
+
+from .limits import MAX_JSON_DEPTH
 
 __all__ = [
     "PerSecond",
+    "loads_json",
     "show",
 ]
 
@@ -22,6 +27,39 @@ def show(value: Any, limit: int = 80) -> str:
     text = ascii(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259 has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {show(text, 40)} is too large for a finite double")
+    return value
+
+
+def loads_json(data: Union[str, bytes, bytearray]) -> Any:
+    """Parse JSON from a client or an agent as strict RFC 8259: no NaN or Infinity (browsers' JSON.parse
+    refuses them, so forwarding one would break every client), no number that overflows to infinity,
+    and at most MAX_JSON_DEPTH levels of nesting, so that what we accept we can also encode again.
+
+    Raises ValueError with a reason; never RecursionError.
+    """
+    try:
+        value = json.loads(data, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return value
 
 class PerSecond:
     """A timestamp format that changes once a second, computed once a second rather than per use."""
