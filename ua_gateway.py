@@ -1384,6 +1384,13 @@ class Route:
         return params
 
 
+def refuse_unread_body(request: Request, pending: bool) -> None:
+    """A body on a method no handler reads (GET, HEAD, DELETE, OPTIONS) is a 400, whether it is still
+    arriving (``pending``: refused before it is read) or came with the head: never silently ignored."""
+    if request.method not in BODY_METHODS and (pending or request.body):
+        raise HttpError(400, f"{request.method} takes no request body; send it without one")
+
+
 def method_not_allowed(request: Request, route: Route) -> HttpError:
     return HttpError(405, f"method {request.method} is not allowed on {_show(request.path)}; use {route.allow}",
                      headers=[("Allow", route.allow)])
@@ -1583,6 +1590,7 @@ class Gateway:
             handler = route.handlers.get(request.method)
             if handler is None:
                 raise method_not_allowed(request, route)
+            refuse_unread_body(request, pending=False)
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
@@ -1617,9 +1625,7 @@ class Gateway:
             route, _ = self.admit(request, _subprotocol_token(request) if request.upgrade else None)
             if request.method not in route.handlers and request.method != "OPTIONS":
                 raise method_not_allowed(request, route)
-            if request.method not in BODY_METHODS:
-                # No handler of these reads a body: holding one would only let anyone pin memory.
-                raise HttpError(400, f"{request.method} takes no request body; send it without one")
+            refuse_unread_body(request, pending=True)
         except HttpError as error:
             response = error_response(error)
             response.close = True
@@ -3304,8 +3310,11 @@ class SessionHub:
             if client_turn_id is not None and client_turn_id == live.turn.client_turn_id:
                 sock.send("status", {"status": "turn_in_progress", "turn_id": live.turn.turn_id})
                 return
-            sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id})
-            sock.send("query_complete", {"completed": False})
+            # The refused attempt gets an id of its own, so that a client matching answers by turn_id
+            # can tell this query_complete from the running turn's.
+            refused = {"turn_id": next(_turn_ids), **({"client_turn_id": client_turn_id} if client_turn_id else {})}
+            sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id, **refused})
+            sock.send("query_complete", {"completed": False, **refused})
             return
         finished = self.finished.lookup(live.session_id, client_turn_id) if client_turn_id is not None else None
         if finished is not None:
