@@ -265,7 +265,7 @@ def explain(ours_: Outcome, theirs: Outcome, data: bytes) -> Optional[str]:
 
 
 DIFFERENTIAL = settings(
-    max_examples=int(os.environ.get("DIFF_EXAMPLES", 2500)),
+    max_examples=int(os.environ.get("DIFF_EXAMPLES", 2500)),  # about 7 s; raise it for a longer local hunt
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
