@@ -501,14 +501,15 @@ class RequestParser:
             self._chunked = _ChunkedBody(self.max_body)
         elif lengths:
             # One decimal number per field line; a list ("2, 2", ",2", "2,") is refused even where RFC 9110
-            # §8.6 would let us fold it, since front ends disagree on it. Repeated identical field lines are
-            # accepted (RFC 9110 §8.6): every reader takes the same number from them.
+            # §8.6 would let us fold it, since front ends disagree on it. Repeated field lines are accepted
+            # only when spelt alike (RFC 9110 §8.6), so "2" and "02" are refused as front ends that compare
+            # the text (h11 does) would.
             if not all(_DIGITS_RE.fullmatch(value) and len(value) <= MAX_INT_DIGITS for value in lengths):
                 raise HttpError(
                     400, f"malformed Content-Length {_show(lengths)}; send one decimal number, not a list",
                     close=True,
                 )
-            if len(set(int(value) for value in lengths)) != 1:
+            if len(set(lengths)) != 1:
                 raise HttpError(400, f"conflicting Content-Length values {_show(lengths)}", close=True)
             self._body_length = int(lengths[0])
             if self._body_length > self.max_body:

@@ -119,6 +119,10 @@ def test_content_length_that_is_not_one_decimal_number_is_400_and_closes(value):
     assert_refused(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: " + value + b"\r\n\r\nxx" + NEXT)
 
 
+def test_repeated_content_length_lines_spelt_differently_are_400_and_close():
+    assert_refused(b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 02\r\n\r\nxx" + NEXT)
+
+
 # -- over a real socket ------------------------------------------------------------------------------------
 
 
