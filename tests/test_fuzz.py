@@ -2,7 +2,8 @@
 
 * ``RequestParser`` fed random bytes, or valid requests with structured mutations, in random chunk
   splits: the only outcomes are a ``Request``, None (more bytes needed) or an ``HttpError``. A valid
-  request (or a pipeline of them) split anywhere parses exactly as it does in one piece.
+  request (or a pipeline of them) split anywhere parses exactly as it does in one piece. Every request
+  it accepts, re-serialised with Content-Length framing, parses to the same request.
 * ``Gateway.dispatch`` with random methods, paths, queries and bodies: never a 5xx.
 * ``read_log_slice`` on random files with random cursors, limits and file changes: a slice or
   ``InvalidCursor``/``InvalidArgument``, nothing else.
@@ -202,6 +203,34 @@ def test_valid_requests_split_anywhere_parse_as_in_one_piece(pipeline, cuts):
     split, error = feed_in_chunks(data, cuts)
     assert error is None, error.detail
     assert [shape(r) for r in split] == [shape(r) for r in whole]
+
+
+FRAMING_HEADERS = ("content-length", "transfer-encoding")
+
+
+def unframed(request: Request) -> tuple:
+    """What a request means, whichever framing carried its body."""
+    headers = [(name, value) for name, value in request.headers if name not in FRAMING_HEADERS]
+    return (request.method, request.target, request.version, headers, request.body, request.keep_alive,
+            request.upgrade)
+
+
+def with_content_length(request: Request) -> bytes:
+    """The request re-serialised as a well-behaved proxy would forward it: its body framed by Content-Length."""
+    lines = [f"{request.method} {request.target} {request.version}"]
+    lines += [f"{name}: {value}" for name, value in request.headers if name not in FRAMING_HEADERS]
+    lines.append(f"Content-Length: {len(request.body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + request.body
+
+
+@PARSER_FUZZ
+@given(pipeline=st.lists(valid_requests() | mutated_requests(), min_size=1, max_size=3))
+def test_every_accepted_request_reserialised_with_content_length_parses_to_the_same_request(pipeline):
+    accepted, _ = feed_in_chunks(b"".join(pipeline), [])
+    for request in accepted:
+        again, error = feed_in_chunks(with_content_length(request), [])
+        assert error is None, error.detail
+        assert [unframed(r) for r in again] == [unframed(request)]
 
 
 @PARSER_FUZZ

@@ -41,6 +41,8 @@ REFUSED = {
     "empty Content-Length": HEAD + b"Content-Length: \r\n\r\n",
     "Content-Length of ,2": HEAD + b"Content-Length: ,2\r\n\r\nab",
     "Content-Length of 2,": HEAD + b"Content-Length: 2,\r\n\r\nab",
+    "Content-Length list of equal values": HEAD + b"Content-Length: 2, 2\r\n\r\nab",
+    "repeated Content-Length spelt differently": HEAD + b"Content-Length: 2\r\nContent-Length: 02\r\n\r\nab",
 }
 
 
@@ -53,9 +55,8 @@ def test_ambiguous_framing_is_400_and_closes(name):
 
 @pytest.mark.parametrize("data,body", [
     (HEAD + b"Transfer-Encoding: chunked\r\n\r\n2;name=value;q=\"a \\\" b\"\r\nab\r\n0\r\n\r\n", b"ab"),
-    (HEAD + b"Transfer-Encoding: chunked\r\n\r\n2 ; name = value \r\nab\r\n0\r\n\r\n", b"ab"),
+    (HEAD + b"Transfer-Encoding: chunked\r\n\r\n2 ; name = value\r\nab\r\n0\r\n\r\n", b"ab"),
     (HEAD + b"Transfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\nX-Checksum: abc\r\nX-B:\t1 \r\n\r\n", b"ab"),
-    (HEAD + b"Content-Length: 2, 2\r\n\r\nab", b"ab"),
     (HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nab", b"ab"),
 ])
 def test_well_formed_framing_is_accepted(data, body):

@@ -90,3 +90,9 @@ def test_a_body_on_a_method_that_takes_none_is_refused_before_it_is_read(gateway
     with socket.create_connection((gateway.host, gateway.port), timeout=5) as sock:
         sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {MIB}\r\n\r\n".encode())
         assert first_status(sock) == 400
+
+
+def test_a_small_body_sent_with_the_head_of_a_get_is_refused_too(gateway):
+    with socket.create_connection((gateway.host, gateway.port), timeout=5) as sock:
+        sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nx=1")
+        assert first_status(sock) == 400

@@ -327,6 +327,9 @@ def test_second_execute_while_busy_is_rejected(sleepy):
     assert "turn_rejected_busy" in statuses
     assert frames[-1]["data"]["completed"] is False
     assert rest[-1]["data"]["completed"] is True
+    # Each query_complete names its own turn: the refused attempt's is not the running turn's.
+    refused_id, running_id = frames[-1]["data"]["turn_id"], rest[-1]["data"]["turn_id"]
+    assert refused_id and running_id and refused_id != running_id
 
 
 def test_cancel_ends_the_turn_with_cancelled_then_query_complete(sleepy):

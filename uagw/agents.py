@@ -53,6 +53,7 @@ __all__ = [
     "journal_stamp",
     "one_line",
     "resolve_agent_command",
+    "turn_ids",
     "signal_group",
     "terminate_group",
     "utc_now_iso",
@@ -203,7 +204,7 @@ class AgentTurn:
         self.user_input = user_input
         self.metadata = metadata
         self.client_turn_id = client_turn_id
-        self.turn_id = next(_turn_ids)  # the gateway's own, never the client's: agents use it in commands
+        self.turn_id = next(turn_ids)  # the gateway's own, never the client's: agents use it in commands
         self.inputs = InputQueue()
         self.state = TurnState.STARTING
         self.cancelled = False  # set on entering CANCELLING and kept after the end, for the heartbeat
@@ -246,7 +247,7 @@ class AgentTurn:
 # Gateway-made turn ids: unique in this process and unlikely to repeat across restarts, without a
 # system call per turn.
 _TURN_ID_PREFIX = "turn_" + os.urandom(4).hex()
-_turn_ids = (f"{_TURN_ID_PREFIX}{n:06x}" for n in itertools.count(1))
+turn_ids = (f"{_TURN_ID_PREFIX}{n:06x}" for n in itertools.count(1))
 
 
 class AgentFailed(Exception):

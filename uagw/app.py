@@ -33,7 +33,7 @@ from .access import AccessControl, request_tokens
 from .logs import GatewayLog
 from .routing import (
     Route, Router, Scope, bool_param, int_param, json_object_body, method_not_allowed, path_segments, query_params,
-    session_id_param,
+    refuse_unread_body, session_id_param,
 )
 from .server import HttpConnection, Listener, descriptor_budget
 from .websocket import EchoApp, WS_SUBPROTOCOL, WebSocketBridge, select_subprotocol, subprotocol_token, ws_logger
@@ -43,7 +43,6 @@ from .sessions import AgentSocket, SessionHub
 __all__ = [
     "CONSOLE_ASSETS",
     "CONSOLE_HEADERS",
-    "BODY_METHODS",
     "CORS_ALLOW_HEADERS",
     "Gateway",
     "SAME_ORIGIN_FETCH_SITES",
@@ -81,8 +80,6 @@ def read_console_assets() -> Dict[str, bytes]:
 
 
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
-# Methods whose handlers read a request body; a body sent with any other is refused before it is read.
-BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
 # Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
@@ -225,6 +222,7 @@ class Gateway:
             handler = route.handlers.get(request.method)
             if handler is None:
                 raise method_not_allowed(request, route)
+            refuse_unread_body(request, pending=False)
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
@@ -259,9 +257,7 @@ class Gateway:
             route, _ = self.admit(request, subprotocol_token(request) if request.upgrade else None)
             if request.method not in route.handlers and request.method != "OPTIONS":
                 raise method_not_allowed(request, route)
-            if request.method not in BODY_METHODS:
-                # No handler of these reads a body: holding one would only let anyone pin memory.
-                raise HttpError(400, f"{request.method} takes no request body; send it without one")
+            refuse_unread_body(request, pending=True)
         except HttpError as error:
             response = error_response(error)
             response.close = True

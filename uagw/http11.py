@@ -60,19 +60,17 @@ INT_RE = re.compile(r"[+-]?[0-9]+")
 _DIGITS_RE = re.compile(r"[0-9]+")  # str.isdigit() also accepts "²", which int() refuses
 # RFC 9110 §5.5: a field value is visible characters, SP and HTAB; any other control character is
 # refused, since a proxy in front may read it differently (request smuggling, log injection).
-# RFC 9112 §7.1 chunk-size [ chunk-ext ] with §7.1.1's grammar (token or quoted-string values, BWS around
-# ";" and "="), then optional whitespace as most servers allow. No control character anywhere: a bare LF
-# in an extension would let a front proxy that splits lines on LF see a request where we see chunk data.
-_CHUNK_LINE_RE = re.compile(
-    rb"([0-9A-Fa-f]{1,16})"
-    rb"(?:[ \t]*;[ \t]*[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-    rb"(?:[ \t]*=[ \t]*(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|\"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*\"))?)*"
-    rb"[ \t]*"
-)
-# RFC 9110 §5.5 field-line for trailers: a token, ":", and a value of visible characters, spaces and tabs.
-_TRAILER_LINE_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[\t \x21-\x7e\x80-\xff]*")
 _FIELD_VALUE_BAD_RE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 OWS = " \t"  # RFC 9110 §5.6.3 optional whitespace; str.strip() would also drop \x0b, \x1c-\x1f, \x85, \xa0
+# RFC 9112 §7.1 and §7.1.1: chunk = chunk-size [ chunk-ext ] CRLF, chunk-size = 1*HEXDIG (at most 16 here:
+# 64 bits), chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS ( token / quoted-string ) ]). Nothing
+# else is allowed on the line: a front end that ends the line at a bare LF, or skips a NUL, would read
+# different chunk boundaries than ours and could hide a second request in chunk data.
+_QUOTED_STRING = rb'"(?:[\t \x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t \x21-\x7e\x80-\xff])*"'  # RFC 9110 §5.6.4
+_CHUNK_EXT = rb"(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|%s))?)*" % (
+    _TOKEN_RE.pattern, _TOKEN_RE.pattern, _QUOTED_STRING,
+)
+_CHUNK_LINE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})%s" % _CHUNK_EXT)
 
 
 class Request:
@@ -122,6 +120,18 @@ class Request:
             for token in value.split(",")
             if token.strip(OWS)
         ]
+
+
+def _parse_field_line(line: bytes, kind: str) -> Tuple[str, str]:
+    """A header or trailer line (RFC 9112 §5): ``(lower-case name, value)``, or a 400 that closes."""
+    name, colon, value = line.partition(b":")
+    if not colon or not _TOKEN_RE.fullmatch(name):
+        # Also catches obs-fold (a line starting with whitespace), which RFC 9112 §5.2 lets us reject.
+        raise HttpError(400, f"malformed {kind} line {show(line)}", close=True)
+    value = value.strip(b" \t")
+    if _FIELD_VALUE_BAD_RE.search(value):
+        raise HttpError(400, f"{kind} {show(name)} contains a control character (CR, LF, NUL, ...)", close=True)
+    return name.decode("ascii").lower(), value.decode("latin-1")
 
 
 class RequestParser:
@@ -239,16 +249,7 @@ class RequestParser:
             )
         if len(lines) - 1 > MAX_HEADER_COUNT:
             raise HttpError(431, f"more than {MAX_HEADER_COUNT} header fields", close=True)
-        headers = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN_RE.fullmatch(name):
-                # Also catches obs-fold (a line starting with whitespace), which RFC 9112 §5.2 lets us reject.
-                raise HttpError(400, f"malformed header line {show(line)}", close=True)
-            value = value.strip(b" \t")
-            if _FIELD_VALUE_BAD_RE.search(value):
-                raise HttpError(400, f"header {show(name)} contains a control character (CR, LF, NUL, ...)", close=True)
-            headers.append((name.decode("ascii").lower(), value.decode("latin-1")))
+        headers = [_parse_field_line(line, "header") for line in lines[1:]]
         request = Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers)
         self._frame_body(request)
         connection = request.header_tokens("connection")
@@ -268,16 +269,16 @@ class RequestParser:
         return request
 
     def _frame_body(self, request: Request) -> None:
-        """Work out how the body is delimited (RFC 9112 §6), refusing anything that could smuggle."""
-        lengths = request.header_tokens("content-length")
-        codings = request.header_tokens("transfer-encoding")
-        for name in ("transfer-encoding", "content-length"):
-            for key, value in request.headers:
-                # An empty field or list element ("Content-Length: ,2", "Transfer-Encoding: ,") is read
-                # differently by different parsers: refuse it rather than guess (RFC 9112 §6.3).
-                if key == name and any(not element.strip(OWS) for element in value.split(",")):
-                    raise HttpError(400, f"empty element in {name} {show(value)}; send one value", close=True)
-        if codings:
+        """Work out how the body is delimited (RFC 9112 §6), refusing anything that could smuggle.
+
+        Framing headers are read from their raw values, never through ``header_tokens``, which drops
+        empty list elements: ``Transfer-Encoding:`` (empty) or ``Content-Length: ,2`` must not pass as
+        absent or as ``2``, since a front end may read them otherwise.
+        """
+        lengths = [value for name, value in request.headers if name == "content-length"]
+        encodings = [value for name, value in request.headers if name == "transfer-encoding"]
+        if encodings:
+            codings = [coding.strip(OWS).lower() for value in encodings for coding in value.split(",")]
             if lengths:
                 raise HttpError(
                     400, "Content-Length and Transfer-Encoding together are not allowed (RFC 9112 §6.1)",
@@ -285,6 +286,11 @@ class RequestParser:
                 )
             if request.version != "HTTP/1.1":
                 raise HttpError(400, "Transfer-Encoding requires HTTP/1.1", close=True)
+            if not all(codings):
+                raise HttpError(
+                    400, f"Transfer-Encoding {show(encodings)} has an empty element; send exactly 'chunked'",
+                    close=True,
+                )
             if codings[-1] != "chunked":
                 raise HttpError(400, "chunked must be the final transfer coding (RFC 9112 §6.3)", close=True)
             if len(codings) > 1:
@@ -295,9 +301,16 @@ class RequestParser:
                 )
             self._chunked = _ChunkedBody(self.max_body)
         elif lengths:
+            # One decimal number per field line; a list ("2, 2", ",2", "2,") is refused even where RFC 9110
+            # §8.6 would let us fold it, since front ends disagree on it. Repeated field lines are accepted
+            # only when spelt alike (RFC 9110 §8.6), so "2" and "02" are refused as front ends that compare
+            # the text (h11 does) would.
             if not all(_DIGITS_RE.fullmatch(value) and len(value) <= MAX_INT_DIGITS for value in lengths):
-                raise HttpError(400, f"malformed Content-Length {show(lengths)}", close=True)
-            if len(set(int(value) for value in lengths)) != 1:
+                raise HttpError(
+                    400, f"malformed Content-Length {show(lengths)}; send one decimal number, not a list",
+                    close=True,
+                )
+            if len(set(lengths)) != 1:
                 raise HttpError(400, f"conflicting Content-Length values {show(lengths)}", close=True)
             self._body_length = int(lengths[0])
             if self._body_length > self.max_body:
@@ -315,13 +328,14 @@ class RequestParser:
 
 
 class _ChunkedBody:
-    """Incremental decoder of a chunked body (RFC 9112 §7.1); trailers are read and ignored."""
+    """Incremental decoder of a chunked body (RFC 9112 §7.1); trailers are checked, then ignored."""
 
     def __init__(self, max_body: int) -> None:
         self.max_body = max_body
         self.body = bytearray()
         self.remaining = -1  # bytes left in the current chunk; -1 = expecting a size line
         self.in_trailers = False
+        self.trailers = 0  # trailer fields seen, bounded like header fields
         self.consumed = 0  # raw bytes taken from the stream, for the overhead limit
 
     def feed(self, buffer: bytearray) -> Optional[bytes]:
@@ -347,23 +361,20 @@ class _ChunkedBody:
                 self.consumed += 2
                 self.remaining = -1
                 continue
-            end = buffer.find(b"\r\n", 0, MAX_CHUNK_LINE)
-            if end < 0:
-                if len(buffer) >= MAX_CHUNK_LINE:
-                    raise HttpError(400, f"chunk line exceeds {MAX_CHUNK_LINE} bytes", close=True)
+            line = self._take_line(buffer)
+            if line is None:
                 return None
-            line = bytes(buffer[:end])
-            del buffer[: end + 2]
-            self.consumed += end + 2
             if self.in_trailers:
                 if not line:
                     return bytes(self.body)
-                if not _TRAILER_LINE_RE.fullmatch(line):
-                    raise HttpError(400, f"malformed trailer field {show(line)} (RFC 9110 §5.5)", close=True)
+                self._check_trailer(line)
                 continue
             match = _CHUNK_LINE_RE.fullmatch(line)
             if match is None:
-                raise HttpError(400, f"malformed chunk size line {show(line)} (RFC 9112 §7.1)", close=True)
+                raise HttpError(
+                    400, f"malformed chunk line {show(line)}; send hex digits, then only RFC 9112 §7.1.1 "
+                    "extensions", close=True,
+                )
             size = int(match.group(1), 16)
             if size == 0:
                 self.in_trailers = True
@@ -371,6 +382,34 @@ class _ChunkedBody:
             if len(self.body) + size > self.max_body:
                 raise HttpError(413, f"request body exceeds the limit of {self.max_body} bytes", close=True)
             self.remaining = size
+
+    def _take_line(self, buffer: bytearray) -> Optional[bytes]:
+        """The next chunk or trailer line without its CRLF, or None until it is complete.
+
+        RFC 9112 §7.1: these lines end in CRLF exactly. A bare LF is refused as soon as it arrives, since
+        a front end may have ended the line there (and so framed the body differently).
+        """
+        end = buffer.find(b"\n", 0, MAX_CHUNK_LINE)
+        if end < 0:
+            if len(buffer) >= MAX_CHUNK_LINE:
+                raise HttpError(400, f"chunk line exceeds {MAX_CHUNK_LINE} bytes", close=True)
+            return None
+        if end == 0 or buffer[end - 1] != 0x0D:
+            raise HttpError(
+                400, f"chunk line {show(bytes(buffer[: end + 1]))} ends in a bare LF; end it with CRLF",
+                close=True,
+            )
+        line = bytes(buffer[: end - 1])
+        del buffer[: end + 1]
+        self.consumed += end + 1
+        return line
+
+    def _check_trailer(self, line: bytes) -> None:
+        """RFC 9112 §7.1.2: a trailer has field syntax; its value is never used."""
+        self.trailers += 1
+        if self.trailers > MAX_HEADER_COUNT:
+            raise HttpError(400, f"more than {MAX_HEADER_COUNT} trailer fields", close=True)
+        _parse_field_line(line, "trailer")
 
 
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}

@@ -19,6 +19,7 @@ from .text import loads_json, show
 from .http11 import HttpError, INT_RE, Request, Response, error_response
 
 __all__ = [
+    "BODY_METHODS",
     "Handler",
     "OPS_ERROR_STATUS",
     "Route",
@@ -31,6 +32,7 @@ __all__ = [
     "ops_error_response",
     "path_segments",
     "query_params",
+    "refuse_unread_body",
     "session_id_param",
 ]
 
@@ -173,6 +175,17 @@ class Route:
             elif expected != actual:
                 return None
         return params
+
+
+# Methods whose handlers read a request body; a body sent with any other is refused before it is read.
+BODY_METHODS = frozenset(("POST", "PUT", "PATCH"))
+
+
+def refuse_unread_body(request: Request, pending: bool) -> None:
+    """A body on a method no handler reads (GET, HEAD, DELETE, OPTIONS) is a 400, whether it is still
+    arriving (``pending``: refused before it is read) or came with the head: never silently ignored."""
+    if request.method not in BODY_METHODS and (pending or request.body):
+        raise HttpError(400, f"{request.method} takes no request body; send it without one")
 
 
 def method_not_allowed(request: Request, route: Route) -> HttpError:

@@ -29,6 +29,7 @@ from .logs import SessionWriter
 from .websocket import WebSocketBridge
 from .agents import (
     AgentFailed, AgentTurn, TurnEvent, TurnState, frame_json, journal_line, signal_group, terminate_group,
+    turn_ids,
 )
 
 if TYPE_CHECKING:  # names for annotations only: importing them would point up the layers
@@ -146,8 +147,11 @@ class SessionHub:
             if client_turn_id is not None and client_turn_id == live.turn.client_turn_id:
                 sock.send("status", {"status": "turn_in_progress", "turn_id": live.turn.turn_id})
                 return
-            sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id})
-            sock.send("query_complete", {"completed": False})
+            # The refused attempt gets an id of its own, so that a client matching answers by turn_id
+            # can tell this query_complete from the running turn's.
+            refused = {"turn_id": next(turn_ids), **({"client_turn_id": client_turn_id} if client_turn_id else {})}
+            sock.send("status", {"status": "turn_rejected_busy", "active_turn_id": live.turn.turn_id, **refused})
+            sock.send("query_complete", {"completed": False, **refused})
             return
         finished = self.finished.lookup(live.session_id, client_turn_id) if client_turn_id is not None else None
         if finished is not None:
