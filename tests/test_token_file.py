@@ -13,6 +13,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +152,22 @@ def read_environ(pid: int) -> subprocess.CompletedProcess:
     return result
 
 
+def wait_until_unprivileged(pid: int, timeout: float = STARTUP_TIMEOUT) -> bool:
+    """Whether process ``pid`` runs its final command (``sys.stdin.read()``) with no capabilities."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = open(f"/proc/{pid}/status").read()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            return False
+        effective = next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1]
+        if int(effective, 16) == 0 and b"sys.stdin.read()" in cmdline:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 @linux_only
 def test_a_process_of_the_same_user_cannot_read_the_gateways_environment(tmp_path):
     gateway = launch(tmp_path / "ws", env={"UA_OPS_TOKEN": TOKEN},
@@ -158,6 +175,9 @@ def test_a_process_of_the_same_user_cannot_read_the_gateways_environment(tmp_pat
     ordinary = subprocess.Popen([*WITHOUT_CAPABILITIES, "-c", "import sys; sys.stdin.read()"],
                                 stdin=subprocess.PIPE, env=gateway_env({"UA_OPS_TOKEN": TOKEN}))
     try:
+        # Until it has dropped its capabilities and exec'd, the child is a copy of this privileged test
+        # process, which the unprivileged reader may not read: wait for that, not for luck.
+        assert wait_until_unprivileged(ordinary.pid), "the ordinary process never dropped its capabilities"
         assert TOKEN.encode() in read_environ(ordinary.pid).stdout, "the reader must read an ordinary process"
 
         result = read_environ(gateway.process.pid)
