@@ -125,7 +125,7 @@ class Gateway:
             raise ConfigError(f"cannot create or open the workspaces root {self.ops.root}: {exc.strerror or exc}; "
                               "create it, fix its permissions, or point UA_WORKSPACES_DIR / --workspaces elsewhere") from None
         self.assets = await loop.run_in_executor(self.executor, read_console_assets)
-        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME, self.config.log_rotate_bytes)
+        self.log = GatewayLog(self.ops, self.config.log_rotate_bytes)
         self.fd_budget = descriptor_budget()
         if self.agent is not None:
             agent = self.agent
