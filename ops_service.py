@@ -107,7 +107,6 @@ __all__ = [
     "InvalidSessionId",
     "InvalidCursor",
     "SessionNotFound",
-    "SessionBusy",
     "WorkspacesUnavailable",
     "StorageFull",
     "LogCursor",
@@ -258,10 +257,6 @@ class InvalidCursor(InvalidArgument):
 
 class SessionNotFound(OpsError):
     """No session directory of that id (HTTP 404)."""
-
-
-class SessionBusy(OpsError):
-    """A turn is running (HTTP 409). Raised by the server, never by OpsService."""
 
 
 class WorkspacesUnavailable(OpsError):

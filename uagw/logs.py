@@ -1,6 +1,7 @@
 """The gateway's writer threads: ``GatewayLog`` (JSON lines under <root>/_gateway/) and ``SessionWriter``
-(journals, run logs and heartbeats through OpsService). Each writes on one thread, so the event loop never
-waits for a disk.
+(journals, run logs and heartbeats), both a ``BatchWriter``: each writes on one thread, so the event loop
+never waits for a disk, and counts what it loses (health shows it). Neither touches a file itself: every
+write goes through OpsService, the one module that writes under the workspaces root.
 
 May import: the standard library, ``ops_service``, ``uagw.limits`` and ``uagw.text``.
 """
