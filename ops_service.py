@@ -80,6 +80,7 @@ __all__ = [
     "GATEWAY_DIR_NAME",
     "GATEWAY_LOG_NAME",
     "SECURITY_LOG_NAME",
+    "GATEWAY_LOG_FILES",
     "LOG_FILES",
     "HEARTBEAT_FILE_NAME",
     "MEMORY_FILE_NAME",
@@ -106,7 +107,6 @@ __all__ = [
     "InvalidSessionId",
     "InvalidCursor",
     "SessionNotFound",
-    "SessionBusy",
     "WorkspacesUnavailable",
     "StorageFull",
     "LogCursor",
@@ -130,6 +130,7 @@ SESSION_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 GATEWAY_DIR_NAME = "_gateway"
 GATEWAY_LOG_NAME = "gateway.log"  # JSON lines, written by the server
 SECURITY_LOG_NAME = "security.log"  # the security records of gateway.log, kept apart so floods cannot rotate them away
+GATEWAY_LOG_FILES = (GATEWAY_LOG_NAME, SECURITY_LOG_NAME)  # the files append_gateway_log writes in _gateway
 TRASH_DIR_NAME = "trash"  # <root>/_gateway/trash: deleted sessions are renamed here first
 
 LOG_FILES = ("run.log", "activity_journal.log")
@@ -206,6 +207,9 @@ _MISSING_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENX
 # open(O_DIRECTORY | O_NOFOLLOW) of a name that is absent, a symlink (ELOOP, or ENOTDIR on
 # some systems) or not a directory: there is no directory to descend into.
 _NOT_A_DIR_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+# What makes append_gateway_log refuse a path as unsafe: a symlink (ELOOP, or ENOTDIR), something that is
+# not a directory or not a file (ENOTDIR, EISDIR), a log with a second link (EPERM, raised by the check).
+_UNSAFE_LOG_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EPERM})
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)})
 # os.link fails with these where hard links are not possible; compaction then copies.
 _NO_LINK_ERRNOS = frozenset(
@@ -253,10 +257,6 @@ class InvalidCursor(InvalidArgument):
 
 class SessionNotFound(OpsError):
     """No session directory of that id (HTTP 404)."""
-
-
-class SessionBusy(OpsError):
-    """A turn is running (HTTP 409). Raised by the server, never by OpsService."""
 
 
 class WorkspacesUnavailable(OpsError):
@@ -821,6 +821,18 @@ def _mkdir_at(name: str, dir_fd: int) -> None:
         os.mkdir(name, dir_fd=dir_fd)
     except FileExistsError:
         pass
+
+
+def _rotate_at(dir_fd: int, name: str, backups: int) -> None:
+    """<name>.N-1 -> <name>.N, ..., <name> -> <name>.1 inside ``dir_fd``: the oldest of ``backups`` rotated
+    files is replaced. A rename replaces a symlink at the destination itself, never its target."""
+    for index in range(backups - 1, 0, -1):
+        try:
+            os.replace("{}.{}".format(name, index), "{}.{}".format(name, index + 1),
+                       src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass
+    os.replace(name, "{}.1".format(name), src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def _copy_range(src: int, dst: int, start: int, stop: int) -> int:
@@ -1579,6 +1591,54 @@ class OpsService:
             finally:
                 os.close(dir_fd)
 
+    def append_gateway_log(self, name: str, data: bytes, rotate_bytes: int, backups: int) -> Dict[str, Any]:
+        """Append ``data`` to ``<root>/_gateway/<name>`` (one of GATEWAY_LOG_FILES); past ``rotate_bytes``,
+        rotate it: ``<name>`` becomes ``<name>.1``, and so on, keeping ``backups`` older files.
+
+        ``_gateway`` is opened from a descriptor of the root with O_NOFOLLOW, and the file relative to
+        it, on every call: ``_gateway`` swapped for a symlink (anyone who can write the root can) is
+        never followed, so nothing is written or renamed outside the root. ``_gateway`` is created when
+        missing, but never the root: a missing root is the operator's to fix (``check_root`` says so).
+        Only a regular file of one link is written (a second link may be a name outside the root), and
+        it is opened with O_NONBLOCK, so a FIFO planted as the log cannot block the caller.
+
+        Returns ``{"written": True, "rotated": bool}``, or, when something failed, ``"error"`` (a text)
+        and ``"unsafe"`` besides: True when ``_gateway`` or the log is a symlink, not a real directory
+        or file, or has a second link, and is left alone until someone removes it. Raises only
+        InvalidArgument (another name): a failing disk is an answer, for the caller to count and go on.
+        """
+        if name not in GATEWAY_LOG_FILES:
+            raise InvalidArgument("the gateway's logs are {}, not {}".format(", ".join(GATEWAY_LOG_FILES), _show(name)))
+        try:
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        except (OSError, ValueError) as exc:  # the root's problem, not the log's: health reports it as such
+            return {"written": False, "unsafe": False, "error": "workspaces root: {}".format(
+                getattr(exc, "strerror", None) or exc)}
+        written = False
+        try:
+            dir_fd = self._open_gateway_dir(root_fd)
+            try:
+                fd = os.open(name, _APPEND_FLAGS, 0o640, dir_fd=dir_fd)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or not _has_one_link(st):
+                        raise OSError(errno.EPERM, "{} is not a regular file of one link; it is left alone".format(name))
+                    _write_all(fd, bytes(data))
+                    written = True
+                    size = os.fstat(fd).st_size
+                finally:
+                    os.close(fd)
+                if size > rotate_bytes:
+                    _rotate_at(dir_fd, name, backups)
+                    return {"written": True, "rotated": True}
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            return {"written": written, "unsafe": exc.errno in _UNSAFE_LOG_ERRNOS, "error": exc.strerror or str(exc)}
+        finally:
+            os.close(root_fd)
+        return {"written": True, "rotated": False}
+
     def append_log(self, session_id: str, file_name: str, data: bytes) -> Optional[str]:
         """Append ``data`` to one of LOG_FILES of a session, creating the file if needed.
 
@@ -1910,6 +1970,18 @@ class OpsService:
         with self._locks_guard:
             self.linked_logs_moved += 1
         return "{}/{}/{}".format(ARCHIVE_DIR_NAME, stamp, file_name)
+
+    @staticmethod
+    def _open_gateway_dir(root_fd: int) -> int:
+        """A descriptor of ``_gateway`` (created if missing), never through a symlink (OSError ELOOP or ENOTDIR)."""
+        try:
+            return os.open(GATEWAY_DIR_NAME, _DIR_FLAGS, dir_fd=root_fd)
+        except FileNotFoundError:
+            try:
+                os.mkdir(GATEWAY_DIR_NAME, 0o750, dir_fd=root_fd)
+            except FileExistsError:
+                pass
+            return os.open(GATEWAY_DIR_NAME, _DIR_FLAGS, dir_fd=root_fd)
 
     @staticmethod
     def _unlink_quietly(name: str, dir_fd: int) -> None:

@@ -125,7 +125,7 @@ class Gateway:
             raise ConfigError(f"cannot create or open the workspaces root {self.ops.root}: {exc.strerror or exc}; "
                               "create it, fix its permissions, or point UA_WORKSPACES_DIR / --workspaces elsewhere") from None
         self.assets = await loop.run_in_executor(self.executor, read_console_assets)
-        self.log = GatewayLog(self.ops.root / ops_service.GATEWAY_DIR_NAME, self.config.log_rotate_bytes)
+        self.log = GatewayLog(self.ops, self.config.log_rotate_bytes)
         self.fd_budget = descriptor_budget()
         if self.agent is not None:
             agent = self.agent
@@ -424,14 +424,18 @@ class Gateway:
     def health(self, request: Request, params: Dict[str, str]) -> Response:
         uptime = round(time.monotonic() - self.started_at, 3)
         log_dropped = self.log.dropped if self.log is not None else 0  # records lost to a failing disk or a full queue
+        counters = {"log_dropped": log_dropped,  # kept for monitors that read it; the same as dropped.gateway_log
+                    "dropped": {"gateway_log": log_dropped,
+                                "session_writes": self.hub.writer.dropped if self.hub is not None else 0},
+                    "logs_relinked": self.ops.linked_logs_moved}
         problem = self.root_problem or (self.log.problem if self.log is not None else None)
         if problem:
             if not self._may_see_paths(request):
                 problem = problem.replace(str(self.ops.root), "<workspaces root>") + (
                     " (the path is on the gateway's stderr, and in the answer to a health call with the token)")
             return json_response(503, {"status": "degraded", "detail": problem, "version": __version__, "uptime_s": uptime,
-                                       "log_dropped": log_dropped})
-        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, "log_dropped": log_dropped})
+                                       **counters})
+        return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, **counters})
 
     def _may_see_paths(self, request: Request) -> bool:
         """True if ``request`` passes the checks of a token route (``authorize``: cross-site refusal, allowlist,

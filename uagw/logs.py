@@ -1,6 +1,7 @@
 """The gateway's writer threads: ``GatewayLog`` (JSON lines under <root>/_gateway/) and ``SessionWriter``
-(journals, run logs and heartbeats through OpsService). Each writes on one thread, so the event loop never
-waits for a disk.
+(journals, run logs and heartbeats), both a ``BatchWriter``: each writes on one thread, so the event loop
+never waits for a disk, and counts what it loses (health shows it). Neither touches a file itself: every
+write goes through OpsService, the one module that writes under the workspaces root.
 
 May import: the standard library, ``ops_service``, ``uagw.limits`` and ``uagw.text``.
 """
@@ -8,18 +9,13 @@ May import: the standard library, ``ops_service``, ``uagw.limits`` and ``uagw.te
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import json
-import os
-import queue
-import stat
 import sys
 import threading
 import time
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Generic, List, Optional, Tuple, TypeVar
 
 import ops_service
 from ops_service import OpsError, OpsService, SessionNotFound
@@ -32,6 +28,7 @@ from .limits import (
 from .text import PerSecond
 
 __all__ = [
+    "BatchWriter",
     "GatewayLog",
     "SECURITY_EVENTS",
     "SECURITY_STATUSES",
@@ -54,6 +51,7 @@ SECURITY_EVENTS = frozenset({"auth_failure", "connection_limit"})  # records als
 SECURITY_STATUSES = frozenset({403, 421, 429})  # ... and so are the access records of these refusals
 _LOG_FIELD_SHORT = GATEWAY_LOG_FIELD_CHARS // 12  # no string this short escapes past the cap (an emoji takes 12)
 _json_string = json.encoder.encode_basestring_ascii  # the C escaper json.dumps uses
+_Item = TypeVar("_Item")
 
 
 def log_field(value: Any) -> Any:
@@ -125,7 +123,70 @@ class _SecurityBudget:
         return counts
 
 
-class GatewayLog:
+class BatchWriter(Generic[_Item]):
+    """A daemon thread that writes, in passes, the items handed over to it, and counts what it loses.
+
+    Items reach the thread through ``_pending``: ``_hand_over`` adds a list and wakes the thread; a
+    subclass may instead append to ``_pending`` itself while holding ``_lock``, to be taken at the next
+    pass without waking anyone. Each pass waits at most ``_wait_time(keeping)`` seconds (None: until
+    woken), takes everything pending at once, so a backlog folds into one pass, and calls
+    ``_write(items, final)``, which returns the items to keep for the next pass, ahead of newer ones.
+    ``close`` makes the thread do a last pass with ``final=True`` over all that was handed over before,
+    and stop. ``dropped`` counts what the subclass reports lost (``_count_dropped``, or under ``_lock``).
+
+    A subclass sets its own state first, then calls ``BatchWriter.__init__``, which starts the thread.
+    """
+
+    close_timeout = 2.0  # s close() waits for the last pass by default
+
+    def __init__(self, name: str) -> None:
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._pending: List[_Item] = []
+        self._closing = False
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Write everything handed over so far, then stop the thread (any thread)."""
+        with self._lock:
+            self._closing = True
+        self._wake.set()
+        self._thread.join(self.close_timeout if timeout is None else timeout)
+
+    def _hand_over(self, items: List[_Item]) -> None:
+        """Queue ``items`` for the thread and wake it (any thread)."""
+        with self._lock:
+            self._pending.extend(items)
+        self._wake.set()
+
+    def _count_dropped(self, count: int) -> None:
+        with self._lock:
+            self.dropped += count
+
+    def _run(self) -> None:
+        kept: List[_Item] = []
+        while True:
+            self._wake.wait(self._wait_time(bool(kept)))
+            self._wake.clear()  # before taking: a hand-over from now on wakes the next pass
+            with self._lock:
+                items, self._pending = self._pending, []
+                final = self._closing
+            kept = self._write(kept + items, final)
+            if final:
+                return
+
+    def _wait_time(self, keeping: bool) -> Optional[float]:
+        """Seconds the next pass waits at most; ``keeping``: the last pass kept items back."""
+        raise NotImplementedError
+
+    def _write(self, items: List[_Item], final: bool) -> List[_Item]:
+        """Write ``items``; return those to try again at the next pass (none when ``final``)."""
+        raise NotImplementedError
+
+
+class GatewayLog(BatchWriter[str]):
     """Append-only JSON-lines logs of access and events. ``write`` is cheap and thread-safe.
 
     Records are collected in memory and written by one thread every GATEWAY_LOG_INTERVAL: waking a
@@ -136,24 +197,20 @@ class GatewayLog:
     a client sends. Security records (SECURITY_EVENTS, refusals with SECURITY_STATUSES) also go to
     security.log within a ``_SecurityBudget``, with a ``security_suppressed`` record a second at most
     counting what the budget held back: a request flood rotates gateway.log, not the auth failures.
-    Each file rotates past ``rotate_bytes`` and keeps GATEWAY_LOG_BACKUPS older files. ``dropped``
-    counts records lost to a full queue or a failed write (health shows it).
+    The files are written by ``OpsService.append_gateway_log`` (which never follows a symlinked
+    ``_gateway``); each rotates past ``rotate_bytes`` and keeps GATEWAY_LOG_BACKUPS older files.
+    ``dropped`` counts records lost to a full queue or a failed write (health shows it).
     """
 
-    def __init__(self, directory: Path, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
-        self.path = directory / ops_service.GATEWAY_LOG_NAME
-        self.security_path = directory / ops_service.SECURITY_LOG_NAME
+    def __init__(self, ops: OpsService, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
+        self.ops = ops
+        self.directory = ops.root / ops_service.GATEWAY_DIR_NAME
         self.rotate_bytes = rotate_bytes
-        self.dropped = 0
         self.problem: Optional[str] = None  # why records are being dropped, while they are (health shows it)
-        self._pending: List[str] = []
         self._security: List[str] = []
         self._budget = _SecurityBudget()
         self._summarized = time.monotonic()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="ua-gateway-log", daemon=True)
-        self._thread.start()
+        super().__init__("ua-gateway-log")
 
     def write(self, event: str, **fields: Any) -> None:
         for name, value in fields.items():
@@ -164,6 +221,7 @@ class GatewayLog:
         line = json.dumps({"ts": _log_stamp(), "event": event, **fields}, separators=(",", ":"))
         kind = _security_kind(event, fields)
         with self._lock:
+            # Taken at the next tick, without waking the thread (see the class docstring).
             if len(self._pending) < GATEWAY_LOG_MAX_PENDING:
                 self._pending.append(line)
             else:
@@ -171,24 +229,31 @@ class GatewayLog:
             if kind is not None and self._budget.admit(kind, fields.get("client")):
                 self._security.append(line)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Write what is pending and stop the thread."""
-        self._stop.set()
-        self._thread.join(timeout)
+    def _wait_time(self, keeping: bool) -> Optional[float]:
+        return GATEWAY_LOG_INTERVAL
 
-    def _run(self) -> None:
-        while True:
-            stopping = self._stop.wait(GATEWAY_LOG_INTERVAL)
-            with self._lock:
-                batch, self._pending = self._pending, []
-                security, self._security = self._security, []
-                summary = self._summary(final=stopping)
-            if summary:
-                security.append(summary)
-            if batch or security:
-                self._write_batches([(self.path.name, batch), (self.security_path.name, security)])
-            if stopping:
-                return
+    def _write(self, items: List[str], final: bool) -> List[str]:
+        with self._lock:
+            security, self._security = self._security, []
+            summary = self._summary(final)
+        if summary:
+            security.append(summary)
+        failed = False
+        for name, records in ((ops_service.GATEWAY_LOG_NAME, items), (ops_service.SECURITY_LOG_NAME, security)):
+            if records:
+                outcome = self.ops.append_gateway_log(name, ("\n".join(records) + "\n").encode(), self.rotate_bytes,
+                                                      GATEWAY_LOG_BACKUPS)
+                if not outcome["written"]:
+                    self._count_dropped(len(records))
+                if "error" in outcome:  # this file's records only: the other file may still be fine
+                    failed = True
+                    if outcome["unsafe"]:
+                        self._report(f"the gateway log directory {self.directory} (or a log in it) is a symlink or not "
+                                     f"a regular directory or file ({outcome['error']}); its records are dropped, never "
+                                     "written through it: remove it, and the gateway creates its own")
+        if (items or security) and not failed:
+            self._report(None)
+        return []
 
     def _summary(self, final: bool) -> Optional[str]:
         """A record of what the security budget held back, once a second at most (the caller holds the lock)."""
@@ -200,77 +265,6 @@ class GatewayLog:
         return json.dumps({"ts": _log_stamp(), "event": "security_suppressed", "records": sum(counts.values()),
                            "by_kind": counts}, separators=(",", ":"))
 
-    def _write_batches(self, batches: List[Tuple[str, List[str]]]) -> None:
-        """Append each (file name, records) to its file in the log directory, opened for this tick.
-
-        The directory is opened from a descriptor of the root with O_NOFOLLOW, and the files relative to
-        it, on every tick: ``<root>/_gateway`` swapped for a symlink (anyone who can write the root can)
-        is never followed, so the log never lands outside the root, and rotation never renames files
-        there. Its records are dropped and ``problem`` says why, until the directory is ours again.
-        """
-        try:
-            dir_fd = self._open_directory()
-        except OSError as exc:
-            self._drop(batches, exc)
-            return
-        try:
-            failed = False
-            for name, batch in batches:
-                if batch:
-                    try:
-                        self._append(dir_fd, name, batch)
-                    except OSError as exc:  # this file's records only: the other file may still be fine
-                        self._drop([(name, batch)], exc)
-                        failed = True
-            if not failed:
-                self._report(None)
-        finally:
-            os.close(dir_fd)
-
-    def _open_directory(self) -> int:
-        """A descriptor of our log directory, created if missing, but never the workspaces root: a missing
-        root is the operator's to fix, and health reports it. Raises OSError (ELOOP, ENOTDIR: not ours)."""
-        directory = self.path.parent
-        try:
-            root_fd = os.open(directory.parent, os.O_RDONLY | _O_DIRECTORY | os.O_CLOEXEC)
-        except OSError as exc:  # the root's problem, not the log directory's: health reports it as such
-            raise FileNotFoundError(errno.ENOENT, f"workspaces root: {exc.strerror or exc}") from None
-        try:
-            try:
-                return os.open(directory.name, _LOG_DIR_FLAGS, dir_fd=root_fd)
-            except FileNotFoundError:
-                try:
-                    os.mkdir(directory.name, 0o750, dir_fd=root_fd)
-                except FileExistsError:
-                    pass
-                return os.open(directory.name, _LOG_DIR_FLAGS, dir_fd=root_fd)
-        finally:
-            os.close(root_fd)
-
-    def _append(self, dir_fd: int, name: str, batch: List[str]) -> None:
-        data = ("\n".join(batch) + "\n").encode()
-        # O_NONBLOCK: a FIFO planted as the log must not block this thread; only a regular file of one
-        # link is written (a second link may be a name outside the root).
-        fd = os.open(name, _LOG_FILE_FLAGS, 0o640, dir_fd=dir_fd)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                raise OSError(errno.EPERM, f"{name} is not a regular file of one link; it is left alone")
-            os.write(fd, data)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
-        if size > self.rotate_bytes:
-            _rotate(dir_fd, name, GATEWAY_LOG_BACKUPS)
-
-    def _drop(self, batches: List[Tuple[str, List[str]]], error: OSError) -> None:
-        with self._lock:
-            self.dropped += sum(len(batch) for _, batch in batches)
-        if error.errno in (errno.ELOOP, errno.ENOTDIR, errno.EISDIR, errno.EPERM):
-            self._report(f"the gateway log directory {self.path.parent} (or a log in it) is a symlink or not a "
-                         f"regular directory or file ({error.strerror or error}); its records are dropped, never "
-                         "written through it: remove it, and the gateway creates its own")
-
     def _report(self, problem: Optional[str]) -> None:
         """Set ``problem``; a new one is printed to stderr once (the log itself cannot hold it)."""
         if problem != self.problem and problem is not None:
@@ -278,25 +272,10 @@ class GatewayLog:
         self.problem = problem
 
 
-# _gateway and its logs are opened without following a symlink (see GatewayLog._write_batches).
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_LOG_DIR_FLAGS = os.O_RDONLY | _O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LOG_FILE_FLAGS = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-                   | getattr(os, "O_NOCTTY", 0))
+_WriteItem = Tuple[str, str, Optional[str], Any]  # (kind "append" or "heartbeat", session id, file name, payload)
 
 
-def _rotate(dir_fd: int, name: str, backups: int) -> None:
-    """<name>.N-1 -> <name>.N, ..., <name> -> <name>.1 inside ``dir_fd``: the oldest of ``backups`` rotated
-    files is replaced. A rename replaces a symlink at the destination itself, never its target."""
-    for index in range(backups - 1, 0, -1):
-        try:
-            os.replace(f"{name}.{index}", f"{name}.{index + 1}", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except FileNotFoundError:
-            pass
-    os.replace(name, f"{name}.1", src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-
-
-class SessionWriter:
+class SessionWriter(BatchWriter[_WriteItem]):
     """Writes journals, run logs and heartbeats on one thread, in the order they were asked for.
 
     All writes go through ``OpsService.append_log``/``write_heartbeat``, which take the session's lock
@@ -307,25 +286,25 @@ class SessionWriter:
 
     The thread never waits for a session's lock: a session that is busy (a long compaction or reset
     holds its lock) keeps its items, in order, for the next pass, retried every BUSY_RETRY seconds,
-    so one slow session cannot stall the journals and heartbeats of all others.
+    so one slow session cannot stall the journals and heartbeats of all others. ``dropped`` counts
+    writes that failed (journal, run.log or heartbeat lost to a failing disk); a live log moved aside
+    for a second hard link is logged as ``log_relinked``.
     """
 
     # s: how soon the items of a busy session are tried again; short, so that its lines reach disk
     # right after the lock is free, yet a try is one non-blocking acquire, so retrying costs nothing.
     BUSY_RETRY = 0.02
+    close_timeout = 5.0
 
     def __init__(self, ops: OpsService, log: Optional[GatewayLog]) -> None:
         self.ops = ops
         self.log = log
-        self.dropped = 0
         # Bytes handed to append() (counted on the event loop) and done with by the thread (written or
         # dropped): each counter has one writer, so their difference is the backlog without a lock.
         self.queued_bytes = 0
         self.done_bytes = 0
-        self._pending: List[Tuple[str, str, Optional[str], Any]] = []
-        self._queue: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="ua-session-writer", daemon=True)
-        self._thread.start()
+        self._collected: List[_WriteItem] = []  # event loop only, until hand_over
+        super().__init__("ua-session-writer")
 
     def append(self, session_id: str, file_name: str, data: bytes) -> None:
         self.queued_bytes += len(data)
@@ -343,54 +322,31 @@ class SessionWriter:
     def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
         self._add(("heartbeat", session_id, None, state))
 
-    def _add(self, item: Tuple[str, str, Optional[str], Any]) -> None:
-        if not self._pending:
+    def _add(self, item: _WriteItem) -> None:
+        if not self._collected:
             asyncio.get_running_loop().call_later(SESSION_WRITE_DELAY, self.hand_over)
-        self._pending.append(item)
+        self._collected.append(item)
 
     def hand_over(self) -> None:
         """Pass what this loop iteration collected to the writer thread (event loop only)."""
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._queue.put(batch)
+        if self._collected:
+            batch, self._collected = self._collected, []
+            self._hand_over(batch)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Write everything handed over so far, then stop the thread (any thread)."""
-        self._queue.put(None)
-        self._thread.join(timeout)
+    def _wait_time(self, keeping: bool) -> Optional[float]:
+        # Kept items are those of sessions that were busy at the last pass: they go before anything
+        # newer of the same session (BatchWriter puts them first), so no file's lines are reordered.
+        return self.BUSY_RETRY if keeping else None
 
-    def _run(self) -> None:
-        # Items of sessions that were busy at the last pass, oldest first: they go before anything
-        # newer of the same session, so no file's lines are reordered.
-        deferred: List[Tuple[str, str, Optional[str], Any]] = []
-        while True:
-            try:
-                batch = self._queue.get(timeout=self.BUSY_RETRY) if deferred else self._queue.get()
-            except queue.Empty:
-                batch = []
-            stop = batch is None
-            batch = deferred + (batch or [])
-            # Take the whole backlog at once: when writing falls behind (200 busy sessions, a slow
-            # disk), it folds into one write per file and one heartbeat per session.
-            while not stop:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    stop = True
-                else:
-                    batch.extend(more)
-            # At close, wait for busy sessions: what was handed over is written, not left behind.
-            deferred = self._write(batch, wait=stop) if batch else []
-            if stop:
-                return
+    def _write(self, items: List[_WriteItem], final: bool) -> List[_WriteItem]:
+        # At close, wait for busy sessions: what was handed over is written, not left behind.
+        return self._write_batch(items, wait=final) if items else []
 
-    def _write(self, batch: List[Tuple[str, str, Optional[str], Any]], wait: bool = False
-               ) -> List[Tuple[str, str, Optional[str], Any]]:
+    def _write_batch(self, batch: List[_WriteItem], wait: bool) -> List[_WriteItem]:
         """Write the batch; returns the items of the sessions whose lock was busy (unless ``wait``)."""
         # One write per file and one heartbeat per session for the whole batch: order matters only
-        # within a file, and a heartbeat is a state of which the latest is the one to keep.
+        # within a file, and a heartbeat is a state of which the latest is the one to keep. When writing
+        # falls behind (200 busy sessions, a slow disk), the whole backlog folds into one such batch.
         appends: Dict[Tuple[str, str], List[bytes]] = {}
         heartbeats: Dict[str, Any] = {}
         for kind, session_id, file_name, payload in batch:
@@ -423,11 +379,14 @@ class SessionWriter:
 
     def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:
         try:
-            action()
+            moved = action()
         except SessionNotFound:
-            pass  # deleted while its turn was ending: nothing to keep
+            return  # deleted while its turn was ending: nothing to keep
         except (OpsError, OSError) as exc:
-            self.dropped += 1
+            self._count_dropped(1)
             if self.log is not None:
                 self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
                                detail=str(exc)[:300])
+            return
+        if moved and self.log is not None:  # append_log moved a hard-linked live log aside (see there)
+            self.log.write("log_relinked", session_id=session_id, file=file_name, moved_to=moved)

@@ -12,7 +12,7 @@ from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tup
 from urllib.parse import parse_qsl, unquote
 
 import ops_service
-from ops_service import InvalidArgument, OpsError, SessionBusy, SessionNotFound, StorageFull, WorkspacesUnavailable
+from ops_service import InvalidArgument, OpsError, SessionNotFound, StorageFull, WorkspacesUnavailable
 
 from .limits import MAX_INT_DIGITS
 from .text import loads_json, show
@@ -113,7 +113,6 @@ def session_id_param(value: str) -> str:
 OPS_ERROR_STATUS: Tuple[Tuple[type, int], ...] = (
     (InvalidArgument, 400),
     (SessionNotFound, 404),
-    (SessionBusy, 409),
     (StorageFull, 507),
     (WorkspacesUnavailable, 503),
 )
