@@ -16,11 +16,12 @@ Rules this package keeps
   ``TYPE_CHECKING``.
 
 Theory of operation
-    socket bytes -> HttpConnection -> RequestParser -> Request -> Router -> handler -> Response bytes
-                                                  \\-> upgrade -> WebSocketBridge -> SessionHub -> Agent
-A handler returns a ``Response`` at once (health, errors) or an awaitable that runs ``OpsService`` in the
-executor. Requests on one connection are answered in order (pipelining); a slow handler only holds up its
-own connection.
+    socket bytes -> HttpConnection -> RequestParser -> Request -> Application.dispatch -> Response bytes
+                                                       \\-> Upgrade -> WebSocketBridge -> SessionHub -> Agent
+``dispatch`` matches the route once, admits the request, and returns a ``Response`` at once (health,
+errors), an awaitable that runs ``OpsService`` in the executor, or an ``Upgrade`` that the connection
+performs by handing its socket to a bridge. Requests on one connection are answered in order
+(pipelining); a slow handler only holds up its own connection.
 
 Module map, lowest layer first
 - ``limits``: every limit, timeout and default, with its reason. Imports nothing.
@@ -30,15 +31,17 @@ Module map, lowest layer first
 - ``http11``: Sans-I/O HTTP/1.1: ``RequestParser``, ``Request``, ``Response``, the error shape. limits, text.
 - ``access``: the token, lockout, address allowlist, CORS, session-creation limits. limits, config, http11.
 - ``logs``: the writer threads: ``GatewayLog`` and ``SessionWriter``. ops_service, limits, text.
-- ``routing``: ``Router``, ``Route``, ``Scope``, request helpers, the OpsError status table. ops_service,
-  limits, text, http11.
-- ``server``: ``HttpConnection`` and ``Listener``. ops_service, limits, http11, routing.
-- ``websocket``: ``WebSocketBridge`` over websockets' ``ServerProtocol``, ``EchoApp``. websockets, limits,
-  text, http11, server.
+- ``routing``: ``Router``, ``Route``, ``Scope``, ``Upgrade`` and ``Dispatched``, request helpers, the
+  OpsError status table. ops_service, limits, text, http11.
+- ``server``: ``Server``, ``HttpConnection`` (its ``Phase``) and ``Listener``; the ``Application`` and
+  ``Bridge`` it serves as Protocols. limits, config, http11, routing.
+- ``websocket``: ``WebSocketBridge`` over websockets' ``ServerProtocol``, ``open_bridge``, ``CloseCode``,
+  ``EchoApp``. websockets, limits, text, http11, routing.
 - ``agents``: one turn (``AgentTurn``, ``TurnState``), agent commands, journal formats. limits, text, config.
 - ``sessions``: ``SessionHub``, ``LiveSession``, ``FinishedTurns``, ``AgentSocket``. ops_service, limits,
-  text, http11, logs, websocket, agents.
-- ``app``: ``Gateway``: routes, handlers, health, upgrades, start and stop. Everything above.
+  text, http11, access, logs, websocket, agents.
+- ``app``: ``Application`` (routes, admission, handlers, health, ``dispatch``) and ``Gateway`` (it,
+  served by a ``Server``: start and stop). Everything above.
 - ``cli``: ``main``, ``serve``, arguments, process set-up. limits, config, app.
 - ``console/``: the operator console's files and the OpenAPI document, read as package data.
 """

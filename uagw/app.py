@@ -1,5 +1,6 @@
-"""The application: the gateway's routes, the Ops API handlers, access checks, health, WebSocket
-upgrades, and the lifecycle that ties the listener, the session hub and the logs together (``Gateway``).
+"""The application: the gateway's routes, the Ops API handlers, access checks, health and the session
+hub (``Application``), which answers each request through one ``dispatch``; and ``Gateway``, the
+application served by a ``uagw.server.Server``, with the lifecycle that ties them and the logs together.
 
 May import: the standard library, websockets, ``ops_service`` and every ``uagw`` module except ``uagw.cli``.
 """
@@ -13,13 +14,11 @@ import math
 import pkgutil
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qsl
 
-from websockets.server import ServerProtocol
-
 import ops_service
-from ops_service import OpsService, StorageFull, WorkspacesUnavailable
+from ops_service import OpsError, OpsService, StorageFull, WorkspacesUnavailable
 
 from . import __version__
 from .limits import (
@@ -32,15 +31,16 @@ from .http11 import HttpError, Request, Response, error_response, json_response
 from .access import AccessControl, request_tokens
 from .logs import GatewayLog
 from .routing import (
-    Route, Router, Scope, bool_param, int_param, json_object_body, method_not_allowed, path_segments, query_params,
-    refuse_unread_body, session_id_param,
+    Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
+    ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
 )
-from .server import HttpConnection, Listener, descriptor_budget
-from .websocket import EchoApp, WS_SUBPROTOCOL, WebSocketBridge, select_subprotocol, subprotocol_token, ws_logger
+from .server import Server, descriptor_budget
+from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
 
 __all__ = [
+    "Application",
     "CONSOLE_ASSETS",
     "CONSOLE_HEADERS",
     "CORS_ALLOW_HEADERS",
@@ -84,10 +84,11 @@ CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
 
-class Gateway:
-    """The whole server. ``await start()``, then ``await stop()``; ``url`` is known once started.
+class Application:
+    """Answers requests; knows routes, access, handlers and sessions, and nothing of sockets.
 
-    ``agent`` (for embedding) is an async callable that runs one turn; see "Agents" below.
+    ``await open()`` before the first request, ``await close()`` after the last. ``agent`` (for
+    embedding) is an async callable that runs one turn; see "Agents" below.
     """
 
     def __init__(self, config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> None:
@@ -96,14 +97,10 @@ class Gateway:
         self.access = AccessControl(config)
         self.agent = agent
         self.executor = concurrent.futures.ThreadPoolExecutor(OPS_THREADS, thread_name_prefix="ua-ops")
-        self.connections: "set[HttpConnection]" = set()
-        self.draining = False
         self.started_at = time.monotonic()
         self.root_problem: Optional[str] = None
         self.log: Optional[GatewayLog] = None
-        self.server: Optional[Listener] = None
         self.fd_budget: Optional[int] = None  # connections the open-file limit leaves room for, if it has one
-        self.port = config.port
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.assets: Dict[str, bytes] = {}
@@ -111,12 +108,9 @@ class Gateway:
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
-        return f"http://{host}:{self.port}"
-
-    async def start(self) -> None:
+    async def open(self) -> None:
+        """Check the exposure, open the workspaces root, the console files, the log and the session hub.
+        Raises ConfigError."""
         loop = asyncio.get_running_loop()
         self.config.check_exposure()
         try:
@@ -134,27 +128,13 @@ class Gateway:
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
-        self.server = await Listener.open(self, self.config.host, self.config.port, backlog=1024)
-        self.port = self.server.sockets[0].getsockname()[1]
-        self.started_at = time.monotonic()
-        self._tasks = [loop.create_task(self._sweep_deadlines()), loop.create_task(self._watch_root())]
-        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
-                       connection_limit=self.connection_limit())
 
-    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
-        self.draining = True
-        if self.server is not None:
-            self.server.close()
-        deadline = time.monotonic() + grace
-        if self.hub is not None:
-            await self.hub.shutdown(grace)
-        for connection in list(self.connections):
-            connection.shutdown()
-        while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        for connection in list(self.connections):
-            connection.abort()
+    def watch_root(self) -> None:
+        """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
+        self._tasks.append(asyncio.get_running_loop().create_task(self._watch_root()))
+
+    async def close(self) -> None:
+        """Stop the background work, write the stop record and close the log; the hub is shut down before."""
         for task in self._tasks:
             task.cancel()
         if self.log is not None:
@@ -162,14 +142,9 @@ class Gateway:
             self.log.close()
         self.executor.shutdown(wait=False)
 
-    def connection_limit(self) -> int:
-        """How many connections may be open now: ``max_connections``, lowered to what the open-file limit
-        leaves (``fd_budget``) once every running agent command has its AGENT_TURN_FDS descriptors."""
-        limit = self.config.max_connections
-        if self.fd_budget is not None:
-            commands = len(self.hub.agent_groups) if self.hub is not None else 0
-            limit = min(limit, self.fd_budget - AGENT_TURN_FDS * commands)
-        return limit
+    def descriptors_reserved(self) -> int:
+        """The open-file budget's descriptors connections may not take: AGENT_TURN_FDS per running agent command."""
+        return AGENT_TURN_FDS * len(self.hub.agent_groups) if self.hub is not None else 0
 
     def agent_command_limit(self) -> int:
         """How many agent commands may run at once: MAX_AGENT_COMMANDS, and no more than leave a share
@@ -177,16 +152,6 @@ class Gateway:
         if self.fd_budget is None:
             return MAX_AGENT_COMMANDS
         return min(MAX_AGENT_COMMANDS, (self.fd_budget - self.fd_budget // HTTP_FD_SHARE) // AGENT_TURN_FDS)
-
-    async def _sweep_deadlines(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(0.25)
-            now = loop.time()
-            for connection in list(self.connections):
-                if connection.deadline and now >= connection.deadline:
-                    connection.on_deadline()
-                connection.check_send_progress(now)
 
     async def _watch_root(self) -> None:
         loop = asyncio.get_running_loop()
@@ -213,10 +178,15 @@ class Gateway:
 
     # -- dispatch ------------------------------------------------------------------------------------------
 
-    def dispatch(self, request: Request) -> Union[Response, Awaitable[Response]]:
-        """Route one request. Returns a response now, or an awaitable for work that touches the disk."""
+    def dispatch(self, request: Request) -> Dispatched:
+        """Answer one complete request: a response now, an awaitable for work that touches the disk (it
+        never raises: errors are answered too), or an ``Upgrade`` for an admitted WebSocket handshake."""
+        route, params = self.router.match(path_segments(request.path))
+        websocket = request.upgrade and route is not None and route.websocket is not None
         try:
-            route, params = self.admit(request)
+            route = self.admit(request, route, subprotocol_token(request) if websocket else None)
+            if websocket:
+                return self._upgrade(request, route, params)
             if request.method == "OPTIONS":
                 return self._options(request, route)
             handler = route.handlers.get(request.method)
@@ -226,14 +196,42 @@ class Gateway:
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
-            return handler(request, params)
-        except HttpError as error:
-            return error_response(error)
-        except Exception as error:  # a bug of ours: answer 500, log it, keep serving
-            return self.internal_error(request, error)
+            result = handler(request, params)
+        except Exception as error:
+            return self._failure(request, error, close=websocket)
+        if isinstance(result, Response):
+            return self._answer(request, result)
+        return self._settle(request, result)
 
-    def admit(self, request: Request, extra_token: Optional[str] = None) -> Tuple[Route, Dict[str, str]]:
-        """The one place that decides whether a request may reach a route, for HTTP and upgrades alike.
+    async def _settle(self, request: Request, pending: Awaitable[Response]) -> Response:
+        try:
+            response = await pending
+        except Exception as error:
+            return self._failure(request, error)
+        return self._answer(request, response)
+
+    def _answer(self, request: Request, response: Response) -> Response:
+        """Every answer to a request goes out through here: with its CORS grants (a preflight has its own)."""
+        if request.method != "OPTIONS":
+            response.headers.extend(self.access.cors_headers(request))
+        return response
+
+    def _failure(self, request: Request, error: Exception, close: bool = False) -> Response:
+        """The one place an exception becomes an answer: an HttpError its own, an OpsError the status of
+        OPS_ERROR_STATUS, anything else (a bug of ours) a 500, logged; ``close`` ends the connection after."""
+        if isinstance(error, HttpError):
+            response = error_response(error)
+        elif isinstance(error, OpsError):
+            response = ops_error_response(error)
+        else:
+            response = self.internal_error(request, error)
+        if close:
+            response.close = True
+        return self._answer(request, response)
+
+    def admit(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None) -> Route:
+        """The one place that decides whether a request may reach its matched ``route`` (None: no route),
+        for HTTP and upgrades alike.
 
         The route is matched on the decoded path segments first; what it needs is then read from the
         route itself (``Route.scope``), so every spelling of a path that reaches a route gets that route's
@@ -242,26 +240,24 @@ class Gateway:
         """
         if self.config.allowed_hosts:
             self._check_host(request)
-        route, params = self.router.match(path_segments(request.path))
         if route is None:
             raise HttpError(404, f"no endpoint at {show(request.path)}; the API is described at /api/v1/openapi.json")
         if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
             self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token)
-        return route, params
+        return route
 
     def refuse_before_body(self, request: Request) -> Optional[Response]:
         """The answer to a request whose body has not arrived yet, when ``admit`` refuses it; else None.
 
         The refusal closes the connection: the unread body is discarded, never parsed as requests."""
+        route, _ = self.router.match(path_segments(request.path))
         try:
-            route, _ = self.admit(request, subprotocol_token(request) if request.upgrade else None)
+            route = self.admit(request, route, subprotocol_token(request) if request.upgrade else None)
             if request.method not in route.handlers and request.method != "OPTIONS":
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=True)
         except HttpError as error:
-            response = error_response(error)
-            response.close = True
-            return response
+            return self._failure(request, error, close=True)
         return None
 
     def internal_error(self, request: Request, error: BaseException) -> Response:
@@ -318,37 +314,14 @@ class Gateway:
 
     # -- WebSocket upgrades --------------------------------------------------------------------------------
 
-    def try_upgrade(self, request: Request, connection: "HttpConnection") -> bool:
-        """Hand a WebSocket upgrade on a WebSocket route to the bridge. False: not ours, serve it as HTTP."""
-        route, _ = self.router.match(path_segments(request.path))
-        if route is None or route.websocket is None:
-            return False
-        open_app = route.websocket
-        try:
-            _, params = self.admit(request, subprotocol_token(request))  # matches the same route
-        except HttpError as error:
-            response = error_response(error)
-            response.close = True
-            connection._send(response, request)
-            return True
-        app = open_app(request, params)
-        protocol = ServerProtocol(
-            subprotocols=[WS_SUBPROTOCOL],
-            select_subprotocol=select_subprotocol,
-            max_size=WS_ECHO_MAX_MESSAGE if isinstance(app, EchoApp) else WS_MAX_MESSAGE,
-            logger=ws_logger,
-        )
-        bridge = WebSocketBridge(connection, protocol, app)
-        connection.bridge = bridge
-        connection.deadline = 0.0
+    def _upgrade(self, request: Request, route: Route, params: Dict[str, str]) -> Upgrade:
+        """An admitted handshake on a WebSocket route: the app that will run on it."""
+        assert route.websocket is not None, "only WebSocket routes are upgraded"
+        app = route.websocket(request, params)
         if self.log is not None:
             self.log.write("websocket", client=request.client, path=request.path[:512])
-        bridge.start(request, request.raw_head, connection.parser.take_remaining())
-        if connection.peer_eof and connection.bridge is bridge:
-            # The peer half-closed while this upgrade waited behind earlier pipelined requests.
-            bridge.eof_received()
-            connection._close()
-        return True
+        return Upgrade(app, max_message=WS_ECHO_MAX_MESSAGE if isinstance(app, EchoApp) else WS_MAX_MESSAGE,
+                       headers=tuple(self.access.cors_headers(request)))
 
     def _refuse_cross_site(self, request: Request, what: str) -> None:
         """A browser request that is not same-origin (CSRF, cross-site WebSocket hijacking, a page on a
@@ -513,7 +486,7 @@ class Gateway:
             await hub.cancel_and_wait(session_id, "session deleted")
         result = await self.run_ops(self.ops.delete_session, session_id)
         if hub is not None:
-            hub.close_session(session_id, 4004, "session deleted")
+            hub.close_session(session_id, CloseCode.SESSION_NOT_FOUND, "session deleted")
         return json_response(200, result)
 
     def create_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
@@ -538,3 +511,38 @@ class Gateway:
                 "existing session; the limits are UA_SESSION_CREATE_RATE, _BURST and _PER_MINUTE",
                 headers=[("Retry-After", str(seconds))],
             )
+
+
+class Gateway(Application):
+    """The application served on ``config.host``/``config.port`` by a ``Server``: ``await start()``, then
+    ``await stop()``; ``url`` is known once started."""
+
+    def __init__(self, config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> None:
+        super().__init__(config, agent=agent)
+        self.server = Server(self, config, open_bridge)
+        self.port = config.port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        """Open the application, then listen. Raises ConfigError, or OSError when the address cannot be bound."""
+        await self.open()
+        await self.server.start()
+        self.port = self.server.port
+        self.started_at = time.monotonic()
+        self.watch_root()
+        assert self.log is not None, "opened"
+        self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
+                       connection_limit=self.server.connection_limit())
+
+    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
+        """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
+        self.server.stop_accepting()
+        deadline = time.monotonic() + grace
+        if self.hub is not None:
+            await self.hub.shutdown(grace)
+        await self.server.drain(deadline)
+        await self.close()

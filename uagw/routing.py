@@ -1,5 +1,6 @@
-"""Routing: the route table (``Route``, ``Router``, ``Scope``), request helpers (path segments, query
-parameters, JSON bodies, session ids), each failing with a clear 400, and the one table that turns
+"""Routing: the route table (``Route``, ``Router``, ``Scope``), what dispatching a request gives
+(``Dispatched``: a ``Response``, an awaitable of one, or an ``Upgrade``), request helpers (path segments,
+query parameters, JSON bodies, session ids), each failing with a clear 400, and the one table that turns
 OpsService's exceptions into statuses (``OPS_ERROR_STATUS``).
 
 May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.text`` and ``uagw.http11``.
@@ -7,6 +8,7 @@ May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.text`
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import parse_qsl, unquote
@@ -20,11 +22,13 @@ from .http11 import HttpError, INT_RE, Request, Response, error_response
 
 __all__ = [
     "BODY_METHODS",
+    "Dispatched",
     "Handler",
     "OPS_ERROR_STATUS",
     "Route",
     "Router",
     "Scope",
+    "Upgrade",
     "bool_param",
     "int_param",
     "json_object_body",
@@ -126,6 +130,20 @@ def ops_error_response(error: OpsError) -> Response:
 
 
 Handler = Callable[[Request, Dict[str, str]], Union[Response, Awaitable[Response]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Upgrade:
+    """An admitted WebSocket handshake, as dispatch answers it: the connection hands its socket over to
+    a bridge that runs ``app`` (``on_open``, ``on_message``, ``on_close``; see ``uagw.websocket``)."""
+
+    app: Any
+    max_message: int  # bytes; a longer message is refused with close 1009
+    headers: Tuple[Tuple[str, str], ...] = ()  # what any plain HTTP answer to the handshake carries (CORS)
+
+
+# What dispatching one request gives: an answer now, one to come (disk work), or a protocol switch.
+Dispatched = Union[Response, Awaitable[Response], Upgrade]
 
 
 class Scope(str, enum.Enum):

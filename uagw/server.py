@@ -1,35 +1,81 @@
-"""Connections and the listening socket: one ``HttpConnection`` per socket owns the parser, the timeouts
-and the order of answers; ``Listener`` accepts within the open-file limit.
+"""The server: the listening sockets (``Listener``), one ``HttpConnection`` per socket (the parser, the
+timeouts, the order of answers), and ``Server``, which owns them, the deadline sweeper and the lifecycle,
+and calls the application's one ``dispatch(request)`` for every request.
 
-May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.http11`` and ``uagw.routing``.
-The gateway it serves (``uagw.app.Gateway``) is named for type checking only: the connection calls the
-gateway it is given and never imports the application.
+May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.config``, ``uagw.http11`` and
+``uagw.routing``. What it needs of the application above it (``Application``) and of a WebSocket bridge
+(``Bridge``) are Protocols here: it never imports either.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import socket
-from typing import TYPE_CHECKING, Any, Awaitable, List, Optional, cast
-
-from ops_service import OpsError
+import time
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, cast
 
 from .limits import (
     ACCEPT_BATCH, ACCEPT_RETRY_DELAY, BODY_TIMEOUT, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_REFUSALS_LINGERING,
     MAX_SEND_BACKLOG, REFUSAL_LINGER, REPORT_INTERVAL, WRITE_BUFFER_HIGH,
 )
+from .config import Config
 from .http11 import HttpError, Request, RequestParser, Response, error_response, serialize_response
-from .routing import ops_error_response
-
-if TYPE_CHECKING:  # names for annotations only: importing them would point up the layers
-    from .app import Gateway
+from .routing import Dispatched, Upgrade
 
 __all__ = [
+    "Application",
+    "Bridge",
+    "EventLog",
     "HttpConnection",
     "Listener",
+    "Phase",
+    "Server",
     "descriptor_budget",
     "refusal_bytes",
 ]
+
+
+class EventLog(Protocol):
+    def write(self, event: str, **fields: Any) -> None: ...
+
+
+class Application(Protocol):
+    """What a Server needs of the application it serves (``uagw.app.Gateway``)."""
+
+    @property
+    def log(self) -> Optional[EventLog]: ...
+
+    @property
+    def fd_budget(self) -> Optional[int]: ...
+
+    def dispatch(self, request: Request) -> Dispatched:
+        """The answer to a complete request; an awaitable one never raises (errors are answers too)."""
+
+    def refuse_before_body(self, request: Request) -> Optional[Response]:
+        """The refusal of a request whose body is still to come, or None to read the body."""
+
+    def descriptors_reserved(self) -> int:
+        """Descriptors of the open-file budget that connections may not take (those of agent commands)."""
+
+
+class Bridge(Protocol):
+    """What an upgraded connection hands its socket to (``uagw.websocket.WebSocketBridge``)."""
+
+    def start(self, request: Request, head: bytes, rest: bytes) -> Optional[Response]:
+        """Run the opening handshake; a Response when it is refused as plain HTTP (the socket is not taken)."""
+
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> Optional[bool]: ...
+
+    def connection_lost(self, exc: Optional[Exception]) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# Makes the bridge for an upgrade; given to the Server by whoever composes it with the application.
+OpenBridge = Callable[[asyncio.Transport, asyncio.AbstractEventLoop, Upgrade], Bridge]
 
 
 def descriptor_budget() -> Optional[int]:
@@ -52,10 +98,105 @@ def refusal_bytes(detail: str) -> bytes:
     return serialize_response(error_response(error), keep_alive=False)
 
 
-class HttpConnection(asyncio.Protocol):
-    """Moves bytes between a socket, the parser and the gateway. Runs on the event loop only.
+class Server:
+    """Serves an ``Application`` on ``config.host``/``config.port``: ``await start()``, then
+    ``stop_accepting()`` and ``await drain(deadline)``. Event loop only.
 
-    Deadlines (checked by the gateway's sweeper): the request head within ``header_timeout`` of its first
+    Every ``HttpConnection`` is in ``connections`` from ``connection_made`` to ``connection_lost``; a
+    sweeper checks their deadlines and send progress four times a second.
+    """
+
+    def __init__(self, app: Application, config: Config, open_bridge: OpenBridge) -> None:
+        self.app = app
+        self.config = config
+        self.open_bridge = open_bridge
+        self.connections: "set[HttpConnection]" = set()
+        self.draining = False
+        self.listener: Optional[Listener] = None
+        self._sweeper: Optional[asyncio.Task] = None
+
+    @property
+    def log(self) -> Optional[EventLog]:
+        return self.app.log
+
+    @property
+    def port(self) -> int:
+        return self.listener.sockets[0].getsockname()[1] if self.listener is not None else self.config.port
+
+    async def start(self) -> None:
+        """Bind and start accepting. Raises OSError when an address cannot be bound."""
+        self.listener = await Listener.open(self, self.config.host, self.config.port, backlog=1024)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_deadlines())
+
+    def connection_limit(self) -> int:
+        """How many connections may be open now: ``max_connections``, lowered to what the open-file limit
+        leaves (``Application.fd_budget``) once the application's own descriptors are reserved."""
+        limit = self.config.max_connections
+        budget = self.app.fd_budget
+        if budget is not None:
+            limit = min(limit, budget - self.app.descriptors_reserved())
+        return limit
+
+    def stop_accepting(self) -> None:
+        """Close the listener; from now on answers close their connection, and new ones are refused."""
+        self.draining = True
+        if self.listener is not None:
+            self.listener.close()
+
+    async def drain(self, deadline: float) -> None:
+        """Let in-flight requests finish until ``deadline`` (``time.monotonic()``), then abort the rest."""
+        for connection in list(self.connections):
+            connection.shutdown()
+        while any(c.in_flight for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+
+    async def _sweep_deadlines(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.25)
+            now = loop.time()
+            for connection in list(self.connections):
+                if connection.deadline and now >= connection.deadline:
+                    connection.on_deadline()
+                connection.check_send_progress(now)
+
+
+class Phase(str, enum.Enum):
+    """Where an ``HttpConnection`` is; ``HttpConnection._enter`` is the one place it changes."""
+
+    HEAD = "head"  # a request head is awaited or arriving (deadline: header_timeout)
+    BODY = "body"  # a request body is arriving (deadline: BODY_TIMEOUT)
+    BUSY = "busy"  # a handler runs; no deadline, pipelined bytes wait (bounded)
+    IDLE = "idle"  # between requests (deadline: keepalive_timeout)
+    SEND = "send"  # answers wait for the peer to read them (the send-stall deadline applies instead)
+    LINGER = "linger"  # the last answer is sent and the write side shut; input is discarded briefly
+    UPGRADED = "upgraded"  # the socket belongs to a WebSocket bridge
+    CLOSED = "closed"  # the transport is gone
+
+
+# The phases that may follow each phase. A refused handshake never reaches UPGRADED, and nothing leaves CLOSED.
+TRANSITIONS: Dict[Phase, "frozenset[Phase]"] = {
+    Phase.HEAD: frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.SEND, Phase.LINGER, Phase.UPGRADED}),
+    Phase.BODY: frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.SEND, Phase.LINGER, Phase.UPGRADED}),
+    Phase.BUSY: frozenset({Phase.IDLE}),  # the answer is ready: _process decides what comes next
+    Phase.IDLE: frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.SEND, Phase.LINGER, Phase.UPGRADED}),
+    Phase.SEND: frozenset({Phase.HEAD, Phase.BODY, Phase.BUSY, Phase.IDLE, Phase.SEND, Phase.LINGER, Phase.UPGRADED}),
+    Phase.LINGER: frozenset({Phase.LINGER}),
+    Phase.UPGRADED: frozenset(),
+    Phase.CLOSED: frozenset(),
+}
+# Phases in which the next pipelined request may be parsed and answered (the peer permitting).
+ANSWERING = frozenset({Phase.HEAD, Phase.BODY, Phase.IDLE, Phase.SEND})
+
+
+class HttpConnection(asyncio.Protocol):
+    """Moves bytes between a socket, the parser and the application. Runs on the event loop only.
+
+    Deadlines (checked by the server's sweeper): the request head within ``header_timeout`` of its first
     byte (or of the connection), a body within BODY_TIMEOUT, and an idle keep-alive connection closes after
     ``keepalive_timeout``. While a handler runs there is no deadline; pipelined bytes wait, bounded.
 
@@ -63,26 +204,35 @@ class HttpConnection(asyncio.Protocol):
     pipelined request is answered (and reading stops once MAX_PIPELINE_BUFFER bytes of them wait). When
     the peer takes none of a non-empty send buffer for ``send_stall_timeout``, the connection is aborted,
     closing or not: ``transport.close()`` alone would wait for that peer forever.
+
+    Upgrading: when dispatch answers an ``Upgrade``, the connection hands its socket to a ``Bridge``
+    (``Server.open_bridge``) and from then on only passes it the transport's events.
     """
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, server: Server) -> None:
+        self.server = server
         self.loop = asyncio.get_event_loop()
         self.parser = RequestParser()
         self.transport: Optional[asyncio.Transport] = None
         self.client = ""
-        self.busy = False
-        self.closed = False
+        self.phase = Phase.HEAD
+        self.deadline = 0.0  # of the phase, on the loop's clock; 0: none
         self.write_paused = False
         self.reading_paused = False
         self.peer_eof = False
         self.continue_sent = False
-        self.deadline = 0.0
-        self.phase = "head"  # head | body | idle | busy | send | linger
-        self.bridge: Any = None  # the WebSocket bridge once upgraded
+        self.bridge: Optional[Bridge] = None  # the WebSocket bridge, from the handshake on
         self.unsent = 0  # the transport's write buffer when the sweeper last looked
         self.resumed = False  # resume_writing() since the sweeper last looked: the peer took bytes
         self.send_progress_at = self.loop.time()  # when the peer last took bytes, or none were waiting
+
+    @property
+    def busy(self) -> bool:
+        return self.phase is Phase.BUSY
+
+    @property
+    def closed(self) -> bool:
+        return self.phase is Phase.CLOSED
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
 
@@ -90,24 +240,24 @@ class HttpConnection(asyncio.Protocol):
         self.transport = stream = cast(asyncio.Transport, transport)  # a stream socket's transport
         peer = stream.get_extra_info("peername")
         self.client = str(peer[0]) if peer else ""
-        if self.gateway.draining:  # the connection limit is the Listener's, decided before accepting
+        if self.server.draining:  # the connection limit is the Listener's, decided before accepting
             stream.write(refusal_bytes("the gateway is shutting down"))
             stream.close()
-            self.closed = True
+            self._enter(Phase.CLOSED)
             return
-        self.gateway.connections.add(self)
+        self.server.connections.add(self)
         stream.set_write_buffer_limits(high=MAX_SEND_BACKLOG)
-        self._enter("head")
+        self._enter(Phase.HEAD)
 
     def data_received(self, data: bytes) -> None:
         if self.bridge is not None:
             self.bridge.data_received(data)
             return
-        if self.closed or self.phase == "linger":
+        if self.phase in (Phase.CLOSED, Phase.LINGER):
             return
         self.parser.feed(data)
-        if self.phase == "idle":
-            self._enter("head")
+        if self.phase is Phase.IDLE:
+            self._enter(Phase.HEAD)
         if not self.busy:
             self._process()
         # Stop reading while requests wait, behind a handler or behind a peer that does not read its
@@ -129,8 +279,8 @@ class HttpConnection(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
-        self.closed = True
-        self.gateway.connections.discard(self)
+        self._enter(Phase.CLOSED)
+        self.server.connections.discard(self)
         if self.bridge is not None:
             self.bridge.connection_lost(exc)
 
@@ -152,19 +302,22 @@ class HttpConnection(asyncio.Protocol):
 
     # -- request loop --------------------------------------------------------------------------------------
 
-    def _enter(self, phase: str) -> None:
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes, and with it the deadline."""
+        if phase is not Phase.CLOSED and phase not in TRANSITIONS[self.phase]:
+            raise AssertionError(f"HttpConnection: no transition from {self.phase.name} to {phase.name}")
         self.phase = phase
         timeouts = {
-            "head": self.gateway.config.header_timeout,
-            "body": BODY_TIMEOUT,
-            "idle": self.gateway.config.keepalive_timeout,
-            "linger": 2.0,
+            Phase.HEAD: self.server.config.header_timeout,
+            Phase.BODY: BODY_TIMEOUT,
+            Phase.IDLE: self.server.config.keepalive_timeout,
+            Phase.LINGER: 2.0,
         }
         timeout = timeouts.get(phase)
         self.deadline = self.loop.time() + timeout if timeout else 0.0
 
     def _process(self) -> None:
-        while not self.busy and not self.closed and not self.write_paused and self.phase != "linger":
+        while self.phase in ANSWERING and not self.write_paused:
             try:
                 request = self.parser.next_request()
             except HttpError as error:
@@ -176,23 +329,19 @@ class HttpConnection(asyncio.Protocol):
             self.continue_sent = False
             request.client = self.client
             request.started = self.loop.time()
-            if request.upgrade and self.gateway.try_upgrade(request, self):
-                if self.bridge is not None:
-                    # The bridge bounds its own backlog (WS_MAX_SEND_BUFFER); the mark only decides
-                    # when a WebSocket peer that does not read stops being read.
-                    self.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)  # type: ignore[union-attr]
+            result = self.server.app.dispatch(request)
+            if isinstance(result, Upgrade):
+                self._switch(request, result)
                 return
-            result = self.gateway.dispatch(request)
             if isinstance(result, Response):
                 self._send(result, request)
             else:
-                self.busy = True
-                self._enter("busy")
+                self._enter(Phase.BUSY)
                 self.loop.create_task(self._finish(request, result))
-        if self.write_paused and not self.busy and not self.closed and self.phase != "linger":
+        if self.write_paused and self.phase in ANSWERING:
             # The requests have arrived; their answers wait for the peer. A 408 would be a lie queued
             # behind them: the send-stall deadline (check_send_progress) applies instead.
-            self._enter("send")
+            self._enter(Phase.SEND)
 
     def _await_more(self) -> None:
         head = self.parser.pending_head
@@ -201,7 +350,7 @@ class HttpConnection(asyncio.Protocol):
             # or a "100 Continue" invites it (an anonymous client could otherwise pin 1 MiB per socket).
             head.client = self.client
             head.started = self.loop.time()
-            refusal = self.gateway.refuse_before_body(head)
+            refusal = self.server.app.refuse_before_body(head)
             if refusal is not None:
                 self._send(refusal, head)
                 return
@@ -209,34 +358,46 @@ class HttpConnection(asyncio.Protocol):
             self.continue_sent = True
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
         if self.parser.in_body:
-            if self.phase != "body":
-                self._enter("body")
+            if self.phase is not Phase.BODY:
+                self._enter(Phase.BODY)
         elif self.parser.in_request:
-            if self.phase != "head":
-                self._enter("head")
-        elif self.phase != "idle":
-            self._enter("idle")
+            if self.phase is not Phase.HEAD:
+                self._enter(Phase.HEAD)
+        elif self.phase is not Phase.IDLE:
+            self._enter(Phase.IDLE)
         if self.reading_paused and self.parser.buffered <= MAX_PIPELINE_BUFFER:
             self.reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
-        if self.peer_eof or (self.gateway.draining and self.phase == "idle"):
+        if self.peer_eof or (self.server.draining and self.phase is Phase.IDLE):
             self._close()
 
     async def _finish(self, request: Request, pending: Awaitable[Response]) -> None:
-        try:
-            response = await pending
-        except HttpError as error:
-            response = error_response(error)
-        except OpsError as error:
-            response = ops_error_response(error)
-        except Exception as error:  # a bug of ours: answer 500, log it, keep serving
-            response = self.gateway.internal_error(request, error)
-        self.busy = False
+        response = await pending  # the application's awaitable answers its own errors
         if self.closed:
             return
+        self._enter(Phase.IDLE)
         self._send(response, request)
-        if not self.closed:
-            self._process()
+        self._process()
+
+    def _switch(self, request: Request, upgrade: Upgrade) -> None:
+        """Hand the socket to a WebSocket bridge, unless its handshake is refused as plain HTTP."""
+        transport = self.transport
+        assert transport is not None, "requests arrive on a made connection"
+        bridge = self.bridge = self.server.open_bridge(transport, self.loop, upgrade)
+        refusal = bridge.start(request, request.raw_head, self.parser.take_remaining())
+        if refusal is not None:
+            self.bridge = None
+            refusal.headers.extend(upgrade.headers)
+            self._send(refusal, request)
+            return
+        self._enter(Phase.UPGRADED)
+        # The bridge bounds its own backlog (WS_MAX_SEND_BUFFER); the mark only decides when a WebSocket
+        # peer that does not read stops being read.
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
+        if self.peer_eof:
+            # The peer half-closed while this upgrade waited behind earlier pipelined requests.
+            bridge.eof_received()
+            self._close()
 
     def _send(self, response: Response, request: Optional[Request]) -> None:
         if self.closed or self.transport is None:
@@ -245,15 +406,13 @@ class HttpConnection(asyncio.Protocol):
             request is not None
             and request.keep_alive
             and not response.close
-            and not self.gateway.draining
+            and not self.server.draining
         )
-        if request is not None and request.method != "OPTIONS":
-            response.headers.extend(self.gateway.access.cors_headers(request))
         # RFC 9110 §9.3.2: a response to HEAD has no content, whatever its status; a body would be read
         # by the client as the start of the next response.
         head_only = request is not None and request.method == "HEAD"
         self.transport.write(serialize_response(response, keep_alive, head_only))
-        log = self.gateway.log
+        log = self.server.log
         if log is not None:
             log.write(
                 "access",
@@ -277,7 +436,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if transport.can_write_eof() and not self.peer_eof:
             transport.write_eof()
-            self._enter("linger")
+            self._enter(Phase.LINGER)
             if self.reading_paused:
                 self.reading_paused = False
                 transport.resume_reading()
@@ -285,13 +444,11 @@ class HttpConnection(asyncio.Protocol):
             self._close()
 
     def on_deadline(self) -> None:
-        if self.bridge is not None:
-            return
-        if self.phase in ("head", "body"):
-            what = "request head" if self.phase == "head" else "request body"
-            limit = self.gateway.config.header_timeout if self.phase == "head" else BODY_TIMEOUT
+        if self.phase in (Phase.HEAD, Phase.BODY):
+            what = "request head" if self.phase is Phase.HEAD else "request body"
+            limit = self.server.config.header_timeout if self.phase is Phase.HEAD else BODY_TIMEOUT
             self._send(error_response(HttpError(408, f"{what} not received within {limit:g} s")), None)
-        else:
+        elif self.phase is not Phase.UPGRADED:
             self._close()
 
     def check_send_progress(self, now: float) -> None:
@@ -309,10 +466,10 @@ class HttpConnection(asyncio.Protocol):
         self.unsent, self.resumed = unsent, False
         if progressed:
             self.send_progress_at = now
-        elif now - self.send_progress_at >= self.gateway.config.send_stall_timeout:
-            log = self.gateway.log
+        elif now - self.send_progress_at >= self.server.config.send_stall_timeout:
+            log = self.server.log
             if log is not None:
-                log.write("send_stalled", client=self.client, unsent=unsent, phase=self.phase)
+                log.write("send_stalled", client=self.client, unsent=unsent, phase=self.phase.value)
             transport.abort()
 
     @property
@@ -346,19 +503,19 @@ def _discard_input(conn: socket.socket) -> None:
 
 
 class Listener:
-    """The listening sockets and the accept loop of a gateway. Event loop only.
+    """The listening sockets and the accept loop of a server. Event loop only.
 
     asyncio's own accept loop, when accept() fails for want of descriptors, reports a traceback and
     schedules a retry for every remaining connection of a backlog-sized batch (CPython 3.9 to 3.13): at
     the limit that is a busy CPU and megabytes of stderr a second. Here each accepted socket is checked
-    against ``Gateway.connection_limit`` first: past it, the peer gets a short 503 at once and the socket
+    against ``Server.connection_limit`` first: past it, the peer gets a short 503 at once and the socket
     is closed, from the descriptors FD_RESERVE keeps free. If accept() fails all the same (descriptors
     taken by something else), accepting pauses for ACCEPT_RETRY_DELAY. Either way one ``connection_limit``
     record a REPORT_INTERVAL at most says how many were refused, and nothing is written to stderr.
     """
 
-    def __init__(self, gateway: Gateway, sockets: List[socket.socket]) -> None:
-        self.gateway = gateway
+    def __init__(self, server: Server, sockets: List[socket.socket]) -> None:
+        self.server = server
         self.sockets = sockets
         self.loop = asyncio.get_running_loop()
         self.pending = 0  # accepted sockets whose HttpConnection is not made yet: they count against the limit
@@ -372,7 +529,7 @@ class Listener:
         self._reported = -REPORT_INTERVAL
 
     @classmethod
-    async def open(cls, gateway: Gateway, host: str, port: int, backlog: int) -> "Listener":
+    async def open(cls, server: Server, host: str, port: int, backlog: int) -> "Listener":
         """Bind every address ``host`` resolves to (as ``loop.create_server`` does) and start accepting.
         Raises OSError when an address cannot be bound."""
         loop = asyncio.get_running_loop()
@@ -392,7 +549,7 @@ class Listener:
             for sock in sockets:
                 sock.close()
             raise
-        listener = cls(gateway, sockets)
+        listener = cls(server, sockets)
         listener._start_accepting()
         return listener
 
@@ -426,7 +583,7 @@ class Listener:
                 self.accept_failures += 1
                 self._pause(f"accept() failed: {exc.strerror or exc}")
                 return
-            if len(self.gateway.connections) + self.pending >= self.gateway.connection_limit():
+            if len(self.server.connections) + self.pending >= self.server.connection_limit():
                 self._refuse(conn)
                 continue
             self.pending += 1
@@ -437,14 +594,14 @@ class Listener:
             conn.setblocking(False)
             # typeshed declares it on AbstractEventLoop from 3.10; every 3.9 loop (a BaseEventLoop) has it
             await self.loop.connect_accepted_socket(  # type: ignore[attr-defined,unused-ignore]
-                lambda: HttpConnection(self.gateway), conn)
+                lambda: HttpConnection(self.server), conn)
         except OSError:  # the peer is gone already
             conn.close()
         finally:
             self.pending -= 1
 
     def _refuse(self, conn: socket.socket) -> None:
-        limit = self.gateway.connection_limit()
+        limit = self.server.connection_limit()
         try:
             conn.setblocking(False)
             conn.send(refusal_bytes(f"the gateway is at its connection limit ({max(limit, 0)}); retry shortly"))
@@ -460,7 +617,7 @@ class Listener:
         else:
             conn.close()
         self.refused += 1
-        self._note(f"at the connection limit ({max(limit, 0)} for an open-file limit leaving {self.gateway.fd_budget})")
+        self._note(f"at the connection limit ({max(limit, 0)} for an open-file limit leaving {self.server.app.fd_budget})")
 
     def _close_refused(self, conn: socket.socket) -> None:
         self.lingering -= 1
@@ -484,7 +641,8 @@ class Listener:
     def _write_report(self) -> None:
         self._report = None
         self._reported = self.loop.time()
-        if self.gateway.log is not None:
-            self.gateway.log.write("connection_limit", refused=self.refused, accept_failures=self.accept_failures,
-                                   connections=len(self.gateway.connections) + self.pending, detail=self.detail)
+        log = self.server.log
+        if log is not None:
+            log.write("connection_limit", refused=self.refused, accept_failures=self.accept_failures,
+                      connections=len(self.server.connections) + self.pending, detail=self.detail)
         self.refused = self.accept_failures = 0

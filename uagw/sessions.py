@@ -2,8 +2,9 @@
 ``LiveSession``), which turn runs, finished turns remembered for retries (``FinishedTurns``), and the agent
 protocol on one WebSocket (``AgentSocket``). Event-loop only.
 
-May import: the standard library, ``ops_service``, and ``uagw`` modules below it (limits, text, http11, logs,
-websocket, agents). The gateway (``uagw.app.Gateway``) is named for type checking only.
+May import: the standard library, ``ops_service``, and ``uagw`` modules below it (limits, text, http11, access,
+logs, websocket, agents). What it needs of the application above it (``SessionHost``) and of a WebSocket
+(``MessageChannel``) are Protocols here.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Tuple, Union
 
 import ops_service
-from ops_service import InvalidArgument, OpsError, SessionNotFound
+from ops_service import InvalidArgument, OpsError, OpsService, SessionNotFound
 
 from .limits import (
     MAX_CLIENT_TURN_ID, MAX_PENDING_BYTES, MAX_PENDING_MESSAGES, REMEMBERED_SESSIONS, REMEMBERED_TURN_AGE,
@@ -25,22 +26,58 @@ from .limits import (
 )
 from .text import loads_json, show
 from .http11 import HttpError
-from .logs import SessionWriter
-from .websocket import WebSocketBridge
+from .access import AccessControl
+from .logs import GatewayLog, SessionWriter
+from .websocket import CloseCode
 from .agents import (
     AgentFailed, AgentTurn, TurnEvent, TurnState, frame_json, journal_line, signal_group, terminate_group,
     turn_ids,
 )
 
-if TYPE_CHECKING:  # names for annotations only: importing them would point up the layers
-    from .app import Gateway
-
 __all__ = [
     "AgentSocket",
     "FinishedTurns",
     "LiveSession",
+    "MessageChannel",
+    "SessionHost",
     "SessionHub",
 ]
+
+
+class SessionHost(Protocol):
+    """What the hub and its sockets need of the application (``uagw.app.Application``)."""
+
+    @property
+    def ops(self) -> OpsService: ...
+
+    @property
+    def access(self) -> AccessControl: ...
+
+    @property
+    def log(self) -> Optional[GatewayLog]: ...
+
+    @property
+    def hub(self) -> Optional["SessionHub"]: ...
+
+    def run_ops(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]: ...
+
+    def admit_session_creation(self, address: str) -> None: ...
+
+    def agent_command_limit(self) -> int: ...
+
+
+class MessageChannel(Protocol):
+    """What an ``AgentSocket`` needs of its WebSocket (``uagw.websocket.WebSocketBridge``)."""
+
+    @property
+    def open(self) -> bool: ...
+
+    @property
+    def client(self) -> str: ...
+
+    def send_text(self, text: str) -> None: ...
+
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None: ...
 
 
 class LiveSession:
@@ -98,7 +135,7 @@ class FinishedTurns:
 class SessionHub:
     """Connections and turns of every live session. Event-loop only."""
 
-    def __init__(self, gateway: Gateway, agent: Callable[[AgentTurn], Awaitable[None]]) -> None:
+    def __init__(self, gateway: SessionHost, agent: Callable[[AgentTurn], Awaitable[None]]) -> None:
         self.gateway = gateway
         self.agent = agent
         self.sessions: Dict[str, LiveSession] = {}
@@ -138,7 +175,7 @@ class SessionHub:
         live = self.sessions.get(session_id)
         if live is not None:
             for sock in list(live.sockets):
-                sock.bridge.send_text(frame)
+                sock.channel.send_text(frame)
         self.writer.append(session_id, "activity_journal.log", journal_line(event_type, data))
 
     def start_turn(self, live: LiveSession, sock: "AgentSocket", user_input: str, metadata: Dict[str, Any],
@@ -245,7 +282,7 @@ class SessionHub:
         live = self.sessions.get(session_id)
         if live is not None:
             for sock in list(live.sockets):
-                sock.bridge.close(code, reason)
+                sock.channel.close(code, reason)
         self.finished.forget(session_id)  # deleted: a new session of that id starts with no history
 
     async def shutdown(self, grace: float) -> None:
@@ -268,7 +305,7 @@ class SessionHub:
 class AgentSocket:
     """The agent protocol on one WebSocket (PROTOCOL.md §6): attach, turns, input, cancel, ping."""
 
-    def __init__(self, gateway: Gateway, session_id: Optional[str], user_id: Optional[str]) -> None:
+    def __init__(self, gateway: SessionHost, session_id: Optional[str], user_id: Optional[str]) -> None:
         assert gateway.hub is not None, "sockets are made by a started gateway"
         self.gateway = gateway
         self.hub = gateway.hub
@@ -278,40 +315,45 @@ class AgentSocket:
         self.pending: Optional[List[Union[str, bytes]]] = []  # messages held until attached; None once live
         self.pending_bytes = 0  # their memory (sys.getsizeof): MAX_PENDING_BYTES at most
         self.user_id = user_id
-        self.bridge: Any = None
+        self.bridge: Optional[MessageChannel] = None  # from on_open on
+
+    @property
+    def channel(self) -> MessageChannel:
+        assert self.bridge is not None, "used once open"
+        return self.bridge
 
     def send(self, event_type: str, data: Dict[str, Any]) -> None:
-        self.bridge.send_text(frame_json(event_type, data))
+        self.channel.send_text(frame_json(event_type, data))
 
     # -- WebSocketBridge app interface ---------------------------------------------------------------------
 
-    def on_open(self, bridge: WebSocketBridge) -> None:
+    def on_open(self, bridge: MessageChannel) -> None:
         self.bridge = bridge
         if not self.gateway.access.user_allowed(self.user_id):
-            bridge.close(4003, "user not allowed (X-UA-User or user_id is missing or not in UA_ALLOWED_USERS)")
+            bridge.close(CloseCode.USER_NOT_ALLOWED, "user not allowed (X-UA-User or user_id is missing or not in UA_ALLOWED_USERS)")
             return
         if self.lobby:
             self.pending = None
             return
         if not ops_service.is_valid_session_id(self.session_id or ""):
-            bridge.close(4000, "invalid session id")
+            bridge.close(CloseCode.INVALID_SESSION_ID, "invalid session id")
             return
         asyncio.get_running_loop().create_task(self._attach(self.session_id or "", None))
 
-    def on_message(self, bridge: WebSocketBridge, message: Union[str, bytes]) -> None:
+    def on_message(self, bridge: MessageChannel, message: Union[str, bytes]) -> None:
         if self.pending is not None:
             self.pending_bytes += sys.getsizeof(message)
             if len(self.pending) >= MAX_PENDING_MESSAGES:
-                bridge.close(1008, "too many messages before the session was attached; wait for 'connected'")
+                bridge.close(CloseCode.POLICY_VIOLATION, "too many messages before the session was attached; wait for 'connected'")
             elif self.pending_bytes > MAX_PENDING_BYTES:
-                bridge.close(1008, f"over {MAX_PENDING_BYTES >> 20} MiB sent before the session was attached; "
+                bridge.close(CloseCode.POLICY_VIOLATION, f"over {MAX_PENDING_BYTES >> 20} MiB sent before the session was attached; "
                                    "wait for 'connected'")
             else:
                 self.pending.append(message)
             return
         self._handle(message)
 
-    def on_close(self, bridge: WebSocketBridge) -> None:
+    def on_close(self, bridge: MessageChannel) -> None:
         self.hub.detach(self)
 
     # -- protocol ------------------------------------------------------------------------------------------
@@ -321,15 +363,15 @@ class AgentSocket:
         try:
             workspace = await self.gateway.run_ops(ops.session_dir, session_id)
         except SessionNotFound:
-            self.bridge.close(4004, "session not found")
+            self.channel.close(CloseCode.SESSION_NOT_FOUND, "session not found")
             return
         except InvalidArgument:
-            self.bridge.close(4000, "invalid session id")
+            self.channel.close(CloseCode.INVALID_SESSION_ID, "invalid session id")
             return
         except OpsError as exc:
-            self.bridge.close(1011, exc.detail)
+            self.channel.close(CloseCode.INTERNAL_ERROR, exc.detail)
             return
-        if not self.bridge.open:
+        if not self.channel.open:
             return
         self.session_id = session_id
         self.live = self.hub.attach(session_id, Path(workspace), self)
@@ -344,7 +386,7 @@ class AgentSocket:
 
     async def _create_and_attach(self, first: Union[str, bytes]) -> None:
         try:
-            self.gateway.admit_session_creation(self.bridge.request.client)
+            self.gateway.admit_session_creation(self.channel.client)
         except HttpError as refusal:
             # Still a lobby: the client may retry this execute once the wait is over.
             self.session_id = None

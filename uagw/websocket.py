@@ -1,9 +1,10 @@
 """The WebSocket bridge: websockets' Sans-I/O ``ServerProtocol`` driven by our connection. What the
 Sans-I/O layer leaves to us lives here: keepalive pings, the closing timeout, message reassembly with
-incremental UTF-8 checks, and a bounded send buffer. It knows frames, not agents.
+incremental UTF-8 checks, and a bounded send buffer. It knows frames, not agents, and of the connection
+only its transport: ``open_bridge`` makes a bridge for a connection's ``Upgrade`` (``uagw.server.OpenBridge``).
 
 May import: the standard library, websockets, ``uagw.limits``, ``uagw.text``, ``uagw.http11`` and
-``uagw.server``.
+``uagw.routing``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import codecs
+import enum
 import json
 import logging
 import os
@@ -26,15 +28,17 @@ from .limits import (
     SERVER_NAME, WS_CLOSE_TIMEOUT, WS_MAX_CLOSE_REASON, WS_MAX_SEND_BUFFER, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .text import show
-from .http11 import HttpError, Request, error_response
-from .server import HttpConnection
+from .http11 import HttpError, Request, Response, error_response
+from .routing import Upgrade
 
 __all__ = [
+    "CloseCode",
     "EchoApp",
     "WS_BEARER_PREFIX",
     "WS_SUBPROTOCOL",
     "WebSocketBridge",
     "close_reason",
+    "open_bridge",
     "select_subprotocol",
     "subprotocol_token",
     "ws_logger",
@@ -47,6 +51,20 @@ WS_BEARER_PREFIX = "bearer."  # a token offered as a subprotocol, base64url with
 ws_logger = logging.getLogger("ua_gateway.websocket")
 ws_logger.addHandler(logging.NullHandler())
 ws_logger.propagate = False
+
+
+class CloseCode(enum.IntEnum):
+    """The close codes the gateway sends: RFC 6455 §7.4.1, and the 4000s of PROTOCOL.md §6."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the server is shutting down
+    INVALID_DATA = 1007  # a text message that is not UTF-8
+    POLICY_VIOLATION = 1008  # a slow consumer, or too much sent before the session was attached
+    MESSAGE_TOO_BIG = 1009  # sent by websockets' ServerProtocol (max_size)
+    INTERNAL_ERROR = 1011  # a keepalive ping timeout, or the workspaces failing
+    INVALID_SESSION_ID = 4000
+    USER_NOT_ALLOWED = 4003
+    SESSION_NOT_FOUND = 4004  # or deleted
 
 
 def close_reason(reason: str) -> str:
@@ -92,12 +110,12 @@ class WebSocketBridge:
     peer never holds more than WS_MAX_SEND_BUFFER plus the one message that crossed it.
     """
 
-    def __init__(self, connection: HttpConnection, protocol: Any, app: Any) -> None:
-        self.connection = connection
-        self.transport = connection.transport
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, protocol: Any,
+                 app: Any) -> None:
+        self.transport = transport
         self.protocol = protocol
         self.app = app
-        self.loop = connection.loop
+        self.loop = loop
         self.open = False
         self.closed = False
         self.request: Optional[Request] = None
@@ -118,8 +136,16 @@ class WebSocketBridge:
 
     # -- bytes in ------------------------------------------------------------------------------------------
 
-    def start(self, request: Request, head: bytes, rest: bytes) -> None:
-        """Run the opening handshake on the raw request head, then any frames that followed it."""
+    @property
+    def client(self) -> str:
+        """The peer's address."""
+        return self.request.client if self.request is not None else ""
+
+    def start(self, request: Request, head: bytes, rest: bytes) -> Optional[Response]:
+        """Run the opening handshake on the raw request head, then any frames that followed it.
+
+        Returns the refusal to send as plain HTTP when websockets cannot answer the handshake itself
+        (the socket then stays the connection's); None once the bridge has answered it."""
         self.request = request
         # The head alone: frames fed with it would be parsed before the handshake is answered, and
         # a bad one would queue the protocol's EOF ahead of the response.
@@ -144,11 +170,9 @@ class WebSocketBridge:
                     reason, response = str(self.protocol.handshake_exc), None
         if response is None:
             self.closed = True
-            self.connection.bridge = None
             refusal = error_response(HttpError(400, f"malformed WebSocket handshake: {show(reason, 160)}"))
             refusal.close = True
-            self.connection._send(refusal, request)
-            return
+            return refusal
         if response.status_code != 101:
             # PROTOCOL.md §3: every error is JSON {"detail"}; websockets words its refusals in plain text.
             body = json.dumps({"detail": response.body.decode("utf-8", "replace").strip()}).encode()
@@ -163,12 +187,13 @@ class WebSocketBridge:
         if response.status_code != 101:
             self.closed = True
             self._arm_close_timer()
-            return
+            return None
         self.open = True
         self._schedule_ping()
         self.app.on_open(self)
         if rest:
             self.data_received(rest)
+        return None
 
     def data_received(self, data: bytes) -> None:
         # One frame at a time, each handled before the next is parsed: when a bad frame follows good
@@ -256,7 +281,7 @@ class WebSocketBridge:
                     self.utf8.decode(frame.data, final=frame.fin)
                 except UnicodeDecodeError as exc:
                     # Fail fast on invalid text, fragment by fragment (RFC 6455 §8.1).
-                    self.fail(1007, f"invalid UTF-8 in text message: {exc.reason}")
+                    self.fail(CloseCode.INVALID_DATA, f"invalid UTF-8 in text message: {exc.reason}")
                     return
             if not frame.fin:
                 self.fragments += frame.data
@@ -332,7 +357,7 @@ class WebSocketBridge:
         # be sent is dropped and the close frame queued behind the backlog instead.
         self.protocol.data_to_send()
         self.unflushed = 0
-        self.fail(1008, f"slow consumer: the client fell {WS_MAX_SEND_BUFFER >> 20} MiB behind in reading its messages")
+        self.fail(CloseCode.POLICY_VIOLATION, f"slow consumer: the client fell {WS_MAX_SEND_BUFFER >> 20} MiB behind in reading its messages")
 
     def _flush_soon(self) -> None:
         # The events of a turn are often emitted in one loop iteration; sending them together saves
@@ -341,7 +366,7 @@ class WebSocketBridge:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
-    def close(self, code: int = 1000, reason: str = "") -> None:
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         if self.sendable:
             self.protocol.send_close(code, close_reason(reason))
             self.flush()
@@ -354,7 +379,7 @@ class WebSocketBridge:
             self._closing()
 
     def shutdown(self) -> None:
-        self.close(1001, "server shutting down")
+        self.close(CloseCode.GOING_AWAY, "server shutting down")
 
     def _closing(self) -> None:
         if self.open:
@@ -382,12 +407,23 @@ class WebSocketBridge:
         if not self.open:
             return
         if self.ping_payload is not None:
-            self.fail(1011, "keepalive ping timeout")
+            self.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
             return
         self.ping_payload = os.urandom(4)
         self.protocol.send_ping(self.ping_payload)
         self.flush()
         self.ping_timer = self.loop.call_later(WS_PING_TIMEOUT, self._ping)
+
+
+def open_bridge(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, upgrade: Upgrade) -> WebSocketBridge:
+    """The bridge that takes a connection's socket over for ``upgrade`` (``uagw.server.OpenBridge``)."""
+    protocol = ServerProtocol(
+        subprotocols=[WS_SUBPROTOCOL],
+        select_subprotocol=select_subprotocol,
+        max_size=upgrade.max_message,
+        logger=ws_logger,
+    )
+    return WebSocketBridge(transport, loop, protocol, upgrade.app)
 
 
 class EchoApp:
