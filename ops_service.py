@@ -493,6 +493,13 @@ def _open_regular(
         st = os.fstat(fd)
         if stat.S_ISREG(st.st_mode) and (accept is None or accept(st)):
             return fd, st
+        if accept is not None and stat.S_ISREG(st.st_mode):
+            # Refused on its link count: a compaction may have swapped the file out while we looked
+            # (a reader that stalls through several compactions no longer finds the archived copy
+            # among the newest stamps). Judge it once more on what it is now.
+            again = os.fstat(fd)
+            if again.st_nlink != st.st_nlink and accept(again):
+                return fd, again
     except BaseException:
         os.close(fd)
         raise

@@ -351,3 +351,23 @@ def test_listing_never_reads_a_session_swapped_for_a_symlink_mid_scan(svc, root,
     with Swapper(root / SESSION, outside / f"{MARKER}-dir"):
         calls, leak = first_leak(lambda: svc.list_sessions(), lambda r: CANARY_LAST_RUN in json.dumps(r))
     assert leak is None, f"listing {calls} read the outside heartbeat: {json.dumps(leak)[:300]}"
+
+
+def test_a_log_swapped_out_while_it_is_judged_is_judged_again_on_what_it_is_now(tmp_path):
+    # A reader that stalls through several compactions holds the fstat of a file that had two links
+    # (live and archived) and now has one: it is the session's own old log, never an empty slice.
+    live, archived = tmp_path / "run.log", tmp_path / "archived.log"
+    live.write_bytes(b"old line\n")
+    os.link(live, archived)
+    seen = []
+
+    def accept(st: os.stat_result) -> bool:
+        seen.append(st.st_nlink)
+        if len(seen) == 1:
+            os.unlink(live)  # the compaction's rename: only the archived name is left
+            return False  # its copy is no longer among the newest stamps
+        return st.st_nlink == 1
+
+    opened = ops_service._open_regular(lambda: os.open(archived, os.O_RDONLY), accept=accept)
+    assert opened is not None and seen == [2, 1]
+    os.close(opened[0])
