@@ -287,8 +287,11 @@ class AgentSocket:
 
     def on_open(self, bridge: WebSocketBridge) -> None:
         self.bridge = bridge
-        if not self.gateway.access.user_allowed(self.user_id):
-            bridge.close(4003, "user not allowed (X-UA-User or user_id is missing or not in UA_ALLOWED_USERS)")
+        # The session's owner is judged once it is known (_attach); a claim sent here must pass as well,
+        # and in the lobby the claim (else the default user) will own the new session.
+        claim = self.user_id if self.user_id is not None or not self.lobby else self.gateway.config.default_user
+        if claim is not None and not self.gateway.access.user_allowed(claim):
+            bridge.close(4003, "Access denied: user not allowed (X-UA-User or user_id is not in UA_ALLOWED_USERS)")
             return
         if self.lobby:
             self.pending = None
@@ -329,11 +332,24 @@ class AgentSocket:
         except OpsError as exc:
             self.bridge.close(1011, exc.detail)
             return
+        try:
+            owner = await self.gateway.run_ops(ops.read_session_owner, session_id)
+        except OpsError:
+            owner = None  # removed meanwhile: the session directory was found a moment ago
+        owner = owner or self.gateway.config.default_user
         if not self.bridge.open:
+            return
+        if not self.gateway.access.user_allowed(owner):
+            self.bridge.close(4003, "Access denied: the session's owner is not in UA_ALLOWED_USERS")
             return
         self.session_id = session_id
         self.live = self.hub.attach(session_id, Path(workspace), self)
-        self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
+        session = {"session_id": session_id, "workspace": str(workspace), "workspace_dir": str(workspace),
+                   "user_id": owner, "run_id": None, "is_live_session": True, "session_url": None,
+                   "logfire_enabled": False}
+        self.send("connected", {"message": "Connected to Universal Agent", "session": session,
+                                "session_id": session_id, "workspace_dir": str(workspace), "user_id": owner,
+                                "run_id": None, "is_live_session": True})
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
             if self.live.turn.awaiting_input is not None:
@@ -356,6 +372,8 @@ class AgentSocket:
             return
         try:
             created = await self.gateway.run_ops(self.gateway.ops.create_session)
+            await self.gateway.run_ops(self.gateway.ops.record_session_owner, created["session_id"],
+                                       self.user_id or self.gateway.config.default_user)
         except OpsError as exc:
             self.send("error", {"message": f"could not create a session: {exc.detail}"})
             self.pending = None
