@@ -272,7 +272,10 @@ def test_gateway_bridge_answers_input_required_and_cancels(start_gateway, tmp_pa
     """)
     gateway = start_gateway("--agent-cmd", agent, env={"UA_INTERNAL_API_TOKEN": INTERNAL})
     client = UAClient(gateway, INTERNAL)
-    session_id = client.create(user_id="bridge").json["session_id"]
+    created = client.create(user_id="bridge")
+    assert created.status == 200 and created.json["user_id"] == "bridge"
+    session_id = created.json["session_id"]
+    assert refused_status(UAClient(gateway), session_id) == 401  # the internal token guards the socket
 
     async def scenario() -> Any:
         async with client.connect(session_id) as ws:
@@ -304,11 +307,13 @@ def test_busy_and_duplicate_answers_carry_a_turn_id(start_gateway, tmp_path):
     """)
     gateway = start_gateway("--agent-cmd", agent)
     client = UAClient(gateway)
-    session_id = client.create(user_id="busy").json["session_id"]
+    created = client.create(user_id="busy")
+    assert created.status == 200
+    session_id = created.json["session_id"]
 
     async def scenario() -> Any:
         async with client.connect(session_id) as writer, client.connect(session_id) as other:
-            await recv(writer)
+            assert (await recv(writer))["data"]["user_id"] == "busy"
             await recv(other)
             await writer.send(execute("slow", client_turn_id="t-1"))
             started = (await recv_until(writer, "status"))[-1]
