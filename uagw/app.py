@@ -542,7 +542,7 @@ class Gateway:
     def _requested_session_id(self, session_id: Optional[str], workspace_dir: Optional[str]) -> Optional[str]:
         """The id a create asks for: ``session_id``, else the name of ``workspace_dir``, which must be a
         directory right under the workspaces root (a relative one is taken from the root); else None."""
-        session_id = (session_id or "").strip() or None
+        session_id = session_id or None  # "" is no id, as in Universal Agent
         if session_id is not None and not ops_service.is_valid_session_id(session_id):
             raise HttpError(400, f"Invalid session id format: {show(session_id)}; use 1-128 characters of "
                                  "A-Z a-z 0-9 _ . - starting with a letter or digit")
