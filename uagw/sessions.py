@@ -319,7 +319,8 @@ class AgentSocket:
 
     # -- protocol ------------------------------------------------------------------------------------------
 
-    async def _attach(self, session_id: str, first: Optional[Union[str, bytes]]) -> None:
+    async def _attach(self, session_id: str, first: Optional[Union[str, bytes]], owner: Optional[str] = None) -> None:
+        """Attach to ``session_id`` (``owner``: already known, as for a session the lobby just created)."""
         ops = self.gateway.ops
         try:
             workspace = await self.gateway.run_ops(ops.session_dir, session_id)
@@ -332,10 +333,11 @@ class AgentSocket:
         except OpsError as exc:
             self.bridge.close(1011, exc.detail)
             return
-        try:
-            owner = await self.gateway.run_ops(ops.read_session_owner, session_id)
-        except OpsError:
-            owner = None  # removed meanwhile: the session directory was found a moment ago
+        if owner is None:
+            try:
+                owner = await self.gateway.run_ops(ops.read_session_owner, session_id)
+            except OpsError:
+                owner = None  # removed meanwhile: the session directory was found a moment ago
         owner = owner or self.gateway.config.default_user
         if not self.bridge.open:
             return
@@ -370,15 +372,20 @@ class AgentSocket:
             for message in held:
                 self._handle(message)
             return
+        ops = self.gateway.ops
+        owner = self.user_id or self.gateway.config.default_user
+
+        def create() -> Tuple[str, str]:  # one trip to the disk thread: messages wait meanwhile
+            session_id = ops.create_session()["session_id"]
+            return session_id, ops.record_session_owner(session_id, owner)
+
         try:
-            created = await self.gateway.run_ops(self.gateway.ops.create_session)
-            await self.gateway.run_ops(self.gateway.ops.record_session_owner, created["session_id"],
-                                       self.user_id or self.gateway.config.default_user)
+            session_id, owner = await self.gateway.run_ops(create)
         except OpsError as exc:
             self.send("error", {"message": f"could not create a session: {exc.detail}"})
             self.pending = None
             return
-        await self._attach(created["session_id"], first)
+        await self._attach(session_id, first, owner)
 
     def _handle(self, message: Union[str, bytes]) -> None:
         if isinstance(message, bytes):
