@@ -135,6 +135,7 @@ TRASH_DIR_NAME = "trash"  # <root>/_gateway/trash: deleted sessions are renamed 
 
 LOG_FILES = ("run.log", "activity_journal.log")
 HEARTBEAT_FILE_NAME = "heartbeat_state.json"
+SESSION_POLICY_FILE_NAME = "session_policy.json"  # Universal Agent's: holds the session's owner (user_id)
 MEMORY_FILE_NAME = "MEMORY.md"
 MEMORY_DIR_NAME = "memory"
 WORK_PRODUCTS_DIR_NAME = "work_products"
@@ -1258,6 +1259,45 @@ def _heartbeat_at(dir_fd: int) -> Optional[Dict[str, Any]]:
     )
 
 
+def _policy_user(policy: Optional[Mapping[str, Any]]) -> Optional[str]:
+    value = policy.get("user_id") if policy is not None else None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def _policy_owner(policy: Optional[Mapping[str, Any]], session_id: str) -> Optional[str]:
+    """The owner ``policy`` records, else ``telegram_<n>`` for a session ``tg_<n>``, else None."""
+    owner = _policy_user(policy)
+    if owner is None and session_id.startswith("tg_") and len(session_id) > 3:
+        owner = "telegram_" + session_id[3:]
+    return owner
+
+
+def _policy_owner_at(dir_fd: int, session_id: str) -> Optional[str]:
+    """The owner of the session open as ``dir_fd`` (``_policy_owner`` of its session_policy.json)."""
+    policy = _read_json_object(
+        lambda: os.open(SESSION_POLICY_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link
+    )
+    return _policy_owner(policy, session_id)
+
+
+def _replace_file_at(dir_fd: int, name: str, data: bytes) -> None:
+    """Write ``data`` as ``name`` in ``dir_fd`` atomically: a temp file there, then a rename."""
+    temp = ".{}.{}.tmp".format(name, secrets.token_hex(4))
+    fd = os.open(temp, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
+    try:
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        try:
+            os.unlink(temp, dir_fd=dir_fd)
+        except OSError:
+            pass
+        raise
+
+
 def _require_runtime(runtime: object) -> None:
     if runtime is not None and not isinstance(runtime, Mapping):
         raise InvalidArgument(
@@ -1443,6 +1483,53 @@ class OpsService:
             with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
                 _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
         return {"session_id": session_id, "workspace_dir": str(self.root / session_id)}
+
+    def read_session_owner(self, session_id: str) -> Optional[str]:
+        """The session's recorded owner: ``user_id`` of its ``session_policy.json`` (a non-empty string,
+        stripped), else ``telegram_<n>`` for an id ``tg_<n>`` (Universal Agent's Telegram sessions), else None.
+
+        Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        with self._os_errors("reading the owner of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                return _policy_owner_at(dir_fd, session_id)
+
+    def record_session_owner(self, session_id: str, user_id: str) -> str:
+        """Record ``user_id`` as the owner in ``session_policy.json`` unless the session has one
+        already; returns the owner now recorded. Never changes a recorded owner. A policy file without
+        an owner is merged (its keys kept); one that cannot be parsed is left alone. ``tg_<n>`` is owned
+        by ``telegram_<n>`` whoever asks. Atomic: a reader sees the old file or the new one.
+
+        Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable, StorageFull.
+        """
+        _require_session_id(session_id)
+        if not isinstance(user_id, str) or not user_id.strip():
+            raise InvalidArgument("the owner must be a non-empty string, got {}".format(_show(user_id)))
+        doing = "recording the owner of session {}".format(session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id):
+            with self._session_fd(session_id) as dir_fd:
+                policy = _read_json_object(
+                    lambda: os.open(SESSION_POLICY_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link
+                )
+                owner = _policy_owner(policy, session_id)
+                if policy is not None and _policy_user(policy):
+                    return owner or user_id
+                if policy is None and _lexists_at(SESSION_POLICY_FILE_NAME, dir_fd):
+                    return owner or user_id  # someone else's file we cannot read: never replaced
+                owner = owner or user_id.strip()
+                now = time.time()
+                record: Dict[str, Any] = {
+                    "version": 1,
+                    "memory": {"enabled": True, "sessionMemory": True, "sources": ["memory", "sessions"],
+                               "scope": "direct_only"},
+                    "created_at": now,
+                }
+                record.update(policy or {})
+                record.update({"session_id": session_id, "user_id": owner, "updated_at": now})
+                data = json.dumps(record, indent=2, sort_keys=True, allow_nan=False).encode("utf-8")
+                _replace_file_at(dir_fd, SESSION_POLICY_FILE_NAME, data)
+                return owner
 
     def list_sessions(
         self,

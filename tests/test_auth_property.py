@@ -206,3 +206,44 @@ def test_random_mixes_of_spellings_get_the_canonical_decision(probe_target, prob
 
     check()
     prober.close()
+
+
+INTERNAL_TOKEN = "property-internal-token-7d2e"
+
+
+def test_every_route_takes_the_tokens_its_scope_names(tmp_path_factory):
+    """Scope.SESSION routes take UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN; Scope.TOKEN (Ops) routes
+    take only UA_OPS_TOKEN; with no token every protected route is 401. Enumerated from the router table,
+    in every header Universal Agent's clients use."""
+    from conftest import launch
+
+    root = tmp_path_factory.mktemp("auth-scopes")
+    workspaces = root / "workspaces"
+    (workspaces / PROBE_SESSION).mkdir(parents=True)
+    running = launch(workspaces, "--ws-echo", env={"UA_OPS_TOKEN": TOKEN, "UA_INTERNAL_API_TOKEN": INTERNAL_TOKEN})
+    prober = Prober(running)
+    wrong = []
+    scopes_seen = set()
+    try:
+        for route in router_routes(root):
+            if route.scope is Scope.PUBLIC:
+                continue
+            scopes_seen.add(route.scope)
+            for method in sorted(set(route.handlers) - {"DELETE"}):  # a DELETE would remove the probe
+                path = concrete(route)
+                for headers in ({"Authorization": f"Bearer {INTERNAL_TOKEN}"}, {"X-UA-Internal-Token": INTERNAL_TOKEN},
+                                {"X-UA-OPS-Token": INTERNAL_TOKEN}):
+                    status = prober.status(method, path, headers)
+                    if (status in REFUSED) != (route.scope is not Scope.SESSION):
+                        wrong.append(f"{method} {path} {list(headers)} internal token -> {status} ({route.scope})")
+                for headers in ({"Authorization": f"Bearer {TOKEN}"}, {"X-UA-Internal-Token": TOKEN}):
+                    status = prober.status(method, path, headers)
+                    if status in REFUSED:
+                        wrong.append(f"{method} {path} {list(headers)} ops token -> {status}")
+                if prober.status(method, path) != 401:
+                    wrong.append(f"{method} {path} without a token is not 401")
+    finally:
+        prober.close()
+        running.stop()
+    assert scopes_seen == {Scope.SESSION, Scope.TOKEN}
+    assert not wrong, "\n".join(wrong[:20])

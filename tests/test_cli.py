@@ -144,7 +144,7 @@ def test_sigterm_lets_a_request_in_flight_finish_then_exits_0(tmp_path):
         assert gateway.process.poll() is None, "the gateway must wait for the request in flight"
         sock.sendall(body[5:])
         responses = parse_responses(read_all(sock, timeout=10))
-        assert responses and responses[0][0] == 201
+        assert responses and responses[0][0] == 200
         assert responses[0][1].get("connection") == "close"
     finally:
         sock.close()

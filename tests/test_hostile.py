@@ -89,8 +89,10 @@ def traversal_slots(x: str) -> List[Tuple[str, str, Optional[bytes], Sequence[in
         ("POST", "/api/v1/ops/sessions/s1/compact", b'{"max_lines": ' + as_json + b"}", (400,)),
         ("POST", "/api/v1/ops/sessions/s1/compact", b'{"max_bytes": ' + as_json + b"}", (400,)),
         ("POST", "/api/v1/ops/sessions/s1/reset", b"{" + as_json + b": true}", (400,)),
-        ("POST", "/api/v1/sessions", b'{"session_id": ' + as_json + b"}", (400,)),
-        ("POST", "/api/v1/sessions", b'{"user_id": ' + as_json + b"}", (201,)),
+        # An empty session_id is no session_id (as in Universal Agent): a new session.
+        ("POST", "/api/v1/sessions", b'{"session_id": ' + as_json + b"}", (400,) if body else (200,)),
+        ("POST", "/api/v1/sessions", b'{"workspace_dir": ' + as_json + b"}", (200, 400)),  # 200: a name under the root
+        ("POST", "/api/v1/sessions", b'{"user_id": ' + as_json + b"}", (200,)),
     ]
 
 

@@ -101,12 +101,15 @@ def test_protected_operations_declare_both_token_schemes(document: dict):
     schemes = document["components"]["securitySchemes"]
     assert schemes["bearerAuth"] == {**schemes["bearerAuth"], "type": "http", "scheme": "bearer"}
     assert (schemes["opsToken"]["in"], schemes["opsToken"]["name"]) == ("header", "X-UA-OPS-TOKEN")
+    assert (schemes["internalToken"]["in"], schemes["internalToken"]["name"]) == ("header", "X-UA-Internal-Token")
     for path, item in document["paths"].items():
         for method, operation in item.items():
             if method not in HTTP_METHODS:
                 continue
             protected = path.startswith(("/api/v1/ops/", "/api/v1/sessions", "/ws/"))
             expected = [{"bearerAuth": []}, {"opsToken": []}] if protected else []
+            if path.startswith(("/api/v1/sessions", "/ws/")):  # Scope.SESSION: UA_INTERNAL_API_TOKEN too
+                expected.insert(1, {"internalToken": []})
             assert operation["security"] == expected, (method, path)
             if protected:
                 assert {"401", "429"} <= set(operation["responses"]), (method, path)

@@ -100,7 +100,9 @@ def test_stream_attach_sends_connected_first(gateway):
         async with connect(f"{gateway.ws_url}/api/v1/sessions/ws-attach/stream") as ws:
             frame = await recv(ws)
             assert frame["type"] == "connected"
-            assert frame["data"] == {"session_id": "ws-attach", "workspace_dir": str(gateway.workspaces / "ws-attach")}
+            assert {k: frame["data"][k] for k in ("session_id", "workspace_dir", "run_id", "is_live_session")} == {
+                "session_id": "ws-attach", "workspace_dir": str(gateway.workspaces / "ws-attach"), "run_id": None,
+                "is_live_session": True}
             assert frame["timestamp"].endswith("+00:00")
 
     run(scenario())
@@ -665,10 +667,20 @@ def test_allowed_users_apply_on_attach(start_gateway):
             except ConnectionClosed as exc:
                 return exc.rcvd.code
 
-    assert run(attach({})) == 4003
-    assert run(attach({"X-UA-User": "mallory"})) == 4003
-    assert run(attach({"X-UA-User": "alice"})) == "connected"
-    assert run(attach({}, "?user_id=alice")) == "connected"
+    assert run(attach({})) == 4003  # no recorded owner: the default user, who is not listed
+    assert gateway.post("/api/v1/sessions", body={"user_id": "alice", "session_id": "users-2"}).status == 200
+
+    async def attach2(headers, query=""):  # the allowlist judges the owner (alice); a claim must pass too
+        async with connect(f"{gateway.ws_url}/api/v1/sessions/users-2/stream{query}", additional_headers=headers) as ws:
+            try:
+                return (await recv(ws))["type"]
+            except ConnectionClosed as exc:
+                return exc.rcvd.code
+
+    assert run(attach2({})) == "connected"
+    assert run(attach2({"X-UA-User": "mallory"})) == 4003
+    assert run(attach2({"X-UA-User": "alice"})) == "connected"
+    assert run(attach2({}, "?user_id=alice")) == "connected"
 
 
 def test_allow_from_refuses_upgrades_from_other_addresses(start_gateway):

@@ -52,7 +52,12 @@ class AccessControl:
     """
 
     def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
-        self.token_digest = _digest(config.token) if config.token else None
+        # The Ops token; when only UA_INTERNAL_API_TOKEN is set, the Ops API takes that one (never open then).
+        ops_token = config.token or config.internal_token
+        self.token_digest = _digest(ops_token) if ops_token else None
+        # The session API and WebSockets take either token (Universal Agent's SESSION_API_TOKEN or UA_OPS_TOKEN).
+        self.session_digests = [_digest(t) for t in (config.token, config.internal_token) if t]
+        self.default_user = config.default_user
         self.allow_from = config.allow_from
         self.cors_origins = config.cors_origins
         self.allowed_users = config.allowed_users
@@ -77,14 +82,19 @@ class AccessControl:
         until = self._locked_until.get(address)
         return 0.0 if until is None else until - now
 
-    def token_matches(self, candidates: Iterable[Optional[str]]) -> bool:
-        if self.token_digest is None:
+    def token_matches(self, candidates: Iterable[Optional[str]], session: bool = False) -> bool:
+        """Whether a candidate is the token: the Ops one, or (``session``: the session API and WebSockets)
+        UA_INTERNAL_API_TOKEN or UA_OPS_TOKEN. True when no token is configured."""
+        expected = self.session_digests if session else [self.token_digest] if self.token_digest else []
+        if not expected:
             return True
         matched = False
         for candidate in candidates:
             if candidate:
-                # No short-circuit: every candidate is compared, so timing does not reveal which matched.
-                matched |= hmac.compare_digest(_digest(candidate), self.token_digest)
+                digest = _digest(candidate)
+                for wanted in expected:
+                    # No short-circuit: every candidate is compared, so timing does not reveal which matched.
+                    matched |= hmac.compare_digest(digest, wanted)
         return matched
 
     def record_failure(self, address: str) -> bool:
@@ -130,13 +140,30 @@ class AccessControl:
         return 0.0
 
     def user_allowed(self, user_id: Optional[str]) -> bool:
-        return not self.allowed_users or (user_id is not None and user_id in self.allowed_users)
+        """UA_ALLOWED_USERS as Universal Agent reads it: empty admits everyone; else a listed id, or
+        ``telegram_<n>`` whose ``<n>`` is listed. Universal Agent's own service ids (SYSTEM_USERS,
+        SYSTEM_USER_PREFIXES) pass too when a token is configured: only its holders reach these checks then."""
+        if not self.allowed_users:
+            return True
+        if not user_id:
+            return False
+        if user_id in self.allowed_users:
+            return True
+        if user_id.startswith("telegram_") and user_id[len("telegram_"):] in self.allowed_users:
+            return True
+        return bool(self.session_digests) and (user_id in SYSTEM_USERS or user_id.startswith(SYSTEM_USER_PREFIXES))
 
     def cors_headers(self, request: Request) -> List[Tuple[str, str]]:
         origin = request.header("origin")
         if origin and origin.rstrip("/") in self.cors_origins:
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         return []
+
+
+# Ids Universal Agent's own services use (its worker pool, web UI, CLI, cron, webhooks).
+SYSTEM_USERS = frozenset(("webhook", "user_ui", "user_cli", "owner_primary", "ops_tutorial_review", "cron_system",
+                          "ops:system-configuration-agent"))
+SYSTEM_USER_PREFIXES = ("cron:", "worker_", "vp.")
 
 
 def _put_bounded(table: "collections.OrderedDict[str, Any]", key: str, value: Any, limit: int) -> None:
@@ -147,8 +174,8 @@ def _put_bounded(table: "collections.OrderedDict[str, Any]", key: str, value: An
 
 
 def request_tokens(request: Request) -> List[Optional[str]]:
-    """The token candidates a request carries: a Bearer credential and the X-UA-OPS-TOKEN header."""
-    candidates = [request.header("x-ua-ops-token")]
+    """The token candidates a request carries: a Bearer credential, X-UA-OPS-TOKEN and X-UA-Internal-Token."""
+    candidates = [request.header("x-ua-ops-token"), request.header("x-ua-internal-token")]
     authorization = request.header("authorization") or ""
     scheme, _, credential = authorization.partition(" ")
     if scheme.lower() == "bearer":

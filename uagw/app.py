@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import functools
 import math
+import os
 import pkgutil
 import sys
 import time
@@ -79,7 +80,7 @@ def read_console_assets() -> Dict[str, bytes]:
     return assets
 
 
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-User"
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal-Token, X-UA-User"
 # Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
@@ -243,7 +244,8 @@ class Application:
         if route is None:
             raise HttpError(404, f"no endpoint at {show(request.path)}; the API is described at /api/v1/openapi.json")
         if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
-            self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token)
+            self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token,
+                           session=route.scope is Scope.SESSION)
         return route
 
     def refuse_before_body(self, request: Request) -> Optional[Response]:
@@ -265,10 +267,11 @@ class Application:
             self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
         return error_response(HttpError(500, "internal error; the gateway log has the details"))
 
-    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None) -> None:
+    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None, session: bool = False) -> None:
         """PROTOCOL.md §4 for a protected request (``what`` names it in errors): a cross-site browser request is
         refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
-        one a browser offers as a WebSocket subprotocol). Raises HttpError on refusal."""
+        one a browser offers as a WebSocket subprotocol). ``session``: a SESSION route, which takes
+        UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN. Raises HttpError on refusal."""
         self._refuse_cross_site(request, what)
         address = request.client
         if not self.access.address_allowed(address):
@@ -281,7 +284,7 @@ class Application:
                 f"too many failed authentications from {address}; try again in {seconds} s with the right token",
                 headers=[("Retry-After", str(seconds))],
             )
-        if not self.access.token_matches(request_tokens(request) + [extra_token]):
+        if not self.access.token_matches(request_tokens(request) + [extra_token], session=session):
             locked = self.access.record_failure(address)
             if self.log is not None:
                 self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
@@ -338,14 +341,18 @@ class Application:
             return
         fetch_site = (request.header("sec-fetch-site") or "").lower()
         if fetch_site and fetch_site not in SAME_ORIGIN_FETCH_SITES:
-            listed = "list its Origin in UA_CORS_ORIGINS" if origin else "it sent no Origin to check"
-            raise HttpError(403, f"{what} from another origin refused (Sec-Fetch-Site: {show(fetch_site)}); {listed}")
+            if origin:
+                raise HttpError(403, f"{what} from Origin {show(origin)} refused (Sec-Fetch-Site: {show(fetch_site)}); "
+                                     "list that origin in UA_CORS_ORIGINS to serve a dashboard there")
+            raise HttpError(403, f"{what} from another origin refused (Sec-Fetch-Site: {show(fetch_site)}); "
+                                 "it sent no Origin to check")
         if origin is None:
             return
         own = (request.header("host") or "").lower()
         scheme, _, origin_host = origin.lower().partition("://")
         if origin_host.rstrip("/") != own:
-            raise HttpError(403, f"{what} from Origin {show(origin)} refused; list it in UA_CORS_ORIGINS")
+            raise HttpError(403, f"{what} from Origin {show(origin)} refused; list that origin in UA_CORS_ORIGINS "
+                                 "to serve a dashboard there")
 
     def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
         query = dict(parse_qsl(request.query_string, keep_blank_values=True))
@@ -357,7 +364,7 @@ class Application:
                         headers=[("Upgrade", "websocket")])
 
     def _routes(self) -> List[Route]:
-        public, token = Scope.PUBLIC, Scope.TOKEN
+        public, token, session = Scope.PUBLIC, Scope.TOKEN, Scope.SESSION
         return [
             Route("/", {"GET": self.console_page}, scope=public),
             Route("/console/{asset}", {"GET": self.console_asset}, scope=public),
@@ -370,11 +377,13 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
-            Route("/api/v1/sessions", {"POST": self.create_session}, scope=token),
-            Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, scope=token,
+            Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
+            Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
+                  scope=session),
+            Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, scope=session,
                   websocket=self._agent_socket),
-            Route("/ws/agent", {"GET": self._websocket_only}, scope=token, websocket=self._agent_socket),
-        ] + ([Route("/ws/echo", {"GET": self._websocket_only}, scope=token, websocket=lambda r, p: EchoApp())]
+            Route("/ws/agent", {"GET": self._websocket_only}, scope=session, websocket=self._agent_socket),
+        ] + ([Route("/ws/echo", {"GET": self._websocket_only}, scope=session, websocket=lambda r, p: EchoApp())]
              if self.config.ws_echo else [])
 
     # -- handlers ------------------------------------------------------------------------------------------
@@ -489,15 +498,119 @@ class Application:
             hub.close_session(session_id, CloseCode.SESSION_NOT_FOUND, "session deleted")
         return json_response(200, result)
 
+    # -- the session API (Universal Agent's /api/v1/sessions; PROTOCOL.md §6.1) ------------------------------
+
     def create_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        body = json_object_body(request, ("user_id",))
-        user_id = body.get("user_id")
-        if user_id is not None and not isinstance(user_id, str):
-            raise HttpError(400, "user_id must be a string")
+        body = json_object_body(request, ("user_id", "workspace_dir", "session_id", "metadata"), ignore_unknown=True)
+        for name in ("user_id", "workspace_dir", "session_id"):
+            if body.get(name) is not None and not isinstance(body[name], str):
+                raise HttpError(400, f"{name} must be a string or null")
+        metadata = body.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise HttpError(400, "metadata must be a JSON object or null")
+        claimed = (body.get("user_id") or "").strip() or None
+        user_id = claimed or self.config.default_user
         if not self.access.user_allowed(user_id):
-            raise HttpError(403, "user_id is missing or not in UA_ALLOWED_USERS")
+            raise HttpError(403, "Access denied: User not allowed.")
+        session_id = self._requested_session_id(body.get("session_id"), body.get("workspace_dir"))
         self.admit_session_creation(request.client)
-        return self._ops_response(201, self.ops.create_session)
+        return self._create_session(session_id, user_id, claimed, metadata or {})
+
+    def _requested_session_id(self, session_id: Optional[str], workspace_dir: Optional[str]) -> Optional[str]:
+        """The id a create asks for: ``session_id``, else the name of ``workspace_dir``, which must be a
+        directory right under the workspaces root (a relative one is taken from the root); else None."""
+        session_id = session_id or None  # "" is no id, as in Universal Agent
+        if session_id is not None and not ops_service.is_valid_session_id(session_id):
+            raise HttpError(400, f"Invalid session id format: {show(session_id)}; use 1-128 characters of "
+                                 "A-Z a-z 0-9 _ . - starting with a letter or digit")
+        if not workspace_dir:
+            return session_id
+        root = str(self.ops.root)
+        if "\0" in workspace_dir:
+            raise HttpError(400, "Workspace path must remain under UA_WORKSPACES_DIR")
+        path = os.path.normpath(os.path.join(root, workspace_dir))
+        parent, name = os.path.split(path)
+        if parent != root and os.path.realpath(parent) != os.path.realpath(root):
+            raise HttpError(400, f"Workspace path must remain under UA_WORKSPACES_DIR: {show(workspace_dir)} is not "
+                                 f"a directory right under {root}")
+        if not ops_service.is_valid_session_id(name) or name == ops_service.GATEWAY_DIR_NAME:
+            raise HttpError(400, f"the workspace name {show(name)} is not a valid session id: use 1-128 characters "
+                                 "of A-Z a-z 0-9 _ . - starting with a letter or digit")
+        if session_id is not None and session_id != name:
+            raise HttpError(400, f"session_id {show(session_id)} and workspace_dir {show(workspace_dir)} name two "
+                                 "sessions; send one of them, or the same name in both")
+        return name
+
+    async def _create_session(self, session_id: Optional[str], user_id: str, claimed: Optional[str],
+                              metadata: Dict[str, Any]) -> Response:
+        created = await self.run_ops(self.ops.create_session, session_id)
+        session_id = created["session_id"]
+        owner = await self.run_ops(self.ops.record_session_owner, session_id, user_id)
+        if owner != user_id and claimed is not None:
+            raise HttpError(403, f"Access denied: session {session_id} belongs to another user")
+        if not self.access.user_allowed(owner):
+            raise HttpError(403, "Access denied: User not allowed.")
+        return json_response(200, self._session_reply(session_id, owner, {**metadata, "resumed": False}))
+
+    def _session_reply(self, session_id: str, user_id: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
+        """Universal Agent's CreateSessionResponse."""
+        return {
+            "session_id": session_id,
+            "user_id": user_id,
+            "workspace_dir": str(self.ops.root / session_id),
+            "metadata": {**metadata, "user_id": user_id},
+            "run_id": None,
+            "is_live_session": True,
+        }
+
+    def api_list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        limit = int_param(query_params(request), "limit")
+        return self._api_list_sessions(50 if limit is None else limit)
+
+    async def _api_list_sessions(self, limit: int) -> Response:
+        page = await self.run_ops(self.ops.list_sessions, limit=limit, runtime=self.runtime())
+        rows = []
+        for summary in page["sessions"]:
+            session_id = summary["session_id"]
+            try:
+                owner = await self.run_ops(self.ops.read_session_owner, session_id)
+            except ops_service.SessionNotFound:
+                continue  # deleted since the listing
+            rows.append({
+                "session_id": session_id,
+                "workspace_dir": str(self.ops.root / session_id),
+                "status": summary["status"],
+                "user_id": owner,
+                "metadata": summary,
+                "run_id": None,
+                "is_live_session": False,
+            })
+        return json_response(200, {"sessions": rows})
+
+    async def resume_session(self, request: Request, params: Dict[str, str]) -> Response:
+        session_id = params["session_id"]
+        try:
+            owner = await self.run_ops(self.ops.read_session_owner, session_id)
+        except ops_service.SessionNotFound:
+            raise HttpError(404, "Session not found") from None
+        owner = owner or self.config.default_user
+        if not self.access.user_allowed(owner):
+            raise HttpError(403, "Access denied: User not allowed.")
+        return json_response(200, self._session_reply(session_id, owner, {"resumed": True}))
+
+    async def forget_session(self, request: Request, params: Dict[str, str]) -> Response:
+        """Forget a session's live state (its running turn is cancelled, its sockets closed, its turn ids
+        forgotten); its files stay. Only the Ops delete removes them."""
+        session_id = params["session_id"]
+        try:
+            await self.run_ops(self.ops.session_dir, session_id)
+        except ops_service.SessionNotFound:
+            raise HttpError(404, "Session not found") from None
+        hub = self.hub
+        if hub is not None:
+            await hub.cancel_and_wait(session_id, "session deleted")
+            hub.close_session(session_id, CloseCode.NORMAL, "session deleted; its files stay")
+        return json_response(200, {"status": "deleted", "session_id": session_id})
 
     def admit_session_creation(self, address: str) -> None:
         """Count one session creation (HTTP or the WebSocket lobby) by ``address``; HttpError 429 with

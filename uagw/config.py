@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 # Variables that hold a secret. Each may instead be given as <NAME>_FILE, the path of a file holding it
 # (the convention of container secrets and systemd credentials), which keeps the secret out of every
 # process environment. Neither form is handed on to agent commands.
-SECRET_VARIABLES = ("UA_OPS_TOKEN",)
+SECRET_VARIABLES = ("UA_OPS_TOKEN", "UA_INTERNAL_API_TOKEN")
 SECRET_FILE_SUFFIX = "_FILE"
 HIDDEN_FROM_AGENTS = frozenset(name + suffix for name in SECRET_VARIABLES for suffix in ("", SECRET_FILE_SUFFIX))
 
@@ -126,6 +126,26 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+# Universal Agent's user when a client names none (its identity resolver): COMPOSIO_USER_ID, else
+# DEFAULT_USER_ID, else this.
+DEFAULT_USER = "user_universal"
+
+
+def default_user(env: Mapping[str, str]) -> str:
+    return (env.get("COMPOSIO_USER_ID") or "").strip() or (env.get("DEFAULT_USER_ID") or "").strip() or DEFAULT_USER
+
+
+def allowed_users(env: Mapping[str, str]) -> List[str]:
+    """UA_ALLOWED_USERS; when it lists anyone, extended as Universal Agent extends it: with COMPOSIO_USER_ID,
+    DEFAULT_USER_ID, UA_DASHBOARD_OWNER_ID and each id of TELEGRAM_ALLOWED_USER_IDS (else ALLOWED_USER_IDS)."""
+    users = _split_list(env.get("UA_ALLOWED_USERS"))
+    if users:
+        users += [value.strip() for value in (env.get(name) for name in (
+            "COMPOSIO_USER_ID", "DEFAULT_USER_ID", "UA_DASHBOARD_OWNER_ID")) if value and value.strip()]
+        users += _split_list(env.get("TELEGRAM_ALLOWED_USER_IDS") or env.get("ALLOWED_USER_IDS"))
+    return users
+
+
 class Config:
     """Everything the gateway is told at start. Build it with ``Config.from_env`` or by hand."""
 
@@ -151,11 +171,16 @@ class Config:
         session_create_burst: int = SESSION_CREATE_BURST,
         session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
         log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
+        internal_token: Optional[str] = None,
+        default_user: str = DEFAULT_USER,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
         self.workspaces = Path(os.path.abspath(os.fspath(workspaces)))
         self.token = token or None
+        # UA_INTERNAL_API_TOKEN: the session API and WebSockets accept it beside the Ops token (PROTOCOL.md §4)
+        self.internal_token = internal_token or None
+        self.default_user = default_user  # who a session belongs to when its creator names nobody
         self.allowed_users = frozenset(allowed_users)
         self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
         self.allow_from = [
@@ -202,7 +227,7 @@ class Config:
 
     def check_exposure(self) -> None:
         """Refuse a non-loopback bind without a token (PROTOCOL.md §1), unless ``insecure`` says otherwise."""
-        if self.token or self.insecure or is_loopback_host(self.host):
+        if self.token or self.internal_token or self.insecure or is_loopback_host(self.host):
             return
         raise ConfigError(
             f"refusing to listen on {self.host} without a token: anyone who can reach this address could "
@@ -230,7 +255,9 @@ class Config:
             port=port,
             workspaces=env.get("UA_WORKSPACES_DIR") or DEFAULT_WORKSPACES,
             token=read_secret(env, "UA_OPS_TOKEN"),
-            allowed_users=_split_list(env.get("UA_ALLOWED_USERS")),
+            internal_token=read_secret(env, "UA_INTERNAL_API_TOKEN"),
+            default_user=default_user(env),
+            allowed_users=allowed_users(env),
             cors_origins=_split_list(env.get("UA_CORS_ORIGINS")),
             allow_from=_parse_networks(env.get("UA_OPS_ALLOW_FROM")),
             allowed_hosts=_split_list(env.get("UA_ALLOWED_HOSTS")),

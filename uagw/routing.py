@@ -85,8 +85,9 @@ def bool_param(params: Dict[str, str], name: str) -> bool:
     raise HttpError(400, f"query parameter {name} must be true or false, not {show(text)}")
 
 
-def json_object_body(request: Request, allowed: Sequence[str]) -> Dict[str, Any]:
-    """The request's JSON object body (an empty body is ``{}``), with only the ``allowed`` keys."""
+def json_object_body(request: Request, allowed: Sequence[str], ignore_unknown: bool = False) -> Dict[str, Any]:
+    """The request's JSON object body (an empty body is ``{}``), with only the ``allowed`` keys: another
+    key is a 400, or dropped with ``ignore_unknown`` (as Universal Agent's models drop them)."""
     if not request.body.strip():
         return {}
     try:
@@ -96,6 +97,8 @@ def json_object_body(request: Request, allowed: Sequence[str]) -> Dict[str, Any]
     if not isinstance(value, dict):
         raise HttpError(400, f"request body must be a JSON object, not {type(value).__name__}")
     unknown = sorted(set(value) - set(allowed))
+    if unknown and ignore_unknown:
+        return {key: item for key, item in value.items() if key in allowed}
     if unknown:
         raise HttpError(
             400, f"unknown field(s) {show(unknown)} in the request body; allowed: {', '.join(allowed) or 'none'}"
@@ -152,6 +155,8 @@ class Scope(str, enum.Enum):
 
     PUBLIC = "public"  # anyone who can reach the port (health, the console's files, the OpenAPI document)
     TOKEN = "token"  # the token (UA_OPS_TOKEN), the address allowlist, the lockout and the cross-site refusal
+    # As TOKEN, but UA_INTERNAL_API_TOKEN is accepted beside UA_OPS_TOKEN: the session API and the WebSockets
+    SESSION = "session"
 
 
 class Route:

@@ -25,6 +25,7 @@ from .limits import (
     REMEMBERED_TURN_IDS,
 )
 from .text import loads_json, show
+from .config import Config
 from .http11 import HttpError
 from .access import AccessControl
 from .logs import GatewayLog, SessionWriter
@@ -58,6 +59,9 @@ class SessionHost(Protocol):
 
     @property
     def hub(self) -> Optional["SessionHub"]: ...
+
+    @property
+    def config(self) -> Config: ...
 
     def run_ops(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]: ...
 
@@ -329,8 +333,11 @@ class AgentSocket:
 
     def on_open(self, bridge: MessageChannel) -> None:
         self.bridge = bridge
-        if not self.gateway.access.user_allowed(self.user_id):
-            bridge.close(CloseCode.USER_NOT_ALLOWED, "user not allowed (X-UA-User or user_id is missing or not in UA_ALLOWED_USERS)")
+        # The session's owner is judged once it is known (_attach); a claim sent here must pass as well,
+        # and in the lobby the claim (else the default user) will own the new session.
+        claim = self.user_id if self.user_id is not None or not self.lobby else self.gateway.config.default_user
+        if claim is not None and not self.gateway.access.user_allowed(claim):
+            bridge.close(CloseCode.USER_NOT_ALLOWED, "Access denied: user not allowed (X-UA-User or user_id is not in UA_ALLOWED_USERS)")
             return
         if self.lobby:
             self.pending = None
@@ -358,7 +365,8 @@ class AgentSocket:
 
     # -- protocol ------------------------------------------------------------------------------------------
 
-    async def _attach(self, session_id: str, first: Optional[Union[str, bytes]]) -> None:
+    async def _attach(self, session_id: str, first: Optional[Union[str, bytes]], owner: Optional[str] = None) -> None:
+        """Attach to ``session_id`` (``owner``: already known, as for a session the lobby just created)."""
         ops = self.gateway.ops
         try:
             workspace = await self.gateway.run_ops(ops.session_dir, session_id)
@@ -371,11 +379,25 @@ class AgentSocket:
         except OpsError as exc:
             self.channel.close(CloseCode.INTERNAL_ERROR, exc.detail)
             return
+        if owner is None:
+            try:
+                owner = await self.gateway.run_ops(ops.read_session_owner, session_id)
+            except OpsError:
+                owner = None  # removed meanwhile: the session directory was found a moment ago
+        owner = owner or self.gateway.config.default_user
         if not self.channel.open:
+            return
+        if not self.gateway.access.user_allowed(owner):
+            self.channel.close(CloseCode.USER_NOT_ALLOWED, "Access denied: the session's owner is not in UA_ALLOWED_USERS")
             return
         self.session_id = session_id
         self.live = self.hub.attach(session_id, Path(workspace), self)
-        self.send("connected", {"session_id": session_id, "workspace_dir": str(workspace)})
+        session = {"session_id": session_id, "workspace": str(workspace), "workspace_dir": str(workspace),
+                   "user_id": owner, "run_id": None, "is_live_session": True, "session_url": None,
+                   "logfire_enabled": False}
+        self.send("connected", {"message": "Connected to Universal Agent", "session": session,
+                                "session_id": session_id, "workspace_dir": str(workspace), "user_id": owner,
+                                "run_id": None, "is_live_session": True})
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
             if self.live.turn.awaiting_input is not None:
@@ -396,13 +418,20 @@ class AgentSocket:
             for message in held:
                 self._handle(message)
             return
+        ops = self.gateway.ops
+        owner = self.user_id or self.gateway.config.default_user
+
+        def create() -> Tuple[str, str]:  # one trip to the disk thread: messages wait meanwhile
+            session_id = ops.create_session()["session_id"]
+            return session_id, ops.record_session_owner(session_id, owner)
+
         try:
-            created = await self.gateway.run_ops(self.gateway.ops.create_session)
+            session_id, owner = await self.gateway.run_ops(create)
         except OpsError as exc:
             self.send("error", {"message": f"could not create a session: {exc.detail}"})
             self.pending = None
             return
-        await self._attach(created["session_id"], first)
+        await self._attach(session_id, first, owner)
 
     def _handle(self, message: Union[str, bytes]) -> None:
         if isinstance(message, bytes):

@@ -760,6 +760,8 @@
 
   function frameSummary(frame) {
     const data = frame.data || {};
+    // connected carries Universal Agent's "message" too; the session it names is what matters here
+    if (frame.type === 'connected' && typeof data.session_id === 'string') return data.session_id;
     for (const key of ['text', 'message', 'status', 'prompt', 'question', 'session_id']) {
       if (typeof data[key] === 'string') return data[key];
     }
