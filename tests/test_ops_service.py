@@ -307,7 +307,7 @@ def test_list_limit_is_clamped_to_1_through_1000(svc, root, limit, expected):
 
 def test_unknown_status_is_invalid_argument(svc):
     with pytest.raises(InvalidArgument, match="status must be one of all, running, active, idle, archived"):
-        svc.list_sessions(status="running")
+        svc.list_sessions(status="bogus")
 
 
 def test_negative_offset_is_invalid_argument(svc):
