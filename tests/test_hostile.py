@@ -89,7 +89,7 @@ def traversal_slots(x: str) -> List[Tuple[str, str, Optional[bytes], Sequence[in
         ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_memory": true, "clear_logs": false, "x": ' + as_json + b"}", (200,)),
         ("POST", "/api/v1/ops/sessions/s1/compact", b'{"max_lines": ' + as_json + b"}", (400,)),
         ("POST", "/api/v1/ops/sessions/s1/compact", b'{"max_bytes": ' + as_json + b"}", (400,)),
-        ("POST", "/api/v1/ops/sessions/s1/reset", b"{" + as_json + b": true}", (200,)),
+        ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_logs": false, ' + as_json + b": true}", (200,)),
         # An unknown field is ignored (a fresh id, 201) until session_id is a known, validated field (400).
         ("POST", "/api/v1/sessions", b'{"session_id": ' + as_json + b"}", (400, 201)),
         ("POST", "/api/v1/sessions", b'{"user_id": ' + as_json + b"}", (201,)),
