@@ -1288,9 +1288,10 @@ def _event_seq_of(runtime: Optional[Runtime], session_id: str) -> int:
 # -- UA's summary fields (docs/PROTOCOL.md §5.2): every read bounded, every failure a default ---------------
 
 def _read_prefix_at(dir_fd: int, name: str, limit: int) -> Optional[bytes]:
-    """The first ``limit`` bytes of a regular file of the session (no symlink, no FIFO), or None."""
+    """The first ``limit`` bytes of a regular file of the session (no symlink, no FIFO, no second hard link:
+    that name may be a file outside the session), or None."""
     try:
-        opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=dir_fd))
+        opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link)
     except OSError:
         return None
     if opened is None:

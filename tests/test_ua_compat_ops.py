@@ -376,3 +376,14 @@ def test_logs_tail_path_reads_a_sessions_logs_and_refuses_anything_else(ua):
                 "tailp-1/../tailp-1/run.log", "", "tailp-1/run.log/x"]:
         reply = tail(bad)
         assert reply.status == 400, (bad, reply)
+
+
+def test_summary_files_with_a_second_hard_link_are_not_read(ua, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("TOP SECRET CONTENT")
+    directory = ua.make_session("link-desc")
+    (directory / "description.txt").hardlink_to(outside)
+    (tmp_path / "policy.json").write_bytes(policy("mallory"))
+    (directory / "session_policy.json").hardlink_to(tmp_path / "policy.json")
+    session = summary(ua, "link-desc")
+    assert session["description"] is None and session["owner"] == "unknown"
