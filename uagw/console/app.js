@@ -404,6 +404,9 @@
     facts.textContent = '';
     const heartbeat = session.heartbeat && session.heartbeat.last_turn;
     [
+      ['Description', session.description || '–'],
+      ['Owner', (session.owner || 'unknown') + ' · ' + (session.source || 'local') + ' · memory ' + (session.memory_mode || 'direct_only')],
+      ['Rehydrate', session.rehydrate_reason ? (session.rehydrate_ready ? 'ready: ' : 'not ready: ') + session.rehydrate_reason : '–'],
       ['Last activity', formatTime(session.last_activity) + ' (' + timeAgo(session.last_activity) + ')'],
       ['Last modified', formatTime(session.last_modified)],
       ['Heartbeat', session.heartbeat_last_at ? formatTime(session.heartbeat_last_at) + ' (' + timeAgo(session.heartbeat_last_at) + ')' : '–'],
