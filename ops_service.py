@@ -167,7 +167,22 @@ MAX_HEARTBEAT_BYTES = 1 << 20
 # tree nested thousands deep cannot exhaust descriptors. Deeper levels are not counted.
 MAX_TREE_DEPTH = 32
 
-STATUSES = ("all", "active", "idle", "archived")
+# UA HEAD's order of the status values (running > active > archived > idle); as a filter, "active" also
+# matches "running", and UA's "complete"/"terminal" are accepted and match nothing (we have no terminal state).
+STATUSES = ("all", "running", "active", "idle", "archived", "complete", "terminal")
+
+# UA's session files the summary reads (docs/PROTOCOL.md §5.2): the owner and memory mode, and the
+# sources of the description and of the rehydrate diagnostics. Each read is bounded (MAX_DESCRIPTION_READ).
+POLICY_FILE_NAME = "session_policy.json"
+DESCRIPTION_FILE_NAME = "description.txt"
+CONTEXT_BRIEF_FILE_NAME = "context_brief.md"
+CHECKPOINT_JSON_NAMES = ("run_checkpoint.json", "session_checkpoint.json")
+CHECKPOINT_MD_NAMES = ("run_checkpoint.md", "session_checkpoint.md")
+TRACE_FILE_NAME = "trace.json"
+MAX_DESCRIPTION_READ = 96_000  # bytes of description.txt read, as UA; larger JSON sources are skipped
+DESCRIPTION_SHOWN = 160  # characters of a summary's description (UA: 159 and an ellipsis beyond)
+MAX_DESCRIPTION_CHARS = 2000  # PATCH {description}: longer is refused (UA has no bound)
+MEMORY_MODES = ("off", "memory_only", "direct_only", "all")
 
 # Bytes hashed at the head of a log and just before a cursor: enough to tell a rotated
 # or rewritten file from a grown one, cheap enough to re-read on every follow call.
@@ -220,12 +235,15 @@ _NO_LINK_ERRNOS = frozenset(
 # Names a session summary looks at; every other entry of a session directory is ignored.
 _SUMMARY_NAMES = frozenset(
     LOG_FILES + (HEARTBEAT_FILE_NAME, MEMORY_FILE_NAME, MEMORY_DIR_NAME, ARCHIVE_DIR_NAME)
+    + (POLICY_FILE_NAME, DESCRIPTION_FILE_NAME, CONTEXT_BRIEF_FILE_NAME, TRACE_FILE_NAME)
+    + CHECKPOINT_JSON_NAMES + CHECKPOINT_MD_NAMES
 )
 _ACTIVITY_FILES = LOG_FILES + (HEARTBEAT_FILE_NAME,)
 _RACY_NS = 1_000_000_000  # a directory changed this recently is re-read, not trusted to its mtime
 _KINDS_CACHE_MAX = 100_000  # sessions remembered by the listing; past that it starts afresh
 
-Runtime = Mapping[str, Tuple[int, bool]]
+# session id -> (active_connections, running) or (active_connections, running, last_event_seq)
+Runtime = Mapping[str, Tuple[Any, ...]]
 
 
 # --------------------------------------------------------------------------------------
@@ -1309,10 +1327,253 @@ def _runtime_of(runtime: Optional[Runtime], session_id: str) -> Tuple[int, bool]
     if not runtime:
         return 0, False
     try:
-        connections, running = runtime.get(session_id, (0, False))
+        connections, running = tuple(runtime.get(session_id, (0, False)))[:2]
         return max(0, int(connections)), bool(running)
     except (TypeError, ValueError):
         return 0, False
+
+
+def _event_seq_of(runtime: Optional[Runtime], session_id: str) -> int:
+    """The third item of a session's runtime entry (the sequence number of its last event), else 0."""
+    if not runtime:
+        return 0
+    try:
+        entry = tuple(runtime.get(session_id, ()))
+        return max(0, int(entry[2])) if len(entry) > 2 else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+# -- UA's summary fields (docs/PROTOCOL.md §5.2): every read bounded, every failure a default ---------------
+
+def _read_prefix_at(dir_fd: int, name: str, limit: int) -> Optional[bytes]:
+    """The first ``limit`` bytes of a regular file of the session (no symlink, no FIFO, no second hard link:
+    that name may be a file outside the session), or None."""
+    try:
+        opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link)
+    except OSError:
+        return None
+    if opened is None:
+        return None
+    fd, _st = opened
+    try:
+        return _pread_full(fd, limit, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _read_small_json_at(dir_fd: int, name: str) -> Tuple[bool, Optional[Dict[str, Any]]]:
+    """(exists, the JSON object) of a session file of at most MAX_DESCRIPTION_READ bytes; a larger,
+    broken or non-object file reads as (True, None)."""
+    data = _read_prefix_at(dir_fd, name, MAX_DESCRIPTION_READ + 1)
+    if data is None:
+        return False, None
+    if len(data) > MAX_DESCRIPTION_READ:
+        return True, None
+    try:
+        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return True, None
+    return True, value if isinstance(value, dict) else None
+
+
+def _policy_owner(policy: Optional[Dict[str, Any]]) -> Optional[str]:
+    value = policy.get("user_id") if policy is not None else None
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    return None
+
+
+def session_owner(session_id: str, policy: Optional[Dict[str, Any]]) -> str:
+    """UA's ``owner``: the policy's user_id, else ``telegram_<n>`` for a ``tg_<n>`` id, else "unknown"."""
+    owner = _policy_owner(policy)
+    if owner is not None:
+        return owner
+    if session_id.startswith("tg_"):
+        return "telegram_" + session_id[3:]
+    return "unknown"
+
+
+def memory_mode(policy: Optional[Dict[str, Any]]) -> str:
+    """UA's ``memory_mode`` from a session policy: off, memory_only, direct_only (the default) or all."""
+    memory = policy.get("memory") if policy is not None else None
+    if not isinstance(memory, dict):
+        return "direct_only"
+    if not memory.get("enabled", True):
+        return "off"
+    if not memory.get("sessionMemory", True):
+        return "memory_only"
+    scope = memory.get("scope", "direct_only")
+    scope = scope.strip().lower() if isinstance(scope, str) else ""
+    return scope if scope in ("direct_only", "all") else "direct_only"
+
+
+def session_source(session_id: str, owner: str) -> str:
+    """UA HEAD's ``source`` from the id prefix (and a telegram owner)."""
+    sid = session_id.lower()
+    if sid.startswith("daemon_"):
+        return "daemon"
+    if sid.startswith("tg_") or owner.lower().startswith("telegram_"):
+        return "telegram"
+    if sid.startswith("session_"):
+        return "chat"
+    if sid.startswith("api_"):
+        return "api"
+    return "local"
+
+
+def _channel(session_id: str, source: str) -> str:
+    """UA HEAD's ``channel`` for what an id and a source tell (we have no run catalog)."""
+    sid = session_id.lower()
+    if sid.startswith("daemon_"):
+        return "infrastructure"
+    if sid.startswith("vp_"):
+        return "vp_mission"
+    if sid.startswith("cron_"):
+        return "scheduled"
+    if sid.startswith("discord_"):
+        return "discord"
+    if source in ("chat", "local", "api", "telegram"):
+        return "interactive"
+    return "system"
+
+
+def _shorten_description(text: str) -> Optional[str]:
+    text = " ".join(text.split())
+    if not text:
+        return None
+    if len(text) > DESCRIPTION_SHOWN:
+        return text[: DESCRIPTION_SHOWN - 1] + "\u2026"
+    return text
+
+
+_HEADING_RE = re.compile(r"^#{1,3}\s+(.+)$")
+
+
+def _brief_title(data: bytes) -> Optional[str]:
+    lines = data.decode("utf-8", "ignore").splitlines()
+    for line in lines:
+        match = _HEADING_RE.match(line.strip())
+        if match and match.group(1).strip():
+            return match.group(1).strip()
+    for line in lines:
+        line = line.strip()
+        if line and not line.startswith("---"):
+            return line
+    return None
+
+
+def _checkpoint_md_request(data: bytes) -> Optional[str]:
+    lines = data.decode("utf-8", "ignore").splitlines()
+    for index, line in enumerate(lines):
+        if line.strip() == "### Original Request":
+            quoted: List[str] = []
+            for after in lines[index + 1 :]:
+                after = after.strip()
+                if not quoted and not after:
+                    continue
+                if not after.startswith(">"):
+                    break
+                quoted.append(after.lstrip(">").strip())
+            text = " ".join(part for part in quoted if part)
+            return text or None
+    return None
+
+
+_CHECKPOINT_REQUEST_KEYS = ("original_request", "query", "prompt", "task", "description", "title")
+
+
+def _description_at(dir_fd: int, kinds: Mapping[str, str], checkpoint: Optional[Dict[str, Any]]) -> Optional[str]:
+    """UA HEAD's description sources, in its order; the first that gives text wins."""
+    if kinds.get(DESCRIPTION_FILE_NAME) == "file":
+        data = _read_prefix_at(dir_fd, DESCRIPTION_FILE_NAME, MAX_DESCRIPTION_READ)
+        text = _shorten_description(data.decode("utf-8", "ignore")) if data else None
+        if text:
+            return text
+    if kinds.get(CONTEXT_BRIEF_FILE_NAME) == "file":
+        data = _read_prefix_at(dir_fd, CONTEXT_BRIEF_FILE_NAME, 2048)
+        title = _brief_title(data) if data else None
+        text = _shorten_description(title) if title else None
+        if text:
+            return text
+    if checkpoint is not None:
+        for key in _CHECKPOINT_REQUEST_KEYS:
+            value = checkpoint.get(key)
+            if isinstance(value, str) and value.strip():
+                return _shorten_description(value)
+    else:
+        for name in CHECKPOINT_MD_NAMES:
+            if kinds.get(name) != "file":
+                continue
+            data = _read_prefix_at(dir_fd, name, MAX_DESCRIPTION_READ)
+            if not data:
+                continue
+            request = _checkpoint_md_request(data)
+            if request:
+                return _shorten_description(request)
+            break
+    if kinds.get(TRACE_FILE_NAME) == "file":
+        _exists, trace = _read_small_json_at(dir_fd, TRACE_FILE_NAME)
+        query = trace.get("query") if trace is not None else None
+        if isinstance(query, str) and query.strip():
+            return _shorten_description(query)
+    return None
+
+
+def _checkpoint_at(dir_fd: int, kinds: Mapping[str, str]) -> Optional[Dict[str, Any]]:
+    """The first checkpoint JSON that exists (run_ then session_), parsed; None when absent or broken."""
+    for name in CHECKPOINT_JSON_NAMES:
+        if kinds.get(name) == "file":
+            return _read_small_json_at(dir_fd, name)[1]
+    return None
+
+
+def _checkpoint_fields(checkpoint: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    if checkpoint is None:
+        return {"has_checkpoint": False, "checkpoint_age_seconds": None, "checkpoint_tasks_completed": 0,
+                "checkpoint_artifacts_count": 0, "checkpoint_original_request": None}
+    age: Optional[float] = None
+    stamp = checkpoint.get("timestamp")
+    if isinstance(stamp, str) and stamp:
+        try:
+            when = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            age = (datetime.now(timezone.utc) - when).total_seconds()
+        except (ValueError, OverflowError):
+            age = None
+    tasks, artifacts = checkpoint.get("completed_tasks"), checkpoint.get("artifacts")
+    request = checkpoint.get("original_request")
+    request = request.strip()[:200] if isinstance(request, str) and request.strip() else None
+    return {"has_checkpoint": True, "checkpoint_age_seconds": age,
+            "checkpoint_tasks_completed": len(tasks) if isinstance(tasks, list) else 0,
+            "checkpoint_artifacts_count": len(artifacts) if isinstance(artifacts, list) else 0,
+            "checkpoint_original_request": request}
+
+
+def _rehydrate(has_checkpoint: bool, has_run_log: bool, has_memory: bool, mode: str) -> Tuple[bool, str]:
+    if has_checkpoint:
+        return True, "checkpoint_available"
+    if has_run_log and has_memory:
+        return True, "run_log_and_memory_available"
+    reasons = []
+    if not has_run_log:
+        reasons.append("no_run_log")
+    reasons.append("no_checkpoint")
+    if not has_memory:
+        reasons.append("no_memory_file")
+    if mode == "direct_only":
+        reasons.append("memory_mode_direct_only")
+    return False, "; ".join(reasons)
+
+
+def _heartbeat_epoch(heartbeat: Optional[Dict[str, Any]]) -> Optional[float]:
+    value = heartbeat.get("last_run") if heartbeat else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
 
 
 class OpsService:
@@ -1537,8 +1798,14 @@ class OpsService:
         limit: Optional[int] = LIST_DEFAULT_LIMIT,
         offset: Optional[int] = 0,
         runtime: Optional[Runtime] = None,
+        source: Optional[str] = None,
+        owner: Optional[str] = None,
+        memory_mode: Optional[str] = None,
     ) -> Dict[str, Any]:
         """One page of session summaries, newest ``last_activity`` first.
+
+        ``status`` "active" also matches "running" (UA HEAD); ``source``, ``owner`` and ``memory_mode``
+        (UA HEAD's filters) match the summary's field case-insensitively, an empty one matching all.
 
         ``runtime`` maps session ids to ``(active_connections, running)``; a missing id
         means ``(0, False)``. Returns ``{"sessions", "total", "limit", "offset"}`` where
@@ -1551,13 +1818,19 @@ class OpsService:
             raise InvalidArgument(
                 "status must be one of {}, got {}".format(", ".join(STATUSES), _show(status))
             )
+        filters: Dict[str, str] = {"status": status}
+        for name, value in (("source", source), ("owner", owner), ("memory_mode", memory_mode)):
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgument("{} must be a string, got {}".format(name, _show(value)))
+            if value:
+                filters[name] = value
         limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
         offset = _non_negative_int("offset", offset, 0)
         _require_runtime(runtime)
         with self._os_errors("listing sessions", None):
             scans = self._scan_sessions()
-            if status != "all":
-                scans = [scan for scan in scans if self._status(scan, runtime) == status]
+            if len(filters) > 1 or status != "all":
+                scans = [scan for scan in scans if self._matches(scan, runtime, filters)]
             scans.sort(key=lambda scan: (-scan.activity_ns, scan.session_id))
             page = scans[offset : offset + limit]
             sessions = [self._summary(scan, runtime) for scan in page]
@@ -1764,8 +2037,9 @@ class OpsService:
         return moved
 
     def write_heartbeat(self, session_id: str, state: Mapping[str, Any]) -> None:
-        """Replace ``heartbeat_state.json`` atomically (temp file in the same directory, then
-        rename), so a reader sees the old state or the new one, never a partial file.
+        """Merge ``state`` over ``heartbeat_state.json`` (its keys replace the stored ones, the others stay)
+        and write the result atomically (temp file in the same directory, then rename), so a reader sees
+        the old state or the new one, never a partial file.
 
         Raises InvalidSessionId, InvalidArgument (not a JSON object, or over
         MAX_HEARTBEAT_BYTES), SessionNotFound, WorkspacesUnavailable, StorageFull.
@@ -1774,16 +2048,21 @@ class OpsService:
         if not isinstance(state, Mapping):
             raise InvalidArgument("heartbeat state must be a JSON object, got {}".format(type(state).__name__))
         try:
-            data = json.dumps(dict(state), allow_nan=False).encode("utf-8")
+            json.dumps(dict(state), allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
             raise InvalidArgument("heartbeat state is not JSON-serializable: {}".format(exc)) from None
-        if len(data) > MAX_HEARTBEAT_BYTES:
-            raise InvalidArgument(
-                "heartbeat state is {} bytes; at most {} are accepted".format(len(data), MAX_HEARTBEAT_BYTES)
-            )
         doing = "writing the heartbeat of session {}".format(session_id)
         with self.session_lock(session_id), self._os_errors(doing, session_id, "the previous heartbeat is intact"):
             with self._session_fd(session_id) as dir_fd:
+                # Merged over the stored object: keys another writer keeps there (UA's HeartbeatService:
+                # last_summary, last_message_hash, ...) survive; a missing or broken file counts as {}.
+                merged = _heartbeat_at(dir_fd) or {}
+                merged.update(state)
+                data = json.dumps(merged, allow_nan=False).encode("utf-8")
+                if len(data) > MAX_HEARTBEAT_BYTES:
+                    raise InvalidArgument(
+                        "heartbeat state is {} bytes; at most {} are accepted".format(len(data), MAX_HEARTBEAT_BYTES)
+                    )
                 temp = ".{}.{}.tmp".format(HEARTBEAT_FILE_NAME, secrets.token_hex(4))
                 fd = os.open(temp, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
                 try:
@@ -1807,8 +2086,8 @@ class OpsService:
     ) -> Dict[str, Any]:
         """Move the chosen items into a new ``archive/<stamp>/`` (rename, never copy).
 
-        Returns ``{"status": "reset", "archived": [names], "archive_dir": "archive/<stamp>"}``;
-        ``archive_dir`` is None when there was nothing to move. ``work_products/`` is
+        Returns ``{"status": "reset", "archived": [names], "archive_dir": "<root>/<id>/archive/<stamp>",
+        "archive_path": "archive/<stamp>"}``; both are None when there was nothing to move. ``work_products/`` is
         recreated empty when it was cleared.
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
         StorageFull.
@@ -1841,7 +2120,49 @@ class OpsService:
                     archive_dir = "{}/{}".format(ARCHIVE_DIR_NAME, stamp)
                 if clear_work_products:
                     _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
-        return {"status": "reset", "archived": archived, "archive_dir": archive_dir}
+        return {"status": "reset", "archived": archived, **self._archive_paths(session_id, archive_dir)}
+
+    def _archive_paths(self, session_id: str, relative: Optional[str]) -> Dict[str, Optional[str]]:
+        """``archive_dir`` absolute (as UA answers) and ``archive_path`` relative to the session (ours)."""
+        return {"archive_dir": None if relative is None else str(self.root / session_id / relative),
+                "archive_path": relative}
+
+    def set_description(self, session_id: str, description: object) -> Dict[str, Any]:
+        """Write ``description.txt`` (stripped; atomically), which the summary's description shows first.
+
+        Returns ``{"status": "updated", "session_id", "updates": {"description": text}}``. Raises
+        InvalidSessionId, InvalidArgument (not a string, over MAX_DESCRIPTION_CHARS), SessionNotFound,
+        WorkspacesUnavailable, StorageFull.
+        """
+        _require_session_id(session_id)
+        if not isinstance(description, str):
+            raise InvalidArgument("description must be a string, got {}".format(_show(description)))
+        text = description.strip()
+        if len(text) > MAX_DESCRIPTION_CHARS:
+            raise InvalidArgument(
+                "description is {} characters; at most {} are accepted".format(len(text), MAX_DESCRIPTION_CHARS)
+            )
+        doing = "writing the description of session {}".format(session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id, "the previous description is intact"):
+            with self._session_fd(session_id) as dir_fd:
+                temp = ".{}.{}.tmp".format(DESCRIPTION_FILE_NAME, secrets.token_hex(4))
+                fd = os.open(temp, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
+                try:
+                    try:
+                        _write_all(fd, text.encode("utf-8", "replace"))
+                    finally:
+                        os.close(fd)
+                    os.replace(temp, DESCRIPTION_FILE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    self._unlink_quietly(temp, dir_fd)
+                    raise
+        return {"status": "updated", "session_id": session_id, "updates": {"description": text}}
+
+    def require_session(self, session_id: str) -> None:
+        """Raise InvalidSessionId or SessionNotFound unless ``session_id`` names a session directory."""
+        _require_session_id(session_id)
+        with self._os_errors("looking up session {}".format(session_id), session_id):
+            self.session_dir(session_id)
 
     def compact_session(
         self,
@@ -1855,7 +2176,7 @@ class OpsService:
         in the live file. A log with nothing to drop is left alone.
 
         Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_freed": n,
-        "archive_dir": "archive/<stamp>" or None}``.
+        "archive_dir": "<root>/<id>/archive/<stamp>" or None, "archive_path": "archive/<stamp>" or None}``.
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
         StorageFull.
         """
@@ -1897,7 +2218,7 @@ class OpsService:
             "status": "compacted",
             "files": files,
             "bytes_freed": freed,
-            "archive_dir": None if archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, archive[0]),
+            **self._archive_paths(session_id, None if archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, archive[0])),
         }
 
     def delete_session(self, session_id: str) -> Dict[str, str]:
@@ -2189,10 +2510,36 @@ class OpsService:
         return scan.archived
 
     def _status(self, scan: _SessionScan, runtime: Optional[Runtime], dir_fd: Optional[int] = None) -> str:
+        # UA HEAD's order: a running turn, then a connection; "archived" is ours.
         connections, running = _runtime_of(runtime, scan.session_id)
-        if connections > 0 or running:
+        if running:
+            return "running"
+        if connections > 0:
             return "active"
         return "archived" if self._is_archived(scan, dir_fd) else "idle"
+
+    def _policy(self, scan: _SessionScan, dir_fd: Optional[int]) -> Optional[Dict[str, Any]]:
+        if dir_fd is None or not scan.is_file(POLICY_FILE_NAME):
+            return None
+        return _read_small_json_at(dir_fd, POLICY_FILE_NAME)[1]
+
+    def _matches(self, scan: _SessionScan, runtime: Optional[Runtime], filters: Mapping[str, str]) -> bool:
+        """Whether a session passes the list filters (status, and UA HEAD's source, owner, memory_mode)."""
+        status = filters.get("status", "all")
+        if status != "all":
+            actual = self._status(scan, runtime)
+            if not (actual == status or (status == "active" and actual == "running")):
+                return False
+        wanted = {name: filters[name].strip().lower() for name in ("source", "owner", "memory_mode")
+                  if filters.get(name)}
+        if not wanted:
+            return True
+        with self._listed_session_fd(scan.session_id) as dir_fd:
+            policy = self._policy(scan, dir_fd)
+        owner = session_owner(scan.session_id, policy)
+        actual_values = {"owner": owner, "source": session_source(scan.session_id, owner),
+                         "memory_mode": memory_mode(policy)}
+        return all(actual_values[name].lower() == value for name, value in wanted.items())
 
     def _summary(self, scan: _SessionScan, runtime: Optional[Runtime], dir_fd: Optional[int] = None) -> Dict[str, Any]:
         """The summary of ``scan``; its heartbeat and archive are read through ``dir_fd`` when
@@ -2207,17 +2554,43 @@ class OpsService:
         heartbeat = None
         if dir_fd is not None and scan.is_file(HEARTBEAT_FILE_NAME):
             heartbeat = _heartbeat_at(dir_fd)
+        policy = self._policy(scan, dir_fd)
+        owner = session_owner(scan.session_id, policy)
+        source = session_source(scan.session_id, owner)
+        mode = memory_mode(policy)
+        checkpoint = _checkpoint_at(dir_fd, scan.entries) if dir_fd is not None else None
+        checkpoint_fields = _checkpoint_fields(checkpoint)
+        has_run_log = scan.is_file(LOG_FILES[0])
+        has_memory = MEMORY_FILE_NAME in scan.entries or MEMORY_DIR_NAME in scan.entries
+        ready, reason = _rehydrate(checkpoint_fields["has_checkpoint"], has_run_log, has_memory, mode)
+        created = _epoch_iso(policy.get("created_at")) if policy is not None else None
         return {
             "session_id": scan.session_id,
+            "workspace_dir": str(self.root / scan.session_id),
             "status": self._status(scan, runtime, dir_fd),
+            "source": source,
+            "channel": _channel(scan.session_id, source),
+            "owner": owner,
+            "memory_mode": mode,
+            "description": _description_at(dir_fd, scan.entries, checkpoint) if dir_fd is not None else None,
+            "created_at": created or _iso(scan.dir_mtime_ns),
             "last_modified": _iso(scan.dir_mtime_ns),
             "last_activity": _iso(scan.activity_ns),
-            "has_run_log": scan.is_file(LOG_FILES[0]),
+            "has_run_log": has_run_log,
             "has_activity_journal": scan.is_file(LOG_FILES[1]),
-            "has_memory": MEMORY_FILE_NAME in scan.entries or MEMORY_DIR_NAME in scan.entries,
-            "heartbeat_last": None if heartbeat is None else _epoch_iso(heartbeat.get("last_run")),
+            "has_memory": has_memory,
+            "has_context_brief": scan.is_file(CONTEXT_BRIEF_FILE_NAME),
+            **checkpoint_fields,
+            "rehydrate_ready": ready,
+            "rehydrate_reason": reason,
+            "terminal_reason": None,
+            "heartbeat_last": _heartbeat_epoch(heartbeat),
+            "heartbeat_summary": heartbeat.get("last_summary") if heartbeat else None,
+            "heartbeat_last_at": None if heartbeat is None else _epoch_iso(heartbeat.get("last_run")),
             "active_connections": connections,
+            "active_runs": 1 if running else 0,
             "running": running,
+            "last_event_seq": _event_seq_of(runtime, scan.session_id),
         }
 
     # -- internals: archive, compaction, trash -----------------------------------------

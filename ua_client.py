@@ -335,7 +335,7 @@ def _map_of(item: Shape) -> Shape:
 
 SESSION_SUMMARY = _object(
     session_id=STRING, status=STRING, last_activity=OPTIONAL_STRING, last_modified=OPTIONAL_STRING,
-    has_run_log=BOOLEAN, has_activity_journal=BOOLEAN, has_memory=BOOLEAN, heartbeat_last=OPTIONAL_STRING,
+    has_run_log=BOOLEAN, has_activity_journal=BOOLEAN, has_memory=BOOLEAN, heartbeat_last_at=OPTIONAL_STRING,
     active_connections=COUNT, running=BOOLEAN,
 )
 SESSIONS_PAGE = _object(sessions=_array_of(SESSION_SUMMARY), total=COUNT, offset=COUNT)
@@ -394,7 +394,7 @@ def _print_json(value: Any, out: TextIO) -> None:
 def _print_sessions(page: Dict[str, Any], out: TextIO) -> None:
     rows = [
         (s["session_id"], s["status"], _when(s["last_activity"]), _yes_no(s["has_run_log"]),
-         _yes_no(s["has_activity_journal"]), _yes_no(s["has_memory"]), _when(s["heartbeat_last"]),
+         _yes_no(s["has_activity_journal"]), _yes_no(s["has_memory"]), _when(s["heartbeat_last_at"]),
          s["active_connections"], "running" if s["running"] else "-")
         for s in page["sessions"]
     ]
@@ -414,7 +414,7 @@ def _print_details(details: Dict[str, Any], out: TextIO) -> None:
         ("connections", session["active_connections"]),
         ("last activity", _when(session["last_activity"]) + " UTC"),
         ("last modified", _when(session["last_modified"]) + " UTC"),
-        ("heartbeat", _when(session["heartbeat_last"]) + (" UTC" if session["heartbeat_last"] else "")),
+        ("heartbeat", _when(session["heartbeat_last_at"]) + (" UTC" if session["heartbeat_last_at"] else "")),
         ("memory", f"MEMORY.md {_yes_no(memory['has_memory_md'])}, {memory['files']} file(s) in memory/, "
                    f"{_size(memory['bytes'])}"),
         ("archives", ", ".join(details["archives"]) or "-"),
@@ -599,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions = sessions.add_subparsers(dest="action", metavar="{list,show,reset,compact,delete}", required=True)
 
     listing = actions.add_parser("list", parents=[target], help="one page of sessions, newest activity first")
-    listing.add_argument("--status", choices=("all", "active", "idle", "archived"), default="all")
+    listing.add_argument("--status", choices=("all", "running", "active", "idle", "archived"), default="all")
     listing.add_argument("--limit", type=_non_negative_int, help="sessions per page (gateway default 100, at most 1000)")
     listing.add_argument("--offset", type=_non_negative_int, help="sessions to skip")
     listing.set_defaults(run=run_sessions_list)

@@ -28,7 +28,7 @@ import ua_client  # noqa: E402
 SESSION = {
     "session_id": "sess-1", "status": "idle", "last_modified": "2026-11-26T10:00:00+00:00",
     "last_activity": "2026-11-26T10:00:00+00:00", "has_run_log": True, "has_activity_journal": False,
-    "has_memory": False, "heartbeat_last": None, "active_connections": 0, "running": False,
+    "has_memory": False, "heartbeat_last": None, "heartbeat_last_at": None, "active_connections": 0, "running": False,
 }
 # One answer the real gateway could give to each command (PROTOCOL.md §5); `more` is true so that a followed
 # tail asks again at once (and gets STOP) instead of waiting FOLLOW_INTERVAL.

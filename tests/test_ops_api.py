@@ -39,7 +39,7 @@ def test_list_returns_summaries_with_every_field(gateway):
     assert SUMMARY_KEYS <= set(row)
     assert row["status"] == "idle"
     assert row["has_run_log"] is True and row["has_activity_journal"] is False
-    assert row["heartbeat_last"] == "2026-01-01T00:00:00+00:00"
+    assert row["heartbeat_last"] == 1767225600 and row["heartbeat_last_at"] == "2026-01-01T00:00:00+00:00"
     assert row["last_modified"].endswith("+00:00")
     assert row["active_connections"] == 0 and row["running"] is False
 
@@ -216,16 +216,17 @@ def test_logs_tail_without_session_reads_the_gateway_log(gateway):
     assert any('"event":"access"' in line for line in body["lines"])
 
 
-def test_reset_archives_logs_by_default_and_keeps_memory(gateway):
+def test_reset_archives_logs_and_memory_by_default(gateway):
     directory = gateway.make_session("reset-1", {"run.log": b"r\n", "activity_journal.log": b"j\n", "MEMORY.md": b"m"})
     reply = gateway.post("/api/v1/ops/sessions/reset-1/reset")
     assert reply.status == 200
     body = reply.json
     assert body["status"] == "reset"
-    assert body["archived"] == ["run.log", "activity_journal.log"]
-    assert body["archive_dir"].startswith("archive/")
-    assert (directory / body["archive_dir"] / "run.log").read_bytes() == b"r\n"
-    assert (directory / "MEMORY.md").exists()
+    assert body["archived"] == ["run.log", "activity_journal.log", "MEMORY.md"]  # UA's HTTP default clear_memory=true
+    assert body["archive_path"].startswith("archive/")
+    assert body["archive_dir"] == str(directory / body["archive_path"])
+    assert (directory / body["archive_path"] / "run.log").read_bytes() == b"r\n"
+    assert not (directory / "MEMORY.md").exists()
     assert not (directory / "run.log").exists()
     assert gateway.get("/api/v1/ops/sessions/reset-1").json["session"]["status"] == "archived"
 

@@ -210,7 +210,7 @@ def test_summary_has_the_spec_fields(svc, root):
         {"run.log": "x\n", "MEMORY.md": "# m", "heartbeat_state.json": json.dumps({"last_run": 1_764_151_200.5})},
     )
     summary = svc.list_sessions()["sessions"][0]
-    assert set(summary) == {
+    assert {
         "session_id",
         "status",
         "last_modified",
@@ -219,13 +219,15 @@ def test_summary_has_the_spec_fields(svc, root):
         "has_activity_journal",
         "has_memory",
         "heartbeat_last",
+        "heartbeat_last_at",
         "active_connections",
         "running",
-    }
+    } <= set(summary)
     assert ISO_UTC.match(summary["last_modified"]) and ISO_UTC.match(summary["last_activity"])
     assert summary["has_run_log"] is True and summary["has_activity_journal"] is False
     assert summary["has_memory"] is True
-    assert summary["heartbeat_last"] == "2025-11-26T10:00:00+00:00"
+    assert summary["heartbeat_last"] == 1_764_151_200.5  # UA's epoch float; our ISO form beside it
+    assert summary["heartbeat_last_at"] == "2025-11-26T10:00:00+00:00"
     assert summary["active_connections"] == 0 and summary["running"] is False
 
 
@@ -268,7 +270,7 @@ def test_status_is_active_from_runtime_connections_or_running_turn(svc, root):
     runtime = {"connected": (2, False), "running": (0, True)}
     summaries = {s["session_id"]: s for s in svc.list_sessions(runtime=runtime)["sessions"]}
     assert summaries["connected"]["status"] == "active" and summaries["connected"]["active_connections"] == 2
-    assert summaries["running"]["status"] == "active" and summaries["running"]["running"] is True
+    assert summaries["running"]["status"] == "running" and summaries["running"]["running"] is True
     assert summaries["quiet"]["status"] == "idle"
 
 
@@ -304,8 +306,8 @@ def test_list_limit_is_clamped_to_1_through_1000(svc, root, limit, expected):
 
 
 def test_unknown_status_is_invalid_argument(svc):
-    with pytest.raises(InvalidArgument, match="status must be one of all, active, idle, archived"):
-        svc.list_sessions(status="running")
+    with pytest.raises(InvalidArgument, match="status must be one of all, running, active, idle, archived"):
+        svc.list_sessions(status="bogus")
 
 
 def test_negative_offset_is_invalid_argument(svc):
@@ -422,7 +424,7 @@ def test_details_include_the_parsed_heartbeat(svc, root):
     make_session(root, "s", {"heartbeat_state.json": json.dumps({"last_run": 0, "last_summary": {"ok_only": True}})})
     session = svc.session_details("s")["session"]
     assert session["heartbeat"] == {"last_run": 0, "last_summary": {"ok_only": True}}
-    assert session["heartbeat_last"] == "1970-01-01T00:00:00+00:00"
+    assert session["heartbeat_last"] == 0 and session["heartbeat_last_at"] == "1970-01-01T00:00:00+00:00"
 
 
 def test_details_heartbeat_symlink_is_not_followed(svc, root, tmp_path):
@@ -978,8 +980,9 @@ def test_reset_moves_the_logs_into_a_new_archive(svc, root):
     make_session(root, "s", {"run.log": "r\n", "activity_journal.log": "j\n", "MEMORY.md": "m"})
     result = svc.reset_session("s")
     assert result["status"] == "reset" and result["archived"] == ["run.log", "activity_journal.log"]
-    archive = root / "s" / result["archive_dir"]
-    assert re.fullmatch(r"archive/\d{8}_\d{6}_\d{6}", result["archive_dir"])
+    archive = root / "s" / result["archive_path"]
+    assert re.fullmatch(r"archive/\d{8}_\d{6}_\d{6}", result["archive_path"])
+    assert result["archive_dir"] == str(archive)
     assert (archive / "run.log").read_text() == "r\n" and (archive / "activity_journal.log").read_text() == "j\n"
     assert not (root / "s" / "run.log").exists() and (root / "s" / "MEMORY.md").exists()
 
@@ -992,11 +995,11 @@ def test_two_resets_in_the_same_instant_keep_both_archives_whole(svc, root, monk
     (root / "s" / "memory").mkdir()
     (root / "s" / "memory" / "b.md").write_text("two")
     second = svc.reset_session("s", clear_memory=True)
-    assert first["archive_dir"] == "archive/20260101_000000_000000"
-    assert second["archive_dir"] == "archive/20260101_000000_000000-1"
-    assert (root / "s" / first["archive_dir"] / "run.log").read_text() == "first\n"
-    assert (root / "s" / second["archive_dir"] / "run.log").read_text() == "second\n"
-    assert [p.name for p in (root / "s" / second["archive_dir"] / "memory").iterdir()] == ["b.md"]
+    assert first["archive_path"] == "archive/20260101_000000_000000"
+    assert second["archive_path"] == "archive/20260101_000000_000000-1"
+    assert (root / "s" / first["archive_path"] / "run.log").read_text() == "first\n"
+    assert (root / "s" / second["archive_path"] / "run.log").read_text() == "second\n"
+    assert [p.name for p in (root / "s" / second["archive_path"] / "memory").iterdir()] == ["b.md"]
 
 
 def test_two_quick_resets_get_distinct_archives(svc, root):
@@ -1018,7 +1021,7 @@ def test_reset_with_memory_and_work_products_recreates_empty_work_products(svc, 
 
 def test_reset_with_nothing_to_move_creates_no_archive(svc, root):
     make_session(root, "s")
-    assert svc.reset_session("s") == {"status": "reset", "archived": [], "archive_dir": None}
+    assert svc.reset_session("s") == {"status": "reset", "archived": [], "archive_dir": None, "archive_path": None}
     assert not (root / "s" / "archive").exists()
 
 
@@ -1111,7 +1114,8 @@ def test_compact_leaves_a_small_log_alone(svc, root):
     make_session(root, "s", {"run.log": numbered(0, 3)})
     inode = (root / "s" / "run.log").stat().st_ino
     result = svc.compact_session("s")
-    assert result == {"status": "compacted", "files": {"run.log": 3}, "bytes_freed": 0, "archive_dir": None}
+    assert result == {"status": "compacted", "files": {"run.log": 3}, "bytes_freed": 0, "archive_dir": None,
+                      "archive_path": None}
     assert (root / "s" / "run.log").stat().st_ino == inode
 
 

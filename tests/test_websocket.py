@@ -587,7 +587,7 @@ def test_delete_while_running_is_409_and_force_cancels_and_closes_4004(sleepy):
 
     refused, summary, forced, code = run(scenario())
     assert refused.status == 409
-    assert summary["running"] is True and summary["status"] == "active"
+    assert summary["running"] is True and summary["status"] == "running"
     assert forced.status == 200
     assert code == 4004
     assert not directory.exists()

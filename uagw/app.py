@@ -311,8 +311,8 @@ class Application:
     async def _ops_response(self, http_status: int, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Response:
         return json_response(http_status, await self.run_ops(function, *args, **kwargs))
 
-    def runtime(self) -> Dict[str, Tuple[int, bool]]:
-        """{session_id: (active_connections, running)} for sessions with live connections or turns."""
+    def runtime(self) -> Dict[str, Tuple[int, bool, int]]:
+        """{session_id: (active_connections, running, last_event_seq)} for sessions with live connections or turns."""
         return self.hub.snapshot() if self.hub is not None else {}
 
     # -- WebSocket upgrades --------------------------------------------------------------------------------
@@ -371,8 +371,11 @@ class Application:
             Route("/api/v1/openapi.json", {"GET": self.openapi}, scope=public),
             Route("/api/v1/health", {"GET": self.health}, scope=public),
             Route("/api/v1/ops/sessions", {"GET": self.list_sessions}, scope=token),
-            Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session},
-                  scope=token),
+            Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session,
+                                                        "PATCH": self.update_session}, scope=token),
+            Route("/api/v1/ops/sessions/cancel", {"POST": self.cancel_sessions}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/cancel", {"POST": self.cancel_session}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/archive", {"POST": self.archive_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
@@ -440,15 +443,17 @@ class Application:
             limit=int_param(query, "limit"),
             offset=int_param(query, "offset"),
             runtime=self.runtime(),
+            source=query.get("source"),
+            owner=query.get("owner"),
+            memory_mode=query.get("memory_mode"),
         )
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
 
-    def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+    async def preview(self, request: Request, params: Dict[str, str]) -> Response:
         query = query_params(request)
-        return self._ops_response(
-            200,
+        result = await self.run_ops(
             self.ops.read_log,
             params["session_id"],
             "activity_journal.log",
@@ -456,11 +461,14 @@ class Application:
             limit=int_param(query, "limit"),
             max_bytes=int_param(query, "max_bytes"),
         )
+        return json_response(200, {"session_id": params["session_id"], **result})  # UA's preview names its session
 
     def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
         session_id = query.get("session_id")
         file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
+        if session_id is None and query.get("path") is not None:
+            session_id, file_name = self._log_path(query["path"])
         slice_args = dict(cursor=query.get("cursor"), limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"))
         if session_id is None:
             if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
@@ -472,9 +480,76 @@ class Application:
             raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
         return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
 
+    def _log_path(self, path: str) -> Tuple[str, str]:
+        """UA's ``logs/tail?path=``: ``<session>/<log>`` relative to the workspaces root (or that path made
+        absolute), naming one of a session's live logs. Anything else is a 400, never another file."""
+        root = str(self.ops.root)
+        relative = path[len(root) + 1:] if path.startswith(root + "/") else path
+        parts = relative.split("/")
+        if (len(parts) != 2 or not ops_service.is_valid_session_id(parts[0])
+                or parts[1] not in ops_service.LOG_FILES):
+            raise HttpError(400, f"path must be <session_id>/run.log or <session_id>/activity_journal.log under "
+                                 f"the workspaces root, not {show(path)}")
+        return parts[0], parts[1]
+
     def reset_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         body = json_object_body(request, ("clear_logs", "clear_memory", "clear_work_products"))
+        body.setdefault("clear_memory", True)  # UA's HTTP default: a reset archives memory too
         return self._ops_response(200, self.ops.reset_session, params["session_id"], **body)
+
+    async def archive_session(self, request: Request, params: Dict[str, str]) -> Response:
+        """UA HEAD's archive: a reset that always moves the logs (memory and work products on request)."""
+        body = json_object_body(request, ("clear_memory", "clear_work_products"))
+        body.setdefault("clear_memory", False)
+        result = await self.run_ops(self.ops.reset_session, params["session_id"], clear_logs=True, **body)
+        return json_response(200, {**result, "status": "archived", "session_id": params["session_id"]})
+
+    async def update_session(self, request: Request, params: Dict[str, str]) -> Response:
+        """UA HEAD's PATCH of a session: ``{description?}`` (written to description.txt, bounded)."""
+        body = json_object_body(request, ("description",))
+        session_id = params["session_id"]
+        description = body.get("description")
+        if description is None:
+            await self.run_ops(self.ops.require_session, session_id)  # 404 for an unknown id (UA: 200)
+            return json_response(200, {"status": "updated", "session_id": session_id, "updates": {}})
+        return json_response(200, await self.run_ops(self.ops.set_description, session_id, description))
+
+    def _cancel_reason(self, request: Request, default: str) -> str:
+        body = json_object_body(request, ("reason",))
+        reason = body.get("reason")
+        if reason is not None and not isinstance(reason, str):
+            raise HttpError(400, "reason must be a string or null")
+        reason = (reason or "").strip()[:1000]
+        return reason or default
+
+    async def cancel_session(self, request: Request, params: Dict[str, str]) -> Response:
+        """UA HEAD's Ops cancel: ``cancelled`` goes to the session's sockets (even when nothing runs, as UA),
+        and a running turn ends with query_complete {completed: false}."""
+        reason = self._cancel_reason(request, "Cancelled from ops panel")
+        session_id = params["session_id"]
+        await self.run_ops(self.ops.require_session, session_id)
+        hub = self.hub
+        turn_id = None
+        cancelled = False
+        if hub is not None:
+            live = hub.sessions.get(session_id)
+            if live is not None and live.turn is not None:
+                turn_id = live.turn.turn_id
+                cancelled = hub.cancel(session_id, reason) is not None
+            elif live is not None:
+                hub.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": None, "session_id": session_id,
+                                                        "run_id": None})
+        return json_response(200, {"status": "cancel_requested", "session_id": session_id, "run_id": None,
+                                   "reason": reason, "task_cancelled": cancelled, "turn_id": turn_id})
+
+    def cancel_sessions(self, request: Request, params: Dict[str, str]) -> Response:
+        """UA HEAD's bulk cancel, of the sessions with a running turn (UA also counts merely connected ones)."""
+        reason = self._cancel_reason(request, "Cancelled from ops bulk session controls")
+        hub = self.hub
+        running = sorted(sid for sid, live in hub.sessions.items() if live.turn is not None) if hub is not None else []
+        cancelled = [sid for sid in running if hub is not None and hub.cancel(sid, reason) is not None]
+        return json_response(200, {"status": "cancel_requested", "reason": reason,
+                                   "sessions_considered": len(running), "sessions_cancelled": cancelled})
 
     def compact_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         body = json_object_body(request, ("max_lines", "max_bytes"))
@@ -501,7 +576,7 @@ class Application:
     # -- the session API (Universal Agent's /api/v1/sessions; PROTOCOL.md §6.1) ------------------------------
 
     def create_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        body = json_object_body(request, ("user_id", "workspace_dir", "session_id", "metadata"), ignore_unknown=True)
+        body = json_object_body(request, ("user_id", "workspace_dir", "session_id", "metadata"))
         for name in ("user_id", "workspace_dir", "session_id"):
             if body.get(name) is not None and not isinstance(body[name], str):
                 raise HttpError(400, f"{name} must be a string or null")

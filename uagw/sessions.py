@@ -92,6 +92,7 @@ class LiveSession:
         self.workspace_dir = workspace_dir
         self.sockets: "set[AgentSocket]" = set()
         self.turn: Optional[AgentTurn] = None
+        self.event_seq = 0  # events broadcast since it went live (UA's last_event_seq)
 
 
 class FinishedTurns:
@@ -148,8 +149,9 @@ class SessionHub:
         self.finished = FinishedTurns()
         self.writer = SessionWriter(gateway.ops, gateway.log)
 
-    def snapshot(self) -> Dict[str, Tuple[int, bool]]:
-        return {sid: (len(live.sockets), live.turn is not None) for sid, live in self.sessions.items()}
+    def snapshot(self) -> Dict[str, Tuple[int, bool, int]]:
+        """{session_id: (connections, running, last_event_seq)} of the live sessions."""
+        return {sid: (len(live.sockets), live.turn is not None, live.event_seq) for sid, live in self.sessions.items()}
 
     def running(self, session_id: str) -> bool:
         live = self.sessions.get(session_id)
@@ -178,6 +180,7 @@ class SessionHub:
         frame = frame_json(event_type, data)
         live = self.sessions.get(session_id)
         if live is not None:
+            live.event_seq += 1
             for sock in list(live.sockets):
                 sock.channel.send_text(frame)
         self.writer.append(session_id, "activity_journal.log", journal_line(event_type, data))
@@ -272,7 +275,8 @@ class SessionHub:
         turn, task = live.turn, live.turn.task
         before = turn.advance(TurnEvent.CANCEL)
         if before is not None:
-            self.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": turn.turn_id})
+            self.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": turn.turn_id, "session_id": session_id,
+                                                     "run_id": None})
             if before is TurnState.RUNNING:
                 task.cancel()  # a STARTING turn's task sees CANCELLING and never calls the agent
         return task

@@ -285,8 +285,8 @@
     logs.appendChild(element('span', 'tag' + (session.has_run_log ? '' : ' tag-off'), 'run'));
     logs.appendChild(element('span', 'tag' + (session.has_activity_journal ? '' : ' tag-off'), 'journal'));
     row.appendChild(logs);
-    const heartbeat = element('td', 'nowrap', timeAgo(session.heartbeat_last));
-    heartbeat.title = formatTime(session.heartbeat_last);
+    const heartbeat = element('td', 'nowrap', timeAgo(session.heartbeat_last_at));
+    heartbeat.title = formatTime(session.heartbeat_last_at);
     row.appendChild(heartbeat);
     return row;
   }
@@ -404,9 +404,12 @@
     facts.textContent = '';
     const heartbeat = session.heartbeat && session.heartbeat.last_turn;
     [
+      ['Description', session.description || '–'],
+      ['Owner', (session.owner || 'unknown') + ' · ' + (session.source || 'local') + ' · memory ' + (session.memory_mode || 'direct_only')],
+      ['Rehydrate', session.rehydrate_reason ? (session.rehydrate_ready ? 'ready: ' : 'not ready: ') + session.rehydrate_reason : '–'],
       ['Last activity', formatTime(session.last_activity) + ' (' + timeAgo(session.last_activity) + ')'],
       ['Last modified', formatTime(session.last_modified)],
-      ['Heartbeat', session.heartbeat_last ? formatTime(session.heartbeat_last) + ' (' + timeAgo(session.heartbeat_last) + ')' : '–'],
+      ['Heartbeat', session.heartbeat_last_at ? formatTime(session.heartbeat_last_at) + ' (' + timeAgo(session.heartbeat_last_at) + ')' : '–'],
       ['Last turn', heartbeat ? (heartbeat.completed ? 'completed' : heartbeat.cancelled ? 'cancelled' : 'not completed') + ', ' + heartbeat.events + ' events' : '–'],
       ['Connections', session.active_connections + (session.running ? ', a turn is running' : '')],
       ['Memory', describeMemory(details.memory)],
@@ -611,7 +614,7 @@
           clear_work_products: $('#reset-work-products').checked,
         },
       });
-      toast(result.archived.length ? 'Moved ' + result.archived.join(', ') + ' to ' + result.archive_dir : 'Nothing to archive.');
+      toast(result.archived.length ? 'Moved ' + result.archived.join(', ') + ' to ' + (result.archive_path || result.archive_dir) : 'Nothing to archive.');
       refreshAll();
     });
 
