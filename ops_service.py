@@ -1379,21 +1379,9 @@ def _read_small_json_at(dir_fd: int, name: str) -> Tuple[bool, Optional[Dict[str
     return True, value if isinstance(value, dict) else None
 
 
-def _policy_owner(policy: Optional[Dict[str, Any]]) -> Optional[str]:
-    value = policy.get("user_id") if policy is not None else None
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    return None
-
-
 def session_owner(session_id: str, policy: Optional[Dict[str, Any]]) -> str:
     """UA's ``owner``: the policy's user_id, else ``telegram_<n>`` for a ``tg_<n>`` id, else "unknown"."""
-    owner = _policy_owner(policy)
-    if owner is not None:
-        return owner
-    if session_id.startswith("tg_"):
-        return "telegram_" + session_id[3:]
-    return "unknown"
+    return _policy_owner(policy, session_id) or "unknown"
 
 
 def memory_mode(policy: Optional[Dict[str, Any]]) -> str:
