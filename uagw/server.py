@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, List, Optional, cast
 from ops_service import OpsError
 
 from .limits import (
-    ACCEPT_BATCH, ACCEPT_RETRY_DELAY, BODY_TIMEOUT, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_REFUSALS_LINGERING,
+    ACCEPT_BATCH, ACCEPT_RETRY_DELAY, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_REFUSALS_LINGERING,
     MAX_SEND_BACKLOG, REFUSAL_LINGER, REPORT_INTERVAL, WRITE_BUFFER_HIGH,
 )
 from .http11 import HttpError, Request, RequestParser, Response, error_response, serialize_response
@@ -56,7 +56,7 @@ class HttpConnection(asyncio.Protocol):
     """Moves bytes between a socket, the parser and the gateway. Runs on the event loop only.
 
     Deadlines (checked by the gateway's sweeper): the request head within ``header_timeout`` of its first
-    byte (or of the connection), a body within BODY_TIMEOUT, and an idle keep-alive connection closes after
+    byte (or of the connection), a body within ``body_timeout``, and an idle keep-alive connection closes after
     ``keepalive_timeout``. While a handler runs there is no deadline; pipelined bytes wait, bounded.
 
     Sending: while more than MAX_SEND_BACKLOG bytes of answers wait for the peer to read them, no further
@@ -156,9 +156,9 @@ class HttpConnection(asyncio.Protocol):
         self.phase = phase
         timeouts = {
             "head": self.gateway.config.header_timeout,
-            "body": BODY_TIMEOUT,
+            "body": self.gateway.config.body_timeout,
             "idle": self.gateway.config.keepalive_timeout,
-            "linger": 2.0,
+            "linger": self.gateway.config.close_linger,
         }
         timeout = timeouts.get(phase)
         self.deadline = self.loop.time() + timeout if timeout else 0.0
@@ -289,7 +289,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.phase in ("head", "body"):
             what = "request head" if self.phase == "head" else "request body"
-            limit = self.gateway.config.header_timeout if self.phase == "head" else BODY_TIMEOUT
+            limit = self.gateway.config.header_timeout if self.phase == "head" else self.gateway.config.body_timeout
             self._send(error_response(HttpError(408, f"{what} not received within {limit:g} s")), None)
         else:
             self._close()

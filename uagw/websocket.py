@@ -23,7 +23,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from .limits import (
-    SERVER_NAME, WS_CLOSE_TIMEOUT, WS_MAX_CLOSE_REASON, WS_MAX_SEND_BUFFER, WS_PING_INTERVAL, WS_PING_TIMEOUT,
+    SERVER_NAME, WS_MAX_CLOSE_REASON, WS_MAX_SEND_BUFFER,
 )
 from .text import show
 from .http11 import HttpError, Request, error_response
@@ -367,7 +367,7 @@ class WebSocketBridge:
 
     def _arm_close_timer(self) -> None:
         if self.close_timer is None:
-            self.close_timer = self.loop.call_later(WS_CLOSE_TIMEOUT, self._abort)
+            self.close_timer = self.loop.call_later(self.connection.gateway.config.ws_close_timeout, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -376,7 +376,7 @@ class WebSocketBridge:
     # -- keepalive -----------------------------------------------------------------------------------------
 
     def _schedule_ping(self) -> None:
-        self.ping_timer = self.loop.call_later(WS_PING_INTERVAL, self._ping)
+        self.ping_timer = self.loop.call_later(self.connection.gateway.config.ws_ping_interval, self._ping)
 
     def _ping(self) -> None:
         if not self.open:
@@ -387,7 +387,7 @@ class WebSocketBridge:
         self.ping_payload = os.urandom(4)
         self.protocol.send_ping(self.ping_payload)
         self.flush()
-        self.ping_timer = self.loop.call_later(WS_PING_TIMEOUT, self._ping)
+        self.ping_timer = self.loop.call_later(self.connection.gateway.config.ws_ping_timeout, self._ping)
 
 
 class EchoApp:
