@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import parse_responses, read_all
+from uagw.config import Config
 
 
 def raw_request(method: str, path: str, *, body: bytes = b"", headers: str = "", version: str = "HTTP/1.1") -> bytes:
@@ -257,16 +258,22 @@ def test_percent_encoded_valid_id_is_found(gateway):
     assert gateway.get("/api/v1/ops/sessions/s%2Denc").json["session"]["session_id"] == "s-enc"
 
 
-def test_slow_request_head_is_disconnected_after_10_seconds(gateway):
+def test_the_request_head_deadline_is_10_s_by_default():
+    assert Config(port=0).header_timeout == 10.0  # PROTOCOL.md §3
+
+
+def test_slow_request_head_is_disconnected_after_the_head_deadline(start_gateway):
+    deadline = 2.0  # stands for the default 10 s
+    gateway = start_gateway("--header-timeout", str(deadline))
     with socket.create_connection((gateway.host, gateway.port), timeout=20) as sock:
         sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
         started = time.monotonic()
         for _ in range(4):
-            time.sleep(1)
+            time.sleep(deadline / 8)
             sock.sendall(b"X-Slow: 1\r\n")  # trickling headers does not extend the deadline
         data = read_all(sock, timeout=15)
         elapsed = time.monotonic() - started
-    assert 9 <= elapsed <= 12.5
+    assert deadline * 0.9 <= elapsed <= deadline + 2.5
     assert parse_responses(data)[0][0] == 408
 
 

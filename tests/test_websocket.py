@@ -17,6 +17,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from uagw.config import Config
+
 TOKEN = "ws-token-123"
 JOURNAL_LINE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\] \[[A-Z_]+\] .*$")
 
@@ -733,10 +735,19 @@ def test_200_concurrent_connections_each_complete_5_echo_turns(gateway):
     assert run(scenario()) == [5] * 200
 
 
-def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
-    """A peer that never answers pings is closed about 20 s after the first unanswered one (PROTOCOL.md §6)."""
+def test_the_keepalive_defaults_are_a_ping_every_20_s_answered_within_20_s():
+    config = Config(port=0)
+    assert (config.ws_ping_interval, config.ws_ping_timeout) == (20.0, 20.0)  # PROTOCOL.md §6
+
+
+def test_server_pings_every_interval_and_drops_a_silent_peer_after_the_ping_timeout(start_gateway):
+    """A peer that never answers pings is closed the ping timeout after the first unanswered one (PROTOCOL.md §6).
+
+    Short timeouts (1 s and 2 s, unequal so that each is seen) stand for the default 20 s and 20 s."""
     import socket as socketlib
 
+    interval, timeout = 1.0, 2.0
+    gateway = start_gateway("--ws-ping-interval", str(interval), "--ws-ping-timeout", str(timeout))
     key = base64.b64encode(b"0123456789abcdef").decode()
     with socketlib.create_connection((gateway.host, gateway.port), timeout=60) as sock:
         sock.sendall((f"GET /ws/agent HTTP/1.1\r\nHost: {gateway.host}\r\nUpgrade: websocket\r\n"
@@ -754,8 +765,9 @@ def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
             if ping_at is None and b"\x89" in frames:  # FIN + opcode 9 (ping), never answered
                 ping_at = time.monotonic() - started
     assert received.startswith(b"HTTP/1.1 101")
-    assert ping_at is not None and 18 <= ping_at <= 23
-    assert closed_at is not None and 38 <= closed_at <= 46
+    assert ping_at is not None and interval * 0.9 <= ping_at <= interval + 3
+    assert closed_at is not None and interval + timeout - 0.2 <= closed_at <= interval + timeout + 6
+    assert closed_at - ping_at >= timeout * 0.9
 
 
 def test_shutdown_leaves_no_agent_process_behind(start_gateway, tmp_path):
