@@ -61,18 +61,19 @@ def test_a_refused_limit_flag_is_the_exit_status_of_the_process(tmp_path):
 def test_the_walk_finds_the_timeout_flags():
     flags = {flag for flag, _ in limit_flags()}
     assert {"--keepalive-timeout", "--send-stall-timeout", "--max-connections", "--header-timeout", "--body-timeout",
-            "--ws-ping-interval", "--ws-ping-timeout", "--ws-close-timeout", "--agent-kill-grace"} <= flags
+            "--ws-ping-interval", "--ws-ping-timeout", "--ws-close-timeout", "--agent-kill-grace",
+            "--shutdown-grace"} <= flags
 
 
 def test_every_timeout_of_config_is_checked():
     checked = {attribute for attribute, *_ in ua_gateway.Config.LIMITS}
     assert {"keepalive_timeout", "header_timeout", "body_timeout", "close_linger", "send_stall_timeout",
-            "ws_ping_interval", "ws_ping_timeout", "ws_close_timeout", "agent_kill_grace"} <= checked
+            "ws_ping_interval", "ws_ping_timeout", "ws_close_timeout", "agent_kill_grace", "shutdown_grace"} <= checked
 
 
 @pytest.mark.parametrize("name", ["keepalive_timeout", "header_timeout", "body_timeout", "close_linger",
                                   "send_stall_timeout", "ws_ping_interval", "ws_ping_timeout", "ws_close_timeout",
-                                  "agent_kill_grace"])
+                                  "agent_kill_grace", "shutdown_grace"])
 @pytest.mark.parametrize("value", [0, -1.0, math.nan, math.inf])
 def test_an_embedded_config_refuses_a_timeout_that_turns_the_deadline_off(tmp_path, name, value):
     with pytest.raises(ua_gateway.ConfigError, match=name.replace("_", " ")):

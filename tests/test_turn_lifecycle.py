@@ -356,12 +356,14 @@ def test_disconnected_session_is_free_once_the_agent_exits_though_its_child_hold
 
 def test_a_child_the_agent_left_behind_is_stopped_after_its_turn(start_gateway, tmp_path):
     """It ignores SIGTERM and holds no pipe: SIGKILL after the grace period."""
-    gateway = start_gateway("--agent-cmd", write_agent(tmp_path, "detached", LEAVES_DETACHED_CHILD))
+    grace = 1.0  # stands for the default AGENT_KILL_GRACE
+    gateway = start_gateway("--agent-cmd", write_agent(tmp_path, "detached", LEAVES_DETACHED_CHILD),
+                            "--agent-kill-grace", str(grace))
     directory = gateway.make_session("child-detached")
     frames = run(one_turn(f"{gateway.ws_url}/api/v1/sessions/child-detached/stream"))
     assert frames[-1]["data"]["completed"] is True
     child = pid_from(directory / "child.pid")
-    assert wait_for(lambda: process_gone(child), timeout=AGENT_KILL_GRACE + PROMPTLY)
+    assert wait_for(lambda: process_gone(child), timeout=grace + PROMPTLY)
 
 
 def test_shutdown_kills_what_a_finished_turn_left_behind_at_once(start_gateway, tmp_path):

@@ -365,7 +365,8 @@ def test_cancel_kills_an_agent_that_ignores_sigterm(start_gateway, tmp_path):
         print(json.dumps({"type": "status", "data": {"status": "ignoring"}}), flush=True)
         time.sleep(60)
     """)
-    gateway = start_gateway("--agent-cmd", stubborn)
+    grace = 1.0  # stands for the default 5 s
+    gateway = start_gateway("--agent-cmd", stubborn, "--agent-kill-grace", str(grace))
     gateway.make_session("cmd-stubborn")
 
     async def scenario():
@@ -379,7 +380,7 @@ def test_cancel_kills_an_agent_that_ignores_sigterm(start_gateway, tmp_path):
             return frames, time.monotonic() - started
 
     frames, elapsed = run(scenario())
-    assert 4 <= elapsed < 9  # SIGTERM ignored, SIGKILL after 5 s
+    assert grace * 0.8 <= elapsed < grace + 4  # SIGTERM ignored, SIGKILL after the grace
     assert frames[-1]["data"]["completed"] is False
 
 
@@ -780,7 +781,7 @@ def test_shutdown_leaves_no_agent_process_behind(start_gateway, tmp_path):
         print(json.dumps({"type": "status", "data": {"status": "stubborn"}}), flush=True)
         time.sleep(120)
     """)
-    gateway = start_gateway("--agent-cmd", stubborn)
+    gateway = start_gateway("--agent-cmd", stubborn, "--shutdown-grace", "1")
     directory = gateway.make_session("shutdown-agent")
 
     async def scenario():

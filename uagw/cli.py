@@ -17,8 +17,8 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
 from . import __version__
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GIL_SWITCH_INTERVAL,
-    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, WS_CLOSE_TIMEOUT,
-    WS_PING_INTERVAL, WS_PING_TIMEOUT,
+    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE,
+    WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .config import Config, ConfigError
 from .app import Gateway
@@ -112,7 +112,7 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     print(f"ua-gateway {__version__} listening on {gateway.url} (workspaces {gateway.ops.root})", flush=True)
     await stop.wait()
-    await gateway.stop()
+    await gateway.stop(config.shutdown_grace)
     return 0
 
 
@@ -127,6 +127,7 @@ TIMEOUT_FLAGS = (
     ("ws_ping_timeout", WS_PING_TIMEOUT, "seconds a WebSocket peer has to answer a ping; then close 1011"),
     ("ws_close_timeout", WS_CLOSE_TIMEOUT, "seconds a WebSocket peer has to finish the closing handshake"),
     ("agent_kill_grace", AGENT_KILL_GRACE, "seconds between SIGTERM and SIGKILL for a stopped agent command"),
+    ("shutdown_grace", SHUTDOWN_GRACE, "seconds requests in flight get to finish on SIGTERM or SIGINT"),
 )
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
     HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
+    SHUTDOWN_GRACE,
     SEND_STALL_TIMEOUT, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
@@ -152,6 +153,7 @@ class Config:
         ws_ping_timeout: float = WS_PING_TIMEOUT,
         ws_close_timeout: float = WS_CLOSE_TIMEOUT,
         agent_kill_grace: float = AGENT_KILL_GRACE,
+        shutdown_grace: float = SHUTDOWN_GRACE,
         max_connections: int = MAX_CONNECTIONS,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
         session_create_rate: float = SESSION_CREATE_RATE,
@@ -180,6 +182,7 @@ class Config:
         self.ws_ping_timeout = ws_ping_timeout
         self.ws_close_timeout = ws_close_timeout
         self.agent_kill_grace = agent_kill_grace
+        self.shutdown_grace = shutdown_grace  # what the command line's stop on SIGTERM allows
         self.max_connections = max_connections
         self.send_stall_timeout = send_stall_timeout
         self.session_create_rate = session_create_rate  # 0: no limit per address
@@ -199,6 +202,7 @@ class Config:
         ("ws_ping_timeout", "--ws-ping-timeout", None, False),
         ("ws_close_timeout", "--ws-close-timeout", None, False),
         ("agent_kill_grace", "--agent-kill-grace", None, False),
+        ("shutdown_grace", "--shutdown-grace", None, False),
         ("send_stall_timeout", "--send-stall-timeout", None, False),
         ("max_connections", "--max-connections", None, True),
         ("session_create_rate", "UA_SESSION_CREATE_RATE", "no limit per address", False),
