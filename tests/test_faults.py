@@ -25,8 +25,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import parse_responses, read_all
-from harness import WatchedGateway, start_watched
+from conftest import WatchedGateway, parse_responses, read_all, start_watched
 
 LINE_WIDTH = 100  # every known line is exactly this long, newline included
 LOGS = {"run.log": b"R", "activity_journal.log": b"J"}

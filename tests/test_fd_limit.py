@@ -22,8 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import ROOT, launch, parse_responses, read_all
-from harness import WatchedGateway
+from conftest import ROOT, WatchedGateway, launch, parse_responses, read_all
 
 from uagw.limits import FD_RESERVE
 

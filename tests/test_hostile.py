@@ -34,8 +34,9 @@ from urllib.parse import unquote
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import launch, parse_responses
-from harness import TRACEBACK_MARKERS, WatchedGateway, snapshot_tree, start_watched
+from conftest import (
+    TRACEBACK_MARKERS, WatchedGateway, launch, parse_responses, rss_mib, snapshot_tree, start_watched,
+)
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample key
 TOKEN = "hostile-suite-token"
@@ -701,11 +702,6 @@ def test_a_web_page_cannot_lock_the_operator_out(start_gateway):
                      "Origin: http://evil.example\r\n\r\n").encode()
         assert statuses(gateway.raw(handshake)) == [403]
     assert gateway.get("/api/v1/ops/sessions", token=TOKEN).status == 200, "the operator was locked out"
-
-
-def rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) // 1024
 
 
 def test_pipelining_peer_that_never_reads_is_throttled_not_buffered(hostile):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 
-from harness import start_watched
+from conftest import start_watched
 from soak.loadgen import prepare_sessions, report, run_mixed, run_slowloris
 
 MIXED_SECONDS = 10.0

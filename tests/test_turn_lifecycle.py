@@ -17,8 +17,6 @@ import os
 import re
 import signal
 import socket
-import sys
-import textwrap
 import time
 from collections import deque
 from pathlib import Path
@@ -34,6 +32,7 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 import ua_gateway
+from conftest import execute, recv, recv_until, run, wait_for, write_agent
 from uagw.agents import AgentLineSplitter, command_agent
 from uagw.limits import AGENT_KILL_GRACE, MAX_AGENT_LINE
 from uagw.sessions import FinishedTurns, LiveSession, SessionHub
@@ -42,52 +41,14 @@ GATEWAY_TURN_ID = re.compile(r"turn_[0-9a-f]+")  # what the gateway's own turn i
 PROMPTLY = 3.0  # s: "at once", with room for a loaded machine; the reference points are 300 s sleeps
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(ws: Any, kind: str, timeout: float = 10.0) -> List[Dict[str, Any]]:
-    frames = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
-        frames.append(frame)
-        if frame["type"] == kind:
-            return frames
-
-
 async def frames_before_pong(ws: Any) -> List[Dict[str, Any]]:
     """What the server still had to say: every frame sent before the answer to a ping sent now."""
     await ws.send(json.dumps({"type": "ping"}))
     return (await recv_until(ws, "pong"))[:-1]
 
 
-def execute(text: str, **extra: Any) -> str:
-    return json.dumps({"type": "execute", "data": {"user_input": text, **extra}})
-
-
 CANCEL = json.dumps({"type": "cancel", "data": {"reason": "test"}})
 PING = json.dumps({"type": "ping"})
-
-
-def write_agent(tmp_path: Path, name: str, body: str) -> str:
-    script = tmp_path / f"{name}.py"
-    script.write_text(textwrap.dedent(body))
-    return f"{sys.executable} {script}"
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 def process_gone(pid: int) -> bool:

@@ -7,46 +7,18 @@ import base64
 import json
 import re
 import signal
-import sys
-import textwrap
 import time
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from conftest import close_code, execute, recv, recv_until, run, wait_for, write_agent
 from uagw.config import Config
 
 TOKEN = "ws-token-123"
 JOURNAL_LINE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\] \[[A-Z_]+\] .*$")
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(ws: Any, kind: str, timeout: float = 20.0) -> List[Dict[str, Any]]:
-    frames = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
-        frames.append(frame)
-        if frame["type"] == kind:
-            return frames
-
-
-async def close_code(ws: Any, timeout: float = 10.0) -> int:
-    try:
-        while True:
-            await asyncio.wait_for(ws.recv(), timeout)
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd else 1006
 
 
 def refused_status(url: str, **kwargs: Any) -> int:
@@ -59,26 +31,6 @@ def refused_status(url: str, **kwargs: Any) -> int:
         return info.value.response.status_code
 
     return run(attempt())
-
-
-def execute(text: str, **extra: Any) -> str:
-    return json.dumps({"type": "execute", "data": {"user_input": text, **extra}})
-
-
-def write_agent(tmp_path: Path, name: str, body: str) -> str:
-    script = tmp_path / f"{name}.py"
-    script.write_text(textwrap.dedent(body))
-    return f"{sys.executable} {script}"
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 SLEEPY_AGENT = """
