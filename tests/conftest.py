@@ -18,6 +18,7 @@ import select
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import threading
 import sys
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from ops_service import OpsService  # noqa: E402
 from uagw.http11 import HttpError, Request, RequestParser  # noqa: E402
 
 STARTUP_TIMEOUT = 15.0
@@ -262,6 +264,34 @@ def write_agent(tmp_path: Path, name: str, body: str) -> str:
     return f"{sys.executable} {script}"
 
 
+# -- raw WebSocket frames ----------------------------------------------------------------------------------
+
+
+def ws_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
+             length: Optional[int] = None, key: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """One frame as a client would send it (RFC 6455 §5.2), masked with ``key`` unless ``mask`` is False;
+    ``length`` lies about the payload size."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload) if length is None else length
+    if n < 126:
+        head = bytes([first, (0x80 if mask else 0) | n])
+    elif n < 1 << 16:
+        head = bytes([first, (0x80 if mask else 0) | 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([first, (0x80 if mask else 0) | 127]) + struct.pack(">Q", n)
+    if not mask:
+        return head + payload
+    if not payload:
+        return head + key
+    stream = (key * (len(payload) // 4 + 1))[: len(payload)]
+    masked = int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")
+    return head + key + masked.to_bytes(len(payload), "big")
+
+
+def close_frame(code: Optional[int], reason: bytes = b"") -> bytes:
+    return ws_frame(0x8, b"" if code is None else struct.pack(">H", code) + reason)
+
+
 def gateway_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("UA_")}
     env.update(extra or {})
@@ -402,6 +432,22 @@ def snapshot_tree(top: Path, skip: Optional[Path] = None) -> Snapshot:
             else:
                 result[rel] = ("file", st.st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
     return result
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty workspaces root."""
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def svc(root: Path) -> OpsService:
+    """An OpsService on ``root``, the root made ready."""
+    service = OpsService(root)
+    service.ensure_root()
+    return service
 
 
 @pytest.fixture

@@ -57,20 +57,6 @@ HOSTILE_IDS = [
 # -- helpers -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "root"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def svc(root: Path) -> OpsService:
-    service = OpsService(root)
-    service.ensure_root()
-    return service
-
-
 def make_session(root: Path, session_id: str, files: Optional[dict] = None) -> Path:
     path = root / session_id
     path.mkdir()
