@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 
-from conftest import ROOT, WatchedGateway, launch, parse_responses, read_all
+from conftest import ROOT, WatchedGateway, launch, parse_responses, read_all, wait_for
 
 from uagw.limits import FD_RESERVE
 
@@ -179,12 +179,7 @@ def test_running_agent_turns_never_take_the_last_connection_slots(tmp_path):
         assert errors and "agent commands are running" in errors[0]["data"]["message"], turns
         assert len(errors) == 2  # 3 of 5 turns run
         # The turns outlive their connections (the attack): connections still get their quarter.
-        deadline = time.monotonic() + 5
-        status = health_status(gateway.host, gateway.port, timeout=2.0)
-        while status != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            status = health_status(gateway.host, gateway.port, timeout=2.0)
-        assert status == 200
+        assert wait_for(lambda: health_status(gateway.host, gateway.port, timeout=2.0) == 200)
     finally:
         gateway.process.kill()
         gateway.process.wait(10)
