@@ -1,11 +1,15 @@
-"""Shared fixtures: real gateway processes on free ports, and small clients for HTTP and raw sockets.
+"""What the tests share, in one module: real gateway processes on free ports, small clients for HTTP and
+raw sockets, the request parser fed in process, and polling helpers.
 
 Every server here is the real command line (``python ua_gateway.py --port 0``) in a subprocess, so the
-tests exercise the same code path an operator runs, signals and exit codes included.
+tests exercise the same code path an operator runs, signals and exit codes included. What is about
+parsing, not sockets, feeds ``RequestParser`` bytes in process instead (``parse_stream``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import http.client
 import json
 import os
@@ -13,17 +17,25 @@ import re
 import select
 import signal
 import socket
+import stat
+import struct
 import subprocess
+import threading
 import sys
+import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from ops_service import OpsService  # noqa: E402
+from uagw.http11 import HttpError, Request, RequestParser  # noqa: E402
 
 STARTUP_TIMEOUT = 15.0
 
@@ -156,6 +168,130 @@ def parse_responses(data: bytes) -> List[Tuple[int, Dict[str, str], bytes]]:
     return responses
 
 
+def parse_stream(data: bytes, cuts: Sequence[int] = ()) -> Tuple[List[Request], Optional[HttpError]]:
+    """Feed ``data`` to a fresh ``RequestParser``, split at ``cuts`` (in one piece without): the requests
+    parsed, and the error that ended the stream, if any."""
+    parser = RequestParser()
+    requests: List[Request] = []
+    bounds = sorted({min(max(cut, 0), len(data)) for cut in cuts} | {0, len(data)})
+    for start, stop in zip(bounds, bounds[1:] or [len(data)]):
+        parser.feed(data[start:stop])
+        while True:
+            try:
+                request = parser.next_request()
+            except HttpError as error:
+                return requests, error
+            if request is None:
+                break
+            requests.append(request)
+    return requests, None
+
+
+def assert_refused(data: bytes, status: int = 400) -> HttpError:
+    """The first request of ``data`` is refused with ``status``, and the connection must close."""
+    requests, error = parse_stream(data)
+    assert not requests and error is not None, f"accepted {[(r.method, r.target, r.body) for r in requests]!r}"
+    assert (error.status, error.close) == (status, True), error.detail
+    return error
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
+    """Poll ``condition`` until it returns something true (returned) or ``timeout`` s pass (its last value)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result or time.monotonic() >= deadline:
+            return result
+        time.sleep(interval)
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of process ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+
+
+def rss_mib(pid: int) -> int:
+    return rss_kib(pid) // 1024
+
+
+# -- WebSocket clients (websockets' asyncio client) and agent commands --------------------------------------
+
+
+def run(coro: Any, timeout: float = 60) -> Any:
+    """Run a client scenario to its end, failing after ``timeout`` s."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
+    """The next frame, parsed as JSON."""
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def recv_until(ws: Any, kind: str, timeout: float = 20.0) -> List[Dict[str, Any]]:
+    """Frames up to and including the first of type ``kind``."""
+    frames = []
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
+        frames.append(frame)
+        if frame["type"] == kind:
+            return frames
+
+
+async def closed_with(ws: Any, timeout: float = 10.0) -> Tuple[int, str]:
+    """Read until the server closes; its close code and reason (fails on a timeout)."""
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    except ConnectionClosed as exc:
+        return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+
+
+async def close_code(ws: Any, timeout: float = 10.0) -> int:
+    return (await closed_with(ws, timeout))[0]
+
+
+def execute(text: str, **extra: Any) -> str:
+    """An ``execute`` message asking for a turn on ``text``."""
+    return json.dumps({"type": "execute", "data": {"user_input": text, **extra}})
+
+
+def write_agent(tmp_path: Path, name: str, body: str) -> str:
+    """An agent command running the Python ``body`` (dedented); the value of --agent-cmd."""
+    script = tmp_path / f"{name}.py"
+    script.write_text(textwrap.dedent(body))
+    return f"{sys.executable} {script}"
+
+
+# -- raw WebSocket frames ----------------------------------------------------------------------------------
+
+
+def ws_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
+             length: Optional[int] = None, key: bytes = b"\x01\x02\x03\x04") -> bytes:
+    """One frame as a client would send it (RFC 6455 §5.2), masked with ``key`` unless ``mask`` is False;
+    ``length`` lies about the payload size."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    n = len(payload) if length is None else length
+    if n < 126:
+        head = bytes([first, (0x80 if mask else 0) | n])
+    elif n < 1 << 16:
+        head = bytes([first, (0x80 if mask else 0) | 126]) + struct.pack(">H", n)
+    else:
+        head = bytes([first, (0x80 if mask else 0) | 127]) + struct.pack(">Q", n)
+    if not mask:
+        return head + payload
+    if not payload:
+        return head + key
+    stream = (key * (len(payload) // 4 + 1))[: len(payload)]
+    masked = int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")
+    return head + key + masked.to_bytes(len(payload), "big")
+
+
+def close_frame(code: Optional[int], reason: bytes = b"") -> bytes:
+    return ws_frame(0x8, b"" if code is None else struct.pack(">H", code) + reason)
+
+
 def gateway_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("UA_")}
     env.update(extra or {})
@@ -205,6 +341,113 @@ def read_startup_line(process: subprocess.Popen) -> str:
     err = process.stderr.read().decode() if process.poll() is not None and process.stderr else ""
     process.kill()
     raise AssertionError(f"gateway did not start: stdout={buffer!r} stderr={err!r}")
+
+
+# -- gateways whose stderr is kept, and tree snapshots (the hostile, fault and load suites) ------------------
+#
+# ``launch`` pipes the gateway's stderr and never reads it; a gateway that logs a lot (an exception per
+# hostile request, say) would block once the pipe fills. ``start_watched`` drains it on a thread, so the
+# suites can also assert that nothing was logged as a traceback.
+
+TRACEBACK_MARKERS = (b"Traceback", b'File "')
+
+
+class WatchedGateway:
+    """A ``RunningGateway`` plus everything it wrote to stderr."""
+
+    def __init__(self, running: RunningGateway) -> None:
+        self.running = running
+        self._stderr: List[bytes] = []
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.running, name)
+
+    def _drain(self) -> None:
+        stream = self.running.process.stderr
+        assert stream is not None
+        while True:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                return
+            self._stderr.append(chunk)
+
+    @property
+    def stderr(self) -> bytes:
+        return b"".join(self._stderr)
+
+    def tracebacks(self) -> str:
+        """The gateway's stderr if it holds a traceback, else an empty string."""
+        text = self.stderr
+        return text.decode("utf-8", "replace") if any(m in text for m in TRACEBACK_MARKERS) else ""
+
+    def kill(self) -> None:
+        """SIGKILL, no grace: what a crash or the OOM killer does."""
+        if self.running.process.poll() is None:
+            self.running.process.send_signal(signal.SIGKILL)
+        self.running.process.wait(10)
+        self._thread.join(5)
+        for stream in (self.running.process.stdout, self.running.process.stderr):
+            if stream is not None:
+                stream.close()
+
+    def stop(self) -> int:
+        # Close stderr only once the drain thread has seen its end, or it would read a closed fd.
+        process = self.running.process
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except Exception:
+                process.kill()
+                process.wait()
+        self._thread.join(5)
+        return self.running.stop()
+
+
+def start_watched(workspaces: Path, *args: str, env: Optional[Dict[str, str]] = None) -> WatchedGateway:
+    return WatchedGateway(launch(workspaces, *args, env=env))
+
+
+Snapshot = Dict[str, Tuple[str, int, str]]
+
+
+def snapshot_tree(top: Path, skip: Optional[Path] = None) -> Snapshot:
+    """Every entry under ``top`` (``skip`` excluded) with its kind, mode and content hash (or link target)."""
+    result: Snapshot = {}
+    for directory, dirs, files in os.walk(top, followlinks=False):
+        if skip is not None and Path(directory) == skip:
+            dirs[:] = []
+            continue
+        dirs[:] = [d for d in dirs if skip is None or Path(directory, d) != skip]
+        for name in dirs + files:
+            path = Path(directory, name)
+            st = path.lstat()
+            rel = str(path.relative_to(top))
+            if stat.S_ISLNK(st.st_mode):
+                result[rel] = ("link", st.st_mode, os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                result[rel] = ("dir", st.st_mode, "")
+            else:
+                result[rel] = ("file", st.st_mode, hashlib.sha256(path.read_bytes()).hexdigest())
+    return result
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty workspaces root."""
+    path = tmp_path / "root"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def svc(root: Path) -> OpsService:
+    """An OpsService on ``root``, the root made ready."""
+    service = OpsService(root)
+    service.ensure_root()
+    return service
 
 
 @pytest.fixture

@@ -20,35 +20,13 @@ from typing import Any, List, Tuple
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
+from conftest import closed_with, execute, rss_mib, run
 from ua_gateway import AgentTurn, Config, ConfigError, Gateway
 from uagw import limits
 from uagw.access import AccessControl
 
 MiB = 1024 * 1024
-
-
-def rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) // 1024
-
-
-def run(coro: Any, timeout: float = 60) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-def execute(text: str) -> str:
-    return json.dumps({"type": "execute", "data": {"user_input": text}})
-
-
-async def closed_with(ws: Any, timeout: float = 10.0) -> Tuple[int, str]:
-    """Read until the server closes; its close code and reason (fails on a timeout)."""
-    try:
-        while True:
-            await asyncio.wait_for(ws.recv(), timeout)
-    except ConnectionClosed as exc:
-        return (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
 
 
 def serve_embedded(tmp_path: Path, scenario: Any, agent: Any = None, patch: Any = None) -> Any:

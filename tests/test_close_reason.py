@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from harness import start_watched
+from conftest import start_watched
 from uagw.limits import WS_MAX_CLOSE_REASON
 from uagw.websocket import close_reason
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Callable, Iterator, List, Tuple
 
@@ -21,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ops_service
+from conftest import wait_for
 from ops_service import OpsService
 from uagw.limits import MAX_WRITER_BACKLOG
 from uagw.logs import SessionWriter
@@ -155,13 +155,8 @@ def test_compaction_plan_follows_the_line_scan_rule(tmp_path_factory, data, max_
 # -- the writer does not wait for a busy session -----------------------------------------------
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = DISK_WAIT) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+def disk_shows(condition: Callable[[], bool]) -> bool:
+    return wait_for(condition, timeout=DISK_WAIT, interval=0.005)
 
 
 def read_or_empty(path: Path) -> bytes:
@@ -215,8 +210,8 @@ def test_a_locked_session_does_not_stall_another_sessions_journal_and_heartbeat(
     asyncio.run(_heartbeat(writer, "b", {"state": "idle"}))
     journal_b = svc.root / "b" / "activity_journal.log"
     heartbeat_b = svc.root / "b" / "heartbeat_state.json"
-    assert wait_for(lambda: read_or_empty(journal_b) == b"b1\n")
-    assert wait_for(lambda: heartbeat_b.exists())
+    assert disk_shows(lambda: read_or_empty(journal_b) == b"b1\n")
+    assert disk_shows(lambda: heartbeat_b.exists())
     assert json.loads(heartbeat_b.read_bytes()) == {"state": "idle"}
     assert not (svc.root / "a" / "activity_journal.log").exists()
 
@@ -237,10 +232,10 @@ def test_a_busy_sessions_lines_land_in_order_once_its_lock_is_free(svc, writer, 
         expected_a += line_a
         expected_b += line_b
         # Each batch of b landing means a's items were passed over (and kept) once more.
-        assert wait_for(lambda: read_or_empty(journal_b) == expected_b)
+        assert disk_shows(lambda: read_or_empty(journal_b) == expected_b)
     assert not journal_a.exists()
     a_locked.set()
-    assert wait_for(lambda: read_or_empty(journal_a) == expected_a)
+    assert disk_shows(lambda: read_or_empty(journal_a) == expected_a)
 
 
 def test_agent_output_waits_while_the_writer_backlog_is_over_its_bound(svc, writer, a_locked):

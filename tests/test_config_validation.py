@@ -37,23 +37,43 @@ def limit_flags() -> List[Tuple[str, str]]:
 
 
 @pytest.mark.parametrize("flag,value", limit_flags())
-def test_a_limit_flag_that_is_not_a_finite_number_above_0_exits_2_naming_the_flag(tmp_path, flag, value):
+def test_a_limit_flag_that_is_not_a_finite_number_above_0_exits_2_naming_the_flag(tmp_path, capsys, flag, value):
+    # In-process: the command line's own main() refuses before it serves (one subprocess below shows
+    # that the refusal is the process's exit status).
+    status = uagw.cli.main(["--port", "0", "--workspaces", str(tmp_path / "ws"), f"{flag}={value}"])
+    stderr = capsys.readouterr().err
+    assert status == 2, stderr
+    assert flag in stderr and f"not {value}" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+def test_a_refused_limit_flag_is_the_exit_status_of_the_process(tmp_path):
     process = subprocess.run(
         [sys.executable, str(ROOT / "ua_gateway.py"), "--port", "0", "--workspaces", str(tmp_path / "ws"),
-         f"{flag}={value}"],
+         "--keepalive-timeout=0"],
         capture_output=True, text=True, env=gateway_env(), timeout=20,
     )
     assert process.returncode == 2, process.stdout + process.stderr
-    assert flag in process.stderr and f"not {value}" in process.stderr, process.stderr
+    assert "--keepalive-timeout" in process.stderr and "not 0" in process.stderr, process.stderr
     assert "Traceback" not in process.stderr
 
 
 def test_the_walk_finds_the_timeout_flags():
     flags = {flag for flag, _ in limit_flags()}
-    assert {"--keepalive-timeout", "--send-stall-timeout", "--max-connections"} <= flags
+    assert {"--keepalive-timeout", "--send-stall-timeout", "--max-connections", "--header-timeout", "--body-timeout",
+            "--ws-ping-interval", "--ws-ping-timeout", "--ws-close-timeout", "--agent-kill-grace",
+            "--shutdown-grace"} <= flags
 
 
-@pytest.mark.parametrize("name", ["keepalive_timeout", "header_timeout", "send_stall_timeout"])
+def test_every_timeout_of_config_is_checked():
+    checked = {attribute for attribute, *_ in ua_gateway.Config.LIMITS}
+    assert {"keepalive_timeout", "header_timeout", "body_timeout", "close_linger", "send_stall_timeout",
+            "ws_ping_interval", "ws_ping_timeout", "ws_close_timeout", "agent_kill_grace", "shutdown_grace"} <= checked
+
+
+@pytest.mark.parametrize("name", ["keepalive_timeout", "header_timeout", "body_timeout", "close_linger",
+                                  "send_stall_timeout", "ws_ping_interval", "ws_ping_timeout", "ws_close_timeout",
+                                  "agent_kill_grace", "shutdown_grace"])
 @pytest.mark.parametrize("value", [0, -1.0, math.nan, math.inf])
 def test_an_embedded_config_refuses_a_timeout_that_turns_the_deadline_off(tmp_path, name, value):
     with pytest.raises(ua_gateway.ConfigError, match=name.replace("_", " ")):

@@ -20,13 +20,12 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import parse_responses, read_all
-from harness import WatchedGateway, start_watched
+from conftest import WatchedGateway, parse_responses, read_all, start_watched, wait_for
 
 LINE_WIDTH = 100  # every known line is exactly this long, newline included
 LOGS = {"run.log": b"R", "activity_journal.log": b"J"}
@@ -338,13 +337,13 @@ async def attach_close_code(url: str, session_id: str) -> int:
 
 
 def wait_for_health(gateway, status: int, timeout: float = 5.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
+    def health_with_status() -> Any:
         reply = gateway.get("/api/v1/health")
-        if reply.status == status or time.monotonic() > deadline:
-            assert reply.status == status, reply
-            return reply.json
-        time.sleep(0.1)
+        return reply if reply.status == status else None
+
+    reply = wait_for(health_with_status, timeout) or gateway.get("/api/v1/health")
+    assert reply.status == status, reply
+    return reply.json
 
 
 def test_root_removed_gives_503_everywhere_and_everything_recovers(tmp_path):
@@ -371,9 +370,7 @@ def test_root_removed_gives_503_everywhere_and_everything_recovers(tmp_path):
         frames = asyncio.run(lobby_turn(gateway.ws_url))
         assert frames[-1]["type"] == "query_complete" and frames[-1]["data"]["completed"]
         session_id = frames[0]["data"]["session_id"]
-        deadline = time.monotonic() + 5
-        while not (root / session_id / "activity_journal.log").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for((root / session_id / "activity_journal.log").exists)
         assert b"[TEXT] hello" in (root / session_id / "activity_journal.log").read_bytes()
         assert gateway.get("/api/v1/ops/sessions/kept").status == 200
     finally:

@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 
 import ops_service
 import ua_gateway
+from conftest import parse_stream
 from ops_service import InvalidArgument, InvalidCursor, decode_cursor, read_log_slice
 from ua_gateway import HttpError, Request, RequestParser
 from uagw.http11 import error_response
@@ -46,26 +47,14 @@ PARSER_FUZZ = settings(FUZZ, max_examples=1000)  # the parser alone is cheap: ex
 
 
 def feed_in_chunks(data: bytes, cuts: List[int]) -> Tuple[List[Request], Optional[HttpError]]:
-    """Feed ``data`` split at ``cuts``; the requests parsed and the error that ended the stream, if any."""
-    parser = RequestParser()
-    requests: List[Request] = []
-    bounds = sorted({min(max(c, 0), len(data)) for c in cuts} | {0, len(data)})
-    for start, stop in zip(bounds, bounds[1:]):
-        parser.feed(data[start:stop])
-        while True:
-            try:
-                request = parser.next_request()
-            except HttpError as error:
-                assert 400 <= error.status < 600 and error.detail
-                assert error.status < 500 or error.status == 505, error.detail
-                if error.close:
-                    return requests, error
-                continue
-            if request is None:
-                break
-            assert isinstance(request, Request)
-            requests.append(request)
-    return requests, None
+    """``parse_stream``, checking the error that ended the stream: a 4xx (or 505) with a detail, that closes
+    (the parser has no error after which the stream could go on)."""
+    requests, error = parse_stream(data, cuts)
+    if error is not None:
+        assert 400 <= error.status < 600 and error.detail
+        assert error.status < 500 or error.status == 505, error.detail
+        assert error.close, error.detail
+    return requests, error
 
 
 def shape(request: Request) -> tuple:

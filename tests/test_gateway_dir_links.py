@@ -11,24 +11,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import ops_service
-from conftest import ROOT, gateway_env, launch
+from conftest import ROOT, gateway_env, launch, wait_for
 from ops_service import DETAILS_MAX_ENTRIES, GATEWAY_DIR_NAME, OWN_LOG_STAMPS, TRASH_DIR_NAME, OpsService
 
 TOKEN = "t" * 32
 POLL_TIMEOUT = 5.0  # the log is written every 0.1 s and the root checked every 1 s
 
 
-def poll(condition, timeout: float = POLL_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
+def poll(condition):
+    return wait_for(condition, timeout=POLL_TIMEOUT)
 
 
 def swap_gateway_dir_for_link(workspaces: Path, outside: Path) -> None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from conftest import RunningGateway, launch
+from conftest import RunningGateway, launch, wait_for
 
 from uagw.limits import GATEWAY_LOG_BACKUPS, GATEWAY_LOG_FIELD_CHARS
 from uagw.logs import log_field
@@ -122,12 +121,8 @@ def test_health_reports_log_records_lost_to_a_failing_disk(tmp_path):
     (log_dir / "gateway.log").mkdir(parents=True)  # every append now fails with EISDIR
     gateway = start(tmp_path / "workspaces")
     try:
-        deadline = time.monotonic() + 5.0
-        dropped = gateway.get("/api/v1/health").json.get("log_dropped", 0)
-        while not dropped and time.monotonic() < deadline:
-            time.sleep(0.05)  # the log is written every 0.1 s
-            dropped = gateway.get("/api/v1/health").json.get("log_dropped", 0)
-        assert dropped > 0
+        # the log is written every 0.1 s
+        assert wait_for(lambda: gateway.get("/api/v1/health").json.get("log_dropped", 0) > 0)
     finally:
         gateway.stop()
 

@@ -34,8 +34,10 @@ from urllib.parse import unquote
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import launch, parse_responses
-from harness import TRACEBACK_MARKERS, WatchedGateway, snapshot_tree, start_watched
+from conftest import (
+    TRACEBACK_MARKERS, WatchedGateway, close_frame, launch, parse_responses, rss_mib, snapshot_tree, start_watched,
+    ws_frame,
+)
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="  # RFC 6455 §1.3's sample key
 TOKEN = "hostile-suite-token"
@@ -207,32 +209,7 @@ def single_requests() -> Iterator[Tuple[str, bytes]]:
         yield "random bytes", bytes(rng.getrandbits(8) for _ in range(size))
 
 
-# -- WebSocket frames (RFC 6455 §5.2) --------------------------------------------------------------------
-
-
-def ws_frame(opcode: int, payload: bytes = b"", *, fin: bool = True, rsv: int = 0, mask: bool = True,
-             length: Optional[int] = None) -> bytes:
-    """One frame as a client would send it; ``length`` lies about the payload size."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    n = len(payload) if length is None else length
-    if n < 126:
-        head = bytes([first, (0x80 if mask else 0) | n])
-    elif n < 1 << 16:
-        head = bytes([first, (0x80 if mask else 0) | 126]) + struct.pack(">H", n)
-    else:
-        head = bytes([first, (0x80 if mask else 0) | 127]) + struct.pack(">Q", n)
-    if not mask:
-        return head + payload
-    key = b"\x01\x02\x03\x04"
-    if not payload:
-        return head + key
-    stream = (key * (len(payload) // 4 + 1))[: len(payload)]
-    masked = int.from_bytes(payload, "big") ^ int.from_bytes(stream, "big")
-    return head + key + masked.to_bytes(len(payload), "big")
-
-
-def close_frame(code: Optional[int], reason: bytes = b"") -> bytes:
-    return ws_frame(0x8, b"" if code is None else struct.pack(">H", code) + reason)
+# -- WebSocket frames (RFC 6455 §5.2): ws_frame and close_frame are conftest's ----------------------------
 
 
 def server_close_codes(data: bytes) -> List[int]:
@@ -704,11 +681,6 @@ def test_a_web_page_cannot_lock_the_operator_out(start_gateway):
                      "Origin: http://evil.example\r\n\r\n").encode()
         assert statuses(gateway.raw(handshake)) == [403]
     assert gateway.get("/api/v1/ops/sessions", token=TOKEN).status == 200, "the operator was locked out"
-
-
-def rss_mib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) // 1024
 
 
 def test_pipelining_peer_that_never_reads_is_throttled_not_buffered(hostile):

@@ -1,4 +1,11 @@
-"""PROTOCOL.md §3: the HTTP rules every endpoint keeps, checked over real sockets."""
+"""PROTOCOL.md §3: the HTTP rules every endpoint keeps.
+
+What the request parser decides (limits, malformed lines, framing) is checked in process by feeding
+``RequestParser`` bytes (``parse_stream``); a parser error becomes the response of the same status, and one
+that closes makes the connection close (test_conflicting_content_lengths_are_400_and_close shows both over
+a socket). Routing and handlers, keep-alive, pipelining, Expect, timeouts and slow clients are checked over
+real sockets.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,8 @@ import time
 
 import pytest
 
-from conftest import parse_responses, read_all
+from conftest import assert_refused, parse_responses, parse_stream, read_all
+from uagw.config import Config
 
 
 def raw_request(method: str, path: str, *, body: bytes = b"", headers: str = "", version: str = "HTTP/1.1") -> bytes:
@@ -69,10 +77,8 @@ def test_unknown_body_field_is_ignored_as_ua_ignores_it(gateway):
     assert (directory / "run.log").exists()
 
 
-def test_body_over_1_mib_is_413(gateway):
-    gateway.make_session("s-big")
-    data = gateway.raw(raw_request("POST", "/api/v1/ops/sessions/s-big/reset", body=b" " * (1024 * 1024 + 1)))
-    assert parse_responses(data)[0][0] == 413
+def test_body_over_1_mib_is_413():
+    assert_refused(raw_request("POST", "/api/v1/ops/sessions/s-big/reset", body=b" " * (1024 * 1024 + 1)), 413)
 
 
 def test_body_of_exactly_1_mib_is_accepted(gateway):
@@ -82,15 +88,14 @@ def test_body_of_exactly_1_mib_is_accepted(gateway):
     assert parse_responses(data)[0][0] == 200
 
 
-def test_headers_over_64_kib_are_431(gateway):
+def test_headers_over_64_kib_are_431():
     headers = "".join(f"X-Filler-{i}: {'a' * 1000}\r\n" for i in range(70))
-    data = gateway.raw(raw_request("GET", "/api/v1/health", headers=headers))
-    assert parse_responses(data)[0][0] == 431
+    assert_refused(raw_request("GET", "/api/v1/health", headers=headers), 431)
 
 
-def test_too_many_header_fields_are_431(gateway):
+def test_too_many_header_fields_are_431():
     headers = "".join(f"X-H{i}: 1\r\n" for i in range(200))
-    assert parse_responses(gateway.raw(raw_request("GET", "/api/v1/health", headers=headers)))[0][0] == 431
+    assert_refused(raw_request("GET", "/api/v1/health", headers=headers), 431)
 
 
 @pytest.mark.parametrize("param", ["limit=abc", "limit=1.5", "offset=1e3", "limit=", "offset=0x10", "limit=99999999999999999999999"])
@@ -105,23 +110,23 @@ def test_repeated_query_parameter_is_400(gateway):
 
 
 @pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9", "HTTP/3"])
-def test_other_http_versions_are_505(gateway, version):
-    assert parse_responses(gateway.raw(raw_request("GET", "/api/v1/health", version=version)))[0][0] == 505
+def test_other_http_versions_are_505(version):
+    assert_refused(raw_request("GET", "/api/v1/health", version=version), 505)
 
 
 @pytest.mark.parametrize("line", [b"GET /api/v1/health\r\n\r\n", b"GET  /api/v1/health HTTP/1.1\r\n\r\n",
                                   b"G(T /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n", b"GET api HTTP/1.1\r\nHost: x\r\n\r\n",
                                   b"GET /a b HTTP/1.1\r\nHost: x\r\n\r\n", b"GET /\xff HTTP/1.1\r\nHost: x\r\n\r\n"])
-def test_malformed_request_lines_are_400(gateway, line):
-    assert parse_responses(gateway.raw(line))[0][0] == 400
+def test_malformed_request_lines_are_400(line):
+    assert_refused(line)
 
 
-def test_http11_without_host_is_400(gateway):
-    assert parse_responses(gateway.raw(b"GET /api/v1/health HTTP/1.1\r\n\r\n"))[0][0] == 400
+def test_http11_without_host_is_400():
+    assert_refused(b"GET /api/v1/health HTTP/1.1\r\n\r\n")
 
 
-def test_header_line_without_colon_is_400(gateway):
-    assert parse_responses(gateway.raw(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nBroken\r\n\r\n"))[0][0] == 400
+def test_header_line_without_colon_is_400():
+    assert_refused(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nBroken\r\n\r\n")
 
 
 def test_keep_alive_serves_several_requests_on_one_connection(gateway):
@@ -190,27 +195,25 @@ def test_chunked_request_body_is_accepted(gateway):
     chunked = b"5\r\n" + body[:5] + b"\r\n" + b"%x;ext=1\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"
     request = raw_request("POST", "/api/v1/ops/sessions/s-chunked/compact", body=chunked,
                           headers="Transfer-Encoding: chunked\r\nConnection: close\r\n")
-    status, _, reply = parse_responses(gateway.raw(request))[0]
+    [parsed], error = parse_stream(request)
+    assert error is None and parsed.body == body  # chunks joined, extension and trailer dropped
+    status, _, reply = parse_responses(gateway.raw(request))[0]  # and the handler gets that body
     assert status == 200
     assert json.loads(reply)["files"]["run.log"] == 3
 
 
-def test_chunked_body_over_1_mib_is_413(gateway):
-    gateway.make_session("s-chunked-big")
+def test_chunked_body_over_1_mib_is_413():
     chunk = b" " * 65536
     body = b"".join(b"%x\r\n" % len(chunk) + chunk + b"\r\n" for _ in range(17)) + b"0\r\n\r\n"
     request = raw_request("POST", "/api/v1/ops/sessions/s-chunked-big/reset", body=body, headers="Transfer-Encoding: chunked\r\n")
-    assert parse_responses(gateway.raw(request))[0][0] == 413
+    assert_refused(request, 413)
 
 
-def test_content_length_with_transfer_encoding_is_400_and_closes(gateway):
+def test_content_length_with_transfer_encoding_is_400_and_closes():
     request = raw_request("POST", "/api/v1/sessions", body=b"0\r\n\r\n",
                           headers="Content-Length: 5\r\nTransfer-Encoding: chunked\r\n")
     smuggled = raw_request("GET", "/api/v1/health")
-    data = gateway.raw(request + smuggled)
-    responses = parse_responses(data)
-    assert [r[0] for r in responses] == [400]
-    assert responses[0][1]["connection"] == "close"
+    assert_refused(request + smuggled)  # refused before the smuggled request is read
 
 
 def test_conflicting_content_lengths_are_400_and_close(gateway):
@@ -220,14 +223,15 @@ def test_conflicting_content_lengths_are_400_and_close(gateway):
     assert responses[0][1]["connection"] == "close"
 
 
-def test_identical_repeated_content_length_is_accepted(gateway):
+def test_identical_repeated_content_length_is_accepted():
     request = raw_request("POST", "/api/v1/sessions", body=b"{}", headers="Content-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n")
-    assert parse_responses(gateway.raw(request))[0][0] == 200
+    [parsed], error = parse_stream(request)
+    assert error is None and parsed.body == b"{}"
 
 
-def test_unsupported_transfer_coding_is_rejected(gateway):
+def test_unsupported_transfer_coding_is_rejected():
     request = raw_request("POST", "/api/v1/sessions", body=b"", headers="Transfer-Encoding: gzip, chunked\r\n")
-    assert parse_responses(gateway.raw(request))[0][0] == 400  # PROTOCOL.md §3: no 5xx for client input
+    assert_refused(request)  # PROTOCOL.md §3: no 5xx for client input
 
 
 def test_expect_100_continue_gets_an_interim_response(gateway):
@@ -257,16 +261,22 @@ def test_percent_encoded_valid_id_is_found(gateway):
     assert gateway.get("/api/v1/ops/sessions/s%2Denc").json["session"]["session_id"] == "s-enc"
 
 
-def test_slow_request_head_is_disconnected_after_10_seconds(gateway):
+def test_the_request_head_deadline_is_10_s_by_default():
+    assert Config(port=0).header_timeout == 10.0  # PROTOCOL.md §3
+
+
+def test_slow_request_head_is_disconnected_after_the_head_deadline(start_gateway):
+    deadline = 2.0  # stands for the default 10 s
+    gateway = start_gateway("--header-timeout", str(deadline))
     with socket.create_connection((gateway.host, gateway.port), timeout=20) as sock:
         sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
         started = time.monotonic()
         for _ in range(4):
-            time.sleep(1)
+            time.sleep(deadline / 8)
             sock.sendall(b"X-Slow: 1\r\n")  # trickling headers does not extend the deadline
         data = read_all(sock, timeout=15)
         elapsed = time.monotonic() - started
-    assert 9 <= elapsed <= 12.5
+    assert deadline * 0.9 <= elapsed <= deadline + 2.5
     assert parse_responses(data)[0][0] == 408
 
 

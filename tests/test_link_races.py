@@ -107,20 +107,6 @@ def outside(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "root"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def svc(root: Path) -> OpsService:
-    service = OpsService(root)
-    service.ensure_root()
-    return service
-
-
 def outside_state(path: Path) -> dict:
     """Names, kinds, contents and mtimes under ``path`` (link counts may change: that is not a change)."""
     state = {}

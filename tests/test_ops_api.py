@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from urllib.parse import quote
 
 import pytest
+
+from conftest import wait_for
 
 SUMMARY_KEYS = {
     "session_id", "status", "last_modified", "last_activity", "has_run_log", "has_activity_journal",
@@ -205,12 +206,12 @@ def test_logs_tail_of_unknown_session_is_404(gateway):
 
 def test_logs_tail_without_session_reads_the_gateway_log(gateway):
     gateway.get("/api/v1/health")
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+
+    def tail_with_an_access_record():
         body = gateway.get("/api/v1/ops/logs/tail?limit=50").json
-        if any('"event":"access"' in line for line in body["lines"]):
-            break
-        time.sleep(0.1)
+        return body if any('"event":"access"' in line for line in body["lines"]) else None
+
+    body = wait_for(tail_with_an_access_record) or gateway.get("/api/v1/ops/logs/tail?limit=50").json
     assert body["file"] == "gateway.log"
     assert all(json.loads(line)["ts"] for line in body["lines"])
     assert any('"event":"access"' in line for line in body["lines"])
@@ -324,19 +325,14 @@ def test_missing_root_gives_503_then_recovers(start_gateway, tmp_path):
             reply = gateway.get(path)
             assert reply.status == 503, path
             assert str(gateway.workspaces) in reply.json["detail"]
-        deadline = time.monotonic() + 5
-        while gateway.get("/api/v1/health").status != 503 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: gateway.get("/api/v1/health").status == 503)
         health = gateway.get("/api/v1/health")
         assert health.status == 503
         assert health.json["status"] == "degraded" and health.json["detail"]
     finally:
         os.rename(moved, gateway.workspaces)
     assert gateway.get("/api/v1/ops/sessions/survivor").status == 200
-    deadline = time.monotonic() + 5
-    while gateway.get("/api/v1/health").status != 200 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert gateway.get("/api/v1/health").status == 200
+    assert wait_for(lambda: gateway.get("/api/v1/health").status == 200)
 
 
 def test_root_replaced_by_a_file_gives_503(start_gateway, tmp_path):

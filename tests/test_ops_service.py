@@ -57,20 +57,6 @@ HOSTILE_IDS = [
 # -- helpers -------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "root"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def svc(root: Path) -> OpsService:
-    service = OpsService(root)
-    service.ensure_root()
-    return service
-
-
 def make_session(root: Path, session_id: str, files: Optional[dict] = None) -> Path:
     path = root / session_id
     path.mkdir()
@@ -1260,7 +1246,12 @@ def test_ensure_root_clears_leftovers_of_an_interrupted_delete(svc, root):
 GARBAGE_ARGUMENTS = [None, -1, 0, 10**30, True, "x", "", 1.5, float("nan"), b"x", [], {}, object(), "\x00"]
 
 
-@pytest.mark.parametrize("value", GARBAGE_ARGUMENTS, ids=repr)
+def garbage_id(value: object) -> str:
+    """repr, but stable across processes (a bare object's repr holds its address): test ids must match."""
+    return "object()" if type(value) is object else repr(value)
+
+
+@pytest.mark.parametrize("value", GARBAGE_ARGUMENTS, ids=garbage_id)
 def test_garbage_arguments_raise_nothing_but_ops_errors(svc, root, value):
     make_session(root, "s", {"run.log": numbered(0, 10), "activity_journal.log": numbered(0, 10)})
     calls = [

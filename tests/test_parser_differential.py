@@ -25,33 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import parse_responses
+from conftest import assert_refused, parse_responses
 from test_fuzz import mutated_requests, valid_requests
 from ua_gateway import HttpError, Request, RequestParser
 from uagw.limits import MAX_HEAD_BYTES, MAX_HEADER_COUNT
-
-
-def parse_stream(data: bytes) -> Tuple[List[Request], Optional[HttpError]]:
-    """Feed ``data`` in one piece: the requests parsed, and the error that ended the stream, if any."""
-    parser = RequestParser()
-    parser.feed(data)
-    requests: List[Request] = []
-    while True:
-        try:
-            request = parser.next_request()
-        except HttpError as error:
-            return requests, error
-        if request is None:
-            return requests, None
-        requests.append(request)
-
-
-def assert_refused(data: bytes) -> HttpError:
-    """The first request of ``data`` is refused with a 400 that closes the connection."""
-    requests, error = parse_stream(data)
-    assert not requests and error is not None, f"accepted {[(r.method, r.target, r.body) for r in requests]!r}"
-    assert (error.status, error.close) == (400, True), error.detail
-    return error
 
 
 CHUNKED_HEAD = b"POST /x HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"

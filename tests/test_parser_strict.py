@@ -7,20 +7,9 @@ import socket
 
 import pytest
 
-import ua_gateway
+from conftest import assert_refused, parse_stream
 
 HEAD = b"POST /api/v1/sessions HTTP/1.1\r\nHost: x\r\n"
-
-
-def parse(data: bytes):
-    parser = ua_gateway.RequestParser()
-    parser.feed(data)
-    requests = []
-    while True:
-        request = parser.next_request()
-        if request is None:
-            return requests
-        requests.append(request)
 
 
 REFUSED = {
@@ -48,9 +37,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
 def test_ambiguous_framing_is_400_and_closes(name):
-    with pytest.raises(ua_gateway.HttpError) as refused:
-        parse(REFUSED[name])
-    assert refused.value.status == 400 and refused.value.close
+    assert_refused(REFUSED[name])
 
 
 @pytest.mark.parametrize("data,body", [
@@ -60,8 +47,8 @@ def test_ambiguous_framing_is_400_and_closes(name):
     (HEAD + b"Content-Length: 2\r\nContent-Length: 2\r\n\r\nab", b"ab"),
 ])
 def test_well_formed_framing_is_accepted(data, body):
-    [request] = parse(data)
-    assert request.body == body
+    [request], error = parse_stream(data)
+    assert error is None and request.body == body
 
 
 def test_a_request_smuggled_in_a_chunk_extension_is_never_answered(gateway):

@@ -8,16 +8,10 @@ import time
 
 import pytest
 
+from conftest import rss_kib
+
 TOKEN = "before-body-token-51"
 MIB = 1024 * 1024
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def head_only(gateway, path: str, extra: str = "") -> socket.socket:

@@ -15,11 +15,11 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 
-from conftest import launch, parse_responses
+from conftest import launch, parse_responses, rss_kib, wait_for
 from ua_gateway import Config, Gateway
 
 OPENAPI = b"GET /api/v1/openapi.json HTTP/1.1\r\nHost: localhost\r\n\r\n"
@@ -32,8 +32,7 @@ RSS_BOUND_MIB = 48  # growth allowed while the peers sit; buffering their answer
 
 
 def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS")).split()[1]) / 1024
+    return rss_kib(pid) / 1024
 
 
 def open_sockets(pid: int) -> int:
@@ -45,15 +44,6 @@ def open_sockets(pid: int) -> int:
         except FileNotFoundError:  # closed while we looked
             pass
     return count
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def non_reading_peer(port: int, data: bytes) -> socket.socket:
@@ -153,9 +143,9 @@ def test_closing_connection_whose_peer_does_not_read_is_aborted_after_the_stall_
                b"Host: localhost\r\nConnection: close\r\n\r\n")
     peer = non_reading_peer(gateway.port, request)
     try:
-        assert wait_until(lambda: open_sockets(pid) > before, 5), "the gateway never took the connection"
+        assert wait_for(lambda: open_sockets(pid) > before, 5), "the gateway never took the connection"
         # linger (2 s) + the stall deadline (1 s) + a sweep, with room for a busy machine
-        assert wait_until(lambda: open_sockets(pid) <= before, 8), "the close waits for a peer that never reads"
+        assert wait_for(lambda: open_sockets(pid) <= before, 8), "the close waits for a peer that never reads"
     finally:
         peer.close()
 

@@ -67,8 +67,10 @@ def test_empty_token_file_stops_startup_with_exit_2(tmp_path):
     assert "UA_OPS_TOKEN_FILE" in result.stderr and "empty" in result.stderr and str(path) in result.stderr
 
 
-def test_unreadable_token_file_stops_startup_with_exit_2_naming_it(tmp_path):
-    missing = tmp_path / "no-such-token"
+def test_unreadable_token_file_stops_startup_with_exit_2_naming_it(tmp_path, monkeypatch):
+    # A relative path, short whatever the temporary directory: the message shows a long path cut short.
+    monkeypatch.chdir(tmp_path)
+    missing = Path("no-such-token")
 
     result = start_expecting_failure(tmp_path, {"UA_OPS_TOKEN_FILE": str(missing)})
 

@@ -17,8 +17,6 @@ import os
 import re
 import signal
 import socket
-import sys
-import textwrap
 import time
 from collections import deque
 from pathlib import Path
@@ -34,6 +32,7 @@ from websockets.frames import Frame, Opcode
 from websockets.uri import parse_uri
 
 import ua_gateway
+from conftest import execute, recv, recv_until, run, wait_for, write_agent
 from uagw.agents import AgentLineSplitter, command_agent
 from uagw.limits import AGENT_KILL_GRACE, MAX_AGENT_LINE
 from uagw.sessions import FinishedTurns, LiveSession, SessionHub
@@ -42,52 +41,14 @@ GATEWAY_TURN_ID = re.compile(r"turn_[0-9a-f]+")  # what the gateway's own turn i
 PROMPTLY = 3.0  # s: "at once", with room for a loaded machine; the reference points are 300 s sleeps
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(ws: Any, kind: str, timeout: float = 10.0) -> List[Dict[str, Any]]:
-    frames = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
-        frames.append(frame)
-        if frame["type"] == kind:
-            return frames
-
-
 async def frames_before_pong(ws: Any) -> List[Dict[str, Any]]:
     """What the server still had to say: every frame sent before the answer to a ping sent now."""
     await ws.send(json.dumps({"type": "ping"}))
     return (await recv_until(ws, "pong"))[:-1]
 
 
-def execute(text: str, **extra: Any) -> str:
-    return json.dumps({"type": "execute", "data": {"user_input": text, **extra}})
-
-
 CANCEL = json.dumps({"type": "cancel", "data": {"reason": "test"}})
 PING = json.dumps({"type": "ping"})
-
-
-def write_agent(tmp_path: Path, name: str, body: str) -> str:
-    script = tmp_path / f"{name}.py"
-    script.write_text(textwrap.dedent(body))
-    return f"{sys.executable} {script}"
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 def process_gone(pid: int) -> bool:
@@ -356,12 +317,14 @@ def test_disconnected_session_is_free_once_the_agent_exits_though_its_child_hold
 
 def test_a_child_the_agent_left_behind_is_stopped_after_its_turn(start_gateway, tmp_path):
     """It ignores SIGTERM and holds no pipe: SIGKILL after the grace period."""
-    gateway = start_gateway("--agent-cmd", write_agent(tmp_path, "detached", LEAVES_DETACHED_CHILD))
+    grace = 1.0  # stands for the default AGENT_KILL_GRACE
+    gateway = start_gateway("--agent-cmd", write_agent(tmp_path, "detached", LEAVES_DETACHED_CHILD),
+                            "--agent-kill-grace", str(grace))
     directory = gateway.make_session("child-detached")
     frames = run(one_turn(f"{gateway.ws_url}/api/v1/sessions/child-detached/stream"))
     assert frames[-1]["data"]["completed"] is True
     child = pid_from(directory / "child.pid")
-    assert wait_for(lambda: process_gone(child), timeout=AGENT_KILL_GRACE + PROMPTLY)
+    assert wait_for(lambda: process_gone(child), timeout=grace + PROMPTLY)
 
 
 def test_shutdown_kills_what_a_finished_turn_left_behind_at_once(start_gateway, tmp_path):

@@ -20,7 +20,7 @@ from urllib.parse import quote
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+
 
 from conftest import RunningGateway, launch
 

@@ -7,44 +7,18 @@ import base64
 import json
 import re
 import signal
-import sys
-import textwrap
 import time
-from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from conftest import close_code, execute, recv, recv_until, run, wait_for, write_agent
+from uagw.config import Config
+
 TOKEN = "ws-token-123"
 JOURNAL_LINE = re.compile(r"^\[\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\] \[[A-Z_]+\] .*$")
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(ws: Any, kind: str, timeout: float = 20.0) -> List[Dict[str, Any]]:
-    frames = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
-        frames.append(frame)
-        if frame["type"] == kind:
-            return frames
-
-
-async def close_code(ws: Any, timeout: float = 10.0) -> int:
-    try:
-        while True:
-            await asyncio.wait_for(ws.recv(), timeout)
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd else 1006
 
 
 def refused_status(url: str, **kwargs: Any) -> int:
@@ -57,26 +31,6 @@ def refused_status(url: str, **kwargs: Any) -> int:
         return info.value.response.status_code
 
     return run(attempt())
-
-
-def execute(text: str, **extra: Any) -> str:
-    return json.dumps({"type": "execute", "data": {"user_input": text, **extra}})
-
-
-def write_agent(tmp_path: Path, name: str, body: str) -> str:
-    script = tmp_path / f"{name}.py"
-    script.write_text(textwrap.dedent(body))
-    return f"{sys.executable} {script}"
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 SLEEPY_AGENT = """
@@ -365,7 +319,8 @@ def test_cancel_kills_an_agent_that_ignores_sigterm(start_gateway, tmp_path):
         print(json.dumps({"type": "status", "data": {"status": "ignoring"}}), flush=True)
         time.sleep(60)
     """)
-    gateway = start_gateway("--agent-cmd", stubborn)
+    grace = 1.0  # stands for the default 5 s
+    gateway = start_gateway("--agent-cmd", stubborn, "--agent-kill-grace", str(grace))
     gateway.make_session("cmd-stubborn")
 
     async def scenario():
@@ -379,7 +334,7 @@ def test_cancel_kills_an_agent_that_ignores_sigterm(start_gateway, tmp_path):
             return frames, time.monotonic() - started
 
     frames, elapsed = run(scenario())
-    assert 4 <= elapsed < 9  # SIGTERM ignored, SIGKILL after 5 s
+    assert grace * 0.8 <= elapsed < grace + 4  # SIGTERM ignored, SIGKILL after the grace
     assert frames[-1]["data"]["completed"] is False
 
 
@@ -745,10 +700,19 @@ def test_200_concurrent_connections_each_complete_5_echo_turns(gateway):
     assert run(scenario()) == [5] * 200
 
 
-def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
-    """A peer that never answers pings is closed about 20 s after the first unanswered one (PROTOCOL.md §6)."""
+def test_the_keepalive_defaults_are_a_ping_every_20_s_answered_within_20_s():
+    config = Config(port=0)
+    assert (config.ws_ping_interval, config.ws_ping_timeout) == (20.0, 20.0)  # PROTOCOL.md §6
+
+
+def test_server_pings_every_interval_and_drops_a_silent_peer_after_the_ping_timeout(start_gateway):
+    """A peer that never answers pings is closed the ping timeout after the first unanswered one (PROTOCOL.md §6).
+
+    Short timeouts (1 s and 2 s, unequal so that each is seen) stand for the default 20 s and 20 s."""
     import socket as socketlib
 
+    interval, timeout = 1.0, 2.0
+    gateway = start_gateway("--ws-ping-interval", str(interval), "--ws-ping-timeout", str(timeout))
     key = base64.b64encode(b"0123456789abcdef").decode()
     with socketlib.create_connection((gateway.host, gateway.port), timeout=60) as sock:
         sock.sendall((f"GET /ws/agent HTTP/1.1\r\nHost: {gateway.host}\r\nUpgrade: websocket\r\n"
@@ -766,8 +730,9 @@ def test_server_pings_every_20_s_and_drops_a_silent_peer(gateway):
             if ping_at is None and b"\x89" in frames:  # FIN + opcode 9 (ping), never answered
                 ping_at = time.monotonic() - started
     assert received.startswith(b"HTTP/1.1 101")
-    assert ping_at is not None and 18 <= ping_at <= 23
-    assert closed_at is not None and 38 <= closed_at <= 46
+    assert ping_at is not None and interval * 0.9 <= ping_at <= interval + 3
+    assert closed_at is not None and interval + timeout - 0.2 <= closed_at <= interval + timeout + 6
+    assert closed_at - ping_at >= timeout * 0.9
 
 
 def test_shutdown_leaves_no_agent_process_behind(start_gateway, tmp_path):
@@ -780,7 +745,7 @@ def test_shutdown_leaves_no_agent_process_behind(start_gateway, tmp_path):
         print(json.dumps({"type": "status", "data": {"status": "stubborn"}}), flush=True)
         time.sleep(120)
     """)
-    gateway = start_gateway("--agent-cmd", stubborn)
+    gateway = start_gateway("--agent-cmd", stubborn, "--shutdown-grace", "1")
     directory = gateway.make_session("shutdown-agent")
 
     async def scenario():

@@ -19,7 +19,7 @@ from typing import Iterator, List, Optional, Tuple
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import RunningGateway, launch
+from conftest import RunningGateway, launch, ws_frame
 
 TEXT, BINARY, CONT, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 
@@ -42,19 +42,8 @@ def raw_upgrade(gateway: RunningGateway, path: str, rcvbuf: Optional[int] = None
 
 
 def frame(opcode: int, payload: bytes = b"", fin: bool = True, rsv: int = 0) -> bytes:
-    """One masked client frame (any length form)."""
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    length = len(payload)
-    if length < 126:
-        head = struct.pack("!BB", first, 0x80 | length)
-    elif length < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, length)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, length)
-    mask = os.urandom(4)
-    keystream = (mask * (length // 4 + 1))[:length]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(keystream, "big")).to_bytes(length, "big")
-    return head + mask + masked
+    """One client frame masked with a fresh random key, as a browser sends it."""
+    return ws_frame(opcode, payload, fin=fin, rsv=rsv, key=os.urandom(4))
 
 
 class Peer:

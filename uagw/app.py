@@ -324,7 +324,9 @@ class Application:
         if self.log is not None:
             self.log.write("websocket", client=request.client, path=request.path[:512])
         return Upgrade(app, max_message=WS_ECHO_MAX_MESSAGE if isinstance(app, EchoApp) else WS_MAX_MESSAGE,
-                       headers=tuple(self.access.cors_headers(request)))
+                       headers=tuple(self.access.cors_headers(request)),
+                       ping_interval=self.config.ws_ping_interval, ping_timeout=self.config.ws_ping_timeout,
+                       close_timeout=self.config.ws_close_timeout)
 
     def _refuse_cross_site(self, request: Request, what: str) -> None:
         """A browser request that is not same-origin (CSRF, cross-site WebSocket hijacking, a page on a

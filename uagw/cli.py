@@ -16,8 +16,9 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
 
 from . import __version__
 from .limits import (
-    DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GIL_SWITCH_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS,
-    REPORT_INTERVAL, SEND_STALL_TIMEOUT,
+    AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GIL_SWITCH_INTERVAL,
+    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE,
+    WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .config import Config, ConfigError
 from .app import Gateway
@@ -111,11 +112,23 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     print(f"ua-gateway {__version__} listening on {gateway.url} (workspaces {gateway.ops.root})", flush=True)
     await stop.wait()
-    await gateway.stop()
+    await gateway.stop(config.shutdown_grace)
     return 0
 
 
 CLIENT_COMMANDS = ("sessions", "logs")
+
+# Timeouts an operator may tune (behind a proxy with its own idle timeout, say) and tests make short; each
+# sets the Config parameter of its name (--header-timeout sets header_timeout).
+TIMEOUT_FLAGS = (
+    ("header_timeout", HEADER_TIMEOUT, "seconds a request head may take from its first byte; then 408"),
+    ("body_timeout", BODY_TIMEOUT, "seconds a request body may take from its first byte; then 408"),
+    ("ws_ping_interval", WS_PING_INTERVAL, "seconds between the server's WebSocket pings"),
+    ("ws_ping_timeout", WS_PING_TIMEOUT, "seconds a WebSocket peer has to answer a ping; then close 1011"),
+    ("ws_close_timeout", WS_CLOSE_TIMEOUT, "seconds a WebSocket peer has to finish the closing handshake"),
+    ("agent_kill_grace", AGENT_KILL_GRACE, "seconds between SIGTERM and SIGKILL for a stopped agent command"),
+    ("shutdown_grace", SHUTDOWN_GRACE, "seconds requests in flight get to finish on SIGTERM or SIGINT"),
+)
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -142,6 +155,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--send-stall-timeout", type=float,
         help=f"abort a connection whose peer reads none of its answers for this many seconds (default {SEND_STALL_TIMEOUT:g})",
     )
+    for name, default, meaning in TIMEOUT_FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), type=float, help=f"{meaning} (default {default:g})")
     return parser
 
 
@@ -166,6 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             keepalive_timeout=args.keepalive_timeout,
             max_connections=args.max_connections,
             send_stall_timeout=args.send_stall_timeout,
+            **{name: getattr(args, name) for name, _, _ in TIMEOUT_FLAGS},
         )
         config.check_exposure()
     except ConfigError as exc:

@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .limits import (
-    DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES, HEADER_TIMEOUT, KEEPALIVE_TIMEOUT,
-    MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, SEND_STALL_TIMEOUT, SESSION_CREATE_BURST,
-    SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE,
+    AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
+    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
+    SHUTDOWN_GRACE,
+    SEND_STALL_TIMEOUT, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
+    WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .text import show
 
@@ -165,6 +167,13 @@ class Config:
         insecure: bool = False,
         keepalive_timeout: float = KEEPALIVE_TIMEOUT,
         header_timeout: float = HEADER_TIMEOUT,
+        body_timeout: float = BODY_TIMEOUT,
+        close_linger: float = CLOSE_LINGER,
+        ws_ping_interval: float = WS_PING_INTERVAL,
+        ws_ping_timeout: float = WS_PING_TIMEOUT,
+        ws_close_timeout: float = WS_CLOSE_TIMEOUT,
+        agent_kill_grace: float = AGENT_KILL_GRACE,
+        shutdown_grace: float = SHUTDOWN_GRACE,
         max_connections: int = MAX_CONNECTIONS,
         send_stall_timeout: float = SEND_STALL_TIMEOUT,
         session_create_rate: float = SESSION_CREATE_RATE,
@@ -192,6 +201,13 @@ class Config:
         self.insecure = insecure
         self.keepalive_timeout = keepalive_timeout
         self.header_timeout = header_timeout
+        self.body_timeout = body_timeout
+        self.close_linger = close_linger
+        self.ws_ping_interval = ws_ping_interval
+        self.ws_ping_timeout = ws_ping_timeout
+        self.ws_close_timeout = ws_close_timeout
+        self.agent_kill_grace = agent_kill_grace
+        self.shutdown_grace = shutdown_grace  # what the command line's stop on SIGTERM allows
         self.max_connections = max_connections
         self.send_stall_timeout = send_stall_timeout
         self.session_create_rate = session_create_rate  # 0: no limit per address
@@ -204,7 +220,14 @@ class Config:
     # A timeout of 0, NaN or infinity would silently turn its deadline off; a negative limit refuses all.
     LIMITS = (
         ("keepalive_timeout", "--keepalive-timeout", None, False),
-        ("header_timeout", "Config(header_timeout=...)", None, False),
+        ("header_timeout", "--header-timeout", None, False),
+        ("body_timeout", "--body-timeout", None, False),
+        ("close_linger", "Config(close_linger=...)", None, False),
+        ("ws_ping_interval", "--ws-ping-interval", None, False),
+        ("ws_ping_timeout", "--ws-ping-timeout", None, False),
+        ("ws_close_timeout", "--ws-close-timeout", None, False),
+        ("agent_kill_grace", "--agent-kill-grace", None, False),
+        ("shutdown_grace", "--shutdown-grace", None, False),
         ("send_stall_timeout", "--send-stall-timeout", None, False),
         ("max_connections", "--max-connections", None, True),
         ("session_create_rate", "UA_SESSION_CREATE_RATE", "no limit per address", False),
@@ -221,7 +244,8 @@ class Config:
             is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
             if is_number and math.isfinite(value) and (value > 0 or (value == 0 and zero_means)):
                 continue
-            kind = "a whole number" if whole else "a finite number" + (" of seconds" if "timeout" in attribute else "")
+            seconds = attribute.endswith(("_timeout", "_interval", "_linger", "_grace"))
+            kind = "a whole number" if whole else "a finite number" + (" of seconds" if seconds else "")
             allowed = f"0 ({zero_means}) or more" if zero_means else "above 0"
             raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {show(value)}")
 

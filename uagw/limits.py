@@ -20,6 +20,7 @@ __all__ = [
     "AUTH_LOCKOUT",
     "AUTH_TRACKED_ADDRESSES",
     "BODY_TIMEOUT",
+    "CLOSE_LINGER",
     "CORS_MAX_AGE",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -97,6 +98,8 @@ MAX_INT_DIGITS = 18  # number parameters fit in 64 bits; longer strings are reje
 HEADER_TIMEOUT = 10.0  # PROTOCOL.md §3: a request head not complete within 10 s -> disconnect
 BODY_TIMEOUT = 30.0  # a body of at most 1 MiB arrives in 30 s even on a poor link
 KEEPALIVE_TIMEOUT = 75.0  # PROTOCOL.md §3 default; the value nginx and most proxies expect of an upstream
+CLOSE_LINGER = 2.0  # s a connection closing after an error keeps reading (and discarding) before it closes,
+# so the kernel does not answer the peer's unread request with a reset that destroys the error response
 SHUTDOWN_GRACE = 5.0  # PROTOCOL.md §1: in-flight requests get at most 5 s on SIGTERM
 MAX_CONNECTIONS = 10000  # far above the 1,000 idle WebSockets we must hold; below a typical fd limit
 MAX_PIPELINE_BUFFER = 256 * 1024  # unread pipelined bytes held while a handler runs; then stop reading

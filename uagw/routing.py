@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, unquote
 import ops_service
 from ops_service import InvalidArgument, OpsError, SessionNotFound, StorageFull, WorkspacesUnavailable
 
-from .limits import MAX_INT_DIGITS
+from .limits import MAX_INT_DIGITS, WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT
 from .text import loads_json, show
 from .http11 import HttpError, INT_RE, Request, Response, error_response
 
@@ -136,6 +136,9 @@ class Upgrade:
     app: Any
     max_message: int  # bytes; a longer message is refused with close 1009
     headers: Tuple[Tuple[str, str], ...] = ()  # what any plain HTTP answer to the handshake carries (CORS)
+    ping_interval: float = WS_PING_INTERVAL  # s; Config.ws_ping_interval
+    ping_timeout: float = WS_PING_TIMEOUT  # s; Config.ws_ping_timeout
+    close_timeout: float = WS_CLOSE_TIMEOUT  # s; Config.ws_close_timeout
 
 
 # What dispatching one request gives: an answer now, one to come (disk work), or a protocol switch.

@@ -16,7 +16,7 @@ import time
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, cast
 
 from .limits import (
-    ACCEPT_BATCH, ACCEPT_RETRY_DELAY, BODY_TIMEOUT, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_REFUSALS_LINGERING,
+    ACCEPT_BATCH, ACCEPT_RETRY_DELAY, FD_RESERVE, MAX_PIPELINE_BUFFER, MAX_REFUSALS_LINGERING,
     MAX_SEND_BACKLOG, REFUSAL_LINGER, REPORT_INTERVAL, WRITE_BUFFER_HIGH,
 )
 from .config import Config
@@ -169,7 +169,7 @@ class Phase(str, enum.Enum):
     """Where an ``HttpConnection`` is; ``HttpConnection._enter`` is the one place it changes."""
 
     HEAD = "head"  # a request head is awaited or arriving (deadline: header_timeout)
-    BODY = "body"  # a request body is arriving (deadline: BODY_TIMEOUT)
+    BODY = "body"  # a request body is arriving (deadline: body_timeout)
     BUSY = "busy"  # a handler runs; no deadline, pipelined bytes wait (bounded)
     IDLE = "idle"  # between requests (deadline: keepalive_timeout)
     SEND = "send"  # answers wait for the peer to read them (the send-stall deadline applies instead)
@@ -197,7 +197,7 @@ class HttpConnection(asyncio.Protocol):
     """Moves bytes between a socket, the parser and the application. Runs on the event loop only.
 
     Deadlines (checked by the server's sweeper): the request head within ``header_timeout`` of its first
-    byte (or of the connection), a body within BODY_TIMEOUT, and an idle keep-alive connection closes after
+    byte (or of the connection), a body within ``body_timeout``, and an idle keep-alive connection closes after
     ``keepalive_timeout``. While a handler runs there is no deadline; pipelined bytes wait, bounded.
 
     Sending: while more than MAX_SEND_BACKLOG bytes of answers wait for the peer to read them, no further
@@ -309,9 +309,9 @@ class HttpConnection(asyncio.Protocol):
         self.phase = phase
         timeouts = {
             Phase.HEAD: self.server.config.header_timeout,
-            Phase.BODY: BODY_TIMEOUT,
+            Phase.BODY: self.server.config.body_timeout,
             Phase.IDLE: self.server.config.keepalive_timeout,
-            Phase.LINGER: 2.0,
+            Phase.LINGER: self.server.config.close_linger,
         }
         timeout = timeouts.get(phase)
         self.deadline = self.loop.time() + timeout if timeout else 0.0
@@ -446,7 +446,7 @@ class HttpConnection(asyncio.Protocol):
     def on_deadline(self) -> None:
         if self.phase in (Phase.HEAD, Phase.BODY):
             what = "request head" if self.phase is Phase.HEAD else "request body"
-            limit = self.server.config.header_timeout if self.phase is Phase.HEAD else BODY_TIMEOUT
+            limit = self.server.config.header_timeout if self.phase is Phase.HEAD else self.server.config.body_timeout
             self._send(error_response(HttpError(408, f"{what} not received within {limit:g} s")), None)
         elif self.phase is not Phase.UPGRADED:
             self._close()

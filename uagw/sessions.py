@@ -254,12 +254,13 @@ class SessionHub:
 
     def stop_agent_group(self, group: int) -> asyncio.Task:
         """Terminate an agent command's process group in the background: SIGTERM, then SIGKILL after
-        AGENT_KILL_GRACE s. Once per group: a second call gets the same task. The shutdown SIGKILLs
+        ``config.agent_kill_grace`` s. Once per group: a second call gets the same task. The shutdown SIGKILLs
         whatever is left of it."""
         reaper = self.group_reapers.get(group)
         if reaper is None:
             self.agent_groups.add(group)
-            reaper = self.group_reapers[group] = asyncio.get_running_loop().create_task(terminate_group(group))
+            reaper = self.group_reapers[group] = asyncio.get_running_loop().create_task(
+                terminate_group(group, self.gateway.config.agent_kill_grace))
             reaper.add_done_callback(lambda _task: self._group_stopped(group))
         return reaper
 

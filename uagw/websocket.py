@@ -25,7 +25,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from .limits import (
-    SERVER_NAME, WS_CLOSE_TIMEOUT, WS_MAX_CLOSE_REASON, WS_MAX_SEND_BUFFER, WS_PING_INTERVAL, WS_PING_TIMEOUT,
+    SERVER_NAME, WS_MAX_CLOSE_REASON, WS_MAX_SEND_BUFFER,
 )
 from .text import show
 from .http11 import HttpError, Request, Response, error_response
@@ -111,8 +111,9 @@ class WebSocketBridge:
     """
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, protocol: Any,
-                 app: Any) -> None:
+                 app: Any, timeouts: Upgrade) -> None:
         self.transport = transport
+        self.timeouts = timeouts  # ping_interval, ping_timeout, close_timeout
         self.protocol = protocol
         self.app = app
         self.loop = loop
@@ -392,7 +393,7 @@ class WebSocketBridge:
 
     def _arm_close_timer(self) -> None:
         if self.close_timer is None:
-            self.close_timer = self.loop.call_later(WS_CLOSE_TIMEOUT, self._abort)
+            self.close_timer = self.loop.call_later(self.timeouts.close_timeout, self._abort)
 
     def _abort(self) -> None:
         if self.transport is not None:
@@ -401,7 +402,7 @@ class WebSocketBridge:
     # -- keepalive -----------------------------------------------------------------------------------------
 
     def _schedule_ping(self) -> None:
-        self.ping_timer = self.loop.call_later(WS_PING_INTERVAL, self._ping)
+        self.ping_timer = self.loop.call_later(self.timeouts.ping_interval, self._ping)
 
     def _ping(self) -> None:
         if not self.open:
@@ -412,7 +413,7 @@ class WebSocketBridge:
         self.ping_payload = os.urandom(4)
         self.protocol.send_ping(self.ping_payload)
         self.flush()
-        self.ping_timer = self.loop.call_later(WS_PING_TIMEOUT, self._ping)
+        self.ping_timer = self.loop.call_later(self.timeouts.ping_timeout, self._ping)
 
 
 def open_bridge(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, upgrade: Upgrade) -> WebSocketBridge:
@@ -423,7 +424,7 @@ def open_bridge(transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, u
         max_size=upgrade.max_message,
         logger=ws_logger,
     )
-    return WebSocketBridge(transport, loop, protocol, upgrade.app)
+    return WebSocketBridge(transport, loop, protocol, upgrade.app, upgrade)
 
 
 class EchoApp:
