@@ -13,7 +13,7 @@ Rules this file keeps
   the servers and the data are removed at the end, whatever happens.
 
 Theory of operation: build the ``.pyz`` -> write the data (1,000 sessions, a 200 MB journal, a sparse 4 GiB and
-a 4 MiB run.log, a 1 GiB log to compact) into two workspaces roots (big files hard-linked, never copied) ->
+a 4 MiB run.log, a 1 GiB log to compact) into two workspaces roots (each with files of its own) ->
 start both servers -> check that both answer every workload correctly -> warm up -> N rounds of
 {each HTTP workload at c=50 and c=1, sequential WebSocket turns, 200 concurrent WebSocket clients, health
 during 1 GiB compactions (ours only)} -> cold starts -> table, JSON (``bench/results/<stamp>.json``), chart
@@ -446,8 +446,9 @@ def _small_session(path: Path, index: int, rng: random.Random, stamp: float) -> 
 
 
 def prepare_data(data_dir: Path) -> Dict[str, Any]:
-    """Two workspaces roots, ``ours`` and ``baseline``, with the same 1,000 sessions. Big files are written
-    once and hard-linked into the baseline's root; small ones are copied, so each server writes its own."""
+    """Two workspaces roots, ``ours`` and ``baseline``, with the same 1,000 sessions. Each root gets files of
+    its own: a hard link shared between them would read as a planted link to ua-gateway, which serves a
+    live log with a second link as empty (docs/SECURITY.md, "Files and links")."""
     started = time.monotonic()
     ours, baseline = data_dir / "ours", data_dir / "baseline"
     ours.mkdir(parents=True)
@@ -461,26 +462,20 @@ def prepare_data(data_dir: Path) -> Dict[str, Any]:
         _small_session(ours / name, index, rng, now - 86400 * 30 * rng.random())
     for index, name in enumerate(specials):
         _small_session(ours / name, ordinary + index, rng, now - 3600 * rng.random())
+    shutil.copytree(ours, baseline)
     journal_block, run_block = log_block("journal", 1), log_block("run", 2)
-    write_repeated(ours / PREVIEW_SESSION / "activity_journal.log", journal_block, JOURNAL_200M)
-    write_repeated(ours / TAIL_4M_SESSION / "run.log", run_block, TAIL_4M)
-    with open(ours / TAIL_4G_SESSION / "run.log", "wb") as sparse:
-        # A hole up to the last 4 MiB, then real lines: the file reads as 4 GiB and occupies 4 MiB.
-        sparse.truncate(SPARSE_4G - TAIL_4M)
-        sparse.seek(SPARSE_4G - TAIL_4M)
-        for _ in range(TAIL_4M >> 20):
-            sparse.write(run_block)
-        sparse.flush()
-        os.fsync(sparse.fileno())
-    write_repeated(ours / COMPACT_SESSION / "run.log", run_block, COMPACT_1G)
-
-    def link_or_copy(source: str, target: str) -> None:
-        if os.stat(source).st_size > 1 << 20:
-            os.link(source, target)
-        else:
-            shutil.copy2(source, target)
-
-    shutil.copytree(ours, baseline, copy_function=link_or_copy)
+    for root in (ours, baseline):
+        write_repeated(root / PREVIEW_SESSION / "activity_journal.log", journal_block, JOURNAL_200M)
+        write_repeated(root / TAIL_4M_SESSION / "run.log", run_block, TAIL_4M)
+        with open(root / TAIL_4G_SESSION / "run.log", "wb") as sparse:
+            # A hole up to the last 4 MiB, then real lines: the file reads as 4 GiB and occupies 4 MiB.
+            sparse.truncate(SPARSE_4G - TAIL_4M)
+            sparse.seek(SPARSE_4G - TAIL_4M)
+            for _ in range(TAIL_4M >> 20):
+                sparse.write(run_block)
+            sparse.flush()
+            os.fsync(sparse.fileno())
+        write_repeated(root / COMPACT_SESSION / "run.log", run_block, COMPACT_1G)
     sparse_stat = os.stat(ours / TAIL_4G_SESSION / "run.log")
     return {
         "sessions": SESSIONS_TOTAL,
