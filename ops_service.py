@@ -81,6 +81,7 @@ __all__ = [
     "GATEWAY_LOG_NAME",
     "SECURITY_LOG_NAME",
     "GATEWAY_LOG_FILES",
+    "implied_owner",
     "LOG_FILES",
     "HEARTBEAT_FILE_NAME",
     "MEMORY_FILE_NAME",
@@ -1288,6 +1289,11 @@ def _policy_owner(policy: Optional[Mapping[str, Any]], session_id: str) -> Optio
     if owner is None and session_id.startswith("tg_") and len(session_id) > 3:
         owner = "telegram_" + session_id[3:]
     return owner
+
+
+def implied_owner(session_id: str) -> Optional[str]:
+    """The owner a session without a recorded one has: ``telegram_<n>`` for ``tg_<n>``, else None."""
+    return _policy_owner(None, session_id)
 
 
 def _policy_owner_at(dir_fd: int, session_id: str) -> Optional[str]:

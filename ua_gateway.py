@@ -16,7 +16,17 @@ docstring for the module map). docs/PROTOCOL.md is the contract the code cites a
 
 from __future__ import annotations
 
+import importlib.util
 import sys
+
+if importlib.util.find_spec("websockets") is None:
+    # The one dependency: vendored in the .pyz, installed by pip. A source checkout without it gets
+    # what to do instead of a traceback.
+    _MISSING = ("ua-gateway needs websockets 15.0.1: pip install websockets==15.0.1, "
+                "or build the single file with python3 zipapp_build.py, which carries it")
+    if __name__ == "__main__":
+        sys.exit(f"ua-gateway: error: {_MISSING}")
+    raise ModuleNotFoundError(_MISSING)
 
 from uagw import __version__
 from uagw.agents import AgentTurn

@@ -360,7 +360,7 @@ def test_telegram_sessions_under_an_allowlist(start_gateway, tmp_path):
     refused = start_gateway(env={"UA_ALLOWED_USERS": "99"}, workspaces=workspaces)
     client = UAClient(refused)
     denied = client.create(**body)
-    assert denied.status == 403 and denied.json == {"detail": "Access denied: User not allowed."}
+    assert denied.status == 403 and denied.json["detail"].startswith("Access denied: User not allowed. 'telegram_42'")
     assert client.resume("tg_42").status == 403
     assert attach_close_code(client, "tg_42") == 4003
 
@@ -513,3 +513,14 @@ def test_a_listed_dashboard_origin_works_and_an_unlisted_one_is_told_to_list_it(
     refused = gateway.get("/api/v1/ops/sessions", headers={**other, "Authorization": f"Bearer {OPS}"})
     assert refused.status == 403
     assert "https://other.example" in refused.json["detail"] and "UA_CORS_ORIGINS" in refused.json["detail"]
+
+
+@pytest.mark.parametrize("body,allowed", [
+    ({"session_id": "tg_900", "user_id": "alice"}, "alice"),  # tg_900 is owned by telegram_900
+    ({"session_id": "tg_6", "user_id": "telegram_6"}, "alice"),  # telegram_6 is not listed
+])
+def test_a_refused_create_writes_nothing(start_gateway, body, allowed):
+    gateway = start_gateway(env={"UA_ALLOWED_USERS": allowed})
+    reply = gateway.post("/api/v1/sessions", body=body)
+    assert reply.status == 403
+    assert not (gateway.workspaces / body["session_id"]).exists()

@@ -39,7 +39,7 @@ Module map, lowest layer first
   ``EchoApp``. websockets, limits, text, http11, routing.
 - ``agents``: one turn (``AgentTurn``, ``TurnState``), agent commands, journal formats. limits, text, config.
 - ``sessions``: ``SessionHub``, ``LiveSession``, ``FinishedTurns``, ``AgentSocket``. ops_service, limits,
-  text, http11, access, logs, websocket, agents.
+  text, config, http11, access, logs, websocket, agents.
 - ``app``: ``Application`` (routes, admission, handlers, health, ``dispatch``) and ``Gateway`` (it,
   served by a ``Server``: start and stop). Everything above.
 - ``cli``: ``main``, ``serve``, arguments, process set-up. limits, config, app.

@@ -588,7 +588,7 @@ class Application:
         claimed = (body.get("user_id") or "").strip() or None
         user_id = claimed or self.config.default_user
         if not self.access.user_allowed(user_id):
-            raise HttpError(403, "Access denied: User not allowed.")
+            raise self._user_refused(user_id, claimed is None)
         session_id = self._requested_session_id(body.get("session_id"), body.get("workspace_dir"))
         self.admit_session_creation(request.client)
         return self._create_session(session_id, user_id, claimed, metadata or {})
@@ -620,14 +620,32 @@ class Application:
 
     async def _create_session(self, session_id: Optional[str], user_id: str, claimed: Optional[str],
                               metadata: Dict[str, Any]) -> Response:
+        # Judge the owner the session has or will have before anything is written: a refused create
+        # leaves no directory behind. The checks after the write close the race with another creator.
+        if session_id is not None:
+            try:
+                owner: Optional[str] = await self.run_ops(self.ops.read_session_owner, session_id)
+            except ops_service.SessionNotFound:
+                owner = ops_service.implied_owner(session_id)
+            self._judge_owner(session_id, owner or user_id, user_id, claimed)
         created = await self.run_ops(self.ops.create_session, session_id)
         session_id = created["session_id"]
         owner = await self.run_ops(self.ops.record_session_owner, session_id, user_id)
+        self._judge_owner(session_id, owner, user_id, claimed)
+        return json_response(200, self._session_reply(session_id, owner, {**metadata, "resumed": False}))
+
+    def _judge_owner(self, session_id: str, owner: str, user_id: str, claimed: Optional[str]) -> None:
         if owner != user_id and claimed is not None:
             raise HttpError(403, f"Access denied: session {session_id} belongs to another user")
         if not self.access.user_allowed(owner):
-            raise HttpError(403, "Access denied: User not allowed.")
-        return json_response(200, self._session_reply(session_id, owner, {**metadata, "resumed": False}))
+            raise self._user_refused(owner, False)
+
+    @staticmethod
+    def _user_refused(user_id: str, by_default: bool) -> HttpError:
+        """403 with Universal Agent's detail, followed by which user was judged and what to do."""
+        why = (" (the default user, judged because no user_id was given: send one, or set DEFAULT_USER_ID to a "
+               "listed user)" if by_default else "")
+        return HttpError(403, f"Access denied: User not allowed. {show(user_id)}{why} is not in UA_ALLOWED_USERS")
 
     def _session_reply(self, session_id: str, user_id: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
         """Universal Agent's CreateSessionResponse."""
@@ -670,9 +688,9 @@ class Application:
             owner = await self.run_ops(self.ops.read_session_owner, session_id)
         except ops_service.SessionNotFound:
             raise HttpError(404, "Session not found") from None
+        if not self.access.user_allowed(owner or self.config.default_user):
+            raise self._user_refused(owner or self.config.default_user, owner is None)
         owner = owner or self.config.default_user
-        if not self.access.user_allowed(owner):
-            raise HttpError(403, "Access denied: User not allowed.")
         return json_response(200, self._session_reply(session_id, owner, {"resumed": True}))
 
     async def forget_session(self, request: Request, params: Dict[str, str]) -> Response:

@@ -133,17 +133,18 @@ TIMEOUT_FLAGS = (
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ua_gateway",
+        prog="ua-gateway",
         description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port. "
         "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
         "(see 'sessions --help').",
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
-        "UA_GATEWAY_LOG_ROTATE_BYTES. Flags override them.",
+        "UA_GATEWAY_LOG_ROTATE_BYTES; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
+        "DEFAULT_USER_ID, COMPOSIO_USER_ID, UA_DASHBOARD_OWNER_ID, TELEGRAM_ALLOWED_USER_IDS. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
-    parser.add_argument("--host", help=f"address to bind (default {DEFAULT_HOST}; non-loopback needs UA_OPS_TOKEN)")
+    parser.add_argument("--host", help=f"address to bind (default {DEFAULT_HOST}; non-loopback needs UA_OPS_TOKEN or UA_INTERNAL_API_TOKEN)")
     parser.add_argument("--port", type=int, help=f"port to bind (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--workspaces", help=f"workspaces root (default ./{DEFAULT_WORKSPACES}, created if missing)")
     parser.add_argument("--agent-cmd", help="run each agent turn with this command (JSON lines on stdin/stdout)")

@@ -106,7 +106,8 @@ def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -
         value = None
     if value is None or not 0 <= value < float("inf"):
         what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{name} must be {what}, 0 or more (0 turns the limit off), not {show(text)}")
+        raise ConfigError(f"{name} must be {what}, 0 or more (see README, Configuration, for what 0 means), "
+                          f"not {show(text)}")
     return value
 
 

@@ -2,7 +2,7 @@
 ``LiveSession``), which turn runs, finished turns remembered for retries (``FinishedTurns``), and the agent
 protocol on one WebSocket (``AgentSocket``). Event-loop only.
 
-May import: the standard library, ``ops_service``, and ``uagw`` modules below it (limits, text, http11, access,
+May import: the standard library, ``ops_service``, and ``uagw`` modules below it (limits, text, config, http11, access,
 logs, websocket, agents). What it needs of the application above it (``SessionHost``) and of a WebSocket
 (``MessageChannel``) are Protocols here.
 """
@@ -342,7 +342,8 @@ class AgentSocket:
         # and in the lobby the claim (else the default user) will own the new session.
         claim = self.user_id if self.user_id is not None or not self.lobby else self.gateway.config.default_user
         if claim is not None and not self.gateway.access.user_allowed(claim):
-            bridge.close(CloseCode.USER_NOT_ALLOWED, "Access denied: user not allowed (X-UA-User or user_id is not in UA_ALLOWED_USERS)")
+            judged = "the default user" if self.user_id is None else "the user claimed by X-UA-User or user_id"
+            bridge.close(CloseCode.USER_NOT_ALLOWED, f"Access denied: {judged} is not in UA_ALLOWED_USERS")
             return
         if self.lobby:
             self.pending = None
