@@ -34,6 +34,7 @@ from urllib.parse import unquote
 import pytest
 from websockets.asyncio.client import connect
 
+from uagw.limits import MAX_USER_ID_CHARS
 from conftest import (
     TRACEBACK_MARKERS, WatchedGateway, close_frame, launch, parse_responses, rss_mib, snapshot_tree, start_watched,
     ws_frame,
@@ -62,6 +63,7 @@ def traversal_slots(x: str) -> List[Tuple[str, str, Optional[bytes], Sequence[in
     """(method, target, JSON body, acceptable statuses) for one hostile value in every parameter."""
     body = unquote(x, errors="surrogateescape")
     as_json = json.dumps(body).encode()
+    lone_surrogate = any("\ud800" <= ch <= "\udfff" for ch in body)
     not_found_or_bad = (400, 404)
     return [
         ("GET", f"/api/v1/ops/sessions/{x}", None, not_found_or_bad),
@@ -87,15 +89,19 @@ def traversal_slots(x: str) -> List[Tuple[str, str, Optional[bytes], Sequence[in
         ("DELETE", f"/api/v1/ops/sessions/s1?confirm=true&force={x}", None, (400,)),
         ("GET", f"/ws/agent?session_id={x}", None, (426,)),
         ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_logs": ' + as_json + b"}", (400,)),
-        # Unknown fields are ignored (as UA's pydantic models ignore them): a hostile one does no harm.
-        ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_memory": true, "clear_logs": false, "x": ' + as_json + b"}", (200,)),
+        # Unknown fields are ignored (as UA's pydantic models ignore them): a hostile one does no harm,
+        # unless it is not text at all (a lone surrogate from an undecodable byte), which no JSON body may hold.
+        ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_memory": true, "clear_logs": false, "x": ' + as_json + b"}",
+         (400,) if lone_surrogate else (200,)),
         ("POST", "/api/v1/ops/sessions/s1/compact", b'{"max_lines": ' + as_json + b"}", (400,)),
         ("POST", "/api/v1/ops/sessions/s1/compact", b'{"max_bytes": ' + as_json + b"}", (400,)),
-        ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_logs": false, ' + as_json + b": true}", (200,)),
+        ("POST", "/api/v1/ops/sessions/s1/reset", b'{"clear_logs": false, ' + as_json + b": true}",
+         (400,) if lone_surrogate else (200,)),
         # An empty session_id is no session_id (as in Universal Agent): a new session.
         ("POST", "/api/v1/sessions", b'{"session_id": ' + as_json + b"}", (400,) if body else (200,)),
         ("POST", "/api/v1/sessions", b'{"workspace_dir": ' + as_json + b"}", (200, 400)),  # 200: a name under the root
-        ("POST", "/api/v1/sessions", b'{"user_id": ' + as_json + b"}", (200,)),
+        ("POST", "/api/v1/sessions", b'{"user_id": ' + as_json + b"}",
+         (400,) if lone_surrogate or len(body.strip()) > MAX_USER_ID_CHARS else (200,)),
     ]
 
 

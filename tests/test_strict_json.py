@@ -81,3 +81,13 @@ def test_an_agent_line_with_nan_goes_to_run_log_not_to_clients(start_gateway, tm
     run_log = gateway.workspaces / "nan-agent" / "run.log"
     # journal and run.log lines are written in batches
     assert wait_for(lambda: run_log.exists() and "NaN" in run_log.read_text(), interval=0.02)
+
+
+@pytest.mark.parametrize("text", ['{"a": "\\ud800x"}', '{"\\udc00": 1}', '["\\uDBFF"]'])
+def test_loads_json_refuses_lone_surrogates(text):
+    with pytest.raises(ValueError, match="surrogate"):
+        loads_json(text)
+
+
+def test_loads_json_keeps_escaped_surrogate_pairs():
+    assert loads_json('{"a": "\\ud83d\\ude00"}') == {"a": "\U0001F600"}

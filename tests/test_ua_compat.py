@@ -524,3 +524,13 @@ def test_a_refused_create_writes_nothing(start_gateway, body, allowed):
     reply = gateway.post("/api/v1/sessions", body=body)
     assert reply.status == 403
     assert not (gateway.workspaces / body["session_id"]).exists()
+
+
+def test_a_session_named_like_an_ops_route_or_with_a_huge_user_id_is_refused(gateway):
+    assert gateway.post("/api/v1/sessions", body={"session_id": "cancel"}).status == 400
+    assert not (gateway.workspaces / "cancel").exists()
+    assert gateway.post("/api/v1/sessions", body={"user_id": "u" * 257}).status == 400
+
+
+def test_a_preflight_for_an_invalid_session_id_is_400(gateway):
+    assert gateway.request("OPTIONS", "/api/v1/ops/sessions/..%2f").status == 400

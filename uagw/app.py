@@ -23,8 +23,8 @@ from ops_service import OpsError, OpsService, StorageFull, WorkspacesUnavailable
 
 from . import __version__
 from .limits import (
-    AGENT_TURN_FDS, CORS_MAX_AGE, HTTP_FD_SHARE, MAX_AGENT_COMMANDS, OPS_THREADS, ROOT_CHECK_INTERVAL,
-    SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE, WS_MAX_MESSAGE,
+    AGENT_TURN_FDS, CORS_MAX_AGE, HTTP_FD_SHARE, MAX_AGENT_COMMANDS, MAX_USER_ID_CHARS, OPS_THREADS,
+    RESERVED_SESSION_IDS, ROOT_CHECK_INTERVAL, SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE, WS_MAX_MESSAGE,
 )
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
@@ -187,16 +187,16 @@ class Application:
         try:
             route = self.admit(request, route, subprotocol_token(request) if websocket else None)
             if websocket:
-                return self._upgrade(request, route, params)
+                return self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
+            for name, value in params.items():
+                if name == "session_id":
+                    session_id_param(value)
             if request.method == "OPTIONS":
                 return self._options(request, route)
             handler = route.handlers.get(request.method)
             if handler is None:
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=False)
-            for name, value in params.items():
-                if name == "session_id":
-                    session_id_param(value)  # an upgrade's bad id is the WebSocket's to refuse (close 4000)
             result = handler(request, params)
         except Exception as error:
             return self._failure(request, error, close=websocket)
@@ -586,6 +586,8 @@ class Application:
         if metadata is not None and not isinstance(metadata, dict):
             raise HttpError(400, "metadata must be a JSON object or null")
         claimed = (body.get("user_id") or "").strip() or None
+        if claimed is not None and len(claimed) > MAX_USER_ID_CHARS:
+            raise HttpError(400, f"user_id is {len(claimed)} characters; at most {MAX_USER_ID_CHARS} are accepted")
         user_id = claimed or self.config.default_user
         if not self.access.user_allowed(user_id):
             raise self._user_refused(user_id, claimed is None)
@@ -597,6 +599,9 @@ class Application:
         """The id a create asks for: ``session_id``, else the name of ``workspace_dir``, which must be a
         directory right under the workspaces root (a relative one is taken from the root); else None."""
         session_id = session_id or None  # "" is no id, as in Universal Agent
+        if session_id in RESERVED_SESSION_IDS:
+            raise HttpError(400, f"{show(session_id)} names an Ops route (/api/v1/ops/sessions/{session_id}); "
+                                 "choose another session id")
         if session_id is not None and not ops_service.is_valid_session_id(session_id):
             raise HttpError(400, f"Invalid session id format: {show(session_id)}; use 1-128 characters of "
                                  "A-Z a-z 0-9 _ . - starting with a letter or digit")

@@ -47,6 +47,8 @@ __all__ = [
     "MAX_INT_DIGITS",
     "MAX_JOURNAL_LINE",
     "MAX_JSON_DEPTH",
+    "MAX_USER_ID_CHARS",
+    "RESERVED_SESSION_IDS",
     "MAX_PENDING_BYTES",
     "MAX_PENDING_INPUTS",
     "MAX_PENDING_INPUT_BYTES",
@@ -146,6 +148,9 @@ ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (o
 REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
+MAX_USER_ID_CHARS = 256  # a user id is a name; longer ones would only grow session_policy.json and logs
+# Session ids that are also words of the Ops routes: a session so named could not be managed there.
+RESERVED_SESSION_IDS = frozenset(("cancel",))
 MAX_JSON_DEPTH = 100  # nesting accepted in any JSON we are sent; deeper is refused before it can recurse
 
 

@@ -8,6 +8,7 @@ May import: the standard library and ``uagw.limits``.
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any, Callable, Optional, Union
 
@@ -59,7 +60,17 @@ def loads_json(data: Union[str, bytes, bytearray]) -> Any:
                 raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
             children = item.values() if isinstance(item, dict) else item
             stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    raw = data if isinstance(data, str) else bytes(data).decode("utf-8", "replace")
+    if _SURROGATE_ESCAPE_RE.search(raw):  # cheap test first: only an escape can make a lone surrogate
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not text") from None
     return value
+
+
+_SURROGATE_ESCAPE_RE = re.compile(r"\\u[dD][89a-fA-F]")
+
 
 class PerSecond:
     """A timestamp format that changes once a second, computed once a second rather than per use."""
