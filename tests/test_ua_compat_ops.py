@@ -322,9 +322,12 @@ def test_ops_cancel_of_a_running_session_broadcasts_cancelled_and_ends_the_turn(
             await ws.send(execute("long", steps=200, pause=0.05))
             await recv(ws)
             reply = await in_thread(call, ua, "POST", "/api/v1/ops/sessions/cancel-1/cancel", {"reason": "operator stop"})
-            return reply, await recv_until(ws, "query_complete")
+            # A second cancel while the agent is still stopping started nothing: it says so.
+            again = await in_thread(call, ua, "POST", "/api/v1/ops/sessions/cancel-1/cancel", {})
+            return reply, again, await recv_until(ws, "query_complete")
 
-    reply, frames = run(scenario())
+    reply, again, frames = run(scenario())
+    assert again.status == 200 and again.json["task_cancelled"] is False
     assert reply.status == 200
     body = reply.json
     assert body["status"] == "cancel_requested" and body["session_id"] == "cancel-1"

@@ -537,7 +537,7 @@ class Application:
             live = hub.sessions.get(session_id)
             if live is not None and live.turn is not None:
                 turn_id = live.turn.turn_id
-                cancelled = hub.cancel(session_id, reason) is not None
+                cancelled = hub.start_cancel(session_id, reason)
             elif live is not None:
                 hub.broadcast(session_id, "cancelled", {"reason": reason, "turn_id": None, "session_id": session_id,
                                                         "run_id": None})
@@ -549,7 +549,7 @@ class Application:
         reason = self._cancel_reason(request, "Cancelled from ops bulk session controls")
         hub = self.hub
         running = sorted(sid for sid, live in hub.sessions.items() if live.turn is not None) if hub is not None else []
-        cancelled = [sid for sid in running if hub is not None and hub.cancel(sid, reason) is not None]
+        cancelled = [sid for sid in running if hub is not None and hub.start_cancel(sid, reason)]
         return json_response(200, {"status": "cancel_requested", "reason": reason,
                                    "sessions_considered": len(running), "sessions_cancelled": cancelled})
 

@@ -269,10 +269,18 @@ class SessionHub:
         self.agent_groups.discard(group)
 
     def cancel(self, session_id: str, reason: str) -> Optional[asyncio.Task]:
-        """Cancel the running turn: ``cancelled`` goes out now; the task ends once the agent has stopped."""
+        """Cancel the running turn: ``cancelled`` goes out now; the task ends once the agent has stopped.
+        Returns the turn's task (also when a cancel was already under way), or None without a turn."""
+        return self._cancel(session_id, reason)[0]
+
+    def start_cancel(self, session_id: str, reason: str) -> bool:
+        """Like ``cancel``; True only when this call started the cancellation (not a repeat)."""
+        return self._cancel(session_id, reason)[1]
+
+    def _cancel(self, session_id: str, reason: str) -> Tuple[Optional[asyncio.Task], bool]:
         live = self.sessions.get(session_id)
         if live is None or live.turn is None or live.turn.task is None:
-            return None
+            return None, False
         turn, task = live.turn, live.turn.task
         before = turn.advance(TurnEvent.CANCEL)
         if before is not None:
@@ -280,7 +288,7 @@ class SessionHub:
                                                      "run_id": None})
             if before is TurnState.RUNNING:
                 task.cancel()  # a STARTING turn's task sees CANCELLING and never calls the agent
-        return task
+        return task, before is not None
 
     async def cancel_and_wait(self, session_id: str, reason: str) -> None:
         task = self.cancel(session_id, reason)
