@@ -1,8 +1,8 @@
 """Universal Agent's own clients against the gateway (issue 11, items 1-3 and 6): the session REST API, the
 session's owner and the allowlist, UA's credentials, and a dashboard on another origin.
 
-The clients below send exactly what UA's do (its ExternalGateway, GatewayBridge, Telegram and worker paths,
-from /work/notes/compat_plan.md §1): the JSON bodies, the three token headers when a token is set
+The clients below send exactly what UA's do (its ExternalGateway, GatewayBridge, Telegram and worker paths;
+README, "Differences from Universal Agent", and docs/PROTOCOL.md §4 and §6.1): the JSON bodies, the three token headers when a token is set
 (``Authorization: Bearer``, ``X-UA-Internal-Token``, ``X-UA-OPS-Token``), and never ``X-UA-User`` nor a
 ``user_id`` query parameter, which UA does not know.
 """
@@ -12,21 +12,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import textwrap
-import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from conftest import execute as conftest_execute
+from conftest import recv, recv_until, run, write_agent
+
 OPS = "ops-token-compat-1"
 INTERNAL = "internal-token-compat-2"
-
-
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
 
 
 def ua_headers(token: Optional[str]) -> Dict[str, str]:
@@ -64,22 +60,7 @@ class UAClient:
 
 def execute(text: str, **data: Any) -> str:
     # ExternalGateway.execute's message: user_input, force_complex, metadata (GatewayBridge adds client_turn_id).
-    return json.dumps({"type": "execute", "data": {"user_input": text, "force_complex": False,
-                                                   "metadata": {"source": "ua"}, **data}})
-
-
-async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(ws: Any, kind: str, timeout: float = 20.0) -> List[Dict[str, Any]]:
-    frames = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
-        frames.append(frame)
-        if frame["type"] == kind:
-            return frames
+    return conftest_execute(text, **{"force_complex": False, "metadata": {"source": "ua"}, **data})
 
 
 async def close_code(ws: Any, timeout: float = 10.0) -> int:
@@ -104,13 +85,6 @@ def refused_status(client: UAClient, session_id: str) -> int:
                 pass
         return info.value.response.status_code
     return run(attempt())
-
-
-def write_agent(tmp_path: Path, name: str, source: str) -> str:
-    path = tmp_path / f"{name}.py"
-    path.write_text(textwrap.dedent(source))
-    import sys
-    return f"{sys.executable} {path}"
 
 
 def policy(gateway: Any, session_id: str) -> Dict[str, Any]:
@@ -534,3 +508,34 @@ def test_a_session_named_like_an_ops_route_or_with_a_huge_user_id_is_refused(gat
 
 def test_a_preflight_for_an_invalid_session_id_is_400(gateway):
     assert gateway.request("OPTIONS", "/api/v1/ops/sessions/..%2f").status == 400
+
+
+@pytest.mark.parametrize("env,token", [
+    ({}, None),
+    ({"UA_OPS_TOKEN": OPS}, OPS),
+    ({"UA_INTERNAL_API_TOKEN": INTERNAL}, INTERNAL),
+    ({"UA_ALLOWED_USERS": "alice"}, None),
+], ids=["no-token", "ops-token", "internal-token", "allowlist"])
+def test_the_whole_ua_client_flow_under_each_configuration(start_gateway, env, token):
+    # What UA's ExternalGateway does for one task: create with only user_id, resume by id, list, stream a
+    # turn until query_complete.
+    client = UAClient(start_gateway(env=env), token)
+    created = client.create(user_id="alice")
+    assert created.status == 200, created.json
+    session_id = created.json["session_id"]
+    assert created.json["user_id"] == "alice" and os.path.isabs(created.json["workspace_dir"])
+    resumed = client.resume(session_id)
+    assert resumed.status == 200 and resumed.json["session_id"] == session_id and resumed.json["user_id"] == "alice"
+    assert session_id in [row["session_id"] for row in client.list().json["sessions"]]
+
+    async def turn() -> List[Dict[str, Any]]:
+        async with client.connect(session_id) as ws:
+            await recv(ws)
+            await ws.send(execute("hello from ua"))
+            return await recv_until(ws, "query_complete")
+
+    frames = run(turn())
+    assert frames[-1]["data"]["completed"] is True and frames[-1]["data"]["turn_id"]
+    assert any(f["type"] == "text" and f["data"]["text"] == "hello from ua" for f in frames)
+    if token is not None:  # and nobody gets in without it
+        assert UAClient(client.gateway).resume(session_id).status == 401

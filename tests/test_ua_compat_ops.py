@@ -13,7 +13,6 @@ import json
 import math
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 from urllib.parse import quote
@@ -22,7 +21,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 
-from conftest import RunningGateway, launch
+from conftest import RunningGateway, launch, recv, recv_until, run, wait_for
 
 TOKEN = "ua-compat-ops-token"
 UA_HEADERS = {"Authorization": f"Bearer {TOKEN}", "X-UA-OPS-Token": TOKEN}
@@ -71,27 +70,9 @@ def policy(user_id: str, **memory: Any) -> bytes:
                                   "scope": "direct_only", **memory}}, indent=2, sort_keys=True).encode()
 
 
-def run(coro: Any) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
 def ws_connect(gateway: RunningGateway, session_id: str) -> Any:
     return connect(f"{gateway.ws_url}/api/v1/sessions/{session_id}/stream",
                    additional_headers={"Authorization": f"Bearer {TOKEN}"})
-
-
-async def recv(ws: Any, timeout: float = 10.0) -> Dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
-
-
-async def recv_until(ws: Any, kind: str, timeout: float = 20.0) -> List[Dict[str, Any]]:
-    frames = []
-    deadline = time.monotonic() + timeout
-    while True:
-        frame = await recv(ws, max(0.1, deadline - time.monotonic()))
-        frames.append(frame)
-        if frame["type"] == kind:
-            return frames
 
 
 def execute(text: str, **metadata: Any) -> str:
@@ -100,16 +81,6 @@ def execute(text: str, **metadata: Any) -> str:
 
 async def in_thread(function: Any, *args: Any) -> Any:
     return await asyncio.get_running_loop().run_in_executor(None, function, *args)
-
-
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 # -- summaries: UA's fields with UA's types ------------------------------------------------------------------
