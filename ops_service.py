@@ -2057,17 +2057,7 @@ class OpsService:
                     raise InvalidArgument(
                         "heartbeat state is {} bytes; at most {} are accepted".format(len(data), MAX_HEARTBEAT_BYTES)
                     )
-                temp = ".{}.{}.tmp".format(HEARTBEAT_FILE_NAME, secrets.token_hex(4))
-                fd = os.open(temp, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
-                try:
-                    try:
-                        _write_all(fd, data)
-                    finally:
-                        os.close(fd)
-                    os.replace(temp, HEARTBEAT_FILE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except BaseException:
-                    self._unlink_quietly(temp, dir_fd)
-                    raise
+                _replace_file_at(dir_fd, HEARTBEAT_FILE_NAME, data)
 
     # -- reset, compact, delete --------------------------------------------------------
 
@@ -2139,17 +2129,7 @@ class OpsService:
         doing = "writing the description of session {}".format(session_id)
         with self.session_lock(session_id), self._os_errors(doing, session_id, "the previous description is intact"):
             with self._session_fd(session_id) as dir_fd:
-                temp = ".{}.{}.tmp".format(DESCRIPTION_FILE_NAME, secrets.token_hex(4))
-                fd = os.open(temp, _CREATE_FLAGS, 0o644, dir_fd=dir_fd)
-                try:
-                    try:
-                        _write_all(fd, text.encode("utf-8", "replace"))
-                    finally:
-                        os.close(fd)
-                    os.replace(temp, DESCRIPTION_FILE_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                except BaseException:
-                    self._unlink_quietly(temp, dir_fd)
-                    raise
+                _replace_file_at(dir_fd, DESCRIPTION_FILE_NAME, text.encode("utf-8", "replace"))
         return {"status": "updated", "session_id": session_id, "updates": {"description": text}}
 
     def require_session(self, session_id: str) -> None:
