@@ -86,7 +86,10 @@ def flooded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         if request.param == "cap":
             # The kernel completes handshakes before the gateway accepts them: a health request sent now
             # could be accepted before the cap is reached. Wait until the gateway has refused one of ours.
-            select.select(held, [], [], 5.0)
+            readable, _, _ = select.select(held, [], [], 5.0)
+            refusal = readable[0].recv(4096) if readable else b""
+        else:
+            refusal = b""
         asked = time.monotonic()
         while_full = health_status(gateway.host, gateway.port, timeout=2.0)
         answered_in = time.monotonic() - asked
@@ -104,6 +107,7 @@ def flooded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     yield {
         "scenario": request.param,
         "while_full": while_full,
+        "refusal": refusal,
         "answered_in": answered_in,
         "cpu": cpu,
         "after": after,
@@ -128,7 +132,11 @@ def test_out_of_descriptors_writes_almost_nothing_to_stderr(flooded):
 
 @CAP
 def test_health_is_answered_while_full_and_once_connections_close(flooded):
-    assert flooded["while_full"] == 503 and flooded["answered_in"] < 1.0
+    # A connection past the cap is refused with a 503 at once; health, asked then, is answered at once:
+    # 503 while every slot is taken, or 200 when a slot happened to be free at that moment (seen once in
+    # a loaded parallel run). Either way it must not hang, which is what running out of descriptors did.
+    assert flooded["refusal"].startswith(b"HTTP/1.1 503 "), flooded["refusal"][:200]
+    assert flooded["while_full"] in (200, 503) and flooded["answered_in"] < 1.0
     assert flooded["after"] == 200
 
 
