@@ -96,28 +96,18 @@ def _parse_networks(value: Optional[str]) -> List[Union[ipaddress.IPv4Network, i
 
 
 def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -> Any:
-    """A non-negative number from the environment, None when unset (the default applies)."""
+    """A number from the environment, None when unset (the default applies). Its range is Config's to
+    check (LIMITS), as for every other way a limit is set."""
     text = (env.get(name) or "").strip()
     if not text:
         return None
     try:
-        value = kind(text)
+        if len(text) > MAX_INT_DIGITS + 8:  # int() of a huge string is slow (and refused from 3.11 on)
+            raise ValueError(text)
+        return kind(text)
     except ValueError:
-        value = None
-    if value is None or not 0 <= value < float("inf"):
         what = "a whole number" if kind is int else "a number"
-        raise ConfigError(f"{name} must be {what}, 0 or more (see README, Configuration, for what 0 means), "
-                          f"not {show(text)}")
-    return value
-
-
-def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
-    text = env.get(name) or ""
-    if not text:
-        return default
-    if not text.isdigit() or len(text) > MAX_INT_DIGITS or int(text) < 1:
-        raise ConfigError(f"{name} must be a whole number of at least 1, not {show(text)}")
-    return int(text)
+        raise ConfigError(f"{name} must be {what} (see README, Configuration), not {show(text)}") from None
 
 
 def is_loopback_host(host: str) -> bool:
@@ -290,7 +280,7 @@ class Config:
             session_create_rate=_env_number(env, "UA_SESSION_CREATE_RATE", float),
             session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
             session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
-            log_rotate_bytes=_positive_int(env, "UA_GATEWAY_LOG_ROTATE_BYTES", GATEWAY_LOG_ROTATE_BYTES),
+            log_rotate_bytes=_env_number(env, "UA_GATEWAY_LOG_ROTATE_BYTES", int),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})
