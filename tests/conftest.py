@@ -25,7 +25,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -193,6 +193,22 @@ def assert_refused(data: bytes, status: int = 400) -> HttpError:
     assert not requests and error is not None, f"accepted {[(r.method, r.target, r.body) for r in requests]!r}"
     assert (error.status, error.close) == (status, True), error.detail
     return error
+
+
+def serve_embedded(workspaces: Path, agent: Any, scenario: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``scenario(gateway)`` against an embedded ``Gateway`` (real sockets, port 0) that runs
+    ``agent``; the gateway is stopped whatever happens."""
+    from ua_gateway import Config, Gateway
+
+    async def main() -> Any:
+        gateway = Gateway(Config(port=0, workspaces=workspaces), agent=agent)
+        await gateway.start()
+        try:
+            return await scenario(gateway)
+        finally:
+            await gateway.stop()
+
+    return asyncio.run(main())
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:

@@ -7,7 +7,8 @@ import json
 
 from websockets.asyncio.client import connect
 
-from ua_gateway import AgentTurn, Config, Gateway
+from conftest import serve_embedded
+from ua_gateway import AgentTurn, Gateway
 
 
 async def run_turn(gateway: Gateway, text: str, follow_up=None):
@@ -24,15 +25,7 @@ async def run_turn(gateway: Gateway, text: str, follow_up=None):
 
 
 def serve_and(agent, scenario, tmp_path):
-    async def main():
-        gateway = Gateway(Config(port=0, workspaces=tmp_path / "ws"), agent=agent)
-        await gateway.start()
-        try:
-            return await scenario(gateway)
-        finally:
-            await gateway.stop()
-
-    return asyncio.run(main())
+    return serve_embedded(tmp_path / "ws", agent, scenario)
 
 
 def test_embedded_agent_events_reach_the_client(tmp_path):

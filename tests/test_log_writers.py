@@ -21,7 +21,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from ops_service import GATEWAY_DIR_NAME, GATEWAY_LOG_NAME, SECURITY_LOG_NAME, InvalidArgument, OpsService
-from ua_gateway import AgentTurn, Config, Gateway
+from conftest import serve_embedded
+from ua_gateway import AgentTurn, Gateway
 from uagw.logs import BatchWriter
 
 WAIT = 5.0  # s: the session writer writes within 10 ms, the gateway log every 100 ms
@@ -164,15 +165,7 @@ async def health_once(gateway: Gateway, condition) -> Dict[str, Any]:
 
 
 def serve_and(workspaces: Path, scenario) -> Any:
-    async def main() -> Any:
-        gateway = Gateway(Config(port=0, workspaces=workspaces), agent=logging_agent)
-        await gateway.start()
-        try:
-            return await scenario(gateway)
-        finally:
-            await gateway.stop()
-
-    return asyncio.run(main())
+    return serve_embedded(workspaces, logging_agent, scenario)
 
 
 def gateway_records(workspaces: Path, event: str) -> List[Dict[str, Any]]:
