@@ -43,6 +43,11 @@ def test_help_lists_flags_and_environment():
     assert result.returncode == 0
     for word in ("--host", "--port", "--workspaces", "--agent-cmd", "--insecure", "UA_OPS_TOKEN", "UA_WORKSPACES_DIR"):
         assert word in result.stdout
+    # README and PROTOCOL §1 promise that --help names Universal Agent's variables too.
+    text = " ".join(result.stdout.split())
+    for word in ("UA_OPS_TOKEN_FILE", "UA_INTERNAL_API_TOKEN", "DEFAULT_USER_ID", "UA_SESSION_CREATE_RATE",
+                 "UA_GATEWAY_LOG_ROTATE_BYTES", "usage: ua-gateway"):
+        assert word in text
 
 
 def test_port_zero_binds_a_free_port_and_prints_its_url(tmp_path):

@@ -539,3 +539,12 @@ def test_the_whole_ua_client_flow_under_each_configuration(start_gateway, env, t
     assert any(f["type"] == "text" and f["data"]["text"] == "hello from ua" for f in frames)
     if token is not None:  # and nobody gets in without it
         assert UAClient(client.gateway).resume(session_id).status == 401
+
+
+def test_with_an_allowlist_a_create_without_user_id_is_refused_naming_the_default_user(start_gateway):
+    # README, Configuration (DEFAULT_USER_ID): user_universal itself is not added to UA_ALLOWED_USERS.
+    refused = start_gateway(env={"UA_ALLOWED_USERS": "alice"}).post("/api/v1/sessions", body={})
+    assert refused.status == 403
+    assert "'user_universal'" in refused.json["detail"] and "DEFAULT_USER_ID" in refused.json["detail"]
+    allowed = start_gateway(env={"UA_ALLOWED_USERS": "alice", "DEFAULT_USER_ID": "alice"})
+    assert allowed.post("/api/v1/sessions", body={}).json["user_id"] == "alice"
