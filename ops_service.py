@@ -1718,8 +1718,9 @@ class OpsService:
             raise SessionNotFound(self._not_found(session_id))
         return path
 
-    def create_session(self, session_id: Optional[str] = None) -> Dict[str, str]:
-        """Create ``<id>/`` and ``<id>/work_products/``; a fresh id when None.
+    def create_session(self, session_id: Optional[str] = None) -> Dict[str, Any]:
+        """Create ``<id>/`` and ``<id>/work_products/``; a fresh id when None. ``created`` in the answer
+        says whether the directory is new.
 
         An id that already names a session is returned as it is (idempotent).
         Raises InvalidSessionId, InvalidArgument (the name is taken by something that is
@@ -1732,12 +1733,12 @@ class OpsService:
             # mkdir still works on a full volume; a session that cannot hold a log line is no use.
             self.check_space()
             if session_id is None:
-                session_id = self._make_new_session_dir()
+                session_id, created = self._make_new_session_dir(), True
             else:
-                self._make_session_dir(session_id)
+                created = self._make_session_dir(session_id)
             with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
                 _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
-        return {"session_id": session_id, "workspace_dir": str(self.root / session_id)}
+        return {"session_id": session_id, "workspace_dir": str(self.root / session_id), "created": created}
 
     def read_session_owner(self, session_id: str) -> Optional[str]:
         """The session's recorded owner: ``user_id`` of its ``session_policy.json`` (a non-empty string,
@@ -2278,7 +2279,8 @@ class OpsService:
             )
         )
 
-    def _make_session_dir(self, session_id: str) -> None:
+    def _make_session_dir(self, session_id: str) -> bool:
+        """Make ``<root>/<id>/``; True when it was made now, False when it was there already."""
         path = self.root / session_id
         try:
             os.mkdir(path)
@@ -2288,6 +2290,8 @@ class OpsService:
                     "{} exists under the workspaces root but is not a session directory; "
                     "choose another session id".format(_show(session_id))
                 ) from None
+            return False
+        return True
 
     def _make_new_session_dir(self) -> str:
         while True:

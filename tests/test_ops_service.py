@@ -853,12 +853,13 @@ def test_create_session_makes_its_directory_and_work_products(svc, root):
     created = svc.create_session()
     assert re.fullmatch(r"session_\d{8}_\d{6}_[0-9a-f]{8}", created["session_id"])
     assert created["workspace_dir"] == str(root / created["session_id"])
+    assert created["created"] is True
     assert (root / created["session_id"] / "work_products").is_dir()
 
 
 def test_create_session_with_an_existing_id_is_idempotent(svc, root):
     make_session(root, "mine", {"run.log": "keep\n"})
-    assert svc.create_session("mine") == {"session_id": "mine", "workspace_dir": str(root / "mine")}
+    assert svc.create_session("mine") == {"session_id": "mine", "workspace_dir": str(root / "mine"), "created": False}
     assert (root / "mine" / "run.log").read_text() == "keep\n"
 
 

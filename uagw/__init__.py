@@ -29,6 +29,7 @@ Module map, lowest layer first
   ``loads_json`` (strict RFC 8259 JSON). limits.
 - ``config``: ``Config``, ``ConfigError``, environment variables and secret files. limits, text.
 - ``http11``: Sans-I/O HTTP/1.1: ``RequestParser``, ``Request``, ``Response``, the error shape. limits, text.
+- ``changes``: ``Changes``, ``ChangeKind``: session changes announced to observers. Imports nothing.
 - ``access``: the token, lockout, address allowlist, CORS, session-creation limits. limits, config, http11.
 - ``logs``: the writer threads: ``GatewayLog`` and ``SessionWriter``. ops_service, limits, text.
 - ``routing``: ``Router``, ``Route``, ``Scope``, ``Upgrade`` and ``Dispatched``, request helpers, the
@@ -39,7 +40,7 @@ Module map, lowest layer first
   ``EchoApp``. websockets, limits, text, http11, routing.
 - ``agents``: one turn (``AgentTurn``, ``TurnState``), agent commands, journal formats. limits, text, config.
 - ``sessions``: ``SessionHub``, ``LiveSession``, ``FinishedTurns``, ``AgentSocket``. ops_service, limits,
-  text, config, http11, access, logs, websocket, agents.
+  text, config, http11, access, changes, logs, websocket, agents.
 - ``app``: ``Application`` (routes, admission, handlers, health, ``dispatch``) and ``Gateway`` (it,
   served by a ``Server``: start and stop). Everything above.
 - ``cli``: ``main``, ``serve``, arguments, process set-up. limits, config, app.

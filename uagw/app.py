@@ -30,6 +30,7 @@ from .text import show
 from .config import Config, ConfigError, is_loopback_host
 from .http11 import HttpError, Request, Response, error_response, json_response
 from .access import AccessControl, request_tokens
+from .changes import ChangeKind, Changes
 from .logs import GatewayLog
 from .routing import (
     Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
@@ -104,6 +105,7 @@ class Application:
         self.fd_budget: Optional[int] = None  # connections the open-file limit leaves room for, if it has one
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
+        self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
 
@@ -497,14 +499,23 @@ class Application:
     def reset_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         body = json_object_body(request, ("clear_logs", "clear_memory", "clear_work_products"))
         body.setdefault("clear_memory", True)  # UA's HTTP default: a reset archives memory too
-        return self._ops_response(200, self.ops.reset_session, params["session_id"], **body)
+        return self._changed_response(ChangeKind.RESET, params["session_id"], self.ops.reset_session, **body)
 
     async def archive_session(self, request: Request, params: Dict[str, str]) -> Response:
         """UA HEAD's archive: a reset that always moves the logs (memory and work products on request)."""
         body = json_object_body(request, ("clear_memory", "clear_work_products"))
         body.setdefault("clear_memory", False)
-        result = await self.run_ops(self.ops.reset_session, params["session_id"], clear_logs=True, **body)
-        return json_response(200, {**result, "status": "archived", "session_id": params["session_id"]})
+        session_id = params["session_id"]
+        result = await self.run_ops(self.ops.reset_session, session_id, clear_logs=True, **body)
+        self.changes.publish(ChangeKind.ARCHIVED, session_id, **result)
+        return json_response(200, {**result, "status": "archived", "session_id": session_id})
+
+    async def _changed_response(self, kind: ChangeKind, session_id: str, function: Callable[..., Any],
+                                **kwargs: Any) -> Response:
+        """Run an OpsService change of ``session_id``, announce it (``kind``, with its answer), answer it."""
+        result = await self.run_ops(function, session_id, **kwargs)
+        self.changes.publish(kind, session_id, **result)
+        return json_response(200, result)
 
     async def update_session(self, request: Request, params: Dict[str, str]) -> Response:
         """UA HEAD's PATCH of a session: ``{description?}`` (written to description.txt, bounded)."""
@@ -514,7 +525,9 @@ class Application:
         if description is None:
             await self.run_ops(self.ops.require_session, session_id)  # 404 for an unknown id (UA: 200)
             return json_response(200, {"status": "updated", "session_id": session_id, "updates": {}})
-        return json_response(200, await self.run_ops(self.ops.set_description, session_id, description))
+        result = await self.run_ops(self.ops.set_description, session_id, description)
+        self.changes.publish(ChangeKind.UPDATED, session_id, description=description)
+        return json_response(200, result)
 
     def _cancel_reason(self, request: Request, default: str) -> str:
         body = json_object_body(request, ("reason",))
@@ -555,7 +568,7 @@ class Application:
 
     def compact_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         body = json_object_body(request, ("max_lines", "max_bytes"))
-        return self._ops_response(200, self.ops.compact_session, params["session_id"], **body)
+        return self._changed_response(ChangeKind.COMPACTED, params["session_id"], self.ops.compact_session, **body)
 
     def delete_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
@@ -573,6 +586,7 @@ class Application:
         result = await self.run_ops(self.ops.delete_session, session_id)
         if hub is not None:
             hub.close_session(session_id, CloseCode.SESSION_NOT_FOUND, "session deleted")
+        self.changes.publish(ChangeKind.DELETED, session_id)
         return json_response(200, result)
 
     # -- the session API (Universal Agent's /api/v1/sessions; PROTOCOL.md §6.1) ------------------------------
@@ -636,6 +650,8 @@ class Application:
         created = await self.run_ops(self.ops.create_session, session_id)
         session_id = created["session_id"]
         owner = await self.run_ops(self.ops.record_session_owner, session_id, user_id)
+        if created["created"]:
+            self.changes.publish(ChangeKind.CREATED, session_id, owner=owner)
         self._judge_owner(session_id, owner, user_id, claimed)
         return json_response(200, self._session_reply(session_id, owner, {**metadata, "resumed": False}))
 

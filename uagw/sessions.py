@@ -28,6 +28,7 @@ from .text import loads_json, show
 from .config import Config
 from .http11 import HttpError
 from .access import AccessControl
+from .changes import ChangeKind, Changes
 from .logs import GatewayLog, SessionWriter
 from .websocket import CloseCode
 from .agents import (
@@ -62,6 +63,9 @@ class SessionHost(Protocol):
 
     @property
     def config(self) -> Config: ...
+
+    @property
+    def changes(self) -> Changes: ...
 
     def run_ops(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Awaitable[Any]: ...
 
@@ -162,13 +166,16 @@ class SessionHub:
         if live is None:
             live = self.sessions[session_id] = LiveSession(session_id, workspace_dir)
         live.sockets.add(sock)
+        self.gateway.changes.publish(ChangeKind.CONNECTIONS, session_id, connections=len(live.sockets))
         return live
 
     def detach(self, sock: "AgentSocket") -> None:
         live = self.sessions.get(sock.session_id or "")
         if live is None:
             return
-        live.sockets.discard(sock)
+        if sock in live.sockets:
+            live.sockets.discard(sock)
+            self.gateway.changes.publish(ChangeKind.CONNECTIONS, live.session_id, connections=len(live.sockets))
         self._forget_if_idle(live)
 
     def _forget_if_idle(self, live: LiveSession) -> None:
@@ -206,6 +213,8 @@ class SessionHub:
         turn = AgentTurn(self, live, user_input, metadata, client_turn_id)
         live.turn = turn
         turn.task = asyncio.get_running_loop().create_task(self._run_turn(live, turn))
+        self.gateway.changes.publish(ChangeKind.TURN_STARTED, live.session_id, turn_id=turn.turn_id,
+                                     client_turn_id=client_turn_id)
         # A task cancelled before its first step never runs its body (issue 16.1); its turn ends all the same.
         turn.task.add_done_callback(lambda _task: self._end_turn(live, turn, completed=False))
 
@@ -239,6 +248,9 @@ class SessionHub:
             done["client_turn_id"] = turn.client_turn_id
         self.broadcast(live.session_id, "query_complete", done)
         ended = time.time()
+        self.gateway.changes.publish(ChangeKind.TURN_FINISHED, live.session_id, turn_id=turn.turn_id,
+                                     completed=completed, cancelled=turn.cancelled, events=turn.events,
+                                     duration_s=round(max(0.0, ended - turn.started), 6))
         self.writer.heartbeat(live.session_id, {
             "last_run": ended,
             "last_turn": {
@@ -445,6 +457,7 @@ class AgentSocket:
             self.send("error", {"message": f"could not create a session: {exc.detail}"})
             self.pending = None
             return
+        self.gateway.changes.publish(ChangeKind.CREATED, session_id, owner=owner)
         await self._attach(session_id, first, owner)
 
     def _handle(self, message: Union[str, bytes]) -> None:
