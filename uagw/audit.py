@@ -62,7 +62,7 @@ REDACTED = "[redacted]"
 _SECRET_KEY_RE = re.compile(r"token|secret|passw|authori[sz]|api[-_]?key|credential|cookie|bearer", re.IGNORECASE)
 _NESTING = 3  # levels of nested objects kept in a parameter; deeper ones are cut (ours are flat)
 # What a successful answer names that an operator asks after: where the logs went, how much was freed.
-OUTCOME_KEYS = ("archive_dir", "archived", "bytes_freed", "cleared", "sessions_cancelled", "task_cancelled", "status")
+OUTCOME_KEYS = ("archive_dir", "archived", "bytes_freed", "cleared", "sessions_cancelled", "task_cancelled")
 _MAX_ANSWER_PARSED = 256 * 1024  # a larger answer's fields are not copied (ours are a few hundred bytes)
 
 # True while an HTTP call is being audited: a change it publishes is in its own record already.
@@ -132,7 +132,10 @@ def answer_fields(response: Response) -> Dict[str, Any]:
         return {}
     if not isinstance(answer, dict):
         return {}
-    return {key: _bounded(answer[key]) for key in OUTCOME_KEYS + ("session_id",) if key in answer}
+    fields = {key: _bounded(answer[key]) for key in OUTCOME_KEYS + ("session_id",) if key in answer}
+    if isinstance(answer.get("status"), str):
+        fields["result"] = answer["status"][:AUDIT_VALUE_CHARS]  # the answer's own word: reset, deleted, ...
+    return fields
 
 
 def _now() -> str:
