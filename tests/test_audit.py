@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 from websockets.asyncio.client import connect
 
-from conftest import execute, recv_until, run, wait_for
+from conftest import ROOT, execute, gateway_env, recv_until, run, wait_for
 from ops_service import InvalidArgument, OpsService
 from uagw.audit import REDACTED, request_parameters
 from uagw.http11 import Request
@@ -201,3 +203,19 @@ def test_parameters_are_bounded_and_redacted():
 def test_append_audit_refuses_more_than_one_line(svc: OpsService):
     with pytest.raises(InvalidArgument, match="one line"):
         svc.append_audit(b"two\nlines\n", rotate_bytes=1000, backups=1)
+
+
+def test_client_audit_prints_the_records_with_the_read_token(audited):
+    audited.make_session("audit-client")
+    audited.post("/api/v1/ops/sessions/audit-client/reset", body={}, token=FULL)
+
+    table = subprocess.run([sys.executable, str(ROOT / "ua_gateway.py"), "audit", "--limit", "5", "--url", audited.url],
+                           env=gateway_env({"UA_OPS_TOKEN": READ}), capture_output=True, text=True, timeout=30)
+    as_json = subprocess.run([sys.executable, str(ROOT / "ua_gateway.py"), "audit", "--json", "--url", audited.url],
+                             env=gateway_env({"UA_OPS_TOKEN": READ}), capture_output=True, text=True, timeout=30)
+
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.splitlines()[0].split() == ["TIME", "ACTION", "SESSION", "CLIENT", "SCOPE", "STATUS"]
+    assert table.stdout.splitlines()[1].split()[1:] == ["reset_session", "audit-client", "127.0.0.1", "full", "200"]
+    assert "--cursor " in table.stderr
+    assert json.loads(json.loads(as_json.stdout)["lines"][0])["action"] == "reset_session"
