@@ -218,7 +218,7 @@ class GatewayClient:
         return self._checked(self.request("GET", "/api/v1/ops/logs/tail", query), LOG_SLICE)
 
     def read_audit(self, cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
-        """A slice of the audit trail (PROTOCOL.md §11): JSON lines, oldest first."""
+        """A slice of the audit trail (PROTOCOL.md §11.2): JSON lines, oldest first."""
         return self._checked(self.request("GET", "/api/v1/ops/audit", {"cursor": cursor, "limit": limit}), LOG_SLICE)
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:

@@ -1,4 +1,4 @@
-"""The audit trail (PROTOCOL.md §11): one durable JSON line per state-changing call, in order, before the
+"""The audit trail (PROTOCOL.md §11.2): one durable JSON line per state-changing call, in order, before the
 answer; never a token; rotated without loss and read back as a log slice across rotations."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Token scopes (PROTOCOL.md §4.8): UA_OPS_READ_TOKEN reads the Ops API and changes nothing.
+"""Token scopes (PROTOCOL.md §11.1): UA_OPS_READ_TOKEN reads the Ops API and changes nothing.
 
 The routes come from the gateway's own router table (as in test_auth_property.py): a route or method added
 later is judged here without anyone listing it. Every reading route accepts the read token, every other

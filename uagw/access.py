@@ -45,7 +45,7 @@ def client_ip(address: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.I
 
 
 class Grant(str, enum.Enum):
-    """What the token a request carried grants (``AccessControl.grant``; PROTOCOL.md §4.8); audit
+    """What the token a request carried grants (``AccessControl.grant``; PROTOCOL.md §11.1); audit
     records name it as the scope used."""
 
     OPEN = "open"  # no token is configured (loopback only, PROTOCOL.md §1)

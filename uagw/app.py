@@ -111,7 +111,7 @@ class Application:
         self.router = Router(self._routes())
         self.audit = AuditTrail(self.ops, self.run_ops, (config.token, config.internal_token, config.read_token),
                                 self._audit_warning)
-        self.changes.subscribe(self.audit.observe)  # sessions the WebSocket lobby creates (PROTOCOL.md §11)
+        self.changes.subscribe(self.audit.observe)  # sessions the WebSocket lobby creates (PROTOCOL.md §11.2)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class Application:
 
     async def _audited(self, request: Request, route: Route, params: Dict[str, str], grant: Optional[Grant],
                        handler: Callable[..., Any]) -> Response:
-        """Answer a call that may change state once its audit record is on disk (PROTOCOL.md §11)."""
+        """Answer a call that may change state once its audit record is on disk (PROTOCOL.md §11.2)."""
         started = time.monotonic()
 
         async def call() -> Response:
@@ -310,7 +310,7 @@ class Application:
                   permission: Permission = Permission.READ) -> Grant:
         """PROTOCOL.md §4 for a protected request (``what`` names it in errors): a cross-site browser request is
         refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
-        one a browser offers as a WebSocket subprotocol), judged against ``permission`` (§4.8): SESSION
+        one a browser offers as a WebSocket subprotocol), judged against ``permission`` (PROTOCOL.md §11.1): SESSION
         takes UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN, READ takes UA_OPS_READ_TOKEN too. Returns
         what the token granted. Raises HttpError on refusal: 401 (counted toward the lockout) for no
         usable token, 403 for the read token where a change needs the full one."""
@@ -540,7 +540,7 @@ class Application:
         return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
 
     def audit_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        """A log slice of the audit trail, across its rotations (PROTOCOL.md §11)."""
+        """A log slice of the audit trail, across its rotations (PROTOCOL.md §11.2)."""
         query = query_params(request)
         return self._ops_response(200, self.ops.read_audit_log, cursor=query.get("cursor"),
                                   limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"),

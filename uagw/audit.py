@@ -1,4 +1,4 @@
-"""The audit trail (docs/PROTOCOL.md §11): one JSON line in ``<root>/_gateway/audit.log`` for every call that
+"""The audit trail (docs/PROTOCOL.md §11.2): one JSON line in ``<root>/_gateway/audit.log`` for every call that
 may change state, written durably (``OpsService.append_audit``: fsync) before the answer goes out, and one
 for each session the WebSocket lobby creates.
 
@@ -10,7 +10,7 @@ outcome (status, and for a success the archive directory and sizes the answer na
 Never a header.
 
 May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.text``, ``uagw.http11``,
-``uagw.changes``, ``uagw.access`` and ``uagw.routing``.
+``uagw.changes`` and ``uagw.routing``.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ class AuditTrail:
                       ) -> Response:
         """Run ``call`` (an HTTP change), write its record, then give its answer: marked (header
         ``X-UA-Audit: failed`` and, in a JSON object answer, ``audit_warning``) when the record could not be
-        written. The change itself stands: the status is its own (PROTOCOL.md §11)."""
+        written. The change itself stands: the status is its own (PROTOCOL.md §11.2)."""
         token = _AUDITED_CALL.set(True)
         try:
             response = await call()

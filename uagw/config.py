@@ -181,7 +181,7 @@ class Config:
         self.token = token or None
         # UA_INTERNAL_API_TOKEN: the session API and WebSockets accept it beside the Ops token (PROTOCOL.md §4)
         self.internal_token = internal_token or None
-        # UA_OPS_READ_TOKEN: GET and HEAD on the Ops routes only, never a change (PROTOCOL.md §4.8)
+        # UA_OPS_READ_TOKEN: GET and HEAD on the Ops routes only, never a change (PROTOCOL.md §11.1)
         self.read_token = read_token or None
         self.default_user = default_user  # who a session belongs to when its creator names nobody
         self.allowed_users = frozenset(allowed_users)

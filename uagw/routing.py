@@ -162,7 +162,7 @@ READ_METHODS = frozenset(("GET", "HEAD"))
 
 
 class Permission(str, enum.Enum):
-    """What one method of one route needs (``Route.permission``), PROTOCOL.md §4.8: the route's scope
+    """What one method of one route needs (``Route.permission``), PROTOCOL.md §11.1: the route's scope
     refined by the method, so the read/write split is stated once, in the router table."""
 
     PUBLIC = "public"  # anyone
