@@ -586,7 +586,9 @@ def audit_row(line: str) -> List[str]:
         record = None
     if not isinstance(record, dict):
         return ["?", f"(not a record: {shown(line[:80])})", "", "", "", ""]
-    outcome = record.get("outcome") if isinstance(record.get("outcome"), dict) else {}
+    outcome = record.get("outcome")
+    if not isinstance(outcome, dict):
+        outcome = {}
     return [shown(record.get(key) if record.get(key) is not None else "-")
             for key in ("time", "action", "session", "client", "scope")] + [shown(outcome.get("status", "-"))]
 
