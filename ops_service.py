@@ -132,6 +132,7 @@ GATEWAY_DIR_NAME = "_gateway"
 GATEWAY_LOG_NAME = "gateway.log"  # JSON lines, written by the server
 SECURITY_LOG_NAME = "security.log"  # the security records of gateway.log, kept apart so floods cannot rotate them away
 GATEWAY_LOG_FILES = (GATEWAY_LOG_NAME, SECURITY_LOG_NAME)  # the files append_gateway_log writes in _gateway
+AUDIT_LOG_NAME = "audit.log"  # one JSON line per state-changing call (append_audit), fsync'ed before the answer
 TRASH_DIR_NAME = "trash"  # <root>/_gateway/trash: deleted sessions are renamed here first
 
 LOG_FILES = ("run.log", "activity_journal.log")
@@ -1588,6 +1589,8 @@ class OpsService:
         # session id -> ((st_ino, st_mtime_ns) of its directory, entry kinds): see _scan_session_dir
         self._kinds_cache: Dict[str, Tuple[Tuple[int, int], Dict[str, str]]] = {}
         self._locks_guard = threading.Lock()
+        # One audit record at a time: appends stay in call order and a rotation never races an append.
+        self._audit_guard = threading.Lock()
         # Live logs found hard-linked and moved aside by append_log (see there); a gauge for
         # the server's metrics and logs.
         self.linked_logs_moved = 0
@@ -2746,3 +2749,107 @@ class OpsService:
             pass
         finally:
             os.close(root_fd)
+
+    # -- the audit trail (<root>/_gateway/audit.log) ----------------------------------------
+
+    def append_audit(self, line: bytes, rotate_bytes: int, backups: int) -> Dict[str, Any]:
+        """Append one record (``line``, ending in a newline) to ``<root>/_gateway/audit.log`` durably: written
+        and fsync'ed before this returns. Past ``rotate_bytes`` the file is renamed to ``audit.log.1`` (and so
+        on, keeping ``backups``) and the directory fsync'ed, so neither the record nor the rename is lost to
+        a crash. Records are appended one at a time, in call order.
+
+        ``_gateway`` and the file are opened as ``append_gateway_log`` opens them (never through a symlink,
+        only a regular file of one link). Returns ``{"written": True, "rotated": bool}``. Raises
+        InvalidArgument (a line that is not one line), StorageFull, WorkspacesUnavailable: the caller must
+        tell its client that the change was not recorded.
+        """
+        if not line.endswith(b"\n") or b"\n" in line[:-1]:
+            raise InvalidArgument("an audit record is one line ending in a newline")
+        with self._audit_guard, self._os_errors("writing the audit log", None, "the change was made but is not recorded"):
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            try:
+                dir_fd = self._open_gateway_dir(root_fd)
+                try:
+                    fd = os.open(AUDIT_LOG_NAME, _APPEND_FLAGS, 0o640, dir_fd=dir_fd)
+                    try:
+                        st = os.fstat(fd)
+                        if not stat.S_ISREG(st.st_mode) or not _has_one_link(st):
+                            raise OSError(errno.EPERM, "{} is not a regular file of one link; remove it".format(
+                                AUDIT_LOG_NAME))
+                        _write_all(fd, line)
+                        os.fsync(fd)
+                        size = os.fstat(fd).st_size
+                    finally:
+                        os.close(fd)
+                    if size <= rotate_bytes:
+                        return {"written": True, "rotated": False}
+                    _rotate_at(dir_fd, AUDIT_LOG_NAME, backups)
+                    os.fsync(dir_fd)  # the renames are durable too: no record disappears with a crash
+                    return {"written": True, "rotated": True}
+                finally:
+                    os.close(dir_fd)
+            finally:
+                os.close(root_fd)
+
+    def read_audit_log(
+        self,
+        cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+        backups: int = 0,
+    ) -> Dict[str, Any]:
+        """A log slice (PROTOCOL.md §5.11) of the audit log, across its rotations: a cursor into a file
+        rotated since (``audit.log.1`` .. ``.<backups>``) goes on in that file, then in the newer ones
+        from their start, so a reader that follows sees every record once, none skipped, unless the file
+        it was reading has been rotated out of the ``backups`` kept (``reset`` then). Raises
+        InvalidArgument, InvalidCursor, WorkspacesUnavailable.
+        """
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(cursor)
+        with self._os_errors("reading the audit log", None):
+            self.check_root()
+            try:
+                dir_fd = os.open(str(self.root / GATEWAY_DIR_NAME), _DIR_FLAGS)
+            except OSError as exc:
+                if exc.errno not in _MISSING_ERRNOS:
+                    raise
+                return _missing_slice(AUDIT_LOG_NAME, parsed)
+            try:
+                if parsed is not None and not parsed.legacy and parsed.offset > 0:
+                    rotated, found = self._audit_rotated_slice(dir_fd, parsed, limit, max_bytes, backups)
+                    if rotated is not None:
+                        return rotated
+                    if found:
+                        parsed = LogCursor(0, 0, 0, b"", b"")  # the rotated files are read to their end: go on here
+                return _read_slice(lambda: os.open(AUDIT_LOG_NAME, _READ_FLAGS, dir_fd=dir_fd), parsed, limit,
+                                   max_bytes, AUDIT_LOG_NAME)
+            finally:
+                os.close(dir_fd)
+
+    @staticmethod
+    def _audit_rotated_slice(
+        dir_fd: int, cursor: LogCursor, limit: int, max_bytes: int, backups: int
+    ) -> Tuple[Optional[Dict[str, Any]], bool]:
+        """The next lines after ``cursor`` in the rotated audit files, oldest first (from the file the cursor
+        is in, then from the start of the newer rotated ones), or None when they hold no more; and whether
+        the cursor is in one of them."""
+        found = False
+        for index in range(backups, 0, -1):
+            opened = _open_regular(lambda: os.open("{}.{}".format(AUDIT_LOG_NAME, index), _READ_FLAGS, dir_fd=dir_fd))
+            if opened is None:
+                continue
+            fd, st = opened
+            try:
+                start = 0
+                if not found:
+                    if not _same_generation(fd, st, cursor):
+                        continue
+                    found, start = True, cursor.offset
+                result = _follow_slice(fd, st, start, limit, max_bytes, reset=False)
+            except _FileChanged:
+                raise WorkspacesUnavailable("{}.{} shrank while it was being read; retry".format(AUDIT_LOG_NAME, index))
+            finally:
+                os.close(fd)
+            if result["lines"]:
+                return {"file": AUDIT_LOG_NAME, **result, "more": True}, True  # newer files follow
+        return None, found

@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO
 
 __all__ = [
     "ApiError",
@@ -216,6 +216,10 @@ class GatewayClient:
                  cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
         query = {"session_id": session_id, "file": file_name, "cursor": cursor, "limit": limit}
         return self._checked(self.request("GET", "/api/v1/ops/logs/tail", query), LOG_SLICE)
+
+    def read_audit(self, cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
+        """A slice of the audit trail (PROTOCOL.md §11.2): JSON lines, oldest first."""
+        return self._checked(self.request("GET", "/api/v1/ops/audit", {"cursor": cursor, "limit": limit}), LOG_SLICE)
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:
         try:
@@ -571,6 +575,37 @@ def _print_slice(piece: Dict[str, Any], out: TextIO, first: bool, raw: bool = Fa
 # ---------------------------------------------------------------------------------------------------------
 
 
+AUDIT_COLUMNS = ("TIME", "ACTION", "SESSION", "CLIENT", "SCOPE", "STATUS")
+
+
+def audit_row(line: str) -> List[str]:
+    """One audit record as table cells; a line that is not a record (a cut piece) shows as such."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return ["?", f"(not a record: {shown(line[:80])})", "", "", "", ""]
+    outcome = record.get("outcome")
+    if not isinstance(outcome, dict):
+        outcome = {}
+    return [shown(record.get(key) if record.get(key) is not None else "-")
+            for key in ("time", "action", "session", "client", "scope")] + [shown(outcome.get("status", "-"))]
+
+
+def run_audit(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    piece = client.read_audit(cursor=args.cursor, limit=args.limit)
+    if args.json:
+        _print_json(piece, out)
+        return EXIT_OK
+    if piece["reset"]:
+        print("-- the cursor's file was rotated away; reading from the oldest kept --", file=sys.stderr)
+    print(format_table(AUDIT_COLUMNS, [audit_row(line) for line in piece["lines"]]), file=out)
+    # The cursor is for the next call: on stderr, so stdout stays the table.
+    print(f"-- next: --cursor {piece['cursor']}{' (more waiting)' if piece['more'] else ''} --", file=sys.stderr)
+    return EXIT_OK
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -593,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The token is read from UA_OPS_TOKEN or the file UA_OPS_TOKEN_FILE names (never from the command line). Exit status: 0 done, "
         "1 the gateway refused or could not be reached, 2 usage error.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sessions,logs}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{sessions,logs,audit}", required=True)
 
     sessions = commands.add_parser("sessions", help="list, show, reset, compact or delete sessions")
     actions = sessions.add_subparsers(dest="action", metavar="{list,show,reset,compact,delete}", required=True)
@@ -640,6 +675,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print lines exactly as written, terminal escape sequences included "
                       "(by default control characters are shown escaped, e.g. \\x1b)")
     tail.set_defaults(run=run_logs_tail)
+
+    audit = commands.add_parser("audit", parents=[target],
+                                help="the audit trail: who changed what, when (the newest records, or those after --cursor)")
+    audit.add_argument("--limit", type=_non_negative_int, help=f"records per request (gateway default {TAIL_LIMIT})")
+    audit.add_argument("--cursor", help="the cursor a previous 'audit' printed: the records after it, oldest first")
+    audit.set_defaults(run=run_audit)
     return parser
 
 

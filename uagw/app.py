@@ -29,11 +29,12 @@ from .limits import (
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
 from .http11 import HttpError, Request, Response, error_response, json_response
-from .access import AccessControl, request_tokens
+from .access import AccessControl, Grant, request_tokens
+from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
 from .logs import GatewayLog
 from .routing import (
-    Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
+    Dispatched, Permission, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
     ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
 )
 from .server import Server, descriptor_budget
@@ -108,6 +109,9 @@ class Application:
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
+        self.audit = AuditTrail(self.ops, self.run_ops, (config.token, config.internal_token, config.read_token),
+                                self._audit_warning)
+        self.changes.subscribe(self.audit.observe)  # sessions the WebSocket lobby creates (PROTOCOL.md §11.2)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -140,6 +144,7 @@ class Application:
         """Stop the background work, write the stop record and close the log; the hub is shut down before."""
         for task in self._tasks:
             task.cancel()
+        await self.audit.drain()
         if self.log is not None:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
@@ -187,7 +192,7 @@ class Application:
         route, params = self.router.match(path_segments(request.path))
         websocket = request.upgrade and route is not None and route.websocket is not None
         try:
-            route = self.admit(request, route, subprotocol_token(request) if websocket else None)
+            route, grant = self.admit_with_grant(request, route, subprotocol_token(request) if websocket else None)
             if websocket:
                 return self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
             for name, value in params.items():
@@ -199,12 +204,36 @@ class Application:
             if handler is None:
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=False)
+            if route.changes_state(request.method):  # every change is audited here, whatever its route
+                return self._audited(request, route, params, grant, handler)
             result = handler(request, params)
         except Exception as error:
             return self._failure(request, error, close=websocket)
         if isinstance(result, Response):
             return self._answer(request, result)
         return self._settle(request, result)
+
+    async def _audited(self, request: Request, route: Route, params: Dict[str, str], grant: Optional[Grant],
+                       handler: Callable[..., Any]) -> Response:
+        """Answer a call that may change state once its audit record is on disk (PROTOCOL.md §11.2)."""
+        started = time.monotonic()
+
+        async def call() -> Response:
+            try:
+                result = handler(request, params)
+                response = result if isinstance(result, Response) else await result
+            except Exception as error:
+                return self._failure(request, error)
+            return self._answer(request, response)
+
+        scope = grant.value if grant is not None else "none"
+        return await self.audit.audited(call, lambda response: self.audit.http_record(
+            request, route, params, scope, response, time.monotonic() - started))
+
+    def _audit_warning(self, message: str) -> None:
+        warn_stderr(message)
+        if self.log is not None:
+            self.log.write("audit_failed", detail=message[:500])
 
     async def _settle(self, request: Request, pending: Awaitable[Response]) -> Response:
         try:
@@ -233,22 +262,30 @@ class Application:
         return self._answer(request, response)
 
     def admit(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None) -> Route:
+        """``admit_with_grant`` without the grant."""
+        return self.admit_with_grant(request, route, extra_token)[0]
+
+    def admit_with_grant(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None
+                         ) -> Tuple[Route, Optional[Grant]]:
         """The one place that decides whether a request may reach its matched ``route`` (None: no route),
         for HTTP and upgrades alike.
 
         The route is matched on the decoded path segments first; what it needs is then read from the
-        route itself (``Route.scope``), so every spelling of a path that reaches a route gets that route's
-        decision. Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
+        route itself (``Route.permission`` of the method), so every spelling of a path that reaches a route
+        gets that route's decision. Returns the route and what the token granted (None: a public route or a
+        preflight). Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
         ``authorize``.
         """
         if self.config.allowed_hosts:
             self._check_host(request)
         if route is None:
             raise HttpError(404, f"no endpoint at {show(request.path)}; the API is described at /api/v1/openapi.json")
-        if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
-            self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token,
-                           session=route.scope is Scope.SESSION)
-        return route
+        permission = route.permission(request.method)
+        if permission is not Permission.PUBLIC and request.method != "OPTIONS":
+            grant = self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token,
+                                   permission=permission)
+            return route, grant
+        return route, None
 
     def refuse_before_body(self, request: Request) -> Optional[Response]:
         """The answer to a request whose body has not arrived yet, when ``admit`` refuses it; else None.
@@ -269,11 +306,14 @@ class Application:
             self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
         return error_response(HttpError(500, "internal error; the gateway log has the details"))
 
-    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None, session: bool = False) -> None:
+    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None,
+                  permission: Permission = Permission.READ) -> Grant:
         """PROTOCOL.md §4 for a protected request (``what`` names it in errors): a cross-site browser request is
         refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
-        one a browser offers as a WebSocket subprotocol). ``session``: a SESSION route, which takes
-        UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN. Raises HttpError on refusal."""
+        one a browser offers as a WebSocket subprotocol), judged against ``permission`` (PROTOCOL.md §11.1): SESSION
+        takes UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN, READ takes UA_OPS_READ_TOKEN too. Returns
+        what the token granted. Raises HttpError on refusal: 401 (counted toward the lockout) for no
+        usable token, 403 for the read token where a change needs the full one."""
         self._refuse_cross_site(request, what)
         address = request.client
         if not self.access.address_allowed(address):
@@ -286,11 +326,25 @@ class Application:
                 f"too many failed authentications from {address}; try again in {seconds} s with the right token",
                 headers=[("Retry-After", str(seconds))],
             )
-        if not self.access.token_matches(request_tokens(request) + [extra_token], session=session):
+        grant = self.access.grant(request_tokens(request) + [extra_token])
+        if grant is Grant.INTERNAL and permission is not Permission.SESSION and self.config.token is not None:
+            grant = None  # the Ops routes take UA_INTERNAL_API_TOKEN only when it is the only full token (§4.2)
+        if grant is None:
             locked = self.access.record_failure(address)
             if self.log is not None:
                 self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
             raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
+        if grant is Grant.READ and permission is not Permission.READ:
+            raise HttpError(403, self._read_only_refusal(request, permission))
+        return grant
+
+    @staticmethod
+    def _read_only_refusal(request: Request, permission: Permission) -> str:
+        if permission is Permission.SESSION:
+            return ("this endpoint runs agent sessions and needs UA_OPS_TOKEN (or UA_INTERNAL_API_TOKEN); the token "
+                    "given is the read-only UA_OPS_READ_TOKEN")
+        return (f"this call ({request.method}) changes state and needs UA_OPS_TOKEN; the token given is the "
+                "read-only UA_OPS_READ_TOKEN, which allows only GET and HEAD on the Ops API")
 
     def _check_host(self, request: Request) -> None:
         host = (request.header("host") or "").lower()
@@ -384,6 +438,7 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
+            Route("/api/v1/ops/audit", {"GET": self.audit_log}, scope=token),
             Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
             Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
                   scope=session),
@@ -483,6 +538,13 @@ class Application:
         if file_name not in ops_service.LOG_FILES:
             raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
         return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
+
+    def audit_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        """A log slice of the audit trail, across its rotations (PROTOCOL.md §11.2)."""
+        query = query_params(request)
+        return self._ops_response(200, self.ops.read_audit_log, cursor=query.get("cursor"),
+                                  limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"),
+                                  backups=self.audit.backups)
 
     def _log_path(self, path: str) -> Tuple[str, str]:
         """UA's ``logs/tail?path=``: ``<session>/<log>`` relative to the workspaces root (or that path made

@@ -116,7 +116,7 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     return 0
 
 
-CLIENT_COMMANDS = ("sessions", "logs")
+CLIENT_COMMANDS = ("sessions", "logs", "audit")
 
 # Timeouts an operator may tune (behind a proxy with its own idle timeout, say) and tests make short; each
 # sets the Config parameter of its name (--header-timeout sets header_timeout).

@@ -39,7 +39,7 @@ class ConfigError(ValueError):
 # Variables that hold a secret. Each may instead be given as <NAME>_FILE, the path of a file holding it
 # (the convention of container secrets and systemd credentials), which keeps the secret out of every
 # process environment. Neither form is handed on to agent commands.
-SECRET_VARIABLES = ("UA_OPS_TOKEN", "UA_INTERNAL_API_TOKEN")
+SECRET_VARIABLES = ("UA_OPS_TOKEN", "UA_INTERNAL_API_TOKEN", "UA_OPS_READ_TOKEN")
 SECRET_FILE_SUFFIX = "_FILE"
 HIDDEN_FROM_AGENTS = frozenset(name + suffix for name in SECRET_VARIABLES for suffix in ("", SECRET_FILE_SUFFIX))
 
@@ -173,6 +173,7 @@ class Config:
         log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
         internal_token: Optional[str] = None,
         default_user: str = DEFAULT_USER,
+        read_token: Optional[str] = None,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -180,6 +181,8 @@ class Config:
         self.token = token or None
         # UA_INTERNAL_API_TOKEN: the session API and WebSockets accept it beside the Ops token (PROTOCOL.md §4)
         self.internal_token = internal_token or None
+        # UA_OPS_READ_TOKEN: GET and HEAD on the Ops routes only, never a change (PROTOCOL.md §11.1)
+        self.read_token = read_token or None
         self.default_user = default_user  # who a session belongs to when its creator names nobody
         self.allowed_users = frozenset(allowed_users)
         self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
@@ -206,6 +209,7 @@ class Config:
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
         self._check_limits()
+        self._check_read_token()
 
     # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
     # A timeout of 0, NaN or infinity would silently turn its deadline off; a negative limit refuses all.
@@ -240,8 +244,25 @@ class Config:
             allowed = f"0 ({zero_means}) or more" if zero_means else "above 0"
             raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {show(value)}")
 
+    def _check_read_token(self) -> None:
+        """A read token must be a token of its own beside a full one: equal to UA_OPS_TOKEN or
+        UA_INTERNAL_API_TOKEN it would make every read-only holder a full one (or the other way round),
+        and alone it would leave every change and every turn with no token that may make it."""
+        if self.read_token is None:
+            return
+        if self.read_token in (self.token, self.internal_token):
+            other = "UA_OPS_TOKEN" if self.read_token == self.token else "UA_INTERNAL_API_TOKEN"
+            raise ConfigError(f"UA_OPS_READ_TOKEN is the same as {other}; a read-only token must differ from "
+                              "every full one: generate another, e.g.\n"
+                              "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        if self.token is None and self.internal_token is None:
+            raise ConfigError("UA_OPS_READ_TOKEN is set without UA_OPS_TOKEN: nothing could then change a session "
+                              "or run a turn. Set UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE) too, or unset "
+                              "UA_OPS_READ_TOKEN to run without tokens on loopback")
+
     def check_exposure(self) -> None:
-        """Refuse a non-loopback bind without a token (PROTOCOL.md §1), unless ``insecure`` says otherwise."""
+        """Refuse a non-loopback bind without a token (PROTOCOL.md §1), unless ``insecure`` says otherwise.
+        UA_OPS_READ_TOKEN never counts: alone it is refused already (``_check_read_token``)."""
         if self.token or self.internal_token or self.insecure or is_loopback_host(self.host):
             return
         raise ConfigError(
@@ -271,6 +292,7 @@ class Config:
             workspaces=env.get("UA_WORKSPACES_DIR") or DEFAULT_WORKSPACES,
             token=read_secret(env, "UA_OPS_TOKEN"),
             internal_token=read_secret(env, "UA_INTERNAL_API_TOKEN"),
+            read_token=read_secret(env, "UA_OPS_READ_TOKEN"),
             default_user=default_user(env),
             allowed_users=allowed_users(env),
             cors_origins=_split_list(env.get("UA_CORS_ORIGINS")),

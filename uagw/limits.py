@@ -15,6 +15,11 @@ __all__ = [
     "AGENT_GROUP_POLL",
     "AGENT_KILL_GRACE",
     "AGENT_TURN_FDS",
+    "AUDIT_BACKUPS",
+    "AUDIT_MAX_KEYS",
+    "AUDIT_PARAMS_BYTES",
+    "AUDIT_ROTATE_BYTES",
+    "AUDIT_VALUE_CHARS",
     "AUTH_FAILURE_LIMIT",
     "AUTH_FAILURE_WINDOW",
     "AUTH_LOCKOUT",
@@ -123,6 +128,11 @@ SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: f
 SESSION_CREATE_BURST = 1000  # ... after a burst of this many: a fleet of 1,000 clients starting at once fits
 SESSION_CREATE_PER_MINUTE = 3000  # all addresses together: 180,000 session directories an hour at most, whoever asks
 SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
+AUDIT_ROTATE_BYTES = 16 * 1024 * 1024  # audit.log past this is renamed to audit.log.1: ~30,000 records of ~500 B
+AUDIT_BACKUPS = 8  # rotated audit files kept (audit.log.1 .. .8): 144 MiB, a quarter million changes of history
+AUDIT_PARAMS_BYTES = 4096  # a record's parameters, as JSON, at most: the knobs of a change, never a payload
+AUDIT_VALUE_CHARS = 256  # a parameter's string value is cut to this (a description may be 2000 characters)
+AUDIT_MAX_KEYS = 32  # parameters kept per record (body and query each); every route takes fewer than 8
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
 GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live

@@ -457,7 +457,7 @@ class AgentSocket:
             self.send("error", {"message": f"could not create a session: {exc.detail}"})
             self.pending = None
             return
-        self.gateway.changes.publish(ChangeKind.CREATED, session_id, owner=owner)
+        self.gateway.changes.publish(ChangeKind.CREATED, session_id, owner=owner, client=self.channel.client)
         await self._attach(session_id, first, owner)
 
     def _handle(self, message: Union[str, bytes]) -> None:

@@ -848,11 +848,62 @@
   }
 
   // -------------------------------------------------------------------------------------------------
+  // Audit: the newest records of the audit trail, newest first
+  // -------------------------------------------------------------------------------------------------
+
+  function auditRow(line) {
+    let record = null;
+    try { record = JSON.parse(line); } catch (error) { record = null; }
+    const row = element('tr');
+    if (!record || typeof record !== 'object') {
+      row.appendChild(element('td', 'muted', '?'));
+      const cell = element('td', 'mono', line.slice(0, 120));
+      cell.colSpan = 5;
+      row.appendChild(cell);
+      return row;
+    }
+    const outcome = record.outcome && typeof record.outcome === 'object' ? record.outcome : {};
+    const when = element('td', 'nowrap', clockTime(record.time));
+    when.title = formatTime(record.time);
+    row.appendChild(when);
+    const action = element('td', 'mono', String(record.action || ''));
+    action.title = (record.method || '') + ' ' + (record.route || '');
+    row.appendChild(action);
+    row.appendChild(element('td', 'mono', record.session ? String(record.session) : '–'));
+    row.appendChild(element('td', 'mono', record.client ? String(record.client) : '–'));
+    row.appendChild(element('td', '', String(record.scope || '')));
+    const status = outcome.status === null || outcome.status === undefined ? '–' : String(outcome.status);
+    const failed = typeof outcome.status === 'number' && outcome.status >= 400;
+    const text = status + (outcome.result ? ' ' + outcome.result : '') + (outcome.archive_dir ? ' → ' + outcome.archive_dir : '');
+    row.appendChild(element('td', failed ? 'audit-outcome-failed' : '', text));
+    return row;
+  }
+
+  async function refreshAudit() {
+    try {
+      const piece = await api('GET', '/api/v1/ops/audit', { query: { limit: $('#audit-limit').value } });
+      const tbody = $('#audit-table tbody');
+      tbody.textContent = '';
+      piece.lines.slice().reverse().forEach((line) => tbody.appendChild(auditRow(line)));
+      $('#audit-empty').hidden = piece.lines.length > 0;
+      $('#audit-count').textContent = piece.lines.length ? '(' + piece.lines.length + (piece.truncated ? ' newest' : '') + ')' : '';
+    } catch (error) {
+      reportError(error);
+    }
+  }
+
+  function setUpAudit() {
+    $('#audit-refresh').addEventListener('click', refreshAudit);
+    $('#audit-limit').addEventListener('change', refreshAudit);
+  }
+
+  // -------------------------------------------------------------------------------------------------
   // Start-up
   // -------------------------------------------------------------------------------------------------
 
   function refreshAll() {
     refreshSessions();
+    refreshAudit();
     refreshDetails();
     tails.forEach((tail) => { if (tail.running && !tail.paused) tail.schedule(0); });
   }
@@ -863,14 +914,17 @@
     setUpSessionsList();
     setUpDialogs();
     setUpAgentPane();
+    setUpAudit();
     list.limit = parseInt($('#page-size').value, 10);
     refreshHealth();
     refreshSessions();
+    refreshAudit();
     setInterval(refreshHealth, HEALTH_REFRESH_MS);
     setInterval(() => {
       if ($('#sessions-auto').checked && !document.hidden && !waitingForToken) {
         refreshSessions();
         refreshDetails();
+        refreshAudit();
       }
     }, LIST_REFRESH_MS);
   }
