@@ -112,6 +112,7 @@ __all__ = [
     "StorageFull",
     "LogCursor",
     "encode_cursor",
+    "cursor_after_append",
     "decode_cursor",
     "read_log_slice",
     "OpsService",
@@ -458,6 +459,24 @@ def decode_cursor(text: Union[str, int]) -> LogCursor:
     if version != _CURSOR_VERSION:
         raise InvalidCursor(_BAD_CURSOR.format(_show(text)))
     return LogCursor(dev, ino, offset, head, boundary)
+
+
+def cursor_after_append(cursor: str, appended: bytes, dev: int, ino: int, size: int) -> Optional[str]:
+    """The cursor after ``appended`` was written at ``cursor`` into the file (``dev``, ``ino``) that is
+    now ``size`` bytes long, made without reading the file (a live follower gets the lines the server
+    wrote from memory). None when it cannot be: another file, other bytes written too, or fingerprints
+    that need bytes not in hand; the caller then reads from ``cursor`` instead."""
+    try:
+        parsed = decode_cursor(cursor)
+    except InvalidCursor:
+        return None
+    offset = parsed.offset + len(appended)
+    if (parsed.legacy or (parsed.dev, parsed.ino) != (dev & _U64, ino & _U64) or size != offset
+            or parsed.offset < FINGERPRINT_SPAN or len(appended) < FINGERPRINT_SPAN):
+        return None
+    # Past FINGERPRINT_SPAN the head fingerprint no longer changes; the boundary is the appended tail.
+    return encode_cursor(LogCursor(parsed.dev, parsed.ino, offset, parsed.head,
+                                   _fingerprint(bytes(appended[-FINGERPRINT_SPAN:]))))
 
 
 def _parse_cursor(cursor: object) -> Optional[LogCursor]:
@@ -1955,6 +1974,27 @@ class OpsService:
                 )
             finally:
                 os.close(dir_fd)
+
+    def log_identity(self, session_id: Optional[str], file_name: str) -> Optional[Tuple[int, int, int]]:
+        """``(st_dev, st_ino, st_size)`` of a session's log (of ``_gateway/gateway.log`` when
+        ``session_id`` is None), or None when it is missing or not a regular file: one ``stat``, what a
+        follower polls to learn that a file grew or was replaced before reading it. Raises
+        SessionNotFound, WorkspacesUnavailable."""
+        if session_id is None:
+            where, name = self.root / GATEWAY_DIR_NAME, GATEWAY_LOG_NAME
+        else:
+            _require_session_id(session_id)
+            self._require_log_name(file_name)
+            where, name = self.root / session_id, file_name
+        try:
+            st = os.stat(str(where / name), follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _MISSING_ERRNOS:
+                raise WorkspacesUnavailable("cannot stat {}: {}".format(name, exc.strerror or exc)) from exc
+            if session_id is not None and not os.path.isdir(str(where)):
+                raise SessionNotFound(self._not_found(session_id)) from None
+            return None
+        return (st.st_dev, st.st_ino, st.st_size) if stat.S_ISREG(st.st_mode) else None
 
     def append_gateway_log(self, name: str, data: bytes, rotate_bytes: int, backups: int) -> Dict[str, Any]:
         """Append ``data`` to ``<root>/_gateway/<name>`` (one of GATEWAY_LOG_FILES); past ``rotate_bytes``,

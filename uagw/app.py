@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import math
 import os
 import pkgutil
@@ -28,7 +29,7 @@ from .limits import (
 )
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
-from .http11 import HttpError, Request, Response, error_response, json_response
+from .http11 import HttpError, Request, Response, StreamingResponse, error_response, json_response
 from .access import AccessControl, Grant, request_tokens
 from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
@@ -41,6 +42,8 @@ from .server import Server, descriptor_budget
 from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
+from .streams import EventStream, LogKey, LogWatchers, StreamSlots, Subscription, sse_event
+from .events import SessionEvents
 
 __all__ = [
     "Application",
@@ -82,7 +85,10 @@ def read_console_assets() -> Dict[str, bytes]:
     return assets
 
 
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal-Token, X-UA-User"
+# The last event of every stream at gateway stop (PROTOCOL.md §13): the client reconnects to another run.
+_GATEWAY_STOPPING = sse_event("end", {"reason": "the gateway is stopping; reconnect with Last-Event-ID"})
+
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal-Token, X-UA-User, Last-Event-ID"
 # Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
@@ -108,6 +114,9 @@ class Application:
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
         self.assets: Dict[str, bytes] = {}
+        self.log_watchers: Optional[LogWatchers] = None  # the followed logs (PROTOCOL.md §13), from open()
+        self.session_events: Optional[SessionEvents] = None  # GET /api/v1/ops/events, from open()
+        self.stream_slots = StreamSlots()
         self.router = Router(self._routes())
         self.audit = AuditTrail(self.ops, self.run_ops, (config.token, config.internal_token, config.read_token),
                                 self._audit_warning)
@@ -135,6 +144,10 @@ class Application:
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
+        self.log_watchers = LogWatchers(self.ops, self.run_ops)
+        self.hub.writer.appended = self.log_watchers.on_append  # the gateway's own lines, from memory
+        self.session_events = SessionEvents(self.changes)
+        self.changes.subscribe(self._followed_session_changed)
 
     def watch_root(self) -> None:
         """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
@@ -439,6 +452,7 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
             Route("/api/v1/ops/audit", {"GET": self.audit_log}, scope=token),
+            Route("/api/v1/ops/events", {"GET": self.events_stream}, scope=token),
             Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
             Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
                   scope=session),
@@ -510,8 +524,14 @@ class Application:
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
 
-    async def preview(self, request: Request, params: Dict[str, str]) -> Response:
+    def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
+        if bool_param(query, "follow"):
+            return self._follow(request, query, (params["session_id"], "activity_journal.log"),
+                                functools.partial(self._preview, params, query))
+        return self._preview(params, query)
+
+    async def _preview(self, params: Dict[str, str], query: Dict[str, str]) -> Response:
         result = await self.run_ops(
             self.ops.read_log,
             params["session_id"],
@@ -522,8 +542,96 @@ class Application:
         )
         return json_response(200, {"session_id": params["session_id"], **result})  # UA's preview names its session
 
+    # -- streams (PROTOCOL.md §13) ---------------------------------------------------------------------------
+
+    def _follow(self, request: Request, query: Dict[str, str], key: LogKey,
+                plain: Callable[[], Awaitable[Response]]) -> Awaitable[Response]:
+        """``?follow=true``: the answer ``plain`` gives, as a first ``slice`` event, then the new lines as
+        they come; with ``Last-Event-ID`` (or ``cursor=``) only the lines after that cursor."""
+        cursor = request.header("last-event-id") or query.get("cursor") or None
+        self.stream_slots.take(request.client)  # 429/503 before any disk work
+        return self._open_follow(request, key, cursor, plain)
+
+    async def _open_follow(self, request: Request, key: LogKey, cursor: Optional[str],
+                           plain: Callable[[], Awaitable[Response]]) -> Response:
+        assert self.log_watchers is not None, "opened"
+        try:
+            first = None
+            if cursor is None:
+                answer = await plain()
+                if answer.status != 200:
+                    self.stream_slots.give_back(request.client)
+                    return answer
+                cursor = json.loads(answer.body)["cursor"]
+                first = sse_event("slice", json.loads(answer.body), cursor)
+            else:
+                ops_service.decode_cursor(cursor)  # InvalidCursor: 400, before the stream starts
+                if key[0] is not None:
+                    await self.run_ops(self.ops.require_session, key[0])
+            watcher = self.log_watchers.watch(key)
+            sub = Subscription(cursor)
+            watcher.add(sub)
+        except BaseException:
+            self.stream_slots.give_back(request.client)
+            raise
+
+        def closed() -> None:
+            watcher.remove(sub)
+            self.stream_slots.give_back(request.client)
+
+        source = EventStream(sub, watcher.catch_up, self.config.stream_keepalive, closed, first)
+        return StreamingResponse(200, source, functools.partial(sub.end, _GATEWAY_STOPPING))
+
+    async def events_stream(self, request: Request, params: Dict[str, str]) -> Response:
+        """GET /api/v1/ops/events: the session changes as SSE, resumable with Last-Event-ID (PROTOCOL.md §13.3)."""
+        events = self.session_events
+        assert events is not None, "opened"
+        last = request.header("last-event-id") or query_params(request).get("last_event_id") or None
+        self.stream_slots.take(request.client)
+        sub = events.subscribe(last)
+
+        def closed() -> None:
+            events.remove(sub)
+            self.stream_slots.give_back(request.client)
+
+        source = EventStream(sub, events.catch_up, self.config.stream_keepalive, closed)
+        return StreamingResponse(200, source, functools.partial(sub.end, _GATEWAY_STOPPING))
+
+    def _followed_session_changed(self, kind: ChangeKind, session_id: str, fields: Dict[str, Any]) -> None:
+        """A deleted session ends its followers' streams; a reset, archive or compaction is read at once."""
+        watchers = self.log_watchers.of_session(session_id) if self.log_watchers is not None else []
+        for watcher in watchers:
+            if kind is ChangeKind.DELETED:
+                watcher.end(sse_event("end", {"reason": "the session was deleted"}))
+            elif kind in (ChangeKind.RESET, ChangeKind.ARCHIVED, ChangeKind.COMPACTED):
+                asyncio.get_running_loop().create_task(watcher.refresh())
+
     def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
+        if bool_param(query, "follow"):
+            plain_query = {name: value for name, value in query.items() if name not in ("follow", "cursor")}
+            session_id, file_name = self._tail_target(plain_query)
+            plain = functools.partial(self._logs_tail, plain_query)
+            return self._follow(request, query, (session_id, file_name), plain)
+        return self._logs_tail(query)
+
+    def _tail_target(self, query: Dict[str, str]) -> Tuple[Optional[str], str]:
+        """(session id or None, file name) that a logs/tail call reads; HttpError 400 for a bad one."""
+        session_id = query.get("session_id")
+        file_name = query.get("file") or None
+        if session_id is None and query.get("path") is not None:
+            session_id, file_name = self._log_path(query["path"])
+        if session_id is None:
+            if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
+                raise HttpError(400, f"file {show(file_name)} needs session_id; without it the gateway's own log is read")
+            return None, ops_service.GATEWAY_LOG_NAME
+        session_id_param(session_id)
+        file_name = file_name or "run.log"
+        if file_name not in ops_service.LOG_FILES:
+            raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
+        return session_id, file_name
+
+    def _logs_tail(self, query: Dict[str, str]) -> Awaitable[Response]:
         session_id = query.get("session_id")
         file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
         if session_id is None and query.get("path") is not None:

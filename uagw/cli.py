@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
 from . import __version__
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GIL_SWITCH_INTERVAL,
-    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE,
+    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE, STREAM_KEEPALIVE,
     WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .config import Config, ConfigError
@@ -128,6 +128,7 @@ TIMEOUT_FLAGS = (
     ("ws_close_timeout", WS_CLOSE_TIMEOUT, "seconds a WebSocket peer has to finish the closing handshake"),
     ("agent_kill_grace", AGENT_KILL_GRACE, "seconds between SIGTERM and SIGKILL for a stopped agent command"),
     ("shutdown_grace", SHUTDOWN_GRACE, "seconds requests in flight get to finish on SIGTERM or SIGINT"),
+    ("stream_keepalive", STREAM_KEEPALIVE, "seconds between keep-alive comments on an idle event stream"),
 )
 
 

@@ -16,7 +16,7 @@ from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
     HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
     SHUTDOWN_GRACE,
-    SEND_STALL_TIMEOUT, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
+    SEND_STALL_TIMEOUT, STREAM_KEEPALIVE, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .text import show
@@ -174,6 +174,7 @@ class Config:
         internal_token: Optional[str] = None,
         default_user: str = DEFAULT_USER,
         read_token: Optional[str] = None,
+        stream_keepalive: float = STREAM_KEEPALIVE,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -208,6 +209,7 @@ class Config:
         self.session_create_burst = session_create_burst
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
+        self.stream_keepalive = stream_keepalive  # s between keep-alive comments on an idle SSE stream
         self._check_limits()
         self._check_read_token()
 
@@ -224,6 +226,7 @@ class Config:
         ("agent_kill_grace", "--agent-kill-grace", None, False),
         ("shutdown_grace", "--shutdown-grace", None, False),
         ("send_stall_timeout", "--send-stall-timeout", None, False),
+        ("stream_keepalive", "--stream-keepalive", None, False),
         ("max_connections", "--max-connections", None, True),
         ("session_create_rate", "UA_SESSION_CREATE_RATE", "no limit per address", False),
         ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
@@ -239,7 +242,7 @@ class Config:
             is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
             if is_number and math.isfinite(value) and (value > 0 or (value == 0 and zero_means)):
                 continue
-            seconds = attribute.endswith(("_timeout", "_interval", "_linger", "_grace"))
+            seconds = attribute.endswith(("_timeout", "_interval", "_linger", "_grace", "_keepalive"))
             kind = "a whole number" if whole else "a finite number" + (" of seconds" if seconds else "")
             allowed = f"0 ({zero_means}) or more" if zero_means else "above 0"
             raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {show(value)}")

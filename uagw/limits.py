@@ -80,6 +80,12 @@ __all__ = [
     "SESSION_CREATE_RATE",
     "SESSION_CREATE_TRACKED_ADDRESSES",
     "SESSION_WRITE_DELAY",
+    "STREAM_KEEPALIVE",
+    "STREAM_POLL_INTERVAL",
+    "STREAM_QUEUE_BYTES",
+    "MAX_STREAMS",
+    "MAX_STREAMS_PER_CLIENT",
+    "EVENTS_RING",
     "SHUTDOWN_GRACE",
     "WRITER_BACKLOG_POLL",
     "WRITE_BUFFER_HIGH",
@@ -206,3 +212,18 @@ AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the
 REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
 REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
 # recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst
+
+
+# Live streams (PROTOCOL.md §13: SSE follow of logs, the session events stream)
+
+STREAM_KEEPALIVE = 15.0  # s between ": keepalive" comments on an idle stream: under the 30-60 s idle timeouts
+# of common proxies (nginx proxy_read_timeout 60 s, AWS ALB 60 s), so they never cut a quiet follow (Config)
+STREAM_POLL_INTERVAL = 0.25  # s between the stat polls of a followed file that other writers append to: the
+# issue's bound; one poll per file, shared by all its followers, so 200 followers cost what one does
+STREAM_QUEUE_BYTES = 256 * 1024  # event bytes queued for one follower that reads slowly; past it that follower
+# (only) gets a "resume" event and catches up by reading the file: 200 slow ones pin at most 50 MiB
+MAX_STREAMS = 1024  # open streams in all (503 beyond): each holds a connection slot and a queue
+MAX_STREAMS_PER_CLIENT = 256  # open streams per client address (429 beyond): a console opens a handful, the
+# benchmark 200 from one address; a runaway script still cannot take every stream slot
+EVENTS_RING = 4096  # session events kept for Last-Event-ID resumes: minutes of a busy gateway's changes;
+# a client away longer gets a "reset" event and lists the sessions again

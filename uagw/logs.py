@@ -304,6 +304,9 @@ class SessionWriter(BatchWriter[_WriteItem]):
         self.queued_bytes = 0
         self.done_bytes = 0
         self._collected: List[_WriteItem] = []  # event loop only, until hand_over
+        # Called on the writer thread with (session id, file name, bytes) right after each append, the
+        # session's lock still held: live followers get the gateway's own lines without reading them back.
+        self.appended: Optional[Callable[[str, str, bytes], None]] = None
         super().__init__("ua-session-writer")
 
     def append(self, session_id: str, file_name: str, data: bytes) -> None:
@@ -355,9 +358,11 @@ class SessionWriter(BatchWriter[_WriteItem]):
             else:
                 heartbeats[session_id] = payload
         actions: Dict[str, List[Tuple[Optional[str], Callable[[], Any]]]] = {}
+        written: Dict[Tuple[str, str], bytes] = {}
         for (session_id, file_name), chunks in appends.items():
+            data = written[(session_id, file_name)] = b"".join(chunks)
             actions.setdefault(session_id, []).append(
-                (file_name, functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks))))
+                (file_name, functools.partial(self.ops.append_log, session_id, file_name, data)))
         for session_id, state in heartbeats.items():
             actions.setdefault(session_id, []).append(
                 (None, functools.partial(self.ops.write_heartbeat, session_id, state)))
@@ -371,22 +376,25 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 continue
             try:
                 for file_name, action in session_actions:
-                    self._run_action(session_id, file_name, action)
+                    if self._run_action(session_id, file_name, action) and file_name and self.appended:
+                        self.appended(session_id, file_name, written[(session_id, file_name)])
             finally:
                 lock.release()
         self.done_bytes += sum(len(item[3]) for item in batch if item[0] == "append" and item[1] not in busy)
         return [item for item in batch if item[1] in busy]
 
-    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:
+    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> bool:
+        """Run one write; True when it was written."""
         try:
             moved = action()
         except SessionNotFound:
-            return  # deleted while its turn was ending: nothing to keep
+            return False  # deleted while its turn was ending: nothing to keep
         except (OpsError, OSError) as exc:
             self._count_dropped(1)
             if self.log is not None:
                 self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
                                detail=str(exc)[:300])
-            return
+            return False
         if moved and self.log is not None:  # append_log moved a hard-linked live log aside (see there)
             self.log.write("log_relinked", session_id=session_id, file=file_name, moved_to=moved)
+        return True
