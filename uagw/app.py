@@ -40,6 +40,7 @@ from .server import Server, descriptor_budget
 from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
+from .transcripts import last_seq_param
 
 __all__ = [
     "Application",
@@ -361,7 +362,8 @@ class Application:
     def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
         query = dict(parse_qsl(request.query_string, keep_blank_values=True))
         session_id = params.get("session_id", query.get("session_id"))
-        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"))
+        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"),
+                           last_seq=last_seq_param(query.get("last_seq"), session_id))
 
     def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
         raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
@@ -383,6 +385,8 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/turns", {"GET": self.list_turns}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/turns/{turn_id}", {"GET": self.read_turn}, scope=token),
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
             Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
             Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
@@ -466,6 +470,27 @@ class Application:
             max_bytes=int_param(query, "max_bytes"),
         )
         return json_response(200, {"session_id": params["session_id"], **result})  # UA's preview names its session
+
+    async def list_turns(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §11: the session's turns, newest first; the running one says so."""
+        query = query_params(request)
+        session_id = params["session_id"]
+        running = None
+        if self.hub is not None:
+            await self.hub.writer.flushed(session_id)  # a turn that just ended is read with its query_complete
+            live = self.hub.sessions.get(session_id)
+            running = live.turn.turn_id if live is not None and live.turn is not None else None
+        return await self._ops_response(200, self.ops.list_turns, session_id, limit=int_param(query, "limit"),
+                                        offset=int_param(query, "offset"), running_turn_id=running)
+
+    async def read_turn(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §11: one turn's transcript, paged like a log slice."""
+        query = query_params(request)
+        if self.hub is not None:
+            await self.hub.writer.flushed(params["session_id"])
+        return await self._ops_response(200, self.ops.read_turn, params["session_id"], params["turn_id"],
+                                        cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                                        max_bytes=int_param(query, "max_bytes"))
 
     def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)

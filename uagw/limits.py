@@ -64,6 +64,11 @@ __all__ = [
     "REMEMBERED_SESSIONS",
     "REMEMBERED_TURN_AGE",
     "REMEMBERED_TURN_IDS",
+    "REPLAY_HOLD_BYTES",
+    "REPLAY_MAX_BYTES",
+    "REPLAY_MAX_EVENTS",
+    "REPLAY_RING_BYTES",
+    "REPLAY_RING_EVENTS",
     "REPORT_INTERVAL",
     "ROOT_CHECK_INTERVAL",
     "SECURITY_LOG_BURST",
@@ -196,3 +201,14 @@ AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the
 REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
 REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
 # recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst
+
+# Turn transcripts and replay after a reconnect (PROTOCOL.md §11).
+REPLAY_RING_EVENTS = 2000  # recent events kept in memory per live session: a reconnect within a turn costs no disk
+REPLAY_RING_BYTES = 2 * 1024 * 1024  # ... and their text: 200 sessions x 2 MiB at worst
+# One replay sends at most this much; the rest is named in a replay_incomplete status. Half of
+# WS_MAX_SEND_BUFFER, so a replay on its own never gets its client closed for being slow.
+REPLAY_MAX_EVENTS = 10_000
+REPLAY_MAX_BYTES = 4 * 1024 * 1024
+# Live events held for a socket while its replay is read from disk; past it, the socket is closed (1008)
+# with the seq to reconnect from, instead of holding memory for a client that reads nothing.
+REPLAY_HOLD_BYTES = 4 * 1024 * 1024
