@@ -174,6 +174,7 @@ def test_replay_and_numbering_go_on_across_a_gateway_restart(tmp_path: Path) -> 
 
     session_id, frames = serve_embedded(tmp_path / "ws", None, lambda g: talk(g, None))
     first_run.extend(frames)
+    assert [frame["type"] for frame in first_run] == ["status", "text", "query_complete"]
     _, frames = serve_embedded(tmp_path / "ws", None, lambda g: talk(g, session_id))
     assert frames[: len(first_run)] == first_run  # byte for byte what was sent live, timestamps included
     seqs = [frame["seq"] for frame in frames]
