@@ -366,6 +366,8 @@ class Application:
                            last_seq=last_seq_param(query.get("last_seq"), session_id))
 
     def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        last_seq_param(query.get("last_seq"), params.get("session_id", query.get("session_id")))  # 400 before 426
         raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
                         headers=[("Upgrade", "websocket")])
 
