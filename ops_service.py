@@ -2764,6 +2764,7 @@ class OpsService:
     # The newest turn files whose last record is read to find a session's last seq: more than one,
     # because mtimes of turns ended in the same writer batch can tie (file systems stamp coarsely).
     LAST_SEQ_FILES = 8
+    MTIME_TIE_NS = 2_000_000_000  # turn files stamped this close together may be in either order
     MAX_TURN_FILES = 100_000  # turn files of one session considered: a listing is bounded whatever is on disk
     TURN_OUTCOMES = ("running", "completed", "failed", "cancelled", "interrupted")
     _TURN_HEAD_RE = re.compile(rb'\{"seq":([0-9]{1,18}),"type":"([a-z][a-z0-9_]{0,31})","timestamp":"([^"\\]{1,64})"')
@@ -3019,12 +3020,13 @@ class OpsService:
         found: List[Tuple[int, str, str]] = []
         used = 0
         complete = True
-        reached = after_seq >= upto_seq
+        stop_below: Optional[int] = None  # once after_seq is reached: older files cannot hold what is missing
         with self._os_errors("reading the turns of session {}".format(session_id), session_id):
             with self._session_fd(session_id) as dir_fd:
-                for _mtime, turn_id in self._turn_files_at(dir_fd):
-                    if reached or not complete:
+                for mtime, turn_id in self._turn_files_at(dir_fd):
+                    if not complete or after_seq >= upto_seq or (stop_below is not None and mtime < stop_below):
                         break
+                    reached = False
                     with self._turn_file_at(dir_fd, turn_id) as opened:
                         if opened is None:
                             continue
@@ -3043,5 +3045,7 @@ class OpsService:
                             if head[0] == after_seq + 1:
                                 reached = True
                                 break
+                    if reached and stop_below is None:
+                        stop_below = mtime - self.MTIME_TIE_NS  # files stamped as closely may still hold newer ones
         found.sort()
         return {"records": found, "complete": complete, "first_seq": found[0][0] if found else None}

@@ -258,3 +258,22 @@ def test_every_event_frame_of_a_turn_carries_its_seq_and_keeps_ua_s_fields(tmp_p
     for frame in frames[1:]:
         assert set(frame) == {"seq", "type", "data", "timestamp"}
     assert [frame["seq"] for frame in frames[1:]] == [2, 3, 4]  # 1 is the turn's query, recorded only
+
+
+def test_events_missing_from_the_files_are_reported_not_skipped_in_silence(tmp_path: Path) -> None:
+    async def scenario(gateway: Gateway) -> Tuple[int, List[Dict[str, Any]]]:
+        async with connect(url(gateway)) as ws:
+            await ws.send(execute("hi"))
+            session_id = (await recv(ws))["data"]["session_id"]
+            last = (await rest_of_turn(ws))[-1]["seq"]
+        await until(lambda: session_id not in gateway.hub.sessions)
+        await gateway.hub.writer.flushed(session_id)
+        for transcript in (tmp_path / "ws" / session_id / "turns").iterdir():
+            transcript.unlink()  # what a careless clean-up does
+        async with connect(url(gateway, session_id, 0)) as ws:
+            assert (await recv(ws))["type"] == "connected"
+            return last, [await recv(ws)]
+
+    last, [notice] = serve_embedded(tmp_path / "ws", None, scenario)
+    assert notice["data"]["status"] == "replay_incomplete"
+    assert (notice["data"]["lost_from_seq"], notice["data"]["lost_to_seq"]) == (1, last)

@@ -203,3 +203,12 @@ def test_a_turn_running_when_the_gateway_crashed_is_interrupted_after_the_restar
     second = start_gateway("--agent-cmd", agent, workspaces=workspaces)
     [turn] = second.get(f"/api/v1/ops/sessions/{session_id}/turns").json["turns"]
     assert (turn["outcome"], turn["events"], turn["ended"]) == ("interrupted", 2, None)
+
+
+def test_records_are_found_in_a_newer_turn_whose_file_has_an_older_mtime(svc: OpsService) -> None:
+    write_turn(svc, "s1", "turn_a", *a_turn(1, [record(3, "query_complete", {"completed": True})]))
+    write_turn(svc, "s1", "turn_b", *a_turn(4, [record(6, "query_complete", {"completed": True})]))
+    later = (svc.root / "s1" / "turns" / "turn_a.jsonl").stat().st_mtime_ns
+    os.utime(svc.root / "s1" / "turns" / "turn_b.jsonl", ns=(later - 1000, later - 1000))  # stamped in the same tick
+    found = svc.read_turn_records("s1", 2, 6, 100, 1 << 20)
+    assert [seq for seq, _kind, _line in found["records"]] == [3, 4, 5, 6]

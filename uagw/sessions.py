@@ -521,7 +521,9 @@ class AgentSocket:
                 except OpsError as exc:
                     found = {"records": [], "complete": False, "first_seq": None, "error": exc.detail}
                 entries = [(seq, line) for seq, kind, line in found["records"] if kind != QUERY_RECORD]
-                complete = found["complete"] and found["first_seq"] == after + 1
+                seqs = [seq for seq, _kind, _line in found["records"]]
+                # Anything missing (a lost write, a removed file) is reported, never skipped in silence.
+                complete = found["complete"] and seqs == list(range(after + 1, current + 1))
             replay = bounded_replay(entries, after, current, complete, hub.replay_max_events, hub.replay_max_bytes)
             if not self.channel.open:
                 return
