@@ -2893,3 +2893,305 @@ class OpsService:
             if result["lines"]:
                 return {"file": AUDIT_LOG_NAME, **result, "more": True}, True  # newer files follow
         return None, found
+    # -- turn transcripts (PROTOCOL.md §12) ---------------------------------------------------
+    #
+    # <session>/turns/<turn_id>.jsonl holds every event of one turn, one JSON object a line, as UA HEAD
+    # writes them; ours begin {"seq":N,"type":"...","timestamp":"...", so a record's sequence number,
+    # type and time are read from its first bytes without parsing what the agent sent. The gateway
+    # writes them (append_turn_record, from its writer thread); readers take complete lines only, so a
+    # file a crash left half-written still reads, without its last partial line.
+
+    TURNS_DIR_NAME = "turns"
+    TURN_FILE_SUFFIX = ".jsonl"
+    # A record is one WebSocket frame: at most a 1 MiB agent line or a 1 MiB client message, escaped,
+    # plus the envelope; a longer "line" is not one of ours and is skipped, so memory stays bounded.
+    MAX_TURN_RECORD = 4 << 20
+    TURN_HEAD_PEEK = 256  # bytes that hold a record's seq, type and timestamp
+    # The newest turn files whose last record is read to find a session's last seq: more than one,
+    # because mtimes of turns ended in the same writer batch can tie (file systems stamp coarsely).
+    LAST_SEQ_FILES = 8
+    MTIME_TIE_NS = 2_000_000_000  # turn files stamped this close together may be in either order
+    MAX_TURN_FILES = 100_000  # turn files of one session considered: a listing is bounded whatever is on disk
+    TURN_OUTCOMES = ("running", "completed", "failed", "cancelled", "interrupted")
+    _TURN_HEAD_RE = re.compile(rb'\{"seq":([0-9]{1,18}),"type":"([a-z][a-z0-9_]{0,31})","timestamp":"([^"\\]{1,64})"')
+
+    @classmethod
+    def _require_turn_id(cls, turn_id: object) -> str:
+        # The session-id rule: one path component, never "." or "..", no separator, no NUL.
+        if not isinstance(turn_id, str) or not SESSION_ID_RE.match(turn_id) or turn_id.endswith("\n"):
+            raise InvalidArgument(
+                "invalid turn id {}: use the turn_id of a query_complete or of the turns list "
+                "(1-128 characters of A-Z a-z 0-9 _ . - starting with a letter or digit)".format(_show(turn_id))
+            )
+        return turn_id
+
+    @classmethod
+    def _turn_head(cls, line: bytes) -> Optional[Tuple[int, str, str]]:
+        """(seq, type, timestamp) of one of our records, or None for anything else."""
+        match = cls._TURN_HEAD_RE.match(line)
+        if match is None:
+            return None
+        return int(match.group(1)), match.group(2).decode("ascii"), match.group(3).decode("ascii", "replace")
+
+    @classmethod
+    def _turn_lines_backward(cls, fd: int, size: int) -> Iterator[bytes]:
+        """The complete lines of a turn file, newest first, without newlines; an unfinished last line
+        (a crash mid-write) is skipped, and so is any line longer than MAX_TURN_RECORD."""
+        pos = size
+        pending = b""  # the end of a line whose start is before ``pos``
+        unfinished = True  # no newline seen yet: ``pending`` is the file's unfinished last line
+        overlong = False  # ``pending`` outgrew MAX_TURN_RECORD: that line is skipped
+        while pos > 0:
+            start = max(0, pos - IO_CHUNK)
+            data = _pread_full(fd, pos - start, start)
+            if len(data) != pos - start:
+                return  # shrank under us (a delete): what was read stands
+            pos = start
+            pieces = data.split(b"\n")
+            line = b"" if overlong else pieces[-1] + pending
+            if len(pieces) > 1:
+                if not (unfinished or overlong) and len(line) <= cls.MAX_TURN_RECORD:
+                    yield line
+                unfinished = overlong = False
+                for piece in reversed(pieces[1:-1]):
+                    if len(piece) <= cls.MAX_TURN_RECORD:
+                        yield piece
+                line = pieces[0]
+            pending = line
+            if len(pending) > cls.MAX_TURN_RECORD:
+                pending, overlong = b"", True
+        if not (unfinished or overlong):
+            yield pending
+
+    def _turn_files_at(self, dir_fd: int) -> List[Tuple[int, str]]:
+        """(mtime_ns, turn_id) of the session's turn files, newest first; symlinks and non-files left out."""
+        found: List[Tuple[int, str]] = []
+        with _dir_at(self.TURNS_DIR_NAME, dir_fd) as turns_fd:
+            if turns_fd is None:
+                return found
+            with os.scandir(turns_fd) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if not name.endswith(self.TURN_FILE_SUFFIX):
+                        continue
+                    turn_id = name[: -len(self.TURN_FILE_SUFFIX)]
+                    if not SESSION_ID_RE.match(turn_id):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # removed meanwhile
+                    if stat.S_ISREG(st.st_mode):
+                        found.append((st.st_mtime_ns, turn_id))
+                        if len(found) >= self.MAX_TURN_FILES:
+                            break
+        found.sort(reverse=True)
+        return found
+
+    @contextmanager
+    def _turn_file_at(self, dir_fd: int, turn_id: str) -> Iterator[Optional[Tuple[int, os.stat_result]]]:
+        with _dir_at(self.TURNS_DIR_NAME, dir_fd) as turns_fd:
+            opened = None if turns_fd is None else _open_regular(
+                lambda: os.open(turn_id + self.TURN_FILE_SUFFIX, _READ_FLAGS, dir_fd=turns_fd))
+            try:
+                yield opened
+            finally:
+                if opened is not None:
+                    os.close(opened[0])
+
+    def append_turn_record(self, session_id: str, turn_id: str, data: bytes) -> None:
+        """Append records (complete JSON lines) to ``turns/<turn_id>.jsonl``, creating both if needed.
+
+        Neither ``turns`` nor the file is ever followed through a symlink (the write fails instead).
+        Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable, StorageFull.
+        """
+        _require_session_id(session_id)
+        self._require_turn_id(turn_id)
+        if not data:
+            return
+        doing = "appending to the transcript of turn {} of session {}".format(turn_id, session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id, "the records were not fully written"):
+            with self._session_fd(session_id) as dir_fd:
+                _mkdir_at(self.TURNS_DIR_NAME, dir_fd)
+                turns_fd = os.open(self.TURNS_DIR_NAME, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    fd = os.open(turn_id + self.TURN_FILE_SUFFIX, _APPEND_FLAGS, 0o644, dir_fd=turns_fd)
+                    try:
+                        if not stat.S_ISREG(os.fstat(fd).st_mode):
+                            raise InvalidArgument("turns/{}{} is not a regular file; remove it".format(
+                                turn_id, self.TURN_FILE_SUFFIX))
+                        _write_all(fd, bytes(data))
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(turns_fd)
+
+    def last_turn_seq(self, session_id: str) -> int:
+        """The highest event seq recorded in the session's turn files (0 if none): where the session's
+        numbering resumes after a restart. Reads the last complete record of the LAST_SEQ_FILES newest.
+        Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable."""
+        _require_session_id(session_id)
+        best = 0
+        with self._os_errors("reading the turns of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                for _mtime, turn_id in self._turn_files_at(dir_fd)[: self.LAST_SEQ_FILES]:
+                    with self._turn_file_at(dir_fd, turn_id) as opened:
+                        if opened is None:
+                            continue
+                        for line in self._turn_lines_backward(opened[0], opened[1].st_size):
+                            head = self._turn_head(line)
+                            if head is not None:
+                                best = max(best, head[0])
+                                break
+        return best
+
+    def _turn_summary(self, fd: int, size: int, turn_id: str, running: bool) -> Dict[str, Any]:
+        first = None
+        for line in self._turn_lines_forward(fd, size):
+            first = self._turn_head(line)
+            break
+        last: List[Tuple[Tuple[int, str, str], bytes]] = []  # the last two records, newest first
+        for line in self._turn_lines_backward(fd, size):
+            head = self._turn_head(line)
+            if head is not None:
+                last.append((head, line))
+                if len(last) == 2:
+                    break
+        outcome = "running" if running else "interrupted"
+        ended = None
+        if last and last[0][0][1] == "query_complete":
+            ended = last[0][0][2]
+            try:
+                completed = json.loads(last[0][1].decode("utf-8", "replace")).get("data", {}).get("completed")
+            except (ValueError, AttributeError):
+                completed = None
+            if completed is True:
+                outcome = "completed"
+            elif len(last) == 2 and last[1][0][1] == "cancelled":
+                outcome = "cancelled"
+            else:
+                outcome = "failed"
+        return {
+            "turn_id": turn_id,
+            "started": first[2] if first else None,
+            "ended": ended,
+            "outcome": outcome,
+            "first_seq": first[0] if first else None,
+            "last_seq": last[0][0][0] if last else None,
+            # One turn at a time per session: its records' seqs are consecutive.
+            "events": (last[0][0][0] - first[0] + 1) if first and last else 0,
+            "bytes": size,
+        }
+
+    @classmethod
+    def _turn_lines_forward(cls, fd: int, size: int) -> Iterator[bytes]:
+        """The first complete line's first TURN_HEAD_PEEK bytes (enough for ``_turn_head``)."""
+        head = _pread_full(fd, min(size, cls.TURN_HEAD_PEEK), 0)
+        if b"\n" in head or (size > len(head) and _has_newline(fd, len(head), min(size, cls.MAX_TURN_RECORD))):
+            yield head.split(b"\n", 1)[0]
+
+    def list_turns(
+        self, session_id: str, limit: Optional[int] = None, offset: Optional[int] = None,
+        running_turn_id: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """The session's turns, newest first: ``{"session_id", "turns": [{turn_id, started, ended, outcome,
+        first_seq, last_seq, events, bytes}], "total", "limit", "offset", "more"}``.
+
+        ``outcome``: completed, failed, cancelled (from the turn's query_complete), running (the
+        ``running_turn_id`` the caller knows to run), or interrupted (no query_complete, not running: the
+        gateway stopped or crashed during the turn). Only the listed page's files are read, a few KB each.
+        Raises InvalidSessionId, InvalidArgument (limit, offset), SessionNotFound, WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
+        offset = _non_negative_int("offset", offset, 0)
+        with self._os_errors("listing the turns of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                files = self._turn_files_at(dir_fd)
+                turns = []
+                for _mtime, turn_id in files[offset: offset + limit]:
+                    with self._turn_file_at(dir_fd, turn_id) as opened:
+                        if opened is not None:
+                            turns.append(self._turn_summary(opened[0], opened[1].st_size, turn_id,
+                                                            turn_id == running_turn_id))
+        # mtimes of turns ended together can tie: within the page, the seqs decide.
+        turns.sort(key=lambda turn: -1 if turn["first_seq"] is None else turn["first_seq"], reverse=True)
+        return {"session_id": session_id, "turns": turns, "total": len(files), "limit": limit, "offset": offset,
+                "more": offset + limit < len(files)}
+
+    def read_turn(
+        self, session_id: str, turn_id: str, cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None, max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """One turn's transcript as a log slice (PROTOCOL.md §5.11) of its file, read from the start
+        by default (no cursor is ``cursor=0``), each line parsed: ``{"session_id", "turn_id", "records",
+        ...the slice's fields but lines}``. A line that is not JSON comes back as ``{"raw": line}``.
+        Raises InvalidSessionId, InvalidArgument (turn id, limit, max_bytes), InvalidCursor,
+        SessionNotFound (also for an unknown turn), WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        self._require_turn_id(turn_id)
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(0 if cursor is None or cursor == "" else cursor)
+        name = "{}/{}{}".format(self.TURNS_DIR_NAME, turn_id, self.TURN_FILE_SUFFIX)
+        with self._os_errors("reading {} of session {}".format(name, session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                with _dir_at(self.TURNS_DIR_NAME, dir_fd) as turns_fd:
+                    missing = turns_fd is None or _open_regular(
+                        lambda: os.open(turn_id + self.TURN_FILE_SUFFIX, _READ_FLAGS, dir_fd=turns_fd)) is None
+                    if missing:
+                        raise SessionNotFound("turn {} of session {} has no transcript; list the session's turns "
+                                              "with GET /api/v1/ops/sessions/{}/turns".format(
+                                                  _show(turn_id), session_id, session_id))
+                    assert turns_fd is not None
+                    result = _read_slice(lambda: os.open(turn_id + self.TURN_FILE_SUFFIX, _READ_FLAGS, dir_fd=turns_fd),
+                                         parsed, limit, max_bytes, name)
+        records = []
+        for line in result.pop("lines"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                records.append({"raw": line})
+        return {"session_id": session_id, "turn_id": turn_id, **result, "records": records}
+
+    def read_turn_records(
+        self, session_id: str, after_seq: int, upto_seq: int, max_records: int, max_bytes: int
+    ) -> Dict[str, Any]:
+        """The records with ``after_seq < seq <= upto_seq``, oldest first, as stored (JSON text):
+        ``{"records": [(seq, type, line)], "complete": bool, "first_seq"}``. Read backwards from the
+        newest turn file, so the cost is what is returned: past ``max_records`` or ``max_bytes``, the
+        newest are kept, ``complete`` is false and ``first_seq`` is the oldest kept.
+        Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable."""
+        _require_session_id(session_id)
+        found: List[Tuple[int, str, str]] = []
+        used = 0
+        complete = True
+        stop_below: Optional[int] = None  # once after_seq is reached: older files cannot hold what is missing
+        with self._os_errors("reading the turns of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                for mtime, turn_id in self._turn_files_at(dir_fd):
+                    if not complete or after_seq >= upto_seq or (stop_below is not None and mtime < stop_below):
+                        break
+                    reached = False
+                    with self._turn_file_at(dir_fd, turn_id) as opened:
+                        if opened is None:
+                            continue
+                        for line in self._turn_lines_backward(opened[0], opened[1].st_size):
+                            head = self._turn_head(line)
+                            if head is None or head[0] > upto_seq:
+                                continue
+                            if head[0] <= after_seq:
+                                reached = True
+                                break
+                            if len(found) >= max_records or used + len(line) > max_bytes:
+                                complete = False
+                                break
+                            found.append((head[0], head[1], line.decode("utf-8", "replace")))
+                            used += len(line)
+                            if head[0] == after_seq + 1:
+                                reached = True
+                                break
+                    if reached and stop_below is None:
+                        stop_below = mtime - self.MTIME_TIE_NS  # files stamped as closely may still hold newer ones
+        found.sort()
+        return {"records": found, "complete": complete, "first_seq": found[0][0] if found else None}

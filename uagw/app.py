@@ -44,6 +44,7 @@ from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
 from .streams import EventStream, LogKey, LogWatchers, StreamSlots, Subscription, sse_event
 from .events import SessionEvents
+from .transcripts import last_seq_param
 
 __all__ = [
     "Application",
@@ -428,9 +429,12 @@ class Application:
     def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
         query = dict(parse_qsl(request.query_string, keep_blank_values=True))
         session_id = params.get("session_id", query.get("session_id"))
-        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"))
+        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"),
+                           last_seq=last_seq_param(query.get("last_seq"), session_id))
 
     def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        last_seq_param(query.get("last_seq"), params.get("session_id", query.get("session_id")))  # 400 before 426
         raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
                         headers=[("Upgrade", "websocket")])
 
@@ -450,6 +454,8 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/turns", {"GET": self.list_turns}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/turns/{turn_id}", {"GET": self.read_turn}, scope=token),
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
             Route("/api/v1/ops/audit", {"GET": self.audit_log}, scope=token),
             Route("/api/v1/ops/events", {"GET": self.events_stream}, scope=token),
@@ -605,6 +611,26 @@ class Application:
                 watcher.end(sse_event("end", {"reason": "the session was deleted"}))
             elif kind in (ChangeKind.RESET, ChangeKind.ARCHIVED, ChangeKind.COMPACTED):
                 asyncio.get_running_loop().create_task(watcher.refresh())
+    async def list_turns(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §12: the session's turns, newest first; the running one says so."""
+        query = query_params(request)
+        session_id = params["session_id"]
+        running = None
+        if self.hub is not None:
+            await self.hub.writer.flushed(session_id)  # a turn that just ended is read with its query_complete
+            live = self.hub.sessions.get(session_id)
+            running = live.turn.turn_id if live is not None and live.turn is not None else None
+        return await self._ops_response(200, self.ops.list_turns, session_id, limit=int_param(query, "limit"),
+                                        offset=int_param(query, "offset"), running_turn_id=running)
+
+    async def read_turn(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §12: one turn's transcript, paged like a log slice."""
+        query = query_params(request)
+        if self.hub is not None:
+            await self.hub.writer.flushed(params["session_id"])
+        return await self._ops_response(200, self.ops.read_turn, params["session_id"], params["turn_id"],
+                                        cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                                        max_bytes=int_param(query, "max_bytes"))
 
     def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)

@@ -69,6 +69,11 @@ __all__ = [
     "REMEMBERED_SESSIONS",
     "REMEMBERED_TURN_AGE",
     "REMEMBERED_TURN_IDS",
+    "REPLAY_HOLD_BYTES",
+    "REPLAY_MAX_BYTES",
+    "REPLAY_MAX_EVENTS",
+    "REPLAY_RING_BYTES",
+    "REPLAY_RING_EVENTS",
     "REPORT_INTERVAL",
     "ROOT_CHECK_INTERVAL",
     "SECURITY_LOG_BURST",
@@ -227,3 +232,14 @@ MAX_STREAMS_PER_CLIENT = 256  # open streams per client address (429 beyond): a 
 # benchmark 200 from one address; a runaway script still cannot take every stream slot
 EVENTS_RING = 4096  # session events kept for Last-Event-ID resumes: minutes of a busy gateway's changes;
 # a client away longer gets a "reset" event and lists the sessions again
+
+# Turn transcripts and replay after a reconnect (PROTOCOL.md §12).
+REPLAY_RING_EVENTS = 2000  # recent events kept in memory per live session: a reconnect within a turn costs no disk
+REPLAY_RING_BYTES = 2 * 1024 * 1024  # ... and their text: 200 sessions x 2 MiB at worst
+# One replay sends at most this much; the rest is named in a replay_incomplete status. Half of
+# WS_MAX_SEND_BUFFER, so a replay on its own never gets its client closed for being slow.
+REPLAY_MAX_EVENTS = 10_000
+REPLAY_MAX_BYTES = 4 * 1024 * 1024
+# Live events held for a socket while its replay is read from disk; past it, the socket is closed (1008)
+# with the seq to reconnect from, instead of holding memory for a client that reads nothing.
+REPLAY_HOLD_BYTES = 4 * 1024 * 1024

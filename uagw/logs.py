@@ -272,7 +272,8 @@ class GatewayLog(BatchWriter[str]):
         self.problem = problem
 
 
-_WriteItem = Tuple[str, str, Optional[str], Any]  # (kind "append" or "heartbeat", session id, file name, payload)
+# (kind "append", "turn", "heartbeat" or "mark", session id, file name or turn id, payload)
+_WriteItem = Tuple[str, str, Optional[str], Any]
 
 
 class SessionWriter(BatchWriter[_WriteItem]):
@@ -325,6 +326,30 @@ class SessionWriter(BatchWriter[_WriteItem]):
     def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
         self._add(("heartbeat", session_id, None, state))
 
+    def append_turn(self, session_id: str, turn_id: str, data: bytes) -> None:
+        """Append records to the session's ``turns/<turn_id>.jsonl`` (``OpsService.append_turn_record``)."""
+        self.queued_bytes += len(data)
+        self._add(("turn", session_id, turn_id, data))
+
+    def flushed(self, session_id: str) -> "asyncio.Future[None]":
+        """A future done once everything asked for this session before now is written (or dropped), so a
+        reader of its files that awaits it sees all of it (event loop only)."""
+        loop = asyncio.get_running_loop()
+        done: "asyncio.Future[None]" = loop.create_future()
+
+        def resolve() -> None:  # on the writer thread
+            def settle() -> None:
+                if not done.done():
+                    done.set_result(None)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+        self._add(("mark", session_id, None, resolve))
+        self.hand_over()
+        return done
+
     def _add(self, item: _WriteItem) -> None:
         if not self._collected:
             asyncio.get_running_loop().call_later(SESSION_WRITE_DELAY, self.hand_over)
@@ -351,10 +376,16 @@ class SessionWriter(BatchWriter[_WriteItem]):
         # within a file, and a heartbeat is a state of which the latest is the one to keep. When writing
         # falls behind (200 busy sessions, a slow disk), the whole backlog folds into one such batch.
         appends: Dict[Tuple[str, str], List[bytes]] = {}
+        turns: Dict[Tuple[str, str], List[bytes]] = {}
         heartbeats: Dict[str, Any] = {}
+        marks: Dict[str, List[Callable[[], None]]] = {}
         for kind, session_id, file_name, payload in batch:
             if kind == "append":
                 appends.setdefault((session_id, file_name or ""), []).append(payload)
+            elif kind == "turn":
+                turns.setdefault((session_id, file_name or ""), []).append(payload)
+            elif kind == "mark":
+                marks.setdefault(session_id, []).append(payload)
             else:
                 heartbeats[session_id] = payload
         actions: Dict[str, List[Tuple[Optional[str], Callable[[], Any]]]] = {}
@@ -363,9 +394,15 @@ class SessionWriter(BatchWriter[_WriteItem]):
             data = written[(session_id, file_name)] = b"".join(chunks)
             actions.setdefault(session_id, []).append(
                 (file_name, functools.partial(self.ops.append_log, session_id, file_name, data)))
+        for (session_id, turn_id), chunks in turns.items():
+            actions.setdefault(session_id, []).append(
+                (f"turns/{turn_id}.jsonl", functools.partial(self.ops.append_turn_record, session_id, turn_id,
+                                                              b"".join(chunks))))
         for session_id, state in heartbeats.items():
             actions.setdefault(session_id, []).append(
                 (None, functools.partial(self.ops.write_heartbeat, session_id, state)))
+        for session_id, resolvers in marks.items():  # last: after every write of the session in this batch
+            actions.setdefault(session_id, []).extend((None, resolve) for resolve in resolvers)
         busy = set()
         for session_id, session_actions in actions.items():
             # The same re-entrant lock append_log and write_heartbeat take: holding it across the
@@ -376,11 +413,12 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 continue
             try:
                 for file_name, action in session_actions:
-                    if self._run_action(session_id, file_name, action) and file_name and self.appended:
-                        self.appended(session_id, file_name, written[(session_id, file_name)])
+                    chunk = written.get((session_id, file_name or ""))  # a log append (not a turn record)
+                    if self._run_action(session_id, file_name, action) and self.appended and chunk is not None:
+                        self.appended(session_id, file_name or "", chunk)
             finally:
                 lock.release()
-        self.done_bytes += sum(len(item[3]) for item in batch if item[0] == "append" and item[1] not in busy)
+        self.done_bytes += sum(len(item[3]) for item in batch if item[0] in ("append", "turn") and item[1] not in busy)
         return [item for item in batch if item[1] in busy]
 
     def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> bool:
