@@ -139,8 +139,12 @@ class BatchWriter(Generic[_Item]):
 
     close_timeout = 2.0  # s close() waits for the last pass by default
 
+    drop_reasons: Tuple[str, ...] = ("write_failed",)  # what ``dropped_by_reason`` counts (GET /metrics shows it)
+
     def __init__(self, name: str) -> None:
         self.dropped = 0
+        self.dropped_by_reason: Dict[str, int] = {reason: 0 for reason in self.drop_reasons}  # sums to ``dropped``
+        self.bytes_written = 0  # by the thread only; read without the lock (an int, for GET /metrics)
         self._lock = threading.Lock()
         self._pending: List[_Item] = []
         self._closing = False
@@ -161,9 +165,13 @@ class BatchWriter(Generic[_Item]):
             self._pending.extend(items)
         self._wake.set()
 
-    def _count_dropped(self, count: int) -> None:
+    def _count_dropped(self, count: int, reason: str = "write_failed") -> None:
         with self._lock:
-            self.dropped += count
+            self._dropped_locked(count, reason)
+
+    def _dropped_locked(self, count: int, reason: str) -> None:
+        self.dropped += count
+        self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + count
 
     def _run(self) -> None:
         kept: List[_Item] = []
@@ -202,6 +210,8 @@ class GatewayLog(BatchWriter[str]):
     ``dropped`` counts records lost to a full queue or a failed write (health shows it).
     """
 
+    drop_reasons = ("queue_full", "write_failed")
+
     def __init__(self, ops: OpsService, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
         self.ops = ops
         self.directory = ops.root / ops_service.GATEWAY_DIR_NAME
@@ -225,7 +235,7 @@ class GatewayLog(BatchWriter[str]):
             if len(self._pending) < GATEWAY_LOG_MAX_PENDING:
                 self._pending.append(line)
             else:
-                self.dropped += 1
+                self._dropped_locked(1, "queue_full")
             if kind is not None and self._budget.admit(kind, fields.get("client")):
                 self._security.append(line)
 
@@ -241,10 +251,12 @@ class GatewayLog(BatchWriter[str]):
         failed = False
         for name, records in ((ops_service.GATEWAY_LOG_NAME, items), (ops_service.SECURITY_LOG_NAME, security)):
             if records:
-                outcome = self.ops.append_gateway_log(name, ("\n".join(records) + "\n").encode(), self.rotate_bytes,
-                                                      GATEWAY_LOG_BACKUPS)
+                data = ("\n".join(records) + "\n").encode()
+                outcome = self.ops.append_gateway_log(name, data, self.rotate_bytes, GATEWAY_LOG_BACKUPS)
                 if not outcome["written"]:
                     self._count_dropped(len(records))
+                else:
+                    self.bytes_written += len(data)
                 if "error" in outcome:  # this file's records only: the other file may still be fine
                     failed = True
                     if outcome["unsafe"]:
@@ -354,13 +366,14 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 appends.setdefault((session_id, file_name or ""), []).append(payload)
             else:
                 heartbeats[session_id] = payload
-        actions: Dict[str, List[Tuple[Optional[str], Callable[[], Any]]]] = {}
+        actions: Dict[str, List[Tuple[Optional[str], int, Callable[[], Any]]]] = {}  # (file, bytes, action)
         for (session_id, file_name), chunks in appends.items():
+            data = b"".join(chunks)
             actions.setdefault(session_id, []).append(
-                (file_name, functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks))))
+                (file_name, len(data), functools.partial(self.ops.append_log, session_id, file_name, data)))
         for session_id, state in heartbeats.items():
             actions.setdefault(session_id, []).append(
-                (None, functools.partial(self.ops.write_heartbeat, session_id, state)))
+                (None, 0, functools.partial(self.ops.write_heartbeat, session_id, state)))
         busy = set()
         for session_id, session_actions in actions.items():
             # The same re-entrant lock append_log and write_heartbeat take: holding it across the
@@ -370,23 +383,26 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 busy.add(session_id)
                 continue
             try:
-                for file_name, action in session_actions:
-                    self._run_action(session_id, file_name, action)
+                for file_name, size, action in session_actions:
+                    if self._run_action(session_id, file_name, action):
+                        self.bytes_written += size
             finally:
                 lock.release()
         self.done_bytes += sum(len(item[3]) for item in batch if item[0] == "append" and item[1] not in busy)
         return [item for item in batch if item[1] in busy]
 
-    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:
+    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> bool:
+        """Run one write; True if it was written."""
         try:
             moved = action()
         except SessionNotFound:
-            return  # deleted while its turn was ending: nothing to keep
+            return False  # deleted while its turn was ending: nothing to keep
         except (OpsError, OSError) as exc:
             self._count_dropped(1)
             if self.log is not None:
                 self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
                                detail=str(exc)[:300])
-            return
+            return False
         if moved and self.log is not None:  # append_log moved a hard-linked live log aside (see there)
             self.log.write("log_relinked", session_id=session_id, file=file_name, moved_to=moved)
+        return True
