@@ -1,4 +1,4 @@
-"""GET /metrics (uagw/metrics.py, PROTOCOL.md §13): the text exposition format 0.0.4 written in process, and
+"""GET /metrics (uagw/metrics.py, PROTOCOL.md §11): the text exposition format 0.0.4 written in process, and
 a live gateway with a token whose metrics follow the traffic the tests send, with bounded label values."""
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class Application:
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
-        self.metrics = GatewayMetrics(self.router.routes)  # GET /metrics (PROTOCOL.md §13)
+        self.metrics = GatewayMetrics(self.router.routes)  # GET /metrics (PROTOCOL.md §11)
         self.changes.subscribe(self.metrics.on_change)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
@@ -272,7 +272,7 @@ class Application:
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=True)
         except HttpError as error:
-            return self._failure(request, error, close=True)
+            return self._counted(request, route, self._failure(request, error, close=True))
         return None
 
     def internal_error(self, request: Request, error: BaseException) -> Response:
@@ -461,7 +461,7 @@ class Application:
         return True
 
     async def metrics_page(self, request: Request, params: Dict[str, str]) -> Response:
-        """PROTOCOL.md §13: the metrics in Prometheus' text format; what reads the disk runs in a worker thread."""
+        """PROTOCOL.md §11: the metrics in Prometheus' text format; what reads the disk runs in a worker thread."""
         hub = self.hub
         writers: Dict[str, Any] = {"gateway": self.log} if self.log is not None else {}
         if hub is not None:

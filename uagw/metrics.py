@@ -1,4 +1,4 @@
-"""Metrics for ``GET /metrics`` (PROTOCOL.md §13): counters, gauges and histograms, written in the
+"""Metrics for ``GET /metrics`` (PROTOCOL.md §11): counters, gauges and histograms, written in the
 Prometheus text exposition format 0.0.4 with the standard library, and ``GatewayMetrics``, the gateway's
 own instruments and what a scrape reads.
 
@@ -370,7 +370,7 @@ class GatewayMetrics:
     """
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self._templates: Dict[Route, str] = {route: route.template for route in routes}
+        self._templates: Dict[Optional[Route], str] = {route: route.template for route in routes}
         self.requests = Counter("ua_gateway_http_requests_total",
                                 "HTTP requests answered, by route template, method and status.",
                                 ("route", "method", "status"))
