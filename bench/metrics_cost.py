@@ -32,17 +32,18 @@ SCRAPES = 20
 SESSIONS = 200
 
 
-def dispatch_cost(app: Application) -> float:
-    """Median microseconds per dispatch of a health request."""
+def dispatch_cost(app: Application) -> tuple:
+    """(median, lowest) CPU microseconds per dispatch of a health request: CPU time, not wall time, so
+    that other tenants of a shared machine count less."""
     timings = []
     for _ in range(ROUNDS):
-        started = time.perf_counter()
+        started = time.process_time()
         for _ in range(CALLS):
             request = Request("GET", "/api/v1/health", "HTTP/1.1", [("host", "127.0.0.1")])
             request.started = time.monotonic()
             app.dispatch(request)
-        timings.append((time.perf_counter() - started) / CALLS * 1e6)
-    return statistics.median(timings)
+        timings.append((time.process_time() - started) / CALLS * 1e6)
+    return statistics.median(timings), min(timings)
 
 
 async def scrape_cost(app: Application) -> tuple:
@@ -66,7 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         app = Application(Config(workspaces=Path(directory) / "workspaces"))
-        print(f"dispatch GET /api/v1/health: {dispatch_cost(app):.2f} us (median of {ROUNDS} x {CALLS})")
+        median, lowest = dispatch_cost(app)
+        print(f"dispatch GET /api/v1/health: {median:.2f} us CPU (median of {ROUNDS} x {CALLS}; lowest {lowest:.2f})")
         if not args.dispatch_only:
             first, median, size = asyncio.run(scrape_cost(app))
             print(f"scrape: first {first:.1f} ms CPU, then {median:.2f} ms CPU (median of {SCRAPES}), {size} bytes, "

@@ -213,6 +213,8 @@ class Histogram(_Instrument):
         family = MetricFamily(self.name, self.help, self.kind)
         les = [format_value(bound) for bound in self.bounds] + ["+Inf"]
         for labels, series in sorted(self.series.items()):
+            if not any(series.counts):
+                continue  # a series made ahead of its first observation is not shown until it has one
             pairs = self._pairs(labels)
             cumulative = 0
             for le, count in zip(les, series.counts):
@@ -370,13 +372,17 @@ class GatewayMetrics:
     """
 
     def __init__(self, routes: Sequence[Route]) -> None:
-        self._templates: Dict[Optional[Route], str] = {route: route.template for route in routes}
         self.requests = Counter("ua_gateway_http_requests_total",
                                 "HTTP requests answered, by route template, method and status.",
                                 ("route", "method", "status"))
         self.latency = Histogram("ua_gateway_http_request_duration_seconds",
                                  "Time from a request's arrival to its answer, by route template.",
                                  LATENCY_BUCKETS, ("route",))
+        # Each route's label and latency series, found with one lookup per request (None: no route matched).
+        self._by_route: Dict[Optional[Route], Tuple[str, _Series]] = {}
+        for route in [*routes, None]:
+            template = route.template if route is not None else UNMATCHED
+            self._by_route[route] = (template, self.latency.series.setdefault((template,), _Series(len(LATENCY_BUCKETS))))
         self.refused = Counter("ua_gateway_refused_requests_total",
                                "Requests refused by the access checks, by status and reason.",
                                ("status", "reason"), initial=REFUSAL_REASONS)
@@ -399,15 +405,12 @@ class GatewayMetrics:
 
         The hot path (health answers ~20k requests/s): the instruments' dicts are updated in place here,
         with the status kept an int until a scrape writes it."""
-        template = self._templates.get(route, UNMATCHED)  # None, no route: UNMATCHED too
+        template, series = self._by_route[route]
         key = (template, method if method in KNOWN_METHODS else "other", status)
         values = self.requests.values
         values[key] = values.get(key, 0) + 1
         if started:
             elapsed = _monotonic() - started
-            series = self.latency.series.get((template,))
-            if series is None:
-                series = self.latency.series[(template,)] = _Series(len(LATENCY_BUCKETS))
             series.counts[_bisect_left(LATENCY_BUCKETS, elapsed)] += 1
             series.sum += elapsed
 
