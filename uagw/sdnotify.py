@@ -78,7 +78,7 @@ class Notifier:
         message = "\n".join(assignment.replace("\n", " ") for assignment in assignments).encode()
         try:
             if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # not inherited (PEP 446)
                 self._socket.setblocking(False)
             self._socket.sendto(message, self.address)
         except OSError as exc:
