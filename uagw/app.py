@@ -34,11 +34,13 @@ from .access import AccessControl, Grant, request_tokens
 from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
 from .logs import GatewayLog
+from .metrics import EXPOSITION_CONTENT_TYPE, GatewayMetrics, render
 from .routing import (
     Dispatched, Permission, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
     ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
 )
-from .server import Server, descriptor_budget
+from .server import Phase, Server, descriptor_budget
+from .sdnotify import Notifier
 from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
@@ -122,6 +124,8 @@ class Application:
         self.audit = AuditTrail(self.ops, self.run_ops, (config.token, config.internal_token, config.read_token),
                                 self._audit_warning)
         self.changes.subscribe(self.audit.observe)  # sessions the WebSocket lobby creates (PROTOCOL.md §11.2)
+        self.metrics = GatewayMetrics(self.router.routes)  # GET /metrics (PROTOCOL.md §14)
+        self.changes.subscribe(self.metrics.on_change)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -208,7 +212,9 @@ class Application:
         try:
             route, grant = self.admit_with_grant(request, route, subprotocol_token(request) if websocket else None)
             if websocket:
-                return self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
+                upgrade = self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
+                self.metrics.request_done(route, request.method, 101, request.started)
+                return upgrade
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)
@@ -222,10 +228,10 @@ class Application:
                 return self._audited(request, route, params, grant, handler)
             result = handler(request, params)
         except Exception as error:
-            return self._failure(request, error, close=websocket)
+            return self._counted(request, route, self._failure(request, error, close=websocket))
         if isinstance(result, Response):
-            return self._answer(request, result)
-        return self._settle(request, result)
+            return self._counted(request, route, self._answer(request, result))
+        return self._settle(request, result, route)
 
     async def _audited(self, request: Request, route: Route, params: Dict[str, str], grant: Optional[Grant],
                        handler: Callable[..., Any]) -> Response:
@@ -241,20 +247,26 @@ class Application:
             return self._answer(request, response)
 
         scope = grant.value if grant is not None else "none"
-        return await self.audit.audited(call, lambda response: self.audit.http_record(
+        response = await self.audit.audited(call, lambda response: self.audit.http_record(
             request, route, params, scope, response, time.monotonic() - started))
+        return self._counted(request, route, response)
 
     def _audit_warning(self, message: str) -> None:
         warn_stderr(message)
         if self.log is not None:
             self.log.write("audit_failed", detail=message[:500])
 
-    async def _settle(self, request: Request, pending: Awaitable[Response]) -> Response:
+    async def _settle(self, request: Request, pending: Awaitable[Response], route: Optional[Route] = None) -> Response:
         try:
             response = await pending
         except Exception as error:
-            return self._failure(request, error)
-        return self._answer(request, response)
+            return self._counted(request, route, self._failure(request, error))
+        return self._counted(request, route, self._answer(request, response))
+
+    def _counted(self, request: Request, route: Optional[Route], response: Response) -> Response:
+        """``response``, counted in GET /metrics by its route's template (None: no route matched)."""
+        self.metrics.request_done(route, request.method, response.status, request.started)
+        return response
 
     def _answer(self, request: Request, response: Response) -> Response:
         """Every answer to a request goes out through here: with its CORS grants (a preflight has its own)."""
@@ -312,7 +324,7 @@ class Application:
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=True)
         except HttpError as error:
-            return self._failure(request, error, close=True)
+            return self._counted(request, route, self._failure(request, error, close=True))
         return None
 
     def internal_error(self, request: Request, error: BaseException) -> Response:
@@ -328,13 +340,19 @@ class Application:
         takes UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN, READ takes UA_OPS_READ_TOKEN too. Returns
         what the token granted. Raises HttpError on refusal: 401 (counted toward the lockout) for no
         usable token, 403 for the read token where a change needs the full one."""
-        self._refuse_cross_site(request, what)
+        try:
+            self._refuse_cross_site(request, what)
+        except HttpError:
+            self.metrics.refuse("403", "cross_site")
+            raise
         address = request.client
         if not self.access.address_allowed(address):
+            self.metrics.refuse("403", "address")
             raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
         remaining = self.access.lockout_remaining(address)
         if remaining:
             seconds = int(remaining) + 1
+            self.metrics.refuse("429", "lockout")
             raise HttpError(
                 429,
                 f"too many failed authentications from {address}; try again in {seconds} s with the right token",
@@ -345,6 +363,9 @@ class Application:
             grant = None  # the Ops routes take UA_INTERNAL_API_TOKEN only when it is the only full token (§4.2)
         if grant is None:
             locked = self.access.record_failure(address)
+            self.metrics.refuse("401", "token")
+            if locked:
+                self.metrics.lockouts.inc()
             if self.log is not None:
                 self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
             raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
@@ -365,6 +386,7 @@ class Application:
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         name = name.strip("[]")
         if not (is_loopback_host(name) or name in self.config.allowed_hosts or host in self.config.allowed_hosts):
+            self.metrics.refuse("421", "host")
             raise HttpError(421, f"Host {show(host)} is not served here; list it in UA_ALLOWED_HOSTS")
 
     def _options(self, request: Request, route: Route) -> Response:
@@ -459,6 +481,7 @@ class Application:
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
             Route("/api/v1/ops/audit", {"GET": self.audit_log}, scope=token),
             Route("/api/v1/ops/events", {"GET": self.events_stream}, scope=token),
+            Route("/metrics", {"GET": self.metrics_page}, scope=token),
             Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
             Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
                   scope=session),
@@ -512,6 +535,22 @@ class Application:
         except HttpError:
             return False
         return True
+
+    async def metrics_page(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §14: the metrics in Prometheus' text format; what reads the disk runs in a worker thread."""
+        hub = self.hub
+        writers: Dict[str, Any] = {"gateway": self.log} if self.log is not None else {}
+        if hub is not None:
+            writers["session"] = hub.writer
+        families = self.metrics.loop_families(connections=self.open_connections(), writers=writers,
+                                              agent_processes=len(hub.agent_groups) if hub is not None else 0,
+                                              version=__version__)
+        families += await self.run_ops(self.metrics.disk_families, self.ops, self.runtime())
+        return Response(200, render(families).encode(), content_type=EXPOSITION_CONTENT_TYPE)
+
+    def open_connections(self) -> Tuple[int, int]:
+        """(HTTP, WebSocket) connections open now; an application without a server has none."""
+        return 0, 0
 
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
@@ -930,6 +969,7 @@ class Application:
         wait = self.access.session_creation_wait(address)
         if wait:
             seconds = max(1, math.ceil(wait))
+            self.metrics.refuse("429", "session_create_rate")
             raise HttpError(
                 429,
                 f"too many sessions created (from {address} or in all); retry in {seconds} s, or attach to an "
@@ -946,6 +986,7 @@ class Gateway(Application):
         super().__init__(config, agent=agent)
         self.server = Server(self, config, open_bridge)
         self.port = config.port
+        self.notifier = Notifier.from_environ()  # systemd's sd_notify, when NOTIFY_SOCKET is set
 
     @property
     def url(self) -> str:
@@ -962,12 +1003,20 @@ class Gateway(Application):
         assert self.log is not None, "opened"
         self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
                        connection_limit=self.server.connection_limit())
+        self.notifier.ready(f"listening on {self.url}")
+        self.notifier.start_watchdog()
+
+    def open_connections(self) -> Tuple[int, int]:
+        websockets = sum(1 for connection in self.server.connections if connection.phase is Phase.UPGRADED)
+        return len(self.server.connections) - websockets, websockets
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
+        self.notifier.stopping()
         self.server.stop_accepting()
         deadline = time.monotonic() + grace
         if self.hub is not None:
             await self.hub.shutdown(grace)
         await self.server.drain(deadline)
         await self.close()
+        self.notifier.close()

@@ -64,6 +64,10 @@ __all__ = [
     "MAX_SECRET_FILE_BYTES",
     "MAX_SEND_BACKLOG",
     "MAX_WRITER_BACKLOG",
+    "METRICS_SESSION_COUNT_INTERVAL",
+    "METRICS_WALK_INTERVAL",
+    "METRICS_WALK_MAX_ENTRIES",
+    "METRICS_WALK_MAX_SECONDS",
     "OPS_THREADS",
     "REFUSAL_LINGER",
     "REMEMBERED_SESSIONS",
@@ -168,6 +172,14 @@ ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood 
 ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
 REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
+# GET /metrics (uagw.metrics): what a scrape reads from the disk is cached, so that a scrape every second
+# costs a few stat calls, not a scan of every session. Session counts may be this stale (one directory scan):
+METRICS_SESSION_COUNT_INTERVAL = 5.0  # s
+METRICS_WALK_INTERVAL = 60.0  # s; the bytes the workspaces root uses are walked at most this often (du-like)
+# The walk stops after this many entries or seconds (reported as truncated): a root of millions of files
+# costs one bounded worker-thread pass a minute, never a scrape that hangs or a worker held for minutes.
+METRICS_WALK_MAX_ENTRIES = 200_000
+METRICS_WALK_MAX_SECONDS = 2.0
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
 MAX_USER_ID_CHARS = 256  # a user id is a name; longer ones would only grow session_policy.json and logs
 # Session ids that are also words of the Ops routes: a session so named could not be managed there.

@@ -139,8 +139,12 @@ class BatchWriter(Generic[_Item]):
 
     close_timeout = 2.0  # s close() waits for the last pass by default
 
+    drop_reasons: Tuple[str, ...] = ("write_failed",)  # what ``dropped_by_reason`` counts (GET /metrics shows it)
+
     def __init__(self, name: str) -> None:
         self.dropped = 0
+        self.dropped_by_reason: Dict[str, int] = {reason: 0 for reason in self.drop_reasons}  # sums to ``dropped``
+        self.bytes_written = 0  # by the thread only; read without the lock (an int, for GET /metrics)
         self._lock = threading.Lock()
         self._pending: List[_Item] = []
         self._closing = False
@@ -161,9 +165,13 @@ class BatchWriter(Generic[_Item]):
             self._pending.extend(items)
         self._wake.set()
 
-    def _count_dropped(self, count: int) -> None:
+    def _count_dropped(self, count: int, reason: str = "write_failed") -> None:
         with self._lock:
-            self.dropped += count
+            self._dropped_locked(count, reason)
+
+    def _dropped_locked(self, count: int, reason: str) -> None:
+        self.dropped += count
+        self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + count
 
     def _run(self) -> None:
         kept: List[_Item] = []
@@ -202,6 +210,8 @@ class GatewayLog(BatchWriter[str]):
     ``dropped`` counts records lost to a full queue or a failed write (health shows it).
     """
 
+    drop_reasons = ("queue_full", "write_failed")
+
     def __init__(self, ops: OpsService, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
         self.ops = ops
         self.directory = ops.root / ops_service.GATEWAY_DIR_NAME
@@ -225,7 +235,7 @@ class GatewayLog(BatchWriter[str]):
             if len(self._pending) < GATEWAY_LOG_MAX_PENDING:
                 self._pending.append(line)
             else:
-                self.dropped += 1
+                self._dropped_locked(1, "queue_full")
             if kind is not None and self._budget.admit(kind, fields.get("client")):
                 self._security.append(line)
 
@@ -241,10 +251,12 @@ class GatewayLog(BatchWriter[str]):
         failed = False
         for name, records in ((ops_service.GATEWAY_LOG_NAME, items), (ops_service.SECURITY_LOG_NAME, security)):
             if records:
-                outcome = self.ops.append_gateway_log(name, ("\n".join(records) + "\n").encode(), self.rotate_bytes,
-                                                      GATEWAY_LOG_BACKUPS)
+                data = ("\n".join(records) + "\n").encode()
+                outcome = self.ops.append_gateway_log(name, data, self.rotate_bytes, GATEWAY_LOG_BACKUPS)
                 if not outcome["written"]:
                     self._count_dropped(len(records))
+                else:
+                    self.bytes_written += len(data)
                 if "error" in outcome:  # this file's records only: the other file may still be fine
                     failed = True
                     if outcome["unsafe"]:
@@ -388,21 +400,22 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 marks.setdefault(session_id, []).append(payload)
             else:
                 heartbeats[session_id] = payload
-        actions: Dict[str, List[Tuple[Optional[str], Callable[[], Any]]]] = {}
+        actions: Dict[str, List[Tuple[Optional[str], int, Callable[[], Any]]]] = {}  # (file, bytes, action)
         written: Dict[Tuple[str, str], bytes] = {}
         for (session_id, file_name), chunks in appends.items():
             data = written[(session_id, file_name)] = b"".join(chunks)
             actions.setdefault(session_id, []).append(
-                (file_name, functools.partial(self.ops.append_log, session_id, file_name, data)))
+                (file_name, len(data), functools.partial(self.ops.append_log, session_id, file_name, data)))
         for (session_id, turn_id), chunks in turns.items():
+            record = b"".join(chunks)
             actions.setdefault(session_id, []).append(
-                (f"turns/{turn_id}.jsonl", functools.partial(self.ops.append_turn_record, session_id, turn_id,
-                                                              b"".join(chunks))))
+                (f"turns/{turn_id}.jsonl", len(record),
+                 functools.partial(self.ops.append_turn_record, session_id, turn_id, record)))
         for session_id, state in heartbeats.items():
             actions.setdefault(session_id, []).append(
-                (None, functools.partial(self.ops.write_heartbeat, session_id, state)))
+                (None, 0, functools.partial(self.ops.write_heartbeat, session_id, state)))
         for session_id, resolvers in marks.items():  # last: after every write of the session in this batch
-            actions.setdefault(session_id, []).extend((None, resolve) for resolve in resolvers)
+            actions.setdefault(session_id, []).extend((None, 0, resolve) for resolve in resolvers)
         busy = set()
         for session_id, session_actions in actions.items():
             # The same re-entrant lock append_log and write_heartbeat take: holding it across the
@@ -412,9 +425,12 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 busy.add(session_id)
                 continue
             try:
-                for file_name, action in session_actions:
+                for file_name, size, action in session_actions:
+                    if not self._run_action(session_id, file_name, action):
+                        continue
+                    self.bytes_written += size
                     chunk = written.get((session_id, file_name or ""))  # a log append (not a turn record)
-                    if self._run_action(session_id, file_name, action) and self.appended and chunk is not None:
+                    if self.appended and chunk is not None:
                         self.appended(session_id, file_name or "", chunk)
             finally:
                 lock.release()
