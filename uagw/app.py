@@ -40,6 +40,7 @@ from .server import Server, descriptor_budget
 from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
+from .pruner import Pruner
 
 __all__ = [
     "Application",
@@ -106,6 +107,7 @@ class Application:
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
+        self.pruner = Pruner(self)  # retention: the background pruner and the prune routes (PROTOCOL.md §11)
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
 
@@ -135,6 +137,8 @@ class Application:
     def watch_root(self) -> None:
         """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_root()))
+        if self.config.retention_enabled:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.pruner.run_forever()))
 
     async def close(self) -> None:
         """Stop the background work, write the stop record and close the log; the hub is shut down before."""
@@ -378,6 +382,9 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session,
                                                         "PATCH": self.update_session}, scope=token),
             Route("/api/v1/ops/sessions/cancel", {"POST": self.cancel_sessions}, scope=token),
+            Route("/api/v1/ops/sessions/purge-stale", {"POST": self.pruner.purge_stale_route}, scope=token),
+            Route("/api/v1/ops/sessions/bulk-delete", {"POST": self.pruner.bulk_delete_route}, scope=token),
+            Route("/api/v1/ops/prune", {"POST": self.pruner.prune_route}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/cancel", {"POST": self.cancel_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/archive", {"POST": self.archive_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
@@ -424,6 +431,8 @@ class Application:
                     " (the path is on the gateway's stderr, and in the answer to a health call with the token)")
             return json_response(503, {"status": "degraded", "detail": problem, "version": __version__, "uptime_s": uptime,
                                        **counters})
+        if self._may_see_paths(request):
+            counters.update(self.pruner.health_fields())  # disk use against the budget: authorized callers only
         return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, **counters})
 
     def _may_see_paths(self, request: Request) -> bool:
@@ -453,7 +462,7 @@ class Application:
         )
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
+        return self.pruner.session_details(params["session_id"])  # the details, with disk use against the budget
 
     async def preview(self, request: Request, params: Dict[str, str]) -> Response:
         query = query_params(request)

@@ -31,6 +31,7 @@ __all__ = [
     "GATEWAY_LOG_INTERVAL",
     "GATEWAY_LOG_MAX_PENDING",
     "GATEWAY_LOG_ROTATE_BYTES",
+    "PRUNE_INTERVAL",
     "GIL_SWITCH_INTERVAL",
     "HEADER_TIMEOUT",
     "HTTP_FD_SHARE",
@@ -124,6 +125,9 @@ SESSION_CREATE_BURST = 1000  # ... after a burst of this many: a fleet of 1,000 
 SESSION_CREATE_PER_MINUTE = 3000  # all addresses together: 180,000 session directories an hour at most, whoever asks
 SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
+# Seconds between the background pruner's runs when a retention policy is set (PROTOCOL.md §11): policies
+# count in days, so hourly keeps a budget's overshoot to an hour's output at a cost of one scan of the root.
+PRUNE_INTERVAL = 3600.0
 GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
 GATEWAY_LOG_FIELD_CHARS = 256  # a logged string, JSON-escaped, is cut to this: a whole API path, not a client's 8 KiB
