@@ -3101,13 +3101,13 @@ def _plan_prune(scan: _RetentionScan, now: float, archive_age: Optional[float], 
             kept_archives.append((archive, sid))
     if budget is not None:
         used = scan.total - sum(item["bytes"] for item in items)
-        overflow = [(entry, None, "trash") for entry in kept_trash] + [
+        overflow: List[Tuple[_Retained, Optional[str], str]] = [(entry, None, "trash") for entry in kept_trash] + [
             (archive, sid, "archive") for archive, sid in kept_archives]
-        for entry, sid, kind in overflow:
+        for extra, owner, kind in overflow:
             if used <= budget:
                 break
-            items.append(_item(kind, sid, entry, "budget"))
-            used -= entry.freed
+            items.append(_item(kind, owner, extra, "budget"))
+            used -= extra.freed
     return items, kept_live
 
 

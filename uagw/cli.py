@@ -164,7 +164,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="delete sessions idle this many days, never a connected or running one (default off)")
     parser.add_argument("--disk-budget", help="keep the workspaces root under this size, oldest archives first "
                         "(bytes, or 512M, 20G; default off)")
-    parser.add_argument("--retain-trash-days", type=float, help="keep trash entries this many days (default 0)")
+    parser.add_argument("--retain-trash-days", type=float, help="keep trash entries this many days (default: emptied at every prune)")
     parser.add_argument("--prune-interval", type=float, help="seconds between pruner runs when a policy is set (default 3600)")
     return parser
 

@@ -200,7 +200,7 @@ class Config:
         retain_archives_days: Optional[float] = None,
         retain_idle_sessions_days: Optional[float] = None,
         disk_budget_bytes: Optional[int] = None,
-        retain_trash_days: float = 0.0,
+        retain_trash_days: Optional[float] = None,
         prune_interval: float = PRUNE_INTERVAL,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
@@ -262,7 +262,6 @@ class Config:
         ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
         ("prune_interval", "UA_PRUNE_INTERVAL / --prune-interval", None, False),
-        ("retain_trash_days", "UA_RETAIN_TRASH_DAYS / --retain-trash-days", "any age", False),
     )
 
     # The retention policies that may be off (None), with how an operator sets each.
@@ -277,8 +276,11 @@ class Config:
         """True when a policy is set: only then does the background pruner run."""
         return any(getattr(self, attribute) is not None for attribute, _, _ in self.RETENTION)
 
+    # Unset: every prune empties the trash whatever the age of its entries (they are deleted sessions).
+    TRASH_RETENTION = ("retain_trash_days", "UA_RETAIN_TRASH_DAYS / --retain-trash-days", False)
+
     def _check_retention(self) -> None:
-        for attribute, where, whole in self.RETENTION:
+        for attribute, where, whole in self.RETENTION + (self.TRASH_RETENTION,):
             value = getattr(self, attribute)
             if value is None:
                 continue

@@ -93,7 +93,7 @@ class Pruner:
             "archives_older_than_days": config.retain_archives_days,
             "sessions_idle_days": config.retain_idle_sessions_days,
             "budget_bytes": config.disk_budget_bytes,
-            "trash_older_than_days": config.retain_trash_days,
+            "trash_older_than_days": config.retain_trash_days or 0.0,  # unset: any age
         }
         settings.update(policies)
         result = await self.app.run_ops(self.app.ops.prune, protected=LiveSessions(self.app), dry_run=dry_run,
