@@ -2850,7 +2850,7 @@ class OpsService:
         clock = time.time() if now is None else float(now)
         with self._os_errors("listing sessions by activity", None):
             self.check_root()
-            scan = self._retention_scan(measure=False)
+            scan = self._retention_scan(measure=False, channels=True)
         rows = [
             {"session_id": sid, "last_activity": info.activity_ns / 1e9,
              "idle_seconds": clock - info.activity_ns / 1e9, "channel": info.channel}
@@ -2875,8 +2875,9 @@ class OpsService:
         finally:
             os.close(root_fd)
 
-    def _retention_scan(self, measure: bool = True) -> "_RetentionScan":
-        """One pass over the root: sessions (activity, channel, archives), trash entries, total bytes."""
+    def _retention_scan(self, measure: bool = True, channels: bool = False) -> "_RetentionScan":
+        """One pass over the root: sessions (activity, archives, with ``channels`` their channel: a read of
+        each policy file), trash entries, and with ``measure`` the bytes of everything."""
         scan = _RetentionScan()
         seen: Dict[Tuple[int, int], None] = {}
         root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
@@ -2893,7 +2894,7 @@ class OpsService:
                         scan.total += _usage_at(name, root_fd, seen)[0]
                     continue
                 try:
-                    scan.sessions[name] = self._scan_retained_session(name, dir_fd, scan, seen, measure)
+                    scan.sessions[name] = self._scan_retained_session(name, dir_fd, scan, seen, measure, channels)
                 finally:
                     os.close(dir_fd)
         finally:
@@ -2932,14 +2933,17 @@ class OpsService:
 
     @staticmethod
     def _scan_retained_session(session_id: str, dir_fd: int, scan: "_RetentionScan",
-                               seen: Dict[Tuple[int, int], None], measure: bool) -> "_RetainedSession":
+                               seen: Dict[Tuple[int, int], None], measure: bool, channels: bool) -> "_RetainedSession":
         st = os.fstat(dir_fd)
         with os.scandir(dir_fd) as iterator:
             kinds = _entry_kinds(iterator)
         activity = max(st.st_mtime_ns, _activity_ns(dir_fd, kinds, st.st_mtime_ns))
-        owner = session_owner(session_id, _read_json_object(
-            lambda: os.open(SESSION_POLICY_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link))
-        info = _RetainedSession(activity, _channel(session_id, session_source(session_id, owner)))
+        channel = ""
+        if channels:
+            owner = session_owner(session_id, _read_json_object(
+                lambda: os.open(SESSION_POLICY_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link))
+            channel = _channel(session_id, session_source(session_id, owner))
+        info = _RetainedSession(activity, channel)
         archives_used = archive_dir = 0
         if kinds.get(ARCHIVE_DIR_NAME) == "dir":
             with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
