@@ -3195,3 +3195,443 @@ class OpsService:
                         stop_below = mtime - self.MTIME_TIE_NS  # files stamped as closely may still hold newer ones
         found.sort()
         return {"records": found, "complete": complete, "first_seq": found[0][0] if found else None}
+    # -- retention: disk use, prune plans and their application (PROTOCOL.md §15) -------------
+    #
+    # A prune is planned from one scan of the root and then applied item by item; a dry run is the
+    # plan alone, so it lists exactly what the real run removes when nothing changes in between.
+    # An item (an archive stamp, a whole session, a trash entry) is first renamed into the trash,
+    # one atomic step, and only then removed there: a kill at any moment leaves it complete where it
+    # was, or in the trash (emptied at the next start or prune), never half-removed in place.
+    # Sizes are st_blocks * 512 (what du counts), each inode once; an item's ``bytes`` counts only
+    # files with no other name, so it never claims space another link keeps in use.
+
+    def disk_usage(self, session_id: Optional[str] = None) -> Dict[str, Any]:
+        """``{"used_bytes": n}`` of the whole root, or of one session (with ``archive_bytes`` and
+        ``live_bytes`` besides). Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable."""
+        if session_id is None:
+            with self._os_errors("measuring the workspaces root", None):
+                self.check_root()
+                return {"used_bytes": self._root_usage()}
+        _require_session_id(session_id)
+        with self._os_errors("measuring session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                seen: Dict[Tuple[int, int], None] = {}
+                archive = _usage_at(ARCHIVE_DIR_NAME, dir_fd, seen)[0]
+                total = os.fstat(dir_fd).st_blocks * 512 + _usage_of_fd(dir_fd, seen)[0] + archive
+                return {"used_bytes": total, "archive_bytes": archive, "live_bytes": total - archive}
+
+    def prune(
+        self,
+        archives_older_than_days: Optional[float] = None,
+        sessions_idle_days: Optional[float] = None,
+        budget_bytes: Optional[int] = None,
+        trash_older_than_days: float = 0.0,
+        protected: Any = (),
+        dry_run: bool = False,
+        now: Optional[float] = None,
+    ) -> Dict[str, Any]:
+        """Plan, and unless ``dry_run`` apply, the retention policies (None: that policy is off).
+
+        * trash entries older than ``trash_older_than_days`` (they are deleted sessions already);
+        * sessions whose last activity (live logs, heartbeat, directory) is older than
+          ``sessions_idle_days``, except the ids in ``protected`` (connected or running);
+        * archive stamps older than ``archives_older_than_days`` (by their mtime);
+        * while the root holds more than ``budget_bytes``: the remaining trash, then archives,
+          oldest first across sessions.
+        An archive holding memory (a reset's MEMORY.md or memory/) is never removed, nor is a live
+        log, a memory file or anything of ``_gateway`` but its trash.
+
+        Returns ``{"dry_run", "policies", "items": [{kind, session_id, path, bytes, mtime, reason}],
+        "failed": [{path, error}], "kept_live": [idle session ids kept as live], "totals": {...},
+        "disk": {used_bytes_before, used_bytes_after, budget_bytes, over_budget}}``; ``now`` (epoch seconds) is the clock, for tests.
+        Raises InvalidArgument, WorkspacesUnavailable.
+        """
+        archive_age = _optional_days("archives_older_than_days", archives_older_than_days)
+        idle_age = _optional_days("sessions_idle_days", sessions_idle_days)
+        trash_age = _optional_days("trash_older_than_days", trash_older_than_days) or 0.0
+        budget = _optional_budget(budget_bytes)
+        dry_run = _require_bool("dry_run", dry_run)
+        clock = time.time() if now is None else float(now)
+        keep = protected  # any container; asked again just before each session is removed
+        with self._os_errors("planning a prune", None):
+            self.check_root()
+            self._make_trash()  # before measuring: removals rename into it, and it has blocks of its own
+            scan = self._retention_scan()
+        items, kept_live = _plan_prune(scan, clock, archive_age, idle_age, trash_age, budget, keep)
+        failed: List[Dict[str, Any]] = []
+        done = items
+        if not dry_run:
+            done = []
+            for item in items:
+                if item["kind"] == "session" and item["session_id"] in keep:
+                    error: Optional[str] = "session {} became active; it is kept".format(item["session_id"])
+                else:
+                    error = self._remove_item(item)
+                if error is None:
+                    done.append(item)
+                else:
+                    failed.append({"path": item["path"], "error": error})
+        freed = sum(item["bytes"] for item in done)
+        after = scan.total - freed
+        return {
+            "dry_run": dry_run,
+            "policies": {"archives_older_than_days": archive_age, "sessions_idle_days": idle_age,
+                         "budget_bytes": budget, "trash_older_than_days": trash_age},
+            "items": [{key: value for key, value in item.items() if not key.startswith("_")} for item in done],
+            "failed": failed,
+            "kept_live": kept_live,
+            "totals": {
+                "items": len(done),
+                "bytes": freed,
+                "archives": sum(1 for item in done if item["kind"] == "archive"),
+                "sessions": sum(1 for item in done if item["kind"] == "session"),
+                "trash": sum(1 for item in done if item["kind"] == "trash"),
+            },
+            "disk": {"used_bytes_before": scan.total, "used_bytes_after": after, "budget_bytes": budget,
+                     "over_budget": budget is not None and after > budget},
+        }
+
+    def session_activity(self, now: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Every session with its last activity (live logs, heartbeat, directory), oldest first:
+        ``[{session_id, last_activity (epoch s), idle_seconds, channel}]``, for UA HEAD's purge-stale
+        and bulk-delete to choose from. Raises WorkspacesUnavailable."""
+        clock = time.time() if now is None else float(now)
+        with self._os_errors("listing sessions by activity", None):
+            self.check_root()
+            scan = self._retention_scan(measure=False, channels=True)
+        rows = [
+            {"session_id": sid, "last_activity": info.activity_ns / 1e9,
+             "idle_seconds": clock - info.activity_ns / 1e9, "channel": info.channel}
+            for sid, info in scan.sessions.items()
+        ]
+        return sorted(rows, key=lambda row: (row["last_activity"], row["session_id"]))
+
+    def _make_trash(self) -> None:
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            os.close(self._open_trash(root_fd))
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE_ERRNOS and exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise  # no room for it, or a _gateway not ours: removals then happen in place
+        finally:
+            os.close(root_fd)
+
+    def _root_usage(self) -> int:
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            return os.fstat(root_fd).st_blocks * 512 + _usage_of_fd(root_fd, {})[0]
+        finally:
+            os.close(root_fd)
+
+    def _retention_scan(self, measure: bool = True, channels: bool = False) -> "_RetentionScan":
+        """One pass over the root: sessions (activity, archives, with ``channels`` their channel: a read of
+        each policy file), trash entries, and with ``measure`` the bytes of everything."""
+        scan = _RetentionScan()
+        seen: Dict[Tuple[int, int], None] = {}
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            if measure:
+                scan.total = os.fstat(root_fd).st_blocks * 512
+            for name in sorted(os.listdir(root_fd)):
+                if name == GATEWAY_DIR_NAME:
+                    self._scan_gateway_dir(root_fd, scan, seen, measure)
+                    continue
+                dir_fd = _open_dir_at(name, root_fd) if is_valid_session_id(name) else None
+                if dir_fd is None:
+                    if measure:
+                        scan.total += _usage_at(name, root_fd, seen)[0]
+                    continue
+                try:
+                    scan.sessions[name] = self._scan_retained_session(name, dir_fd, scan, seen, measure, channels)
+                finally:
+                    os.close(dir_fd)
+        finally:
+            os.close(root_fd)
+        return scan
+
+    @staticmethod
+    def _scan_gateway_dir(root_fd: int, scan: "_RetentionScan", seen: Dict[Tuple[int, int], None],
+                          measure: bool) -> None:
+        with _dir_at(GATEWAY_DIR_NAME, root_fd) as gateway_fd:
+            if gateway_fd is None:
+                if measure:
+                    scan.total += _usage_at(GATEWAY_DIR_NAME, root_fd, seen)[0]
+                return
+            if measure:
+                scan.total += os.fstat(gateway_fd).st_blocks * 512
+            for name in os.listdir(gateway_fd):
+                if name != TRASH_DIR_NAME:
+                    if measure:
+                        scan.total += _usage_at(name, gateway_fd, seen)[0]
+                    continue
+                with _dir_at(TRASH_DIR_NAME, gateway_fd) as trash_fd:
+                    if trash_fd is None:
+                        continue
+                    if measure:
+                        scan.total += os.fstat(trash_fd).st_blocks * 512
+                    for entry in sorted(os.listdir(trash_fd)):
+                        try:
+                            st = os.stat(entry, dir_fd=trash_fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        used, freed = _usage_at(entry, trash_fd, seen) if measure else (0, 0)
+                        scan.total += used
+                        scan.trash.append(_Retained(st.st_mtime_ns, freed, "{}/{}/{}".format(
+                            GATEWAY_DIR_NAME, TRASH_DIR_NAME, entry), entry, False))
+
+    @staticmethod
+    def _scan_retained_session(session_id: str, dir_fd: int, scan: "_RetentionScan",
+                               seen: Dict[Tuple[int, int], None], measure: bool, channels: bool) -> "_RetainedSession":
+        st = os.fstat(dir_fd)
+        with os.scandir(dir_fd) as iterator:
+            kinds = _entry_kinds(iterator)
+        activity = max(st.st_mtime_ns, _activity_ns(dir_fd, kinds, st.st_mtime_ns))
+        channel = ""
+        if channels:
+            owner = session_owner(session_id, _read_json_object(
+                lambda: os.open(SESSION_POLICY_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link))
+            channel = _channel(session_id, session_source(session_id, owner))
+        info = _RetainedSession(activity, channel)
+        archives_used = archive_dir = 0
+        if kinds.get(ARCHIVE_DIR_NAME) == "dir":
+            with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                if archive_fd is not None:
+                    archive_dir = os.fstat(archive_fd).st_blocks * 512 if measure else 0
+                    archives_used += archive_dir
+                    for stamp in sorted(os.listdir(archive_fd), key=_stamp_sort_key):
+                        try:
+                            stamp_st = os.stat(stamp, dir_fd=archive_fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        used, freed = _usage_at(stamp, archive_fd, seen) if measure else (0, 0)
+                        archives_used += used
+                        names = _list_dir_at(stamp, archive_fd) if stat.S_ISDIR(stamp_st.st_mode) else []
+                        holds_memory = MEMORY_FILE_NAME in names or MEMORY_DIR_NAME in names
+                        info.archives.append(_Retained(stamp_st.st_mtime_ns, freed, "{}/{}/{}".format(
+                            session_id, ARCHIVE_DIR_NAME, stamp), stamp, holds_memory))
+        if measure:
+            # Everything but archive/ (measured above, stamp by stamp); then the session's whole size.
+            rest, rest_freed = _usage_of_fd(dir_fd, seen, skip=ARCHIVE_DIR_NAME)
+            own = st.st_blocks * 512
+            info.bytes = own + rest_freed + archive_dir + sum(archive.freed for archive in info.archives)
+            scan.total += own + rest + archives_used
+        return info
+
+    def _remove_item(self, item: Dict[str, Any]) -> Optional[str]:
+        """Remove one planned item (rename into the trash, then remove there); None, or why not."""
+        try:
+            if item["kind"] == "session":
+                self.delete_session(item["session_id"])
+                return None
+            if item["kind"] == "archive":
+                return self._remove_archive(item["session_id"], item["_name"])
+            self._remove_from_trash(str(self.root / item["path"]))
+            return None
+        except OpsError as exc:
+            return exc.detail
+        except OSError as exc:
+            return exc.strerror or str(exc)
+
+    def _remove_archive(self, session_id: str, stamp: str) -> Optional[str]:
+        with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            try:
+                trash_fd = self._open_trash(root_fd)
+            finally:
+                os.close(root_fd)
+            try:
+                with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                    if archive_fd is None or not _lexists_at(stamp, archive_fd):
+                        return "archive {}/{} is gone".format(session_id, stamp)
+                    spare = "{}.{}.{}.{}".format(session_id, ARCHIVE_DIR_NAME, stamp, secrets.token_hex(4))
+                    try:
+                        os.rename(stamp, spare, src_dir_fd=archive_fd, dst_dir_fd=trash_fd)
+                    except OSError as exc:
+                        if exc.errno != errno.EXDEV:
+                            raise
+                        _remove_tree_at(stamp, archive_fd, archive_fd)  # no trash on this volume: in place
+                        return None
+                _remove_tree_at(spare, trash_fd, trash_fd)
+            finally:
+                os.close(trash_fd)
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Retention: what a prune scan finds, and the plan (pure: no disk)
+# --------------------------------------------------------------------------------------
+
+_DAY = 86400.0
+# Upper bound of a day count (about 27,000 years): beyond it a retention is a typo, not a policy.
+MAX_RETENTION_DAYS = 10_000_000
+# Upper bound of a disk budget, 2**62 bytes: larger values are surely a mistake (and overflow nothing).
+MAX_BUDGET_BYTES = 1 << 62
+
+
+def _optional_days(name: str, value: object) -> Optional[float]:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_RETENTION_DAYS:
+        raise InvalidArgument("{} must be a number of days from 0 to {} (or null: policy off), not {}".format(
+            name, MAX_RETENTION_DAYS, _show(value)))
+    return float(value)
+
+
+def _optional_budget(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 < value <= MAX_BUDGET_BYTES:  # type: ignore[operator]
+        raise InvalidArgument("budget_bytes must be a whole number of bytes from 1 to {} (or null: no "
+                              "budget), not {}".format(MAX_BUDGET_BYTES, _show(value)))
+    return int(value)  # type: ignore[call-overload]
+
+
+class _Retained(NamedTuple):
+    mtime_ns: int
+    freed: int  # bytes its removal releases: files with no other name, and directories
+    path: str  # relative to the root
+    name: str  # its entry name (the stamp, the trash entry)
+    holds_memory: bool
+
+
+class _RetainedSession:
+    __slots__ = ("activity_ns", "channel", "archives", "bytes")
+
+    def __init__(self, activity_ns: int, channel: str) -> None:
+        self.activity_ns = activity_ns
+        self.channel = channel
+        self.archives: List[_Retained] = []
+        self.bytes = 0
+
+
+class _RetentionScan:
+    __slots__ = ("sessions", "trash", "total")
+
+    def __init__(self) -> None:
+        self.sessions: Dict[str, _RetainedSession] = {}
+        self.trash: List[_Retained] = []
+        self.total = 0
+
+
+def _item(kind: str, session_id: Optional[str], entry: _Retained, reason: str) -> Dict[str, Any]:
+    return {"kind": kind, "session_id": session_id, "path": entry.path, "bytes": entry.freed,
+            "mtime": _iso(entry.mtime_ns), "reason": reason, "_name": entry.name}
+
+
+def _plan_prune(scan: _RetentionScan, now: float, archive_age: Optional[float], idle_age: Optional[float],
+                trash_age: float, budget: Optional[int], protected: Any) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The items a prune removes, in the order it removes them (see ``OpsService.prune``), and the idle
+    sessions kept because they are in ``protected``."""
+    def older(mtime_ns: int, days: float) -> bool:
+        return now - mtime_ns / 1e9 >= days * _DAY
+
+    items: List[Dict[str, Any]] = []
+    kept_live: List[str] = []
+    trash = sorted(scan.trash)
+    kept_trash = []
+    for entry in trash:
+        if older(entry.mtime_ns, trash_age):
+            items.append(_item("trash", None, entry, "trash"))
+        else:
+            kept_trash.append(entry)
+    archives: List[Tuple[_Retained, str]] = []
+    for sid, info in sorted(scan.sessions.items(), key=lambda pair: (pair[1].activity_ns, pair[0])):
+        if idle_age is not None and older(info.activity_ns, idle_age) and sid in protected:
+            kept_live.append(sid)
+        elif idle_age is not None and older(info.activity_ns, idle_age):
+            entry = _Retained(info.activity_ns, info.bytes, sid, sid, False)
+            items.append(_item("session", sid, entry, "idle"))
+            continue
+        archives.extend((archive, sid) for archive in info.archives if not archive.holds_memory)
+    archives.sort(key=lambda pair: (pair[0].mtime_ns, pair[1], _stamp_sort_key(pair[0].name)))
+    kept_archives = []
+    for archive, sid in archives:
+        if archive_age is not None and older(archive.mtime_ns, archive_age):
+            items.append(_item("archive", sid, archive, "age"))
+        else:
+            kept_archives.append((archive, sid))
+    if budget is not None:
+        used = scan.total - sum(item["bytes"] for item in items)
+        overflow: List[Tuple[_Retained, Optional[str], str]] = [(entry, None, "trash") for entry in kept_trash] + [
+            (archive, sid, "archive") for archive, sid in kept_archives]
+        for extra, owner, kind in overflow:
+            if used <= budget:
+                break
+            items.append(_item(kind, owner, extra, "budget"))
+            used -= extra.freed
+    return items, kept_live
+
+
+def _usage_of_fd(dir_fd: int, seen: Dict[Tuple[int, int], None], skip: Optional[str] = None) -> Tuple[int, int]:
+    """(bytes used, bytes a removal frees) of the entries of the directory open as ``dir_fd``
+    (not of the directory itself), each inode counted once across ``seen``."""
+    used = freed = 0
+    for name in os.listdir(dir_fd):
+        if name != skip:
+            one_used, one_freed = _usage_at(name, dir_fd, seen)
+            used += one_used
+            freed += one_freed
+    return used, freed
+
+
+def _usage_at(name: str, dir_fd: int, seen: Dict[Tuple[int, int], None]) -> Tuple[int, int]:
+    """(bytes used, bytes a removal frees) of ``name`` inside ``dir_fd`` and everything below it,
+    in st_blocks * 512, never following a symlink. A file with other names is used (once, across
+    ``seen``) but frees nothing. At most MAX_TREE_DEPTH levels are open at once; deeper ones are
+    not counted (as in ``_tree_usage_at``)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0, 0
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return 0, 0
+    seen[key] = None
+    size = st.st_blocks * 512
+    if not stat.S_ISDIR(st.st_mode):
+        return size, size if st.st_nlink <= 1 else 0
+    used = freed = size
+    stack: List[Tuple[int, List[str]]] = []
+    try:
+        fd = _open_dir_at(name, dir_fd)
+    except OSError:
+        return used, freed
+    try:
+        while fd is not None or stack:
+            if fd is not None:
+                subdirs: List[str] = []
+                try:
+                    with os.scandir(fd) as iterator:
+                        for entry in iterator:
+                            try:
+                                entry_st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            entry_key = (entry_st.st_dev, entry_st.st_ino)
+                            if entry_key in seen:
+                                continue
+                            seen[entry_key] = None
+                            blocks = entry_st.st_blocks * 512
+                            used += blocks
+                            if stat.S_ISDIR(entry_st.st_mode):
+                                freed += blocks
+                                subdirs.append(entry.name)
+                            elif entry_st.st_nlink <= 1:
+                                freed += blocks
+                except OSError:
+                    pass
+                stack.append((fd, subdirs if len(stack) + 1 < MAX_TREE_DEPTH else []))
+                fd = None
+            parent, pending = stack[-1]
+            if not pending:
+                os.close(stack.pop()[0])
+                continue
+            try:
+                fd = _open_dir_at(pending.pop(), parent)
+            except OSError:
+                fd = None
+    finally:
+        for open_fd, _ in stack:
+            os.close(open_fd)
+    return used, freed

@@ -47,6 +47,7 @@ from .sessions import AgentSocket, SessionHub
 from .streams import EventStream, LogKey, LogWatchers, StreamSlots, Subscription, sse_event
 from .events import SessionEvents
 from .transcripts import last_seq_param
+from .pruner import Pruner
 
 __all__ = [
     "Application",
@@ -116,6 +117,7 @@ class Application:
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
+        self.pruner = Pruner(self)  # retention: the background pruner and the prune routes (PROTOCOL.md §15)
         self.assets: Dict[str, bytes] = {}
         self.log_watchers: Optional[LogWatchers] = None  # the followed logs (PROTOCOL.md §13), from open()
         self.session_events: Optional[SessionEvents] = None  # GET /api/v1/ops/events, from open()
@@ -157,6 +159,8 @@ class Application:
     def watch_root(self) -> None:
         """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_root()))
+        if self.config.retention_enabled:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.pruner.run_forever()))
 
     async def close(self) -> None:
         """Stop the background work, write the stop record and close the log; the hub is shut down before."""
@@ -471,6 +475,9 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session,
                                                         "PATCH": self.update_session}, scope=token),
             Route("/api/v1/ops/sessions/cancel", {"POST": self.cancel_sessions}, scope=token),
+            Route("/api/v1/ops/sessions/purge-stale", {"POST": self.pruner.purge_stale_route}, scope=token),
+            Route("/api/v1/ops/sessions/bulk-delete", {"POST": self.pruner.bulk_delete_route}, scope=token),
+            Route("/api/v1/ops/prune", {"POST": self.pruner.prune_route}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/cancel", {"POST": self.cancel_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/archive", {"POST": self.archive_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
@@ -522,6 +529,8 @@ class Application:
                     " (the path is on the gateway's stderr, and in the answer to a health call with the token)")
             return json_response(503, {"status": "degraded", "detail": problem, "version": __version__, "uptime_s": uptime,
                                        **counters})
+        if self._may_see_paths(request):
+            counters.update(self.pruner.health_fields())  # disk use against the budget: authorized callers only
         return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, **counters})
 
     def _may_see_paths(self, request: Request) -> bool:
@@ -567,7 +576,7 @@ class Application:
         )
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
+        return self.pruner.session_details(params["session_id"])  # the details, with disk use against the budget
 
     def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)

@@ -20,7 +20,7 @@ from .limits import (
     HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE, STREAM_KEEPALIVE,
     WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
-from .config import Config, ConfigError
+from .config import Config, ConfigError, parse_byte_size
 from .app import Gateway
 
 __all__ = [
@@ -141,7 +141,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
-        "UA_GATEWAY_LOG_ROTATE_BYTES; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
+        "UA_GATEWAY_LOG_ROTATE_BYTES, UA_RETAIN_ARCHIVES_DAYS, UA_RETAIN_IDLE_SESSIONS_DAYS, UA_DISK_BUDGET_BYTES, "
+        "UA_RETAIN_TRASH_DAYS, UA_PRUNE_INTERVAL; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
         "DEFAULT_USER_ID, COMPOSIO_USER_ID, UA_DASHBOARD_OWNER_ID, TELEGRAM_ALLOWED_USER_IDS. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
@@ -159,6 +160,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     )
     for name, default, meaning in TIMEOUT_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help=f"{meaning} (default {default:g})")
+    parser.add_argument("--retain-archives-days", type=float, help="prune archives older than this many days (default off)")
+    parser.add_argument("--retain-idle-sessions-days", type=float,
+                        help="delete sessions idle this many days, never a connected or running one (default off)")
+    parser.add_argument("--disk-budget", help="keep the workspaces root under this size, oldest archives first "
+                        "(bytes, or 512M, 20G; default off)")
+    parser.add_argument("--retain-trash-days", type=float, help="keep trash entries this many days (default: emptied at every prune)")
+    parser.add_argument("--prune-interval", type=float, help="seconds between pruner runs when a policy is set (default 3600)")
     return parser
 
 
@@ -184,6 +192,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             max_connections=args.max_connections,
             send_stall_timeout=args.send_stall_timeout,
             **{name: getattr(args, name) for name, _, _ in TIMEOUT_FLAGS},
+            retain_archives_days=args.retain_archives_days,
+            retain_idle_sessions_days=args.retain_idle_sessions_days,
+            disk_budget_bytes=parse_byte_size(args.disk_budget, "--disk-budget"),
+            retain_trash_days=args.retain_trash_days,
+            prune_interval=args.prune_interval,
         )
         config.check_exposure()
     except ConfigError as exc:

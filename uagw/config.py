@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
-    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
+    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, PRUNE_INTERVAL, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
     SHUTDOWN_GRACE,
     SEND_STALL_TIMEOUT, STREAM_KEEPALIVE, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
@@ -28,6 +28,7 @@ __all__ = [
     "SECRET_FILE_SUFFIX",
     "SECRET_VARIABLES",
     "is_loopback_host",
+    "parse_byte_size",
     "read_secret",
 ]
 
@@ -110,6 +111,29 @@ def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -
         raise ConfigError(f"{name} must be {what} (see README, Configuration), not {show(text)}") from None
 
 
+# Suffixes of a byte size (UA_DISK_BUDGET_BYTES, --disk-budget): powers of 1024, as du and df print them.
+BYTE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_byte_size(text: Optional[str], name: str) -> Optional[int]:
+    """A byte count such as ``500000000``, ``512M`` or ``20G`` (suffixes K, M, G, T: powers of 1024, an
+    optional trailing ``B`` or ``iB``); None when unset. Raises ConfigError naming ``name``."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    upper = text.upper()
+    for tail in ("IB", "B"):
+        if upper.endswith(tail) and len(upper) > len(tail) and upper[-len(tail) - 1] in BYTE_SUFFIXES:
+            upper = upper[:-len(tail)]
+            break
+    factor = BYTE_SUFFIXES.get(upper[-1:], 1)
+    digits = upper[:-1] if factor > 1 else upper
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_INT_DIGITS or int(digits) == 0:
+        raise ConfigError(f"{name} must be a byte count above 0 such as 500000000, 512M or 20G (K, M, G, T: "
+                          f"powers of 1024), not {show(text)}")
+    return int(digits) * factor
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -175,6 +199,11 @@ class Config:
         default_user: str = DEFAULT_USER,
         read_token: Optional[str] = None,
         stream_keepalive: float = STREAM_KEEPALIVE,
+        retain_archives_days: Optional[float] = None,
+        retain_idle_sessions_days: Optional[float] = None,
+        disk_budget_bytes: Optional[int] = None,
+        retain_trash_days: Optional[float] = None,
+        prune_interval: float = PRUNE_INTERVAL,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -210,8 +239,15 @@ class Config:
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
         self.stream_keepalive = stream_keepalive  # s between keep-alive comments on an idle SSE stream
+        # Retention (PROTOCOL.md §15): each policy None = off; the pruner runs only when one is set.
+        self.retain_archives_days = retain_archives_days
+        self.retain_idle_sessions_days = retain_idle_sessions_days
+        self.disk_budget_bytes = disk_budget_bytes
+        self.retain_trash_days = retain_trash_days
+        self.prune_interval = prune_interval
         self._check_limits()
         self._check_read_token()
+        self._check_retention()
 
     # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
     # A timeout of 0, NaN or infinity would silently turn its deadline off; a negative limit refuses all.
@@ -232,7 +268,34 @@ class Config:
         ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
         ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
+        ("prune_interval", "UA_PRUNE_INTERVAL / --prune-interval", None, False),
     )
+
+    # The retention policies that may be off (None), with how an operator sets each.
+    RETENTION = (
+        ("retain_archives_days", "UA_RETAIN_ARCHIVES_DAYS / --retain-archives-days", False),
+        ("retain_idle_sessions_days", "UA_RETAIN_IDLE_SESSIONS_DAYS / --retain-idle-sessions-days", False),
+        ("disk_budget_bytes", "UA_DISK_BUDGET_BYTES / --disk-budget", True),
+    )
+
+    @property
+    def retention_enabled(self) -> bool:
+        """True when a policy is set: only then does the background pruner run."""
+        return any(getattr(self, attribute) is not None for attribute, _, _ in self.RETENTION)
+
+    # Unset: every prune empties the trash whatever the age of its entries (they are deleted sessions).
+    TRASH_RETENTION = ("retain_trash_days", "UA_RETAIN_TRASH_DAYS / --retain-trash-days", False)
+
+    def _check_retention(self) -> None:
+        for attribute, where, whole in self.RETENTION + (self.TRASH_RETENTION,):
+            value = getattr(self, attribute)
+            if value is None:
+                continue
+            is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if not (is_number and math.isfinite(value) and value > 0):
+                kind = "a number of bytes (suffix K, M, G or T allowed)" if whole else "a number of days"
+                raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind} above 0, or unset "
+                                  f"(policy off), not {show(value)}")
 
     def _check_limits(self) -> None:
         """Raise ConfigError naming the first timeout or limit that is not a finite number above 0
@@ -306,6 +369,11 @@ class Config:
             session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
             session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
             log_rotate_bytes=_env_number(env, "UA_GATEWAY_LOG_ROTATE_BYTES", int),
+            retain_archives_days=_env_number(env, "UA_RETAIN_ARCHIVES_DAYS", float),
+            retain_idle_sessions_days=_env_number(env, "UA_RETAIN_IDLE_SESSIONS_DAYS", float),
+            disk_budget_bytes=parse_byte_size(env.get("UA_DISK_BUDGET_BYTES"), "UA_DISK_BUDGET_BYTES"),
+            retain_trash_days=_env_number(env, "UA_RETAIN_TRASH_DAYS", float),
+            prune_interval=_env_number(env, "UA_PRUNE_INTERVAL", float),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})

@@ -36,6 +36,7 @@ __all__ = [
     "GATEWAY_LOG_INTERVAL",
     "GATEWAY_LOG_MAX_PENDING",
     "GATEWAY_LOG_ROTATE_BYTES",
+    "PRUNE_INTERVAL",
     "GIL_SWITCH_INTERVAL",
     "HEADER_TIMEOUT",
     "HTTP_FD_SHARE",
@@ -149,6 +150,9 @@ AUDIT_PARAMS_BYTES = 4096  # a record's parameters, as JSON, at most: the knobs 
 AUDIT_VALUE_CHARS = 256  # a parameter's string value is cut to this (a description may be 2000 characters)
 AUDIT_MAX_KEYS = 32  # parameters kept per record (body and query each); every route takes fewer than 8
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
+# Seconds between the background pruner's runs when a retention policy is set (PROTOCOL.md §15): policies
+# count in days, so hourly keeps a budget's overshoot to an hour's output at a cost of one scan of the root.
+PRUNE_INTERVAL = 3600.0
 GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
 GATEWAY_LOG_FIELD_CHARS = 256  # a logged string, JSON-escaped, is cut to this: a whole API path, not a client's 8 KiB
