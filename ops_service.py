@@ -2623,14 +2623,19 @@ class OpsService:
         except (OSError, OpsError):
             return False
 
-    def compress_archives(self, session_id: str, stop: Optional[Callable[[], bool]] = None) -> Dict[str, int]:
+    def compress_archives(
+        self, session_id: str, stop: Optional[Callable[[], bool]] = None, min_age: float = 0.0
+    ) -> Dict[str, int]:
         """Finish or undo what a killed compression left in the session's archives, then compress each
-        plain archived log (see the Archives section). ``stop()`` true ends the pass between files.
-        Returns ``{"files", "bytes", "compressed_bytes"}`` compressed by this call. Takes the session
+        plain archived log (see the Archives section) last written ``min_age`` s ago or earlier (a younger
+        one is left for later: an operator may be reading it, an agent still appending to its inode).
+        ``stop()`` true ends the pass between files. Returns ``{"files", "bytes", "compressed_bytes"}``
+        compressed by this call and ``deferred``, the files left for being too young. Takes the session
         lock only to recover and to swap, so appends never wait for a deflate. Raises InvalidSessionId, SessionNotFound,
         WorkspacesUnavailable, StorageFull."""
         _require_session_id(session_id)
-        done = {"files": 0, "bytes": 0, "compressed_bytes": 0}
+        done = {"files": 0, "bytes": 0, "compressed_bytes": 0, "deferred": 0}
+        newest_ns = time.time_ns() - int(min_age * 1e9)
         with self._os_errors("compressing the archives of session {}".format(session_id), session_id,
                              "the plain archived logs are kept"):
             with self._session_fd(session_id) as dir_fd:
@@ -2649,6 +2654,9 @@ class OpsService:
                                 if stop is not None and stop():
                                     return done
                                 where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, name)
+                                if os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mtime_ns > newest_ns:
+                                    done["deferred"] += 1
+                                    continue
                                 result = _compress_archive_at(stamp_fd, name, where, lock)
                                 if result is not None:
                                     done["files"] += 1

@@ -140,7 +140,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
-        "UA_GATEWAY_LOG_ROTATE_BYTES; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
+        "UA_GATEWAY_LOG_ROTATE_BYTES, "
+        "UA_ARCHIVE_COMPRESS_DELAY; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
         "DEFAULT_USER_ID, COMPOSIO_USER_ID, UA_DASHBOARD_OWNER_ID, TELEGRAM_ALLOWED_USER_IDS. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")

@@ -19,6 +19,7 @@ from .limits import (
     SEND_STALL_TIMEOUT, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
+from .limits import ARCHIVE_COMPRESS_DELAY
 from .text import show
 
 __all__ = [
@@ -171,6 +172,7 @@ class Config:
         session_create_burst: int = SESSION_CREATE_BURST,
         session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
         log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
+        archive_compress_delay: float = ARCHIVE_COMPRESS_DELAY,
         internal_token: Optional[str] = None,
         default_user: str = DEFAULT_USER,
     ) -> None:
@@ -205,6 +207,7 @@ class Config:
         self.session_create_burst = session_create_burst
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
+        self.archive_compress_delay = archive_compress_delay  # 0: archived logs are compressed at once
         self._check_limits()
 
     # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
@@ -225,6 +228,7 @@ class Config:
         ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
         ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
+        ("archive_compress_delay", "UA_ARCHIVE_COMPRESS_DELAY", "compress at once", False),
     )
 
     def _check_limits(self) -> None:
@@ -281,6 +285,7 @@ class Config:
             session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
             session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
             log_rotate_bytes=_env_number(env, "UA_GATEWAY_LOG_ROTATE_BYTES", int),
+            archive_compress_delay=_env_number(env, "UA_ARCHIVE_COMPRESS_DELAY", float),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})
