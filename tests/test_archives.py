@@ -240,3 +240,14 @@ def test_a_corrupt_archive_answers_500_with_what_is_wrong(gw):
         {"format": "ua-gateway-archive-index", "version": 1, "size": 5, "lines": 1, "members": [[0, 8, 0, 5, 1]]}))
     reply = gw.get("/api/v1/ops/sessions/gz-4/archives/20200101_000000_000000/run.log")
     assert reply.status == 500 and "corrupt" in reply.json["detail"]
+
+
+def test_the_client_tails_an_archive_with_archive_stamp(gw, capsys):
+    import ua_client
+
+    data = journal(2000)
+    gw.make_session("gz-5", {"run.log": data})
+    stamp = gw.post("/api/v1/ops/sessions/gz-5/compact", body={"max_lines": 0}).json["archive_path"].split("/")[1]
+    status = ua_client.main(["logs", "tail", "--session", "gz-5", "--archive", stamp, "--limit", "2", "--url", gw.url])
+    assert status == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == data.decode().splitlines()[-2:]
