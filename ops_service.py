@@ -1265,6 +1265,9 @@ MAX_ARCHIVE_INDEX_BYTES = 16 << 20
 MAX_ARCHIVE_INFLATE = 6 * MAX_ARCHIVE_MEMBER_BYTES
 # Members one slice keeps inflated: the window's two, the head's and the boundary's.
 _ARCHIVE_MEMBER_CACHE = 4
+# A read ending this close to a member's start inflates only that prefix (a cursor's head fingerprint
+# reads the log's first 64 bytes): deflate streams, so the rest of the member is never inflated.
+_ARCHIVE_PREFIX_READ = FINGERPRINT_SPAN
 # zlib's default: level 9 costs twice the CPU for about 3% on JSON lines.
 ARCHIVE_COMPRESS_LEVEL = 6
 # An archive stamp: _stamp(), and the "-N" suffix _new_archive adds on a collision.
@@ -1351,8 +1354,11 @@ class _ArchiveStream:
         self._cache[number] = cached  # most recently used last
         return cached
 
-    def _inflate(self, member: _Member) -> bytes:
-        self.inflated += member.size
+    def _inflate(self, member: _Member, prefix: Optional[int] = None) -> bytes:
+        """The member's log bytes, checked against the index and the gzip CRC; with ``prefix``, only its
+        first ``prefix`` bytes (deflate stops there: a cursor's head fingerprint costs no whole member)."""
+        want = member.size if prefix is None else prefix
+        self.inflated += want
         if self.inflated > MAX_ARCHIVE_INFLATE:
             raise ArchiveCorrupt("reading {} needed more than {} inflated bytes; the archive is not read "
                                  "further".format(self.where, MAX_ARCHIVE_INFLATE))
@@ -1360,11 +1366,13 @@ class _ArchiveStream:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member (RFC 1952), header and CRC checked
         try:
             # max_length: a member that inflates past its indexed size stops there (zip-bomb safe).
-            data = inflater.decompress(packed, member.size + 1)
+            data = inflater.decompress(packed, want + 1 if prefix is None else want)
         except zlib.error as exc:
             raise ArchiveCorrupt("{}: the gzip member at offset {} is corrupt ({})".format(
                 self.where, member.gz_offset, exc)) from None
-        if len(packed) != member.gz_size or len(data) != member.size or not inflater.eof or inflater.unused_data:
+        if prefix is not None and len(packed) == member.gz_size and len(data) == want:
+            return data
+        if len(packed) != member.gz_size or len(data) != want or not inflater.eof or inflater.unused_data:
             raise ArchiveCorrupt("{}: the gzip member at offset {} does not hold the {} bytes its index "
                                  "says".format(self.where, member.gz_offset, member.size))
         return data
@@ -1376,7 +1384,10 @@ class _ArchiveStream:
         while pos < stop:
             number = bisect.bisect_right(self._starts, pos) - 1
             member = self.members[number]
-            data = self._member(number)
+            if number not in self._cache and stop - member.offset <= _ARCHIVE_PREFIX_READ:
+                data = self._inflate(member, min(member.size, stop - member.offset))
+            else:
+                data = self._member(number)
             piece = data[pos - member.offset : stop - member.offset]
             parts.append(piece)
             pos += len(piece)
