@@ -156,7 +156,7 @@ MAX_MAX_BYTES = 1_000_000  # one slice never holds more than 1 MB of log in memo
 
 LIST_DEFAULT_LIMIT = 100  # PROTOCOL.md §5
 LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client asks
-LIST_SORTS = ("last_activity", "disk_bytes")  # PROTOCOL.md §13.3; last_activity is the default order
+LIST_SORTS = ("last_activity", "disk_bytes")  # PROTOCOL.md §11.4; last_activity is the default order
 
 COMPACT_DEFAULT_MAX_LINES = 400  # PROTOCOL.md §5 defaults of the compact body
 COMPACT_DEFAULT_MAX_BYTES = 250_000
@@ -1225,7 +1225,7 @@ def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _Com
 
 
 # --------------------------------------------------------------------------------------
-# Archives: compressed logs that stay readable (PROTOCOL.md §13)
+# Archives: compressed logs that stay readable (PROTOCOL.md §11)
 # --------------------------------------------------------------------------------------
 #
 # An archived log ``archive/<stamp>/<name>`` is either the plain file, or ``<name>.gz`` plus its index
@@ -2198,7 +2198,7 @@ class OpsService:
     ) -> Dict[str, Any]:
         """One page of session summaries, newest ``last_activity`` first; with ``sort="disk_bytes"``
         largest du-style disk use first (then newest activity), each summary with its ``disk_bytes``
-        (PROTOCOL.md §13.3: this walks every session's tree, so it costs more than the default order).
+        (PROTOCOL.md §11.4: this walks every session's tree, so it costs more than the default order).
 
         ``status`` "active" also matches "running" (UA HEAD); ``source``, ``owner`` and ``memory_mode``
         (UA HEAD's filters) match the summary's field case-insensitively, an empty one matching all.
@@ -2476,7 +2476,7 @@ class OpsService:
                     )
                 _replace_file_at(dir_fd, HEARTBEAT_FILE_NAME, data)
 
-    # -- archives (PROTOCOL.md §13) ------------------------------------------------------
+    # -- archives (PROTOCOL.md §11) ------------------------------------------------------
 
     def list_archives(self, session_id: str) -> Dict[str, Any]:
         """The session's archives, newest DETAILS_MAX_ENTRIES stamps, oldest first:
@@ -2776,7 +2776,7 @@ class OpsService:
         log, plus an unfinished last line as it is. Nothing is lost: the full pre-compact
         file goes to a new ``archive/<stamp>/``, and bytes appended during the call end up
         in the live file. A log with nothing to drop is left alone. With ``archive`` False the
-        dropped head is deleted instead (the caller audits that: PROTOCOL.md §13.1).
+        dropped head is deleted instead (the caller audits that: PROTOCOL.md §11.1).
 
         Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_dropped": n,
         "bytes_archived": n, "bytes_freed": n, "archived": bool, "archive_dir": "<root>/<id>/archive/<stamp>"

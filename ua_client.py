@@ -219,7 +219,7 @@ class GatewayClient:
 
     def read_archive_log(self, session_id: str, stamp: str, file_name: Optional[str] = None,
                          cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
-        """A slice of ``archive/<stamp>/<file_name>`` (PROTOCOL.md §13.2), plain or compressed alike."""
+        """A slice of ``archive/<stamp>/<file_name>`` (PROTOCOL.md §11.3), plain or compressed alike."""
         path = "/api/v1/ops/sessions/{}/archives/{}/{}".format(_quote(session_id), _quote(stamp),
                                                                _quote(file_name or "run.log"))
         return self._checked(self.request("GET", path, {"cursor": cursor, "limit": limit}), LOG_SLICE)

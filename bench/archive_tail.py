@@ -1,4 +1,4 @@
-"""Compressed archives (PROTOCOL.md §13): the compression ratio on a realistic journal, and the latency of
+"""Compressed archives (PROTOCOL.md §11): the compression ratio on a realistic journal, and the latency of
 an archive tail on a 1 GiB log, plain vs compressed. Run once by hand, not in CI (it writes 1 GiB, deflates
 it on one core for about half a minute, and deletes it all at the end):
 

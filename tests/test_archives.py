@@ -1,4 +1,4 @@
-"""Compressed archives that stay readable (PROTOCOL.md §13): the format, the slice over it, its bounds,
+"""Compressed archives that stay readable (PROTOCOL.md §11): the format, the slice over it, its bounds,
 the background compressor, and the archive routes."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Compact and reset say what happened on disk, checked against a du-style measure (issue 12, item 1;
-PROTOCOL.md §13.1): bytes dropped from the live logs, bytes held by the archive, bytes really freed."""
+PROTOCOL.md §11.1): bytes dropped from the live logs, bytes held by the archive, bytes really freed."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ class Application:
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
-        self.compressor: Optional[ArchiveCompressor] = None  # gzips archived logs on its own thread (PROTOCOL.md §13)
+        self.compressor: Optional[ArchiveCompressor] = None  # gzips archived logs on its own thread (PROTOCOL.md §11)
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
 
@@ -582,7 +582,7 @@ class Application:
         result = await self.run_ops(self.ops.compact_session, session_id, **body)
         self.changes.publish(ChangeKind.COMPACTED, session_id, **result)
         if not result["archived"] and self.log is not None:
-            # PROTOCOL.md §13.1: deleted log bytes are gone for good; the gateway log says who and how much.
+            # PROTOCOL.md §11.1: deleted log bytes are gone for good; the gateway log says who and how much.
             self.log.write("compact_discard", session_id=session_id, client=request.client,
                            bytes_dropped=result["bytes_dropped"], bytes_freed=result["bytes_freed"])
         return json_response(200, result)
@@ -596,7 +596,7 @@ class Application:
         return self._ops_response(200, self.ops.list_archives, params["session_id"])
 
     def archive_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        """PROTOCOL.md §13.2: a slice of an archived log, as logs/tail; {stamp} and {file} are names only."""
+        """PROTOCOL.md §11.3: a slice of an archived log, as logs/tail; {stamp} and {file} are names only."""
         query = query_params(request)
         return self._ops_response(200, self.ops.read_archive_log, params["session_id"], params["stamp"], params["file"],
                                   cursor=query.get("cursor"), limit=int_param(query, "limit"),

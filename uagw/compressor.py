@@ -1,4 +1,4 @@
-"""The archive compressor: one background thread that gzips archived logs (PROTOCOL.md §13).
+"""The archive compressor: one background thread that gzips archived logs (PROTOCOL.md §11).
 
 Rules this module keeps
 -----------------------

@@ -197,5 +197,5 @@ AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the
 REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
 REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
 # recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst
-ARCHIVE_COMPRESS_DELAY = 60.0  # s an archived log stays plain before it is gzipped (PROTOCOL.md §13): an
+ARCHIVE_COMPRESS_DELAY = 60.0  # s an archived log stays plain before it is gzipped (PROTOCOL.md §11): an
 # operator reads an archive right after a compact or reset, and an agent may still append to the old inode

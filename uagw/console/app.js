@@ -364,7 +364,7 @@
     return new LogTail($('#runlog-tail'), '/api/v1/ops/logs/tail', { session_id: sessionId, file: 'run.log' });
   }
 
-  // PROTOCOL.md §13.2: an archived log, plain or compressed, read in the run.log pane with the same cursors.
+  // PROTOCOL.md §11.3: an archived log, plain or compressed, read in the run.log pane with the same cursors.
   function openArchivedLog(stamp, name) {
     if (!selectedId) return;
     tails[1].stop();
