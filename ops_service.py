@@ -156,7 +156,9 @@ MAX_MAX_BYTES = 1_000_000  # one slice never holds more than 1 MB of log in memo
 
 LIST_DEFAULT_LIMIT = 100  # PROTOCOL.md §5
 LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client asks
-LIST_SORTS = ("last_activity", "disk_bytes")  # PROTOCOL.md §11.4; last_activity is the default order
+# PROTOCOL.md §11.4: orders of the list. Any other value (UA clients send sort=newest) is the default order,
+# last_activity, as UA ignores parameters it does not know.
+LIST_SORTS = ("last_activity", "disk_bytes")
 
 COMPACT_DEFAULT_MAX_LINES = 400  # PROTOCOL.md §5 defaults of the compact body
 COMPACT_DEFAULT_MAX_BYTES = 250_000
@@ -2197,7 +2199,8 @@ class OpsService:
         sort: Optional[str] = None,
     ) -> Dict[str, Any]:
         """One page of session summaries, newest ``last_activity`` first; with ``sort="disk_bytes"``
-        largest du-style disk use first (then newest activity), each summary with its ``disk_bytes``
+        largest du-style disk use first (then newest activity), each summary with its ``disk_bytes``; any
+        other ``sort`` is the default order
         (PROTOCOL.md §11.4: this walks every session's tree, so it costs more than the default order).
 
         ``status`` "active" also matches "running" (UA HEAD); ``source``, ``owner`` and ``memory_mode``
@@ -2220,8 +2223,8 @@ class OpsService:
                 raise InvalidArgument("{} must be a string, got {}".format(name, _show(value)))
             if value:
                 filters[name] = value
-        if sort is not None and sort not in LIST_SORTS:
-            raise InvalidArgument("sort must be one of {}, got {}".format(", ".join(LIST_SORTS), _show(sort)))
+        if sort is not None and not isinstance(sort, str):
+            raise InvalidArgument("sort must be a string, got {}".format(_show(sort)))
         limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
         offset = _non_negative_int("offset", offset, 0)
         _require_runtime(runtime)
