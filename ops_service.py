@@ -15,8 +15,8 @@ Rules this module keeps
   level, never by a path name that could be swapped for a symlink after a kind check.
   A live log with a second hard link (a name that may be outside) is neither read nor
   appended to: ``append_log`` moves it into the archive and starts a fresh file.
-* Reset and compact lose nothing. Bytes move by ``rename`` or hard link, never by
-  copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
+* Reset and compact lose nothing (unless a compact is told ``archive=False``). Bytes move by
+  ``rename`` or hard link, never by copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
   so a reader sees the old file or the new one, never an empty or half-written one.
 * Operations that change a session hold that session's lock, so they are serialized
   with each other and with ``append_log``. Reads take no lock.

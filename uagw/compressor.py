@@ -80,13 +80,6 @@ class ArchiveCompressor:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def idle(self) -> bool:
-        """True when nothing is asked for and no pass is running (for tests and shutdown)."""
-        with self._guard:
-            return not self._wanted and not self._busy and self.passes > 0
-
-    _busy = False
-
     def _run(self) -> None:
         next_rescan = time.monotonic()  # the first pass visits every session with an archive
         while not self._stopping.is_set():
@@ -99,18 +92,12 @@ class ArchiveCompressor:
                 for session_id in due:
                     del self._wanted[session_id]
                 wake_at = min([next_rescan] + list(self._wanted.values()))
-                self._busy = True
                 self._wake.clear()
-            try:
-                sessions = self._all_sessions() if everything else due
-                for session_id in sessions:
-                    if self._stopping.is_set():
-                        return
-                    self._compress(session_id)
-            finally:
-                with self._guard:
-                    self._busy = False
-                    self.passes += 1
+            for session_id in self._all_sessions() if everything else due:
+                if self._stopping.is_set():
+                    return
+                self._compress(session_id)
+            self.passes += 1
             self._wake.wait(max(0.0, wake_at - time.monotonic()))
 
     def _all_sessions(self) -> List[str]:
