@@ -15,8 +15,8 @@ Rules this module keeps
   level, never by a path name that could be swapped for a symlink after a kind check.
   A live log with a second hard link (a name that may be outside) is neither read nor
   appended to: ``append_log`` moves it into the archive and starts a fresh file.
-* Reset and compact lose nothing. Bytes move by ``rename`` or hard link, never by
-  copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
+* Reset and compact lose nothing (unless a compact is told ``archive=False``). Bytes move by
+  ``rename`` or hard link, never by copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
   so a reader sees the old file or the new one, never an empty or half-written one.
 * Operations that change a session hold that session's lock, so they are serialized
   with each other and with ``append_log``. Reads take no lock.
@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import errno
+import gzip
 import hashlib
 import hmac
 import heapq
@@ -70,6 +72,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -115,6 +118,10 @@ __all__ = [
     "cursor_after_append",
     "decode_cursor",
     "read_log_slice",
+    "ArchiveNotFound",
+    "ArchiveCorrupt",
+    "ARCHIVE_STAMP_RE",
+    "ARCHIVE_MEMBER_BYTES",
     "OpsService",
 ]
 
@@ -151,6 +158,9 @@ MAX_MAX_BYTES = 1_000_000  # one slice never holds more than 1 MB of log in memo
 
 LIST_DEFAULT_LIMIT = 100  # PROTOCOL.md §5
 LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client asks
+# PROTOCOL.md §16.4: orders of the list. Any other value (UA clients send sort=newest) is the default order,
+# last_activity, as UA ignores parameters it does not know.
+LIST_SORTS = ("last_activity", "disk_bytes")
 
 COMPACT_DEFAULT_MAX_LINES = 400  # PROTOCOL.md §5 defaults of the compact body
 COMPACT_DEFAULT_MAX_BYTES = 250_000
@@ -495,15 +505,20 @@ class _FileChanged(Exception):
     """The file shrank while a slice was reading it; the slice is retried."""
 
 
-def _pread_full(fd: int, size: int, offset: int) -> bytes:
+def _pread(fd: "_Source", size: int, offset: int) -> bytes:
+    # A slice reads a plain file through its descriptor, or a compressed archive through its stream.
+    return os.pread(fd, size, offset) if isinstance(fd, int) else fd.pread(size, offset)
+
+
+def _pread_full(fd: "_Source", size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset``; fewer only at end of file."""
-    data = os.pread(fd, size, offset)
+    data = _pread(fd, size, offset)
     if len(data) == size or not data:
         return data
     parts = [data]
     got = len(data)
     while got < size:
-        more = os.pread(fd, size - got, offset + got)
+        more = _pread(fd, size - got, offset + got)
         if not more:
             break
         parts.append(more)
@@ -511,7 +526,7 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_exact(fd: int, size: int, offset: int) -> bytes:
+def _read_exact(fd: "_Source", size: int, offset: int) -> bytes:
     data = _pread_full(fd, size, offset)
     if len(data) != size:
         raise _FileChanged()
@@ -547,14 +562,14 @@ def _open_regular(
     return None
 
 
-def _cursor_at(fd: int, st: os.stat_result, offset: int) -> str:
+def _cursor_at(fd: "_Source", st: "_Stat", offset: int) -> str:
     span = min(offset, FINGERPRINT_SPAN)
     head = _pread_full(fd, span, 0)
     boundary = head if offset <= FINGERPRINT_SPAN else _pread_full(fd, span, offset - span)
     return encode_cursor(LogCursor(st.st_dev, st.st_ino, offset, _fingerprint(head), _fingerprint(boundary)))
 
 
-def _same_generation(fd: int, st: os.stat_result, cursor: LogCursor) -> bool:
+def _same_generation(fd: "_Source", st: "_Stat", cursor: LogCursor) -> bool:
     """True if the file is the one the cursor was issued for, grown but not rewritten."""
     if (cursor.dev, cursor.ino) != (st.st_dev & _U64, st.st_ino & _U64):
         return False
@@ -593,7 +608,9 @@ def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
     return text, len(joined) + 1
 
 
-def _has_newline(fd: int, start: int, stop: int) -> bool:
+def _has_newline(fd: "_Source", start: int, stop: int) -> bool:
+    if not isinstance(fd, int):
+        return fd.has_newline(start, stop)
     pos = start
     while pos < stop:
         chunk = os.pread(fd, min(IO_CHUNK, stop - pos), pos)
@@ -605,7 +622,7 @@ def _has_newline(fd: int, start: int, stop: int) -> bool:
     return False
 
 
-def _tail_slice(fd: int, st: os.stat_result, limit: int, max_bytes: int) -> Dict[str, Any]:
+def _tail_slice(fd: "_Source", st: "_Stat", limit: int, max_bytes: int) -> Dict[str, Any]:
     size = st.st_size
     parts: List[bytes] = []  # newest first
     pos = size  # parts hold the file bytes [pos, end)
@@ -666,7 +683,7 @@ def _tail_slice(fd: int, st: os.stat_result, limit: int, max_bytes: int) -> Dict
 
 
 def _follow_slice(
-    fd: int, st: os.stat_result, start: int, limit: int, max_bytes: int, reset: bool
+    fd: "_Source", st: "_Stat", start: int, limit: int, max_bytes: int, reset: bool
 ) -> Dict[str, Any]:
     size = st.st_size
     stop = min(size, start + max_bytes)
@@ -738,7 +755,7 @@ def _missing_slice(display_name: str, cursor: Optional[LogCursor]) -> Dict[str, 
 
 
 def _slice_open_file(
-    fd: int, st: os.stat_result, cursor: Optional[LogCursor], limit: int, max_bytes: int
+    fd: "_Source", st: "_Stat", cursor: Optional[LogCursor], limit: int, max_bytes: int
 ) -> Dict[str, Any]:
     if cursor is None:
         return _tail_slice(fd, st, limit, max_bytes)
@@ -1227,6 +1244,389 @@ def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _Com
     if line_start >= lowest:
         return _CompactPlan(line_start, kept + 1)
     return _CompactPlan(keep, kept)
+
+
+# --------------------------------------------------------------------------------------
+# Archives: compressed logs that stay readable (PROTOCOL.md §16)
+# --------------------------------------------------------------------------------------
+#
+# An archived log ``archive/<stamp>/<name>`` is either the plain file, or ``<name>.gz`` plus its index
+# ``<name>.gz.idx``. The ``.gz`` is a series of independent gzip members (RFC 1952 §2.2), each the
+# deflate of about ARCHIVE_MEMBER_BYTES of the log cut after a newline, so plain ``gunzip`` yields the
+# whole log while a reader inflates only the members a slice touches. The index is JSON:
+# ``{"format", "version", "size", "lines", "members": [[gz_offset, gz_size, offset, size, lines], ...]}``
+# (offsets and sizes in the .gz file and in the log). Cursors count bytes of the log itself, and an
+# archive's cursor names the archive (not an inode), so a cursor stays valid when the file is compressed.
+#
+# Compression writes ``<name>.gz.tmp`` and ``<name>.gz.idx.tmp`` beside the plain file, fsyncs them,
+# renames the index then the .gz into place, fsyncs the directory and only then removes the plain file:
+# whenever the plain file is gone, the complete .gz and index are there. ``recover_archives`` undoes what
+# a killed compression left: temp files go, and a .gz beside its plain file (not yet removed) is dropped
+# in favour of the plain file, which is compressed again.
+
+ARCHIVE_GZ_SUFFIX = ".gz"
+ARCHIVE_INDEX_SUFFIX = ".gz.idx"
+_ARCHIVE_TEMP_SUFFIX = ".tmp"
+ARCHIVE_INDEX_FORMAT = "ua-gateway-archive-index"
+ARCHIVE_INDEX_VERSION = 1
+# Log bytes per gzip member: a tail inflates one or two members (about 1-2 MiB of work) whatever the
+# archive's size, and 1 MiB members compress within 1% of one whole-file stream on JSON journals.
+ARCHIVE_MEMBER_BYTES = 1 << 20
+# A member is cut after the last newline once it holds ARCHIVE_MEMBER_BYTES; a line running past this
+# is cut here (the cursor counts bytes, so a line split over two members reads whole).
+MAX_ARCHIVE_MEMBER_BYTES = ARCHIVE_MEMBER_BYTES + MAX_LINE_SCAN
+# Deflate never grows data by more than 5 bytes per 16 KiB block plus the gzip header and trailer
+# (RFC 1951 §3.2.4): an index claiming more is not ours.
+MAX_ARCHIVE_MEMBER_GZ_BYTES = MAX_ARCHIVE_MEMBER_BYTES + MAX_ARCHIVE_MEMBER_BYTES // 1000 + 4096
+# 16 MiB of index is about 300,000 members, 300 GiB of log: more than a session writes; a bigger
+# index is refused unread (it is corrupt or planted), so reading one never costs more.
+MAX_ARCHIVE_INDEX_BYTES = 16 << 20
+# Bytes one slice of a compressed archive may inflate: the members holding its window (max_bytes plus a
+# scan step), the head and the bytes before the cursor, each at most MAX_ARCHIVE_MEMBER_BYTES. Past
+# this the archive is treated as corrupt (a 500), never inflated further: no zip bomb costs more.
+MAX_ARCHIVE_INFLATE = 6 * MAX_ARCHIVE_MEMBER_BYTES
+# Members one slice keeps inflated: the window's two, the head's and the boundary's.
+_ARCHIVE_MEMBER_CACHE = 4
+# A read ending this close to a member's start inflates only that prefix (a cursor's head fingerprint
+# reads the log's first 64 bytes): deflate streams, so the rest of the member is never inflated.
+_ARCHIVE_PREFIX_READ = FINGERPRINT_SPAN
+# zlib's default: level 9 costs twice the CPU for about 3% on JSON lines.
+ARCHIVE_COMPRESS_LEVEL = 6
+# An archive stamp: _stamp(), and the "-N" suffix _new_archive adds on a collision.
+ARCHIVE_STAMP_RE = re.compile(r"[0-9]{8}_[0-9]{6}_[0-9]{6}(-[0-9]{1,6})?")
+
+
+class ArchiveNotFound(SessionNotFound):
+    """The session has no such archived log (404)."""
+
+
+class ArchiveCorrupt(OpsError):
+    """A compressed archive disagrees with its index or with gzip (500): it is not read further."""
+
+
+class _StreamStat(NamedTuple):
+    """What a slice needs of a file's stat, for an archive: its size, and an identity that names the
+    archive (not the inode), so a cursor survives compression."""
+
+    st_size: int
+    st_dev: int
+    st_ino: int
+
+
+_Stat = Union[os.stat_result, _StreamStat]
+_Source = Union[int, "_ArchiveStream"]  # what a slice reads: a plain file's descriptor, or a compressed archive
+
+
+class _Member(NamedTuple):
+    gz_offset: int
+    gz_size: int
+    offset: int
+    size: int
+    lines: int
+
+
+def _archive_identity(stamp: str, name: str) -> Tuple[int, int]:
+    digest = hashlib.blake2b("{}/{}".format(stamp, name).encode("ascii"), digest_size=8).digest()
+    return 0, int.from_bytes(digest, "big")
+
+
+def _parse_archive_index(data: bytes, gz_size: int, where: str) -> Tuple[int, List[_Member]]:
+    """(log size, members) of an index; ArchiveCorrupt unless the members tile both files exactly."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+        if index.get("format") != ARCHIVE_INDEX_FORMAT or index.get("version") != ARCHIVE_INDEX_VERSION:
+            raise ValueError("not a version {} {}".format(ARCHIVE_INDEX_VERSION, ARCHIVE_INDEX_FORMAT))
+        members = [_Member(*(int(v) for v in row)) for row in index["members"]]
+        size = index["size"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise ArchiveCorrupt("the index of {} is unreadable ({}); the archive is not read".format(where, exc)) from None
+    gz_pos = pos = 0
+    for member in members:
+        if (member.gz_offset != gz_pos or member.offset != pos or not 0 < member.size <= MAX_ARCHIVE_MEMBER_BYTES
+                or not 0 < member.gz_size <= MAX_ARCHIVE_MEMBER_GZ_BYTES or not 0 <= member.lines <= member.size):
+            raise ArchiveCorrupt("the index of {} has a member out of place or out of bounds at log offset {}; "
+                                 "the archive is not read".format(where, pos))
+        gz_pos += member.gz_size
+        pos += member.size
+    if pos != size or gz_pos != gz_size:
+        raise ArchiveCorrupt("the index of {} covers {} log bytes in {} gzip bytes, the files hold {} and {}; "
+                             "the archive is not read".format(where, pos, gz_pos, _show(size), gz_size))
+    return size, members
+
+
+class _ArchiveStream:
+    """Random reads of the log inside a compressed archive; inflates only the members it touches,
+    at most MAX_ARCHIVE_INFLATE bytes in all. Not thread-safe: one per slice."""
+
+    def __init__(self, gz_fd: int, size: int, members: List[_Member], where: str) -> None:
+        self.gz_fd = gz_fd
+        self.size = size
+        self.members = members
+        self.where = where
+        self._starts = [member.offset for member in members]
+        self._cache: Dict[int, bytes] = {}
+        self.inflated = 0
+
+    def _member(self, number: int) -> bytes:
+        cached = self._cache.pop(number, None)
+        if cached is None:
+            cached = self._inflate(self.members[number])
+            if len(self._cache) >= _ARCHIVE_MEMBER_CACHE:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[number] = cached  # most recently used last
+        return cached
+
+    def _inflate(self, member: _Member, prefix: Optional[int] = None) -> bytes:
+        """The member's log bytes, checked against the index and the gzip CRC; with ``prefix``, only its
+        first ``prefix`` bytes (deflate stops there: a cursor's head fingerprint costs no whole member)."""
+        want = member.size if prefix is None else prefix
+        self.inflated += want
+        if self.inflated > MAX_ARCHIVE_INFLATE:
+            raise ArchiveCorrupt("reading {} needed more than {} inflated bytes; the archive is not read "
+                                 "further".format(self.where, MAX_ARCHIVE_INFLATE))
+        packed = _pread_full(self.gz_fd, member.gz_size, member.gz_offset)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member (RFC 1952), header and CRC checked
+        try:
+            # max_length: a member that inflates past its indexed size stops there (zip-bomb safe).
+            data = inflater.decompress(packed, want + 1 if prefix is None else want)
+        except zlib.error as exc:
+            raise ArchiveCorrupt("{}: the gzip member at offset {} is corrupt ({})".format(
+                self.where, member.gz_offset, exc)) from None
+        if prefix is not None and len(packed) == member.gz_size and len(data) == want:
+            return data
+        if len(packed) != member.gz_size or len(data) != want or not inflater.eof or inflater.unused_data:
+            raise ArchiveCorrupt("{}: the gzip member at offset {} does not hold the {} bytes its index "
+                                 "says".format(self.where, member.gz_offset, member.size))
+        return data
+
+    def pread(self, size: int, offset: int) -> bytes:
+        parts: List[bytes] = []
+        stop = min(self.size, offset + size)
+        pos = offset
+        while pos < stop:
+            number = bisect.bisect_right(self._starts, pos) - 1
+            member = self.members[number]
+            if number not in self._cache and stop - member.offset <= _ARCHIVE_PREFIX_READ:
+                data = self._inflate(member, min(member.size, stop - member.offset))
+            else:
+                data = self._member(number)
+            piece = data[pos - member.offset : stop - member.offset]
+            parts.append(piece)
+            pos += len(piece)
+        return b"".join(parts)
+
+    def has_newline(self, start: int, stop: int) -> bool:
+        """True if log bytes [start, stop) hold a newline; whole members answer from the index."""
+        stop = min(stop, self.size)
+        if start >= stop:
+            return False
+        first = bisect.bisect_right(self._starts, start) - 1
+        for member in self.members[first:]:
+            if member.offset >= stop:
+                break
+            if start <= member.offset and member.offset + member.size <= stop:
+                if member.lines:
+                    return True
+                continue
+            low = max(start, member.offset)
+            if b"\n" in self.pread(min(stop, member.offset + member.size) - low, low):
+                return True
+        return False
+
+
+def _read_archive_index_at(stamp_fd: int, name: str, gz_size: int, where: str) -> Tuple[int, List[_Member]]:
+    opened = _open_regular(lambda: os.open(name + ARCHIVE_INDEX_SUFFIX, _READ_FLAGS, dir_fd=stamp_fd), _has_one_link)
+    if opened is None:
+        raise ArchiveCorrupt("{} has no index {}; the archive is not read".format(where, name + ARCHIVE_INDEX_SUFFIX))
+    fd, st = opened
+    try:
+        if st.st_size > MAX_ARCHIVE_INDEX_BYTES:
+            raise ArchiveCorrupt("the index of {} is {} bytes, over {}; the archive is not read".format(
+                where, st.st_size, MAX_ARCHIVE_INDEX_BYTES))
+        data = _pread_full(fd, MAX_ARCHIVE_INDEX_BYTES + 1, 0)
+    finally:
+        os.close(fd)
+    return _parse_archive_index(data[:MAX_ARCHIVE_INDEX_BYTES], gz_size, where)
+
+
+def _member_cut(chunk: bytes) -> int:
+    """Where the member ending in ``chunk`` is cut: after its last newline, else (one long line) whole."""
+    last = chunk.rfind(b"\n")
+    return last + 1 if last >= 0 else len(chunk)
+
+
+def _write_gzip_members(src: int, size: int, dst: int, where: str) -> List[_Member]:
+    """Deflate src bytes [0, size) into dst as independent gzip members; the members' index rows."""
+    members: List[_Member] = []
+    pos = 0
+    gz_pos = 0
+    while pos < size:
+        want = min(MAX_ARCHIVE_MEMBER_BYTES, size - pos)
+        chunk = _pread_full(src, want, pos)
+        if len(chunk) != want:
+            raise _FileChanged()
+        if pos + want < size and want > ARCHIVE_MEMBER_BYTES:
+            cut = _member_cut(chunk[ARCHIVE_MEMBER_BYTES:])
+            chunk = chunk[: ARCHIVE_MEMBER_BYTES + cut]
+        packed = gzip.compress(chunk, ARCHIVE_COMPRESS_LEVEL, mtime=0)
+        _write_all(dst, packed)
+        members.append(_Member(gz_pos, len(packed), pos, len(chunk), chunk.count(b"\n")))
+        gz_pos += len(packed)
+        pos += len(chunk)
+    return members
+
+
+def _index_bytes(size: int, members: List[_Member]) -> bytes:
+    return json.dumps({"format": ARCHIVE_INDEX_FORMAT, "version": ARCHIVE_INDEX_VERSION, "size": size,
+                       "lines": sum(member.lines for member in members),
+                       "members": [list(member) for member in members]}, separators=(",", ":")).encode("ascii")
+
+
+def _write_new_file_at(dir_fd: int, name: str, mode: int, fill: Callable[[int], Any]) -> Any:
+    """Create ``name`` afresh (a stale one is replaced), fill it through ``fill(fd)``, fsync it."""
+    OpsService._remove_stale(name, dir_fd)
+    fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
+    try:
+        result = fill(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return result
+
+
+def _fsync_dir(dir_fd: int) -> None:
+    os.fsync(dir_fd)
+
+
+def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Optional[Dict[str, int]]:
+    """Compress the plain archived log ``name`` of the stamp open as ``stamp_fd`` (see the section
+    comment for the order of writes). None if there is nothing to do: no plain file, a file with a
+    second link (still the live log mid-compaction, or a name outside), or one that changed meanwhile.
+
+    Deflating runs without ``lock`` (the session's: appends must not wait for it); the swap takes it, and
+    an archived file unchanged then is complete (compaction fills a new archive under that lock)."""
+    opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=stamp_fd), _has_one_link)
+    if opened is None:
+        return None
+    fd, st = opened
+    gz_temp = name + ARCHIVE_GZ_SUFFIX + _ARCHIVE_TEMP_SUFFIX
+    index_temp = name + ARCHIVE_INDEX_SUFFIX + _ARCHIVE_TEMP_SUFFIX
+    mode = stat.S_IMODE(st.st_mode)
+    try:
+        try:
+            members = _write_new_file_at(stamp_fd, gz_temp, mode,
+                                         lambda out: _write_gzip_members(fd, st.st_size, out, where))
+        except _FileChanged:
+            members = None
+        with lock:
+            if members is None or not _unchanged(fd, st):
+                # Still being filled, or a writer holds the archived inode (an agent's open descriptor).
+                OpsService._unlink_quietly(gz_temp, stamp_fd)
+                return None
+            _write_new_file_at(stamp_fd, index_temp, mode,
+                               lambda out: _write_all(out, _index_bytes(st.st_size, members or [])))
+            os.replace(index_temp, name + ARCHIVE_INDEX_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
+            os.replace(gz_temp, name + ARCHIVE_GZ_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
+            _fsync_dir(stamp_fd)
+            if not _unchanged(fd, st):
+                _discard_compressed_at(stamp_fd, name)  # the plain file grew after all: it stays the copy
+                return None
+            os.unlink(name, dir_fd=stamp_fd)
+            _fsync_dir(stamp_fd)
+        gz_st = os.stat(name + ARCHIVE_GZ_SUFFIX, dir_fd=stamp_fd, follow_symlinks=False)
+        return {"bytes": st.st_size, "compressed_bytes": gz_st.st_size}
+    finally:
+        os.close(fd)
+
+
+def _unchanged(fd: int, st: os.stat_result) -> bool:
+    now = os.fstat(fd)
+    return (now.st_size, now.st_mtime_ns, now.st_nlink) == (st.st_size, st.st_mtime_ns, st.st_nlink)
+
+
+def _discard_compressed_at(stamp_fd: int, name: str) -> None:
+    for suffix in (ARCHIVE_GZ_SUFFIX, ARCHIVE_INDEX_SUFFIX):
+        OpsService._unlink_quietly(name + suffix, stamp_fd)
+    _fsync_dir(stamp_fd)
+
+
+def _recover_stamp_at(stamp_fd: int) -> List[str]:
+    """Undo what a killed compression left in one stamp; the plain logs still to compress."""
+    names = set(os.listdir(stamp_fd))
+    pending = []
+    for name in LOG_FILES:
+        for temp in (name + ARCHIVE_GZ_SUFFIX + _ARCHIVE_TEMP_SUFFIX, name + ARCHIVE_INDEX_SUFFIX + _ARCHIVE_TEMP_SUFFIX):
+            if temp in names:
+                OpsService._unlink_quietly(temp, stamp_fd)
+        if name in names:
+            if name + ARCHIVE_GZ_SUFFIX in names or name + ARCHIVE_INDEX_SUFFIX in names:
+                # Killed after the renames, before the plain file went: the plain file is the copy.
+                _discard_compressed_at(stamp_fd, name)
+            pending.append(name)
+        elif name + ARCHIVE_INDEX_SUFFIX in names and name + ARCHIVE_GZ_SUFFIX not in names:
+            OpsService._unlink_quietly(name + ARCHIVE_INDEX_SUFFIX, stamp_fd)  # an index of nothing
+    return pending
+
+
+def _stamp_created(stamp: str, st: os.stat_result) -> Optional[str]:
+    try:
+        when = datetime.strptime(stamp[:22], "%Y%m%d_%H%M%S_%f").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return _iso(st.st_mtime_ns)
+    return when.isoformat(timespec="seconds")
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    """Bytes the file system allocates to a file (what du counts), not its length."""
+    return getattr(st, "st_blocks", (st.st_size + 511) // 512) * 512
+
+
+def _disk_usage_at(name: str, dir_fd: int, seen: Optional[set] = None, depth: int = 0) -> int:
+    """du-style bytes of the regular files at or under ``name`` in ``dir_fd`` (each inode once; symlinks
+    and other kinds count nothing, never followed; MAX_TREE_DEPTH levels at most)."""
+    seen = set() if seen is None else seen
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    if stat.S_ISREG(st.st_mode):
+        if (st.st_dev, st.st_ino) in seen:
+            return 0
+        seen.add((st.st_dev, st.st_ino))
+        return _disk_bytes(st)
+    if not stat.S_ISDIR(st.st_mode) or depth >= MAX_TREE_DEPTH:
+        return 0
+    try:
+        with _dir_at(name, dir_fd) as fd:
+            if fd is None:
+                return 0
+            return sum(_disk_usage_at(child, fd, seen, depth + 1) for child in os.listdir(fd))
+    except OSError:
+        return 0
+
+
+def _apparent_bytes_at(name: str, dir_fd: int) -> int:
+    """The length of the file ``name``, or of the regular files under the directory ``name``; 0 if gone."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    if stat.S_ISDIR(st.st_mode):
+        return _tree_usage_at(name, dir_fd)[1]
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _session_disk_usage_at(dir_fd: int) -> Dict[str, int]:
+    """``{"total", "live", "archived"}`` du-style bytes of a session open as ``dir_fd``: ``archived``
+    under ``archive/``, ``live`` all the rest (a log linked in both counts as live)."""
+    seen: set = set()
+    live = 0
+    names = os.listdir(dir_fd)
+    for name in names:
+        if name != ARCHIVE_DIR_NAME:
+            live += _disk_usage_at(name, dir_fd, seen)
+    archived = _disk_usage_at(ARCHIVE_DIR_NAME, dir_fd, seen) if ARCHIVE_DIR_NAME in names else 0
+    return {"total": live + archived, "live": live, "archived": archived}
 
 
 # --------------------------------------------------------------------------------------
@@ -1818,8 +2218,12 @@ class OpsService:
         source: Optional[str] = None,
         owner: Optional[str] = None,
         memory_mode: Optional[str] = None,
+        sort: Optional[str] = None,
     ) -> Dict[str, Any]:
-        """One page of session summaries, newest ``last_activity`` first.
+        """One page of session summaries, newest ``last_activity`` first; with ``sort="disk_bytes"``
+        largest du-style disk use first (then newest activity), each summary with its ``disk_bytes``; any
+        other ``sort`` is the default order
+        (PROTOCOL.md §16.4: this walks every session's tree, so it costs more than the default order).
 
         ``status`` "active" also matches "running" (UA HEAD); ``source``, ``owner`` and ``memory_mode``
         (UA HEAD's filters) match the summary's field case-insensitively, an empty one matching all.
@@ -1841,6 +2245,8 @@ class OpsService:
                 raise InvalidArgument("{} must be a string, got {}".format(name, _show(value)))
             if value:
                 filters[name] = value
+        if sort is not None and not isinstance(sort, str):
+            raise InvalidArgument("sort must be a string, got {}".format(_show(sort)))
         limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
         offset = _non_negative_int("offset", offset, 0)
         _require_runtime(runtime)
@@ -1849,9 +2255,21 @@ class OpsService:
             if len(filters) > 1 or status != "all":
                 scans = [scan for scan in scans if self._matches(scan, runtime, filters)]
             scans.sort(key=lambda scan: (-scan.activity_ns, scan.session_id))
+            usage: Dict[str, Dict[str, int]] = {}
+            if sort == "disk_bytes":
+                usage = {scan.session_id: self._disk_usage(scan.session_id) for scan in scans}
+                scans.sort(key=lambda scan: -usage[scan.session_id]["total"])  # stable: ties keep activity order
             page = scans[offset : offset + limit]
             sessions = [self._summary(scan, runtime) for scan in page]
+            for summary in sessions if usage else []:
+                summary["disk_bytes"] = usage[summary["session_id"]]
         return {"sessions": sessions, "total": len(scans), "limit": limit, "offset": offset}
+
+    def _disk_usage(self, session_id: str) -> Dict[str, int]:
+        with self._listed_session_fd(session_id) as dir_fd:
+            if dir_fd is None:
+                return {"total": 0, "live": 0, "archived": 0}
+            return _session_disk_usage_at(dir_fd)
 
     def session_details(self, session_id: str, runtime: Optional[Runtime] = None) -> Dict[str, Any]:
         """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (PROTOCOL.md §5), each
@@ -1911,6 +2329,7 @@ class OpsService:
             "archives": archives,
             "archives_total": len(stamps),
             "archives_truncated": len(stamps) > DETAILS_MAX_ENTRIES,
+            "disk_bytes": _session_disk_usage_at(dir_fd),
         }
 
     # -- logs --------------------------------------------------------------------------
@@ -2103,6 +2522,207 @@ class OpsService:
                     )
                 _replace_file_at(dir_fd, HEARTBEAT_FILE_NAME, data)
 
+    # -- archives (PROTOCOL.md §16) ------------------------------------------------------
+
+    def list_archives(self, session_id: str) -> Dict[str, Any]:
+        """The session's archives, newest DETAILS_MAX_ENTRIES stamps, oldest first:
+        ``{"session_id", "archives": [{"stamp", "created", "disk_bytes", "files": [{"name", "kind",
+        "compressed", "bytes", "disk_bytes"}]}], "archives_total", "archives_truncated", "disk_bytes"}``.
+        ``bytes`` is a log's own length (inflated), ``disk_bytes`` what the file system holds (du-style,
+        index included). Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable, ArchiveCorrupt.
+        """
+        _require_session_id(session_id)
+        with self._os_errors("listing the archives of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                stamps = [name for name in _list_dir_at(ARCHIVE_DIR_NAME, dir_fd) if ARCHIVE_STAMP_RE.fullmatch(name)]
+                shown = sorted(heapq.nlargest(DETAILS_MAX_ENTRIES, stamps, key=_stamp_sort_key), key=_stamp_sort_key)
+                archives = []
+                with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                    for stamp in shown if archive_fd is not None else []:
+                        entry = self._archive_entry(session_id, stamp, archive_fd)  # type: ignore[arg-type]
+                        if entry is not None:
+                            archives.append(entry)
+        return {"session_id": session_id, "archives": archives, "archives_total": len(stamps),
+                "archives_truncated": len(stamps) > DETAILS_MAX_ENTRIES,
+                "disk_bytes": sum(archive["disk_bytes"] for archive in archives)}
+
+    def _archive_entry(self, session_id: str, stamp: str, archive_fd: int) -> Optional[Dict[str, Any]]:
+        with _dir_at(stamp, archive_fd) as stamp_fd:
+            if stamp_fd is None:
+                return None
+            names = set(os.listdir(stamp_fd))
+            files = []
+            seen: set = set()
+            for name in sorted(names):
+                if name in LOG_FILES or name.endswith(_ARCHIVE_TEMP_SUFFIX):
+                    continue  # plain logs are listed below with their compressed forms
+                base = name[: -len(ARCHIVE_GZ_SUFFIX)] if name.endswith(ARCHIVE_GZ_SUFFIX) else None
+                if base in LOG_FILES and base not in names:
+                    files.append(self._archived_log_entry(session_id, stamp, stamp_fd, base, seen))
+                elif name.endswith(ARCHIVE_INDEX_SUFFIX) and name[: -len(ARCHIVE_INDEX_SUFFIX)] in LOG_FILES:
+                    continue  # counted with its .gz
+                else:
+                    usage = _disk_usage_at(name, stamp_fd, seen)
+                    kind = "dir" if stat.S_ISDIR(os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mode) else "file"
+                    files.append({"name": name, "kind": kind, "compressed": False, "bytes": None, "disk_bytes": usage})
+            for name in LOG_FILES:
+                if name in names:
+                    st = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False)
+                    files.append({"name": name, "kind": "log", "compressed": False, "bytes": st.st_size,
+                                  "disk_bytes": _disk_usage_at(name, stamp_fd, seen)})
+            created = _stamp_created(stamp, os.fstat(stamp_fd))
+        return {"stamp": stamp, "created": created, "files": files,
+                "disk_bytes": sum(entry["disk_bytes"] for entry in files)}
+
+    def _archived_log_entry(self, session_id: str, stamp: str, stamp_fd: int, name: str, seen: set) -> Dict[str, Any]:
+        gz_name = name + ARCHIVE_GZ_SUFFIX
+        gz_st = os.stat(gz_name, dir_fd=stamp_fd, follow_symlinks=False)
+        where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, gz_name)
+        try:
+            size: Optional[int] = _read_archive_index_at(stamp_fd, name, gz_st.st_size, where)[0]
+        except ArchiveCorrupt:
+            size = None  # listed, so an operator sees it; reading it answers why
+        usage = _disk_usage_at(gz_name, stamp_fd, seen) + _disk_usage_at(name + ARCHIVE_INDEX_SUFFIX, stamp_fd, seen)
+        return {"name": name, "kind": "log", "compressed": True, "bytes": size, "disk_bytes": usage}
+
+    def read_archive_log(
+        self,
+        session_id: str,
+        stamp: str,
+        file_name: str,
+        cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """A log slice (as ``read_log``) of ``archive/<stamp>/<file_name>``, plain or compressed alike;
+        the answer adds ``archive`` (the stamp) and ``compressed``. Cursors count bytes of the log and
+        stay valid across its compression. ``stamp`` and ``file_name`` are names, never paths.
+
+        Raises InvalidSessionId, InvalidArgument (stamp, file name, limit, max_bytes), InvalidCursor,
+        SessionNotFound, ArchiveNotFound, ArchiveCorrupt, WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        if not isinstance(stamp, str) or not ARCHIVE_STAMP_RE.fullmatch(stamp):
+            raise InvalidArgument("archive stamp must look like 20261130_124933_123456 (as GET .../archives "
+                                  "lists them), got {}".format(_show(stamp)))
+        self._require_log_name(file_name)
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(cursor)
+        where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, file_name)
+        missing = "Session {} has no archived {}; GET /api/v1/ops/sessions/{}/archives lists what it has".format(
+            session_id, "{}/{}/{}".format(ARCHIVE_DIR_NAME, stamp, file_name), session_id)
+        with self._os_errors("reading {}".format(where), session_id):
+            with self._session_fd(session_id) as dir_fd, _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                if archive_fd is None:
+                    raise ArchiveNotFound(missing)
+                with _dir_at(stamp, archive_fd) as stamp_fd:
+                    if stamp_fd is None:
+                        raise ArchiveNotFound(missing)
+                    identity = _archive_identity(stamp, file_name)
+                    result = self._archive_slice(stamp_fd, dir_fd, file_name, identity, parsed, limit, max_bytes, where)
+                    if result is None:
+                        raise ArchiveNotFound(missing)
+        return {**result, "archive": stamp}
+
+    @staticmethod
+    def _archive_slice(
+        stamp_fd: int, dir_fd: int, name: str, identity: Tuple[int, int], cursor: Optional[LogCursor],
+        limit: int, max_bytes: int, where: str,
+    ) -> Optional[Dict[str, Any]]:
+        # The plain file first: compression removes it only after the .gz and index are in place, so
+        # a reader that misses it finds them. Two links are accepted only when the other is the live log
+        # (a compaction between its link and its swap): never a name outside the session.
+        plain = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=stamp_fd),
+                              lambda st: st.st_nlink == 1 or (st.st_nlink == 2 and _same_file_at(name, dir_fd, st)))
+        if plain is not None:
+            fd, st = plain
+            try:
+                for _ in range(_FILE_CHANGED_RETRIES):
+                    try:
+                        view = _StreamStat(os.fstat(fd).st_size, *identity)
+                        return {"file": name, **_slice_open_file(fd, view, cursor, limit, max_bytes), "compressed": False}
+                    except _FileChanged:
+                        continue
+            finally:
+                os.close(fd)
+            raise WorkspacesUnavailable("{} kept shrinking while it was being read; retry the request".format(where))
+        packed = _open_regular(lambda: os.open(name + ARCHIVE_GZ_SUFFIX, _READ_FLAGS, dir_fd=stamp_fd), _has_one_link)
+        if packed is None:
+            return None
+        gz_fd, gz_st = packed
+        try:
+            size, members = _read_archive_index_at(stamp_fd, name, gz_st.st_size, where + ARCHIVE_GZ_SUFFIX)
+            stream = _ArchiveStream(gz_fd, size, members, where + ARCHIVE_GZ_SUFFIX)
+            try:
+                result = _slice_open_file(stream, _StreamStat(size, *identity), cursor, limit, max_bytes)
+            except _FileChanged:
+                raise ArchiveCorrupt("{}{} ends before its index says; the archive is not read".format(
+                    where, ARCHIVE_GZ_SUFFIX)) from None
+        finally:
+            os.close(gz_fd)
+        return {"file": name, **result, "compressed": True}
+
+    def archive_session_ids(self) -> List[str]:
+        """Ids of the sessions that have an ``archive/`` directory (for the compressor's first pass)."""
+        with self._os_errors("listing sessions with archives", None):
+            self.check_root()
+            found = []
+            with os.scandir(str(self.root)) as iterator:
+                for entry in iterator:
+                    if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                        found.append(entry.name)
+        return [session_id for session_id in sorted(found) if self._has_archive(session_id)]
+
+    def _has_archive(self, session_id: str) -> bool:
+        try:
+            with self._session_fd(session_id) as dir_fd, _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                return archive_fd is not None
+        except (OSError, OpsError):
+            return False
+
+    def compress_archives(
+        self, session_id: str, stop: Optional[Callable[[], bool]] = None, min_age: float = 0.0
+    ) -> Dict[str, int]:
+        """Finish or undo what a killed compression left in the session's archives, then compress each
+        plain archived log (see the Archives section) last written ``min_age`` s ago or earlier (a younger
+        one is left for later: an operator may be reading it, an agent still appending to its inode).
+        ``stop()`` true ends the pass between files. Returns ``{"files", "bytes", "compressed_bytes"}``
+        compressed by this call and ``deferred``, the files left for being too young. Takes the session
+        lock only to recover and to swap, so appends never wait for a deflate. Raises InvalidSessionId, SessionNotFound,
+        WorkspacesUnavailable, StorageFull."""
+        _require_session_id(session_id)
+        done = {"files": 0, "bytes": 0, "compressed_bytes": 0, "deferred": 0}
+        newest_ns = time.time_ns() - int(min_age * 1e9)
+        with self._os_errors("compressing the archives of session {}".format(session_id), session_id,
+                             "the plain archived logs are kept"):
+            with self._session_fd(session_id) as dir_fd:
+                for stamp in sorted(_list_dir_at(ARCHIVE_DIR_NAME, dir_fd), key=_stamp_sort_key):
+                    if not ARCHIVE_STAMP_RE.fullmatch(stamp):
+                        continue
+                    lock = self.session_lock(session_id)
+                    with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                        stamp_fd = None if archive_fd is None else _open_dir_at(stamp, archive_fd)
+                        if stamp_fd is None:
+                            continue
+                        try:
+                            with lock:
+                                pending = _recover_stamp_at(stamp_fd)
+                            for name in pending:
+                                if stop is not None and stop():
+                                    return done
+                                where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, name)
+                                if os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mtime_ns > newest_ns:
+                                    done["deferred"] += 1
+                                    continue
+                                result = _compress_archive_at(stamp_fd, name, where, lock)
+                                if result is not None:
+                                    done["files"] += 1
+                                    done["bytes"] += result["bytes"]
+                                    done["compressed_bytes"] += result["compressed_bytes"]
+                        finally:
+                            os.close(stamp_fd)
+        return done
+
     # -- reset, compact, delete --------------------------------------------------------
 
     def reset_session(
@@ -2115,7 +2735,9 @@ class OpsService:
         """Move the chosen items into a new ``archive/<stamp>/`` (rename, never copy).
 
         Returns ``{"status": "reset", "archived": [names], "archive_dir": "<root>/<id>/archive/<stamp>",
-        "archive_path": "archive/<stamp>"}``; both are None when there was nothing to move. ``work_products/`` is
+        "archive_path": "archive/<stamp>", "bytes_dropped", "bytes_archived", "bytes_freed"}``; both paths are
+        None when there was nothing to move. ``bytes_dropped``: the live logs' bytes moved out; ``bytes_archived``:
+        the bytes the new archive holds; ``bytes_freed``: du-style bytes released (0: a rename frees nothing). ``work_products/`` is
         recreated empty when it was cleared.
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
         StorageFull.
@@ -2134,6 +2756,9 @@ class OpsService:
                 present = [name for name in items if _lexists_at(name, dir_fd)]
                 archived: List[str] = []
                 archive_dir = None
+                before = sum(_disk_usage_at(name, dir_fd) for name in present)
+                dropped = sum(_apparent_bytes_at(name, dir_fd) for name in present if name in LOG_FILES)
+                held = after = 0
                 if present:
                     stamp, stamp_fd = self._new_archive(session_id, dir_fd)
                     try:
@@ -2143,12 +2768,16 @@ class OpsService:
                             except FileNotFoundError:
                                 continue  # gone since we looked: nothing to archive
                             archived.append(name)
+                        held = sum(_apparent_bytes_at(name, stamp_fd) for name in archived)
+                        after = sum(_disk_usage_at(name, stamp_fd) for name in archived)
                     finally:
                         os.close(stamp_fd)
                     archive_dir = "{}/{}".format(ARCHIVE_DIR_NAME, stamp)
                 if clear_work_products:
                     _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
-        return {"status": "reset", "archived": archived, **self._archive_paths(session_id, archive_dir)}
+                after += sum(_disk_usage_at(name, dir_fd) for name in present)
+        return {"status": "reset", "archived": archived, **self._archive_paths(session_id, archive_dir),
+                "bytes_dropped": dropped, "bytes_archived": held, "bytes_freed": max(0, before - after)}
 
     def _archive_paths(self, session_id: str, relative: Optional[str]) -> Dict[str, Optional[str]]:
         """``archive_dir`` absolute (as UA answers) and ``archive_path`` relative to the session (ours)."""
@@ -2187,26 +2816,35 @@ class OpsService:
         session_id: str,
         max_lines: Optional[int] = None,
         max_bytes: Optional[int] = None,
+        archive: bool = True,
     ) -> Dict[str, Any]:
         """Keep only the last ``max_lines`` complete lines within ``max_bytes`` of each live
         log, plus an unfinished last line as it is. Nothing is lost: the full pre-compact
         file goes to a new ``archive/<stamp>/``, and bytes appended during the call end up
-        in the live file. A log with nothing to drop is left alone.
+        in the live file. A log with nothing to drop is left alone. With ``archive`` False the
+        dropped head is deleted instead (the caller audits that: PROTOCOL.md §16.1).
 
-        Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_freed": n,
-        "archive_dir": "<root>/<id>/archive/<stamp>" or None, "archive_path": "archive/<stamp>" or None}``.
+        Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_dropped": n,
+        "bytes_archived": n, "bytes_freed": n, "archived": bool, "archive_dir": "<root>/<id>/archive/<stamp>"
+        or None, "archive_path": "archive/<stamp>" or None}``: bytes left the live logs, bytes the new
+        archive holds, and bytes the file system released (du-style, measured before and after; 0 when the
+        archive keeps them).
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
         StorageFull.
         """
         _require_session_id(session_id)
         max_lines = _non_negative_int("max_lines", max_lines, COMPACT_DEFAULT_MAX_LINES)
         max_bytes = _non_negative_int("max_bytes", max_bytes, COMPACT_DEFAULT_MAX_BYTES)
+        keep_archive = _require_bool("archive", archive)
         files: Dict[str, int] = {}
+        dropped = 0
+        archived = 0
         freed = 0
-        archive: Optional[Tuple[str, int]] = None
+        new_archive: Optional[Tuple[str, int]] = None
         doing = "compacting session {}".format(session_id)
         with self.session_lock(session_id), self._os_errors(doing, session_id):
             with self._session_fd(session_id) as dir_fd:
+                before = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
                 try:
                     for name in LOG_FILES:
                         # A log with an outside name is left alone: its tail must not become
@@ -2223,20 +2861,31 @@ class OpsService:
                             files[name] = plan.kept_lines
                             if plan.keep_start == 0:
                                 continue
-                            if archive is None:
-                                archive = self._new_archive(session_id, dir_fd)
-                            if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive[1]):
-                                freed += plan.keep_start
+                            if new_archive is None and keep_archive:
+                                new_archive = self._new_archive(session_id, dir_fd)
+                            archive_fd = None if new_archive is None else new_archive[1]
+                            if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive_fd):
+                                dropped += plan.keep_start
                         finally:
                             os.close(fd)
+                    # Measured once every descriptor of a dropped head is closed: what du now sees.
+                    after = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
+                    if new_archive is not None:
+                        archived = sum(os.stat(name, dir_fd=new_archive[1], follow_symlinks=False).st_size
+                                       for name in os.listdir(new_archive[1]))
+                        after += sum(_disk_usage_at(name, new_archive[1]) for name in os.listdir(new_archive[1]))
+                    freed = max(0, before - after)
                 finally:
-                    if archive is not None:
-                        os.close(archive[1])
+                    if new_archive is not None:
+                        os.close(new_archive[1])
         return {
             "status": "compacted",
             "files": files,
+            "bytes_dropped": dropped,
+            "bytes_archived": archived,
             "bytes_freed": freed,
-            **self._archive_paths(session_id, None if archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, archive[0])),
+            "archived": keep_archive,
+            **self._archive_paths(session_id, None if new_archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, new_archive[0])),
         }
 
     def delete_session(self, session_id: str) -> Dict[str, str]:
@@ -2658,9 +3307,10 @@ class OpsService:
         return _CompactPlan(0, 0), st
 
     def _compact_file(
-        self, dir_fd: int, name: str, fd: int, st: os.stat_result, keep_start: int, archive_fd: int
+        self, dir_fd: int, name: str, fd: int, st: os.stat_result, keep_start: int, archive_fd: Optional[int]
     ) -> bool:
-        """Swap in the tail of the log open as ``fd``; False if the file was replaced meanwhile."""
+        """Swap in the tail of the log open as ``fd``; False if the file was replaced meanwhile. Without
+        ``archive_fd`` the head is not kept: the old file goes when the rename drops its last name."""
         temp = ".{}.compact.tmp".format(name)
         self._remove_stale(temp, dir_fd)
         temp_fd = os.open(temp, _CREATE_FLAGS, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
@@ -2671,7 +3321,8 @@ class OpsService:
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
                 return False  # replaced by someone else since we opened it: not ours to swap
-            self._archive_file(dir_fd, name, fd, st, archive_fd)
+            if archive_fd is not None:
+                self._archive_file(dir_fd, name, fd, st, archive_fd)
             # Writers outside the session lock (an agent holding the file open) may have
             # appended since the copy: those bytes must reach the new live file too.
             copied = _copy_range(fd, temp_fd, copied, os.fstat(fd).st_size)

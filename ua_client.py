@@ -220,6 +220,12 @@ class GatewayClient:
     def read_audit(self, cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
         """A slice of the audit trail (PROTOCOL.md §11.2): JSON lines, oldest first."""
         return self._checked(self.request("GET", "/api/v1/ops/audit", {"cursor": cursor, "limit": limit}), LOG_SLICE)
+    def read_archive_log(self, session_id: str, stamp: str, file_name: Optional[str] = None,
+                         cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
+        """A slice of ``archive/<stamp>/<file_name>`` (PROTOCOL.md §16.3), plain or compressed alike."""
+        path = "/api/v1/ops/sessions/{}/archives/{}/{}".format(_quote(session_id), _quote(stamp),
+                                                               _quote(file_name or "run.log"))
+        return self._checked(self.request("GET", path, {"cursor": cursor, "limit": limit}), LOG_SLICE)
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:
         try:
@@ -475,7 +481,10 @@ def run_sessions_compact(client: GatewayClient, args: argparse.Namespace, out: T
     else:
         kept = ", ".join(f"{name} keeps {lines} lines" for name, lines in result["files"].items()) or "no live logs"
         where = f"; the full logs are in {result['archive_dir']}" if result.get("archive_dir") else ""
-        print(shown(f"compacted {args.session_id}: {kept}; {_size(result['bytes_freed'])} freed{where}"), file=out)
+        dropped = result.get("bytes_dropped")
+        moved = "" if not isinstance(dropped, int) else (
+            f"{_size(dropped)} dropped, {_size(result.get('bytes_archived') or 0)} archived, ")
+        print(shown(f"compacted {args.session_id}: {kept}; {moved}{_size(result['bytes_freed'])} freed{where}"), file=out)
     return EXIT_OK
 
 
@@ -507,7 +516,7 @@ def run_sessions_delete(client: GatewayClient, args: argparse.Namespace, out: Te
 
 
 def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
-    read = _log_reader(client, args.session, args.file, args.limit)
+    read = _log_reader(client, args.session, args.file, args.limit, args.archive)
     if not args.follow:
         piece = read(None)
         if args.json:
@@ -523,8 +532,10 @@ def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) 
 
 
 def _log_reader(client: GatewayClient, session_id: Optional[str], file_name: Optional[str],
-                limit: Optional[int]) -> Callable[[Optional[str]], Dict[str, Any]]:
+                limit: Optional[int], archive: Optional[str] = None) -> Callable[[Optional[str]], Dict[str, Any]]:
     """``read(cursor)`` for one log: the cursor is the only argument that changes while following."""
+    if archive is not None and session_id is not None:
+        return lambda cursor: client.read_archive_log(session_id, archive, file_name, cursor=cursor, limit=limit)
     return lambda cursor: client.read_log(session_id, file_name, cursor=cursor, limit=limit)
 
 
@@ -669,6 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--session", metavar="ID", help="a session's log (default: the gateway's own log)")
     tail.add_argument("--file", choices=("run.log", "activity_journal.log"),
                       help="which session log (default run.log)")
+    tail.add_argument("--archive", metavar="STAMP",
+                      help="read that archive of the session's log (as 'sessions show' lists them), plain or compressed")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
     tail.add_argument("--limit", type=_non_negative_int, help=f"lines per request (gateway default {TAIL_LIMIT})")
     tail.add_argument("--raw", action="store_true",
@@ -703,6 +716,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
         if getattr(args, "file", None) and not getattr(args, "session", None):
             parser.error("--file needs --session; without it the gateway's own log is read")
+        if getattr(args, "archive", None) and not getattr(args, "session", None):
+            parser.error("--archive needs --session: archives belong to a session")
     except SystemExit as exit_request:  # --help (0) or a usage error (2): a status, not an exception
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
     try:

@@ -33,6 +33,7 @@ from .http11 import HttpError, Request, Response, StreamingResponse, error_respo
 from .access import AccessControl, Grant, request_tokens
 from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
+from .compressor import ArchiveCompressor
 from .logs import GatewayLog
 from .metrics import EXPOSITION_CONTENT_TYPE, GatewayMetrics, render
 from .routing import (
@@ -118,6 +119,7 @@ class Application:
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
         self.pruner = Pruner(self)  # retention: the background pruner and the prune routes (PROTOCOL.md §15)
+        self.compressor: Optional[ArchiveCompressor] = None  # gzips archived logs on its own thread (PROTOCOL.md §16)
         self.assets: Dict[str, bytes] = {}
         self.log_watchers: Optional[LogWatchers] = None  # the followed logs (PROTOCOL.md §13), from open()
         self.session_events: Optional[SessionEvents] = None  # GET /api/v1/ops/events, from open()
@@ -155,6 +157,9 @@ class Application:
         self.hub.writer.appended = self.log_watchers.on_append  # the gateway's own lines, from memory
         self.session_events = SessionEvents(self.changes)
         self.changes.subscribe(self._followed_session_changed)
+        self.compressor = ArchiveCompressor(self.ops, self.config.archive_compress_delay)
+        self.changes.subscribe(self._archives_changed)
+        self.compressor.start()
 
     def watch_root(self) -> None:
         """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
@@ -167,6 +172,8 @@ class Application:
         for task in self._tasks:
             task.cancel()
         await self.audit.drain()
+        if self.compressor is not None:
+            self.compressor.stop()
         if self.log is not None:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
@@ -489,6 +496,8 @@ class Application:
             Route("/api/v1/ops/audit", {"GET": self.audit_log}, scope=token),
             Route("/api/v1/ops/events", {"GET": self.events_stream}, scope=token),
             Route("/metrics", {"GET": self.metrics_page}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/archives", {"GET": self.list_archives}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/archives/{stamp}/{file}", {"GET": self.archive_log}, scope=token),
             Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
             Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
                   scope=session),
@@ -573,6 +582,7 @@ class Application:
             source=query.get("source"),
             owner=query.get("owner"),
             memory_mode=query.get("memory_mode"),
+            sort=query.get("sort") or None,
         )
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
@@ -810,9 +820,31 @@ class Application:
         return json_response(200, {"status": "cancel_requested", "reason": reason,
                                    "sessions_considered": len(running), "sessions_cancelled": cancelled})
 
-    def compact_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        body = json_object_body(request, ("max_lines", "max_bytes"))
-        return self._changed_response(ChangeKind.COMPACTED, params["session_id"], self.ops.compact_session, **body)
+    async def compact_session(self, request: Request, params: Dict[str, str]) -> Response:
+        body = json_object_body(request, ("max_lines", "max_bytes", "archive"))
+        session_id = params["session_id"]
+        result = await self.run_ops(self.ops.compact_session, session_id, **body)
+        self.changes.publish(ChangeKind.COMPACTED, session_id, **result)
+        if not result["archived"] and self.log is not None:
+            # PROTOCOL.md §16.1: deleted log bytes are gone for good; the gateway log says who and how much.
+            self.log.write("compact_discard", session_id=session_id, client=request.client,
+                           bytes_dropped=result["bytes_dropped"], bytes_freed=result["bytes_freed"])
+        return json_response(200, result)
+
+    def _archives_changed(self, kind: ChangeKind, session_id: str, fields: Dict[str, Any]) -> None:
+        """A Changes observer: a new archive is compressed soon (never here: request only wakes a thread)."""
+        if kind in (ChangeKind.RESET, ChangeKind.ARCHIVED, ChangeKind.COMPACTED) and self.compressor is not None:
+            self.compressor.request(session_id)
+
+    def list_archives(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        return self._ops_response(200, self.ops.list_archives, params["session_id"])
+
+    def archive_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        """PROTOCOL.md §16.3: a slice of an archived log, as logs/tail; {stamp} and {file} are names only."""
+        query = query_params(request)
+        return self._ops_response(200, self.ops.read_archive_log, params["session_id"], params["stamp"], params["file"],
+                                  cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                                  max_bytes=int_param(query, "max_bytes"))
 
     def delete_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)

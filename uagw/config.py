@@ -19,6 +19,7 @@ from .limits import (
     SEND_STALL_TIMEOUT, STREAM_KEEPALIVE, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
+from .limits import ARCHIVE_COMPRESS_DELAY
 from .text import show
 
 __all__ = [
@@ -195,6 +196,7 @@ class Config:
         session_create_burst: int = SESSION_CREATE_BURST,
         session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
         log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
+        archive_compress_delay: float = ARCHIVE_COMPRESS_DELAY,
         internal_token: Optional[str] = None,
         default_user: str = DEFAULT_USER,
         read_token: Optional[str] = None,
@@ -245,6 +247,7 @@ class Config:
         self.disk_budget_bytes = disk_budget_bytes
         self.retain_trash_days = retain_trash_days
         self.prune_interval = prune_interval
+        self.archive_compress_delay = archive_compress_delay  # 0: archived logs are compressed at once
         self._check_limits()
         self._check_read_token()
         self._check_retention()
@@ -269,6 +272,7 @@ class Config:
         ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
         ("prune_interval", "UA_PRUNE_INTERVAL / --prune-interval", None, False),
+        ("archive_compress_delay", "UA_ARCHIVE_COMPRESS_DELAY", "compress at once", False),
     )
 
     # The retention policies that may be off (None), with how an operator sets each.
@@ -374,6 +378,7 @@ class Config:
             disk_budget_bytes=parse_byte_size(env.get("UA_DISK_BUDGET_BYTES"), "UA_DISK_BUDGET_BYTES"),
             retain_trash_days=_env_number(env, "UA_RETAIN_TRASH_DAYS", float),
             prune_interval=_env_number(env, "UA_PRUNE_INTERVAL", float),
+            archive_compress_delay=_env_number(env, "UA_ARCHIVE_COMPRESS_DELAY", float),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})

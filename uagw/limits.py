@@ -8,6 +8,7 @@ changed here, in one place. docs/PROTOCOL.md §10 lists them for readers.
 from __future__ import annotations
 
 __all__ = [
+    "ARCHIVE_COMPRESS_DELAY",
     "ACCEPT_BATCH",
     "ACCEPT_RETRY_DELAY",
     "AGENT_DRAIN_TIMEOUT",
@@ -259,3 +260,5 @@ REPLAY_MAX_BYTES = 4 * 1024 * 1024
 # Live events held for a socket while its replay is read from disk; past it, the socket is closed (1008)
 # with the seq to reconnect from, instead of holding memory for a client that reads nothing.
 REPLAY_HOLD_BYTES = 4 * 1024 * 1024
+ARCHIVE_COMPRESS_DELAY = 60.0  # s an archived log stays plain before it is gzipped (PROTOCOL.md §16): an
+# operator reads an archive right after a compact or reset, and an agent may still append to the old inode
