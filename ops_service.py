@@ -475,15 +475,39 @@ class _FileChanged(Exception):
     """The file shrank while a slice was reading it; the slice is retried."""
 
 
+class WouldBlock(Exception):
+    """A read on the event loop (``slice_open_log``) would have waited for the disk: hand it to a worker."""
+
+
+# Reads without waiting: Linux >= 4.14 fails a read whose pages are not all in the page cache with EAGAIN
+# (RWF_NOWAIT) instead of sleeping; elsewhere nothing is read on the event loop (NOWAIT_READS is False).
+NOWAIT_READS = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
+_nowait = threading.local()  # .on: this thread's slice reads must not block (only slice_open_log sets it)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    """os.pread, or inside slice_open_log a read that raises WouldBlock instead of waiting for the disk."""
+    if not getattr(_nowait, "on", False):
+        return os.pread(fd, size, offset)
+    buffer = bytearray(size)
+    try:
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        # EAGAIN: not cached; EOPNOTSUPP: a file system that cannot say. Either way a worker reads it.
+        raise WouldBlock() from exc
+    del buffer[got:]
+    return bytes(buffer)
+
+
 def _pread_full(fd: int, size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset``; fewer only at end of file."""
-    data = os.pread(fd, size, offset)
+    data = _pread(fd, size, offset)
     if len(data) == size or not data:
         return data
     parts = [data]
     got = len(data)
     while got < size:
-        more = os.pread(fd, size - got, offset + got)
+        more = _pread(fd, size - got, offset + got)
         if not more:
             break
         parts.append(more)
@@ -576,7 +600,7 @@ def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
 def _has_newline(fd: int, start: int, stop: int) -> bool:
     pos = start
     while pos < stop:
-        chunk = os.pread(fd, min(IO_CHUNK, stop - pos), pos)
+        chunk = _pread(fd, min(IO_CHUNK, stop - pos), pos)
         if not chunk:
             return False
         if b"\n" in chunk:
@@ -760,6 +784,30 @@ def _read_slice(
     raise WorkspacesUnavailable(
         "{} kept shrinking while it was being read; retry the request".format(display_name)
     )
+
+
+def slice_open_log(
+    fd: int, st: os.stat_result, display_name: str, cursor: Union[str, int, None] = None,
+    limit: Optional[int] = None, max_bytes: Optional[int] = None,
+) -> Dict[str, Any]:
+    """``read_log``'s answer from a log the caller keeps open and has just checked (``st``: its fstat, a
+    regular file that is the session's own), for a caller that must not block: every read is RWF_NOWAIT.
+
+    Raises WouldBlock when a read would wait for the disk, when the file changed while it was read, or
+    where reads cannot be made non-blocking: the caller then asks ``read_log`` in a worker. Raises
+    InvalidArgument and InvalidCursor as ``read_log`` does; OSError propagates.
+    """
+    limit, max_bytes = _slice_limits(limit, max_bytes)
+    parsed = _parse_cursor(cursor)
+    if not NOWAIT_READS:
+        raise WouldBlock()
+    _nowait.on = True
+    try:
+        return {"file": display_name, **_slice_open_file(fd, st, parsed, limit, max_bytes)}
+    except _FileChanged:
+        raise WouldBlock() from None  # the worker's read_log retries on a fresh open
+    finally:
+        _nowait.on = False
 
 
 def read_log_slice(

@@ -15,7 +15,7 @@ import os
 import pkgutil
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import parse_qsl
 
 import ops_service
@@ -32,6 +32,7 @@ from .http11 import HttpError, Request, Response, error_response, json_response
 from .access import AccessControl, request_tokens
 from .changes import ChangeKind, Changes
 from .logs import GatewayLog
+from .logcache import OpenLogs
 from .routing import (
     Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
     ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
@@ -99,6 +100,7 @@ class Application:
         self.access = AccessControl(config)
         self.agent = agent
         self.executor = concurrent.futures.ThreadPoolExecutor(OPS_THREADS, thread_name_prefix="ua-ops")
+        self.open_logs = OpenLogs(self.ops, self.executor)
         self.started_at = time.monotonic()
         self.root_problem: Optional[str] = None
         self.log: Optional[GatewayLog] = None
@@ -106,6 +108,7 @@ class Application:
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
+        self.changes.subscribe(self.open_logs.on_change)
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
 
@@ -143,11 +146,13 @@ class Application:
         if self.log is not None:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
+        self.open_logs.close()
         self.executor.shutdown(wait=False)
 
     def descriptors_reserved(self) -> int:
         """The open-file budget's descriptors connections may not take: AGENT_TURN_FDS per running agent command."""
-        return AGENT_TURN_FDS * len(self.hub.agent_groups) if self.hub is not None else 0
+        agents = AGENT_TURN_FDS * len(self.hub.agent_groups) if self.hub is not None else 0
+        return agents + self.open_logs.descriptors()
 
     def agent_command_limit(self) -> int:
         """How many agent commands may run at once: MAX_AGENT_COMMANDS, and no more than leave a share
@@ -455,19 +460,30 @@ class Application:
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
 
-    async def preview(self, request: Request, params: Dict[str, str]) -> Response:
+    def preview(self, request: Request, params: Dict[str, str]) -> Union[Response, Awaitable[Response]]:
         query = query_params(request)
-        result = await self.run_ops(
-            self.ops.read_log,
-            params["session_id"],
-            "activity_journal.log",
-            cursor=query.get("cursor"),
-            limit=int_param(query, "limit"),
-            max_bytes=int_param(query, "max_bytes"),
-        )
-        return json_response(200, {"session_id": params["session_id"], **result})  # UA's preview names its session
+        # UA's preview names its session
+        return self._read_log(params["session_id"], "activity_journal.log", {"session_id": params["session_id"]},
+                              cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                              max_bytes=int_param(query, "max_bytes"))
 
-    def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+    def _read_log(self, session_id: str, file_name: str, extra: Dict[str, Any], cursor: Optional[str],
+                  limit: Optional[int], max_bytes: Optional[int]) -> Union[Response, Awaitable[Response]]:
+        """A session log's slice (``extra`` first in the answer): on the event loop when the log is kept open
+        and cached (uagw.logcache), else from a worker, which keeps the log open for the next read."""
+        result = self.open_logs.read_now(session_id, file_name, cursor, limit, max_bytes)
+        if result is not None:
+            return json_response(200, {**extra, **result})
+        return self._read_log_in_worker(session_id, file_name, extra, cursor, limit, max_bytes)
+
+    async def _read_log_in_worker(self, session_id: str, file_name: str, extra: Dict[str, Any], cursor: Optional[str],
+                                  limit: Optional[int], max_bytes: Optional[int]) -> Response:
+        result, opened = await self.run_ops(self.open_logs.read_and_open, session_id, file_name, cursor, limit,
+                                            max_bytes)
+        self.open_logs.keep(session_id, file_name, opened)
+        return json_response(200, {**extra, **result})
+
+    def logs_tail(self, request: Request, params: Dict[str, str]) -> Union[Response, Awaitable[Response]]:
         query = query_params(request)
         session_id = query.get("session_id")
         file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
@@ -482,7 +498,8 @@ class Application:
         file_name = file_name or "run.log"
         if file_name not in ops_service.LOG_FILES:
             raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
-        return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
+        return self._read_log(session_id, file_name, {}, query.get("cursor"), int_param(query, "limit"),
+                              int_param(query, "max_bytes"))
 
     def _log_path(self, path: str) -> Tuple[str, str]:
         """UA's ``logs/tail?path=``: ``<session>/<log>`` relative to the workspaces root (or that path made
