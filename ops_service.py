@@ -582,8 +582,20 @@ def _decode_line(line: bytes, complete: bool = True) -> str:
     return line.decode("utf-8", "replace")
 
 
-def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
-    """Complete lines as text, and how many bytes they span in the file (newlines included).
+class EncodedLines(bytes):
+    """A slice's lines as the JSON array ``json.dumps`` would write, byte for byte, made without decoding
+    them: ``slice_open_log(encoded=True)`` answers this instead of the list when every line is printable
+    ASCII other than ``"`` and ``\\`` (what JSON writes unchanged); a caller splices it into its answer."""
+
+
+# The bytes json.dumps writes as they are (printable ASCII but the quote and the backslash), and the newline
+# that separates the lines: a window holding nothing else becomes its JSON array by one replace.
+_JSON_AS_IS = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"") + b"\n"
+
+
+def _decode_lines(lines: List[bytes]) -> Tuple[Any, int]:
+    """Complete lines as text (a list, or EncodedLines inside ``slice_open_log(encoded=True)``), and how
+    many bytes they span in the file (newlines included).
 
     One decode of the joined lines: the byte 0x0A never occurs inside a UTF-8 sequence (RFC 3629),
     so a decoding error never reaches across a newline, and the result equals a decode per line.
@@ -591,6 +603,8 @@ def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
     if not lines:
         return [], 0
     joined = b"\n".join(lines)
+    if getattr(_nowait, "encoded", False) and not joined.translate(None, _JSON_AS_IS):
+        return EncodedLines(b'["' + joined.replace(b"\n", b'","') + b'"]'), len(joined) + 1
     text = joined.decode("utf-8", "replace").split("\n")
     if b"\r" in joined:
         text = [line[:-1] if line.endswith("\r") else line for line in text]
@@ -715,7 +729,7 @@ def _follow_slice(
 
 
 def _slice_result(
-    lines: List[str], cursor: str, size: int, *, truncated: bool, more: bool, reset: bool = False
+    lines: Any, cursor: str, size: int, *, truncated: bool, more: bool, reset: bool = False
 ) -> Dict[str, Any]:
     return {
         "cursor": cursor,
@@ -788,10 +802,11 @@ def _read_slice(
 
 def slice_open_log(
     fd: int, st: os.stat_result, display_name: str, cursor: Union[str, int, None] = None,
-    limit: Optional[int] = None, max_bytes: Optional[int] = None,
+    limit: Optional[int] = None, max_bytes: Optional[int] = None, *, encoded: bool = False,
 ) -> Dict[str, Any]:
     """``read_log``'s answer from a log the caller keeps open and has just checked (``st``: its fstat, a
     regular file that is the session's own), for a caller that must not block: every read is RWF_NOWAIT.
+    With ``encoded``, ``lines`` may be EncodedLines (their JSON) instead of a list.
 
     Raises WouldBlock when a read would wait for the disk, when the file changed while it was read, or
     where reads cannot be made non-blocking: the caller then asks ``read_log`` in a worker. Raises
@@ -802,12 +817,13 @@ def slice_open_log(
     if not NOWAIT_READS:
         raise WouldBlock()
     _nowait.on = True
+    _nowait.encoded = encoded
     try:
         return {"file": display_name, **_slice_open_file(fd, st, parsed, limit, max_bytes)}
     except _FileChanged:
         raise WouldBlock() from None  # the worker's read_log retries on a fresh open
     finally:
-        _nowait.on = False
+        _nowait.on = _nowait.encoded = False
 
 
 def read_log_slice(

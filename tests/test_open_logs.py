@@ -19,6 +19,7 @@ import pytest
 
 import ops_service
 from conftest import serve_embedded
+from uagw.logcache import slice_response
 
 pytestmark = pytest.mark.skipif(not ops_service.NOWAIT_READS, reason="no RWF_NOWAIT: every read goes to a worker")
 
@@ -39,6 +40,23 @@ def kept_tail(gateway: Any, session_id: str, content: bytes) -> Path:
     for _ in range(2):
         assert tail(gateway, session_id)["size"] == len(content)
     return directory
+
+
+@pytest.mark.parametrize("content", [
+    b"plain ascii line\n" * 3,
+    b'a "quoted" word and a back\\slash\n',
+    "caf\u00e9 \u2028 \U0001F600\n".encode(),
+    b"windows line\r\nnext\r\n",
+    b"tab\tand bell\x07 and del\x7f\n",
+    b"broken utf-8 \xff\xfe\n",
+    b"no newline at the end",
+])
+def test_an_answer_from_the_kept_log_is_byte_for_byte_the_workers(gateway, content):
+    session_id = f"keep-bytes-{len(content)}"
+    gateway.make_session(session_id, {"run.log": content})
+    path = f"/api/v1/ops/logs/tail?session_id={session_id}"
+    answers = [gateway.get(path).body for _ in range(3)]  # a worker's, then two from the kept log
+    assert answers[1] == answers[0] and answers[2] == answers[0]
 
 
 def test_a_log_replaced_under_the_same_name_is_read_anew(gateway):
@@ -122,7 +140,7 @@ def test_a_second_tail_is_answered_from_the_kept_log_and_a_deletion_lets_it_go(t
         url = f"{gateway.url}/api/v1/ops/logs/tail?session_id=s1"
         first = await loop.run_in_executor(None, _get, url)
         kept = gateway.open_logs.descriptors()
-        now = gateway.open_logs.read_now("s1", "run.log", None, None, None)
+        now = json.loads(slice_response({}, gateway.open_logs.read_now("s1", "run.log", None, None, None)).body)
         request = urllib.request.Request(f"{gateway.url}/api/v1/ops/sessions/s1?confirm=true", method="DELETE")
         await loop.run_in_executor(None, lambda: urllib.request.urlopen(request, timeout=10).read())
         return {"first": first, "kept": kept, "now": now, "after_delete": gateway.open_logs.descriptors()}

@@ -32,7 +32,7 @@ from .http11 import HttpError, Request, Response, error_response, json_response
 from .access import AccessControl, request_tokens
 from .changes import ChangeKind, Changes
 from .logs import GatewayLog
-from .logcache import OpenLogs
+from .logcache import OpenLogs, slice_response
 from .routing import (
     Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
     ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
@@ -473,7 +473,7 @@ class Application:
         and cached (uagw.logcache), else from a worker, which keeps the log open for the next read."""
         result = self.open_logs.read_now(session_id, file_name, cursor, limit, max_bytes)
         if result is not None:
-            return json_response(200, {**extra, **result})
+            return slice_response(extra, result)
         return self._read_log_in_worker(session_id, file_name, extra, cursor, limit, max_bytes)
 
     async def _read_log_in_worker(self, session_id: str, file_name: str, extra: Dict[str, Any], cursor: Optional[str],

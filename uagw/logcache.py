@@ -13,28 +13,34 @@ directory and the file) and answers a read of one of them on the event loop when
   shrinks while it is read, send the request to the worker too. Where the platform cannot read without
   waiting, nothing is kept and every read goes to a worker.
 
+Lines that JSON writes as they are (printable ASCII without ``"`` and ``\\``, the usual log) are not decoded
+and re-escaped: ``slice_response`` splices their JSON array, made from the bytes, into the answer, which is
+byte for byte what ``json_response`` would have made.
+
 Entries are opened by the worker that answered a miss, dropped on the session changes that move or remove
 logs (reset, archive, compaction, deletion), and closed in a worker: the last close of a deleted file frees
 its blocks, which is disk work.
 
-May import: the standard library, ``ops_service``, ``uagw.limits`` and ``uagw.changes``.
+May import: the standard library, ``ops_service``, ``uagw.limits``, ``uagw.http11`` and ``uagw.changes``.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import stat
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
 import ops_service
-from ops_service import OpsError, OpsService, WouldBlock
+from ops_service import EncodedLines, OpsError, OpsService, WouldBlock
 
 from .changes import ChangeKind
+from .http11 import Response, json_response
 from .limits import OPEN_LOGS
 
-__all__ = ["OpenLogs"]
+__all__ = ["OpenLogs", "slice_response"]
 
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 # O_NONBLOCK and O_NOFOLLOW as read_log opens: a FIFO or a symlink under a log's name is never waited on or followed.
@@ -103,7 +109,8 @@ class OpenLogs:
     def read_now(self, session_id: str, file_name: str, cursor: Optional[str], limit: Optional[int],
                  max_bytes: Optional[int]) -> Optional[Dict[str, Any]]:
         """``read_log``'s answer, if the log is kept, still the same file, and its pages are cached; else None
-        (the caller asks a worker). Raises InvalidArgument and InvalidCursor as ``read_log`` does."""
+        (the caller asks a worker). Its ``lines`` may be EncodedLines: answer it with ``slice_response``.
+        Raises InvalidArgument and InvalidCursor as ``read_log`` does."""
         key = (session_id, file_name)
         entry = self._entries.get(key)
         if entry is None:
@@ -113,7 +120,7 @@ class OpenLogs:
             self._drop(key)
             return None
         try:
-            result = ops_service.slice_open_log(entry.fd, st, file_name, cursor, limit, max_bytes)
+            result = ops_service.slice_open_log(entry.fd, st, file_name, cursor, limit, max_bytes, encoded=True)
         except WouldBlock:
             return None
         except OSError:
@@ -177,3 +184,18 @@ class OpenLogs:
             self.executor.submit(entry.close)
         except RuntimeError:  # the executor is shut down: the gateway is stopping
             entry.close()
+
+
+# Where the lines go in the answer: the key with an empty array. A string value cannot hold this sequence
+# as JSON writes it (its quotes would be escaped), so the first occurrence is the key itself.
+_LINES_SLOT = b'"lines":[]'
+
+
+def slice_response(extra: Dict[str, Any], result: Dict[str, Any]) -> Response:
+    """200 with ``extra`` and a log slice ``result``, as ``json_response`` would answer it; EncodedLines are
+    spliced in as they are."""
+    lines = result["lines"]
+    if not isinstance(lines, EncodedLines):
+        return json_response(200, {**extra, **result})
+    body = json.dumps({**extra, **result, "lines": []}, separators=(",", ":")).encode()
+    return Response(200, body.replace(_LINES_SLOT, b'"lines":' + lines, 1))
