@@ -505,9 +505,31 @@ class _FileChanged(Exception):
     """The file shrank while a slice was reading it; the slice is retried."""
 
 
+class WouldBlock(Exception):
+    """A read on the event loop (``slice_open_log``) would have waited for the disk: hand it to a worker."""
+
+
+# Reads without waiting: Linux >= 4.14 fails a read whose pages are not all in the page cache with EAGAIN
+# (RWF_NOWAIT) instead of sleeping; elsewhere nothing is read on the event loop (NOWAIT_READS is False).
+NOWAIT_READS = hasattr(os, "preadv") and hasattr(os, "RWF_NOWAIT")
+_nowait = threading.local()  # .on: this thread's slice reads must not block (only slice_open_log sets it)
+
+
 def _pread(fd: "_Source", size: int, offset: int) -> bytes:
-    # A slice reads a plain file through its descriptor, or a compressed archive through its stream.
-    return os.pread(fd, size, offset) if isinstance(fd, int) else fd.pread(size, offset)
+    """os.pread of a plain file's descriptor, or of a compressed archive through its stream; inside
+    slice_open_log, a read that raises WouldBlock instead of waiting for the disk."""
+    if not isinstance(fd, int):
+        return fd.pread(size, offset)
+    if not getattr(_nowait, "on", False):
+        return os.pread(fd, size, offset)
+    buffer = bytearray(size)
+    try:
+        got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except OSError as exc:
+        # EAGAIN: not cached; EOPNOTSUPP: a file system that cannot say. Either way a worker reads it.
+        raise WouldBlock() from exc
+    del buffer[got:]
+    return bytes(buffer)
 
 
 def _pread_full(fd: "_Source", size: int, offset: int) -> bytes:
@@ -593,8 +615,20 @@ def _decode_line(line: bytes, complete: bool = True) -> str:
     return line.decode("utf-8", "replace")
 
 
-def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
-    """Complete lines as text, and how many bytes they span in the file (newlines included).
+class EncodedLines(bytes):
+    """A slice's lines as the JSON array ``json.dumps`` would write, byte for byte, made without decoding
+    them: ``slice_open_log(encoded=True)`` answers this instead of the list when every line is printable
+    ASCII other than ``"`` and ``\\`` (what JSON writes unchanged); a caller splices it into its answer."""
+
+
+# The bytes json.dumps writes as they are (printable ASCII but the quote and the backslash), and the newline
+# that separates the lines: a window holding nothing else becomes its JSON array by one replace.
+_JSON_AS_IS = bytes(range(0x20, 0x7F)).replace(b'"', b"").replace(b"\\", b"") + b"\n"
+
+
+def _decode_lines(lines: List[bytes]) -> Tuple[Any, int]:
+    """Complete lines as text (a list, or EncodedLines inside ``slice_open_log(encoded=True)``), and how
+    many bytes they span in the file (newlines included).
 
     One decode of the joined lines: the byte 0x0A never occurs inside a UTF-8 sequence (RFC 3629),
     so a decoding error never reaches across a newline, and the result equals a decode per line.
@@ -602,6 +636,8 @@ def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
     if not lines:
         return [], 0
     joined = b"\n".join(lines)
+    if getattr(_nowait, "encoded", False) and not joined.translate(None, _JSON_AS_IS):
+        return EncodedLines(b'["' + joined.replace(b"\n", b'","') + b'"]'), len(joined) + 1
     text = joined.decode("utf-8", "replace").split("\n")
     if b"\r" in joined:
         text = [line[:-1] if line.endswith("\r") else line for line in text]
@@ -613,7 +649,7 @@ def _has_newline(fd: "_Source", start: int, stop: int) -> bool:
         return fd.has_newline(start, stop)
     pos = start
     while pos < stop:
-        chunk = os.pread(fd, min(IO_CHUNK, stop - pos), pos)
+        chunk = _pread(fd, min(IO_CHUNK, stop - pos), pos)
         if not chunk:
             return False
         if b"\n" in chunk:
@@ -728,7 +764,7 @@ def _follow_slice(
 
 
 def _slice_result(
-    lines: List[str], cursor: str, size: int, *, truncated: bool, more: bool, reset: bool = False
+    lines: Any, cursor: str, size: int, *, truncated: bool, more: bool, reset: bool = False
 ) -> Dict[str, Any]:
     return {
         "cursor": cursor,
@@ -797,6 +833,32 @@ def _read_slice(
     raise WorkspacesUnavailable(
         "{} kept shrinking while it was being read; retry the request".format(display_name)
     )
+
+
+def slice_open_log(
+    fd: int, st: os.stat_result, display_name: str, cursor: Union[str, int, None] = None,
+    limit: Optional[int] = None, max_bytes: Optional[int] = None, *, encoded: bool = False,
+) -> Dict[str, Any]:
+    """``read_log``'s answer from a log the caller keeps open and has just checked (``st``: its fstat, a
+    regular file that is the session's own), for a caller that must not block: every read is RWF_NOWAIT.
+    With ``encoded``, ``lines`` may be EncodedLines (their JSON) instead of a list.
+
+    Raises WouldBlock when a read would wait for the disk, when the file changed while it was read, or
+    where reads cannot be made non-blocking: the caller then asks ``read_log`` in a worker. Raises
+    InvalidArgument and InvalidCursor as ``read_log`` does; OSError propagates.
+    """
+    limit, max_bytes = _slice_limits(limit, max_bytes)
+    parsed = _parse_cursor(cursor)
+    if not NOWAIT_READS:
+        raise WouldBlock()
+    _nowait.on = True
+    _nowait.encoded = encoded
+    try:
+        return {"file": display_name, **_slice_open_file(fd, st, parsed, limit, max_bytes)}
+    except _FileChanged:
+        raise WouldBlock() from None  # the worker's read_log retries on a fresh open
+    finally:
+        _nowait.on = _nowait.encoded = False
 
 
 def read_log_slice(

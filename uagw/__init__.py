@@ -32,6 +32,8 @@ Module map, lowest layer first
 - ``changes``: ``Changes``, ``ChangeKind``: session changes announced to observers. Imports nothing.
 - ``access``: the token, lockout, address allowlist, CORS, session-creation limits. limits, config, http11.
 - ``logs``: the writer threads: ``GatewayLog`` and ``SessionWriter``. ops_service, limits, text.
+- ``logcache``: ``OpenLogs`` (session logs kept open; tails answered on the event loop when cached) and
+  ``slice_response``. ops_service, limits, http11, changes.
 - ``routing``: ``Router``, ``Route``, ``Scope``, ``Upgrade`` and ``Dispatched``, request helpers, the
   OpsError status table. ops_service, limits, text, http11.
 - ``server``: ``Server``, ``HttpConnection`` (its ``Phase``) and ``Listener``; the ``Application`` and

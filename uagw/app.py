@@ -16,7 +16,7 @@ import os
 import pkgutil
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import parse_qsl
 
 import ops_service
@@ -36,6 +36,7 @@ from .changes import ChangeKind, Changes
 from .compressor import ArchiveCompressor
 from .logs import GatewayLog
 from .metrics import EXPOSITION_CONTENT_TYPE, GatewayMetrics, render
+from .logcache import OpenLogs, slice_response
 from .routing import (
     Dispatched, Permission, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
     ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
@@ -91,6 +92,12 @@ def read_console_assets() -> Dict[str, bytes]:
 
 
 # The last event of every stream at gateway stop (PROTOCOL.md §13): the client reconnects to another run.
+async def _awaited(answer: Callable[..., Union[Response, Awaitable[Response]]], *args: Any) -> Response:
+    """``answer(*args)`` as an awaitable: a follow opens with the answer a plain call gives, now or later."""
+    result = answer(*args)
+    return result if isinstance(result, Response) else await result
+
+
 _GATEWAY_STOPPING = sse_event("end", {"reason": "the gateway is stopping; reconnect with Last-Event-ID"})
 
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal-Token, X-UA-User, Last-Event-ID"
@@ -111,6 +118,7 @@ class Application:
         self.access = AccessControl(config)
         self.agent = agent
         self.executor = concurrent.futures.ThreadPoolExecutor(OPS_THREADS, thread_name_prefix="ua-ops")
+        self.open_logs = OpenLogs(self.ops, self.executor)
         self.started_at = time.monotonic()
         self.root_problem: Optional[str] = None
         self.log: Optional[GatewayLog] = None
@@ -120,6 +128,7 @@ class Application:
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
         self.pruner = Pruner(self)  # retention: the background pruner and the prune routes (PROTOCOL.md §15)
         self.compressor: Optional[ArchiveCompressor] = None  # gzips archived logs on its own thread (PROTOCOL.md §16)
+        self.changes.subscribe(self.open_logs.on_change)
         self.assets: Dict[str, bytes] = {}
         self.log_watchers: Optional[LogWatchers] = None  # the followed logs (PROTOCOL.md §13), from open()
         self.session_events: Optional[SessionEvents] = None  # GET /api/v1/ops/events, from open()
@@ -177,11 +186,13 @@ class Application:
         if self.log is not None:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
+        self.open_logs.close()
         self.executor.shutdown(wait=False)
 
     def descriptors_reserved(self) -> int:
         """The open-file budget's descriptors connections may not take: AGENT_TURN_FDS per running agent command."""
-        return AGENT_TURN_FDS * len(self.hub.agent_groups) if self.hub is not None else 0
+        agents = AGENT_TURN_FDS * len(self.hub.agent_groups) if self.hub is not None else 0
+        return agents + self.open_logs.descriptors()
 
     def agent_command_limit(self) -> int:
         """How many agent commands may run at once: MAX_AGENT_COMMANDS, and no more than leave a share
@@ -588,23 +599,18 @@ class Application:
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         return self.pruner.session_details(params["session_id"])  # the details, with disk use against the budget
 
-    def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+    def preview(self, request: Request, params: Dict[str, str]) -> Union[Response, Awaitable[Response]]:
         query = query_params(request)
         if bool_param(query, "follow"):
             return self._follow(request, query, (params["session_id"], "activity_journal.log"),
-                                functools.partial(self._preview, params, query))
+                                functools.partial(_awaited, self._preview, params, query))
         return self._preview(params, query)
 
-    async def _preview(self, params: Dict[str, str], query: Dict[str, str]) -> Response:
-        result = await self.run_ops(
-            self.ops.read_log,
-            params["session_id"],
-            "activity_journal.log",
-            cursor=query.get("cursor"),
-            limit=int_param(query, "limit"),
-            max_bytes=int_param(query, "max_bytes"),
-        )
-        return json_response(200, {"session_id": params["session_id"], **result})  # UA's preview names its session
+    def _preview(self, params: Dict[str, str], query: Dict[str, str]) -> Union[Response, Awaitable[Response]]:
+        # UA's preview names its session
+        return self._read_log(params["session_id"], "activity_journal.log", {"session_id": params["session_id"]},
+                              cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                              max_bytes=int_param(query, "max_bytes"))
 
     # -- streams (PROTOCOL.md §13) ---------------------------------------------------------------------------
 
@@ -690,12 +696,29 @@ class Application:
                                         cursor=query.get("cursor"), limit=int_param(query, "limit"),
                                         max_bytes=int_param(query, "max_bytes"))
 
-    def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+
+    def _read_log(self, session_id: str, file_name: str, extra: Dict[str, Any], cursor: Optional[str],
+                  limit: Optional[int], max_bytes: Optional[int]) -> Union[Response, Awaitable[Response]]:
+        """A session log's slice (``extra`` first in the answer): on the event loop when the log is kept open
+        and cached (uagw.logcache), else from a worker, which keeps the log open for the next read."""
+        result = self.open_logs.read_now(session_id, file_name, cursor, limit, max_bytes)
+        if result is not None:
+            return slice_response(extra, result)
+        return self._read_log_in_worker(session_id, file_name, extra, cursor, limit, max_bytes)
+
+    async def _read_log_in_worker(self, session_id: str, file_name: str, extra: Dict[str, Any], cursor: Optional[str],
+                                  limit: Optional[int], max_bytes: Optional[int]) -> Response:
+        result, opened = await self.run_ops(self.open_logs.read_and_open, session_id, file_name, cursor, limit,
+                                            max_bytes)
+        self.open_logs.keep(session_id, file_name, opened)
+        return json_response(200, {**extra, **result})
+
+    def logs_tail(self, request: Request, params: Dict[str, str]) -> Union[Response, Awaitable[Response]]:
         query = query_params(request)
         if bool_param(query, "follow"):
             plain_query = {name: value for name, value in query.items() if name not in ("follow", "cursor")}
             session_id, file_name = self._tail_target(plain_query)
-            plain = functools.partial(self._logs_tail, plain_query)
+            plain = functools.partial(_awaited, self._logs_tail, plain_query)
             return self._follow(request, query, (session_id, file_name), plain)
         return self._logs_tail(query)
 
@@ -715,21 +738,12 @@ class Application:
             raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
         return session_id, file_name
 
-    def _logs_tail(self, query: Dict[str, str]) -> Awaitable[Response]:
-        session_id = query.get("session_id")
-        file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
-        if session_id is None and query.get("path") is not None:
-            session_id, file_name = self._log_path(query["path"])
-        slice_args = dict(cursor=query.get("cursor"), limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"))
+    def _logs_tail(self, query: Dict[str, str]) -> Union[Response, Awaitable[Response]]:
+        session_id, file_name = self._tail_target(query)
+        cursor, limit, max_bytes = query.get("cursor"), int_param(query, "limit"), int_param(query, "max_bytes")
         if session_id is None:
-            if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
-                raise HttpError(400, f"file {show(file_name)} needs session_id; without it the gateway's own log is read")
-            return self._ops_response(200, self.ops.read_gateway_log, **slice_args)
-        session_id_param(session_id)
-        file_name = file_name or "run.log"
-        if file_name not in ops_service.LOG_FILES:
-            raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
-        return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
+            return self._ops_response(200, self.ops.read_gateway_log, cursor=cursor, limit=limit, max_bytes=max_bytes)
+        return self._read_log(session_id, file_name, {}, cursor, limit, max_bytes)
 
     def audit_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         """A log slice of the audit trail, across its rotations (PROTOCOL.md §11.2)."""

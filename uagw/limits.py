@@ -70,6 +70,7 @@ __all__ = [
     "METRICS_WALK_INTERVAL",
     "METRICS_WALK_MAX_ENTRIES",
     "METRICS_WALK_MAX_SECONDS",
+    "OPEN_LOGS",
     "OPS_THREADS",
     "REFUSAL_LINGER",
     "REMEMBERED_SESSIONS",
@@ -163,6 +164,8 @@ SECURITY_LOG_RATE = 10.0  # ... then this many a second: 64 MiB takes hours of f
 FD_RESERVE = 16 + 4 * OPS_THREADS  # descriptors kept from connections: std streams, epoll, self-pipe, listening and
 # log files, a spawning agent's pipes (16), and a directory and a file or two per disk worker
 AGENT_TURN_FDS = 4  # a running agent command holds its stdin, stdout and stderr pipes, and a pidfd on 3.12+
+OPEN_LOGS = 8  # session logs kept open for tails on the event loop (2 descriptors each); the recent few are what
+# a console polls, and each is checked on every use, so more buys little and holds deleted files' space longer
 HTTP_FD_SHARE = 4  # agent commands may take at most (1 - 1/this) of the descriptor budget: a quarter always
 # stays for connections, so running turns can never lock operators (and health) out
 MAX_AGENT_COMMANDS = 256  # agent commands running at once, whatever the descriptor budget: each is a process

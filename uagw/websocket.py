@@ -119,7 +119,8 @@ class WebSocketBridge:
         self.loop = loop
         self.open = False
         self.closed = False
-        self.request: Optional[Request] = None
+        # The peer's address, kept instead of the handshake request: an idle connection holds no header.
+        self.peer = ""
         # One buffer, not a list of pieces: a flood of tiny or empty continuation frames then costs
         # no more memory than the message it builds, which max_size bounds.
         self.fragments = bytearray()
@@ -140,14 +141,14 @@ class WebSocketBridge:
     @property
     def client(self) -> str:
         """The peer's address."""
-        return self.request.client if self.request is not None else ""
+        return self.peer
 
     def start(self, request: Request, head: bytes, rest: bytes) -> Optional[Response]:
         """Run the opening handshake on the raw request head, then any frames that followed it.
 
         Returns the refusal to send as plain HTTP when websockets cannot answer the handshake itself
         (the socket then stays the connection's); None once the bridge has answered it."""
-        self.request = request
+        self.peer = request.client
         # The head alone: frames fed with it would be parsed before the handshake is answered, and
         # a bad one would queue the protocol's EOF ahead of the response.
         self.protocol.receive_data(head)
@@ -184,6 +185,10 @@ class WebSocketBridge:
             response.headers["Server"] = SERVER_NAME
             response.body = body
         self.protocol.send_response(response)
+        if ws_request is not None:
+            # websockets' parser keeps the parsed handshake for the connection's life (a local of its
+            # generator); its headers are not needed past the response, and are most of an idle socket's memory.
+            ws_request.headers.clear()
         self.flush()
         if response.status_code != 101:
             self.closed = True
