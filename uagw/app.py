@@ -31,6 +31,7 @@ from .config import Config, ConfigError, is_loopback_host
 from .http11 import HttpError, Request, Response, error_response, json_response
 from .access import AccessControl, request_tokens
 from .changes import ChangeKind, Changes
+from .index import SessionIndex
 from .logs import GatewayLog
 from .routing import (
     Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
@@ -106,6 +107,10 @@ class Application:
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
+        # Lists answer from memory (issue 15); None: each list scans the root (Config.session_index off).
+        self.index: Optional[SessionIndex] = SessionIndex(
+            self.ops, rescan_interval=config.index_rescan_interval, scan_pause=config.index_scan_pause,
+        ) if config.session_index else None
         self.assets: Dict[str, bytes] = {}
         self.router = Router(self._routes())
 
@@ -131,6 +136,8 @@ class Application:
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
+        if self.index is not None:
+            self.index.start(loop, self.executor, self.changes)  # scans in a thread: health answers at once
 
     def watch_root(self) -> None:
         """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
@@ -140,6 +147,8 @@ class Application:
         """Stop the background work, write the stop record and close the log; the hub is shut down before."""
         for task in self._tasks:
             task.cancel()
+        if self.index is not None:
+            self.index.close()
         if self.log is not None:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
@@ -440,17 +449,25 @@ class Application:
 
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
-        return self._ops_response(
-            200,
-            self.ops.list_sessions,
+        return self._list_response(
             status=query.get("status", "all"),
             limit=int_param(query, "limit"),
             offset=int_param(query, "offset"),
-            runtime=self.runtime(),
             source=query.get("source"),
             owner=query.get("owner"),
             memory_mode=query.get("memory_mode"),
         )
+
+    async def _list_response(self, **query: Any) -> Response:
+        return json_response(200, await self._list_page(**query))
+
+    async def _list_page(self, **query: Any) -> Dict[str, Any]:
+        """A page of summaries (PROTOCOL.md §11): from the session index, or scanned when it is off."""
+        index = self.index
+        if index is None:
+            return {**await self.run_ops(self.ops.list_sessions, runtime=self.runtime(), **query), "partial": False}
+        await index.settle()  # the gateway's own changes announced so far are in the answer
+        return await self.run_ops(index.list_sessions, runtime=self.runtime(), **query)
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
@@ -684,7 +701,7 @@ class Application:
         return self._api_list_sessions(50 if limit is None else limit)
 
     async def _api_list_sessions(self, limit: int) -> Response:
-        page = await self.run_ops(self.ops.list_sessions, limit=limit, runtime=self.runtime())
+        page = await self._list_page(limit=limit)
         rows = []
         for summary in page["sessions"]:
             session_id = summary["session_id"]

@@ -140,7 +140,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
-        "UA_GATEWAY_LOG_ROTATE_BYTES; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
+        "UA_GATEWAY_LOG_ROTATE_BYTES, UA_SESSION_INDEX, UA_INDEX_RESCAN_INTERVAL, UA_INDEX_SCAN_PAUSE; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
         "DEFAULT_USER_ID, COMPOSIO_USER_ID, UA_DASHBOARD_OWNER_ID, TELEGRAM_ALLOWED_USER_IDS. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
@@ -156,6 +156,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--send-stall-timeout", type=float,
         help=f"abort a connection whose peer reads none of its answers for this many seconds (default {SEND_STALL_TIMEOUT:g})",
     )
+    parser.add_argument("--no-session-index", dest="session_index", action="store_false", default=None,
+                        help="answer lists by scanning the root each time, not from the session index (for comparison)")
     for name, default, meaning in TIMEOUT_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help=f"{meaning} (default {default:g})")
     return parser
@@ -182,6 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             keepalive_timeout=args.keepalive_timeout,
             max_connections=args.max_connections,
             send_stall_timeout=args.send_stall_timeout,
+            session_index=args.session_index,
             **{name: getattr(args, name) for name, _, _ in TIMEOUT_FLAGS},
         )
         config.check_exposure()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
-    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
+    HEADER_TIMEOUT, INDEX_RESCAN_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
     SHUTDOWN_GRACE,
     SEND_STALL_TIMEOUT, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
@@ -110,6 +110,18 @@ def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -
         raise ConfigError(f"{name} must be {what} (see README, Configuration), not {show(text)}") from None
 
 
+def _env_switch(env: Mapping[str, str], name: str) -> Optional[bool]:
+    """An on/off variable: 1/on/true/yes or 0/off/false/no; None when unset (the default applies)."""
+    text = (env.get(name) or "").strip().lower()
+    if not text:
+        return None
+    if text in ("1", "on", "true", "yes"):
+        return True
+    if text in ("0", "off", "false", "no"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (on or off), not {show(text)}")
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -173,6 +185,9 @@ class Config:
         log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
         internal_token: Optional[str] = None,
         default_user: str = DEFAULT_USER,
+        session_index: bool = True,
+        index_rescan_interval: float = INDEX_RESCAN_INTERVAL,
+        index_scan_pause: float = 0.0,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -205,6 +220,9 @@ class Config:
         self.session_create_burst = session_create_burst
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
+        self.session_index = session_index  # False: every list scans the root (the direct listing, for comparison)
+        self.index_rescan_interval = index_rescan_interval  # s between the index's rescans where inotify is missing
+        self.index_scan_pause = index_scan_pause  # s the first scan pauses per INDEX_SCAN_BATCH sessions: a slow disk
         self._check_limits()
 
     # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
@@ -225,6 +243,8 @@ class Config:
         ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
         ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
+        ("index_rescan_interval", "UA_INDEX_RESCAN_INTERVAL", None, False),
+        ("index_scan_pause", "UA_INDEX_SCAN_PAUSE", "no pause", False),
     )
 
     def _check_limits(self) -> None:
@@ -281,6 +301,9 @@ class Config:
             session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
             session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
             log_rotate_bytes=_env_number(env, "UA_GATEWAY_LOG_ROTATE_BYTES", int),
+            session_index=_env_switch(env, "UA_SESSION_INDEX"),
+            index_rescan_interval=_env_number(env, "UA_INDEX_RESCAN_INTERVAL", float),
+            index_scan_pause=_env_number(env, "UA_INDEX_SCAN_PAUSE", float),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})

@@ -34,6 +34,12 @@ __all__ = [
     "GIL_SWITCH_INTERVAL",
     "HEADER_TIMEOUT",
     "HTTP_FD_SHARE",
+    "INDEX_RACY_NS",
+    "INDEX_RESCAN_INTERVAL",
+    "INDEX_SAFETY_RESCAN",
+    "INDEX_SCAN_BATCH",
+    "INDEX_SETTLE",
+    "INDEX_TURN_DELAY",
     "KEEPALIVE_TIMEOUT",
     "MAX_AGENT_COMMANDS",
     "MAX_AGENT_LINE",
@@ -196,3 +202,17 @@ AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the
 REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
 REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
 # recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst
+
+
+# The session index (uagw/index.py; issue 15)
+
+INDEX_RESCAN_INTERVAL = 1.0  # s between rescans where inotify is missing: with a rescan's own time (0.1 s per
+# 10,000 unchanged sessions), what other writers change shows within the 2 s the README states
+INDEX_SAFETY_RESCAN = 30.0  # s between rescans while inotify reports changes: a net for what it cannot see
+# (an entry added inside an existing archive/ changes the status; an event queue overflow)
+INDEX_SETTLE = 0.05  # s inotify events are gathered before re-reading: a turn's journal writes, every 10 ms, come
+# as one re-read of the session, not one per line
+INDEX_TURN_DELAY = 0.05  # s after a turn starts or ends before its session is re-read: its journal lines and
+# heartbeat reach the disk through the writer thread just after the announcement (SESSION_WRITE_DELAY)
+INDEX_SCAN_BATCH = 100  # sessions the first scan reads between two of Config.index_scan_pause's pauses
+INDEX_RACY_NS = 1_000_000_000  # a file changed this recently is re-read, not trusted to its mtime (git's racy rule)
