@@ -523,7 +523,7 @@ class SessionIndex:
             return
         try:
             while not self._stop.is_set() and self._inotify is inotify:
-                ready, _, _ = select.select([inotify.fd], [], [], 0.5)
+                ready, _, _ = select.select([inotify.fd], [], [], 0.25)
                 if not ready:
                     continue
                 self._stop.wait(INDEX_SETTLE)  # a burst of writes (a turn's journal) becomes one re-read
