@@ -116,7 +116,6 @@ __all__ = [
     "read_log_slice",
     "OpsService",
     "ListQuery",
-    "SUMMARY_NAMES",
     "list_query",
     "ListedSession",
 ]
@@ -243,7 +242,6 @@ _SUMMARY_NAMES = frozenset(
     + (POLICY_FILE_NAME, DESCRIPTION_FILE_NAME, CONTEXT_BRIEF_FILE_NAME, TRACE_FILE_NAME)
     + CHECKPOINT_JSON_NAMES + CHECKPOINT_MD_NAMES
 )
-SUMMARY_NAMES = _SUMMARY_NAMES  # public: a view that keeps summaries stats these to tell a change
 _ACTIVITY_FILES = LOG_FILES + (HEARTBEAT_FILE_NAME,)
 _RACY_NS = 1_000_000_000  # a directory changed this recently is re-read, not trusted to its mtime
 _KINDS_CACHE_MAX = 100_000  # sessions remembered by the listing; past that it starts afresh

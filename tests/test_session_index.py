@@ -152,7 +152,7 @@ def test_startup_answers_health_at_once_and_lists_say_partial_until_the_scan_is_
     workspaces.mkdir()
     for number in range(300):
         os.mkdir(workspaces / f"s{number:04d}")
-    gateway = launch(workspaces, env={"UA_INDEX_SCAN_PAUSE": "0.5"})  # 100 sessions, then 0.5 s: 1.5 s in all
+    gateway = launch(workspaces, env={"UA_INDEX_SCAN_PAUSE": "1"})  # 100 sessions, then 1 s: 2 s in all
     try:
         assert gateway.get("/api/v1/health").status == 200  # answered while the scan is still under way:
         first = listing(gateway)

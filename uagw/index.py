@@ -39,7 +39,7 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ops_service import (
-    LIST_DEFAULT_LIMIT, SUMMARY_NAMES, ListQuery, ListedSession, OpsError, OpsService, Runtime, is_valid_session_id,
+    LIST_DEFAULT_LIMIT, ListQuery, ListedSession, OpsError, OpsService, Runtime, is_valid_session_id,
     list_query,
 )
 
@@ -63,7 +63,6 @@ def _share(value: Any) -> Any:
 
 
 Signature = Tuple[int, ...]
-_ALL_NAMES = tuple(sorted(SUMMARY_NAMES))  # what a re-read stats before and after reading
 
 
 class _Entry:
@@ -329,17 +328,14 @@ class SessionIndex:
             return
         with lock:
             try:
-                before = self._stats(session_id, _ALL_NAMES, root_fd)
                 listed = self.ops.listed_session(session_id)
             except OpsError:
                 return  # the root is unavailable: keep what we have; lists answer its error meanwhile
             entry = None
             if listed is not None:
-                # Trusted only if nothing a summary reads moved while it was read (else the next rescan re-reads).
-                after = self._stats(session_id, _ALL_NAMES, root_fd)
-                trusted = before is not None and before == after
-                signature = self._signature_of(after, listed.entries) if trusted and after is not None else None
-                entry = _Entry(session_id, listed, time.time(), signature)
+                # Stat'ed after the read: a change during the read (well under INDEX_RACY_NS) makes it racy,
+                # so the signature is None and the next rescan reads the session again.
+                entry = _Entry(session_id, listed, time.time(), self._signature(session_id, listed.entries, root_fd))
             self._put(session_id, entry)
 
     def _put(self, session_id: str, entry: Optional[_Entry]) -> None:
@@ -355,32 +351,23 @@ class SessionIndex:
                 if order is not None:
                     bisect.insort(order, entry.key)
 
-    def _stats(self, session_id: str, names: Tuple[str, ...], root_fd: Optional[int]) -> Optional[Dict[str, Tuple[int, int, int]]]:
-        """{name: (inode, mtime, size)} of the session directory ("") and of those of ``names`` that exist;
-        None when one changed within INDEX_RACY_NS (a second change might not move its mtime)."""
+    def _signature(self, session_id: str, names: Tuple[str, ...], root_fd: Optional[int]) -> Optional[Signature]:
+        """What tells a change of a session without reading it: the (inode, mtime, size) of its directory and
+        of the files its summary read (zeros for one missing). None when one changed within INDEX_RACY_NS: a
+        second change within the mtime's grain would not move it (git's racy rule)."""
         base = session_id if root_fd is not None else os.path.join(str(self.ops.root), session_id)
-        stats: Dict[str, Tuple[int, int, int]] = {}
+        parts: List[int] = []
         racy_since = time.time_ns() - INDEX_RACY_NS
         for name in ("",) + names:
             try:
                 st = os.stat(os.path.join(base, name) if name else base, dir_fd=root_fd, follow_symlinks=False)
             except (OSError, ValueError):
+                parts.extend((0, 0, 0))
                 continue
             if st.st_mtime_ns > racy_since or st.st_ctime_ns > racy_since:
                 return None
-            stats[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
-        return stats
-
-    @staticmethod
-    def _signature_of(stats: Dict[str, Tuple[int, int, int]], names: Tuple[str, ...]) -> Signature:
-        missing = (0, 0, 0)
-        return tuple(part for name in ("",) + names for part in stats.get(name, missing))
-
-    def _signature(self, session_id: str, names: Tuple[str, ...], root_fd: Optional[int]) -> Optional[Signature]:
-        """What tells a change of a session without reading it: the (inode, mtime, size) of its directory
-        and of the files its summary read; None when racy."""
-        stats = self._stats(session_id, names, root_fd)
-        return None if stats is None else self._signature_of(stats, names)
+            parts.extend((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(parts)
 
     # -- gateway changes (on the loop) --------------------------------------------------------------------
 
@@ -463,7 +450,7 @@ class SessionIndex:
                 if name not in self._entries:  # a gateway change may have read it already
                     self.refresh(name, root_fd)
                 self.scanned = number
-                if self.scan_pause and number % INDEX_SCAN_BATCH == 0:
+                if self.scan_pause and number % INDEX_SCAN_BATCH == 0 and number < len(names):
                     self._stop.wait(self.scan_pause)
         finally:
             os.close(root_fd)
