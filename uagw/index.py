@@ -164,7 +164,7 @@ class Inotify:
         """[(wd, mask, name)] of what is queued now; [] when nothing is."""
         try:
             data = os.read(self.fd, INOTIFY_READ)
-        except BlockingIOError:
+        except OSError:  # nothing queued (EAGAIN), or closed by a fall-back to rescans meanwhile
             return []
         events, offset = [], 0
         while offset + _EVENT.size <= len(data):
@@ -210,6 +210,7 @@ class SessionIndex:
         self._stop = threading.Event()
         self._wake = threading.Event()  # an inotify overflow asks for a rescan now
         self._inotify: Optional[Inotify] = None
+        self._applying = threading.Lock()  # reading inotify events and applying them is one step
         self._watches: Dict[int, str] = {}  # wd -> session id ("" for the root)
         self._threads: List[threading.Thread] = []
         self._pending: Dict[str, "asyncio.Future[Any]"] = {}
@@ -269,6 +270,7 @@ class SessionIndex:
         and ``found``). Same arguments, same errors (InvalidArgument, WorkspacesUnavailable)."""
         query = list_query(status, limit, offset, runtime, source, owner, memory_mode)
         self.ops.check_root()  # a root gone answers as the direct listing does, not with stale summaries
+        self.catch_up()
         partial = not self.complete.is_set()
         with self._lock:
             order = self._order if self._order is not None else sorted(e.key for e in self._entries.values())
@@ -504,6 +506,20 @@ class SessionIndex:
         self._inotify = None
         self._wake.set()
 
+    def catch_up(self) -> None:
+        """Apply the changes inotify has queued so far (any thread): the kernel queues an event before the
+        writer's call returns, so a list answered after this shows what other processes wrote before it
+        was asked. Costs one non-blocking read when nothing is queued."""
+        inotify = self._inotify
+        if inotify is None:
+            return
+        with self._applying:  # events read by the notify thread are applied before anyone answers
+            dirty: Set[str] = set()
+            for wd, mask, name in inotify.read_events():
+                self._on_event(wd, mask, name, dirty)
+            for session_id in dirty:
+                self.refresh(session_id)
+
     def _notify_loop(self) -> None:
         inotify = self._inotify
         if inotify is None:
@@ -511,16 +527,9 @@ class SessionIndex:
         try:
             while not self._stop.is_set() and self._inotify is inotify:
                 ready, _, _ = select.select([inotify.fd], [], [], 0.25)
-                if not ready:
-                    continue
-                self._stop.wait(INDEX_SETTLE)  # a burst of writes (a turn's journal) becomes one re-read
-                dirty: Set[str] = set()
-                for wd, mask, name in inotify.read_events():
-                    self._on_event(wd, mask, name, dirty)
-                for session_id in dirty:
-                    if self._stop.is_set():
-                        return
-                    self.refresh(session_id)
+                if ready:
+                    self._stop.wait(INDEX_SETTLE)  # a burst of writes (a turn's journal) becomes one re-read
+                    self.catch_up()
         finally:
             if self._inotify is not inotify:
                 inotify.close()
