@@ -45,21 +45,27 @@ from ops_service import (
 
 from .changes import ChangeKind, Changes
 from .limits import (
-    INDEX_RACY_NS, INDEX_RESCAN_INTERVAL, INDEX_SAFETY_RESCAN, INDEX_SCAN_BATCH, INDEX_SETTLE, INDEX_TURN_DELAY,
+    INDEX_RACY_NS, INDEX_RESCAN_CPU_SHARE, INDEX_RESCAN_INTERVAL, INDEX_SAFETY_RESCAN, INDEX_SCAN_BATCH, INDEX_SETTLE, INDEX_TURN_DELAY,
 )
 
 __all__ = ["SessionIndex", "Inotify"]
 
 # Fields of a summary that depend on the runtime or on the root: filled in at answer time.
 _LIVE_FIELDS = ("status", "active_connections", "active_runs", "running", "last_event_seq")
-# Strings many summaries share (sources, channels, modes, reasons, entry names): one copy each.
-_shared: Dict[Any, Any] = {}
+# Field-name and entry-name tuples many entries share (few distinct ones: subsets of SUMMARY_NAMES).
+_shared_tuples: Dict[Tuple[str, ...], Tuple[str, ...]] = {}
 
 
 def _share(value: Any) -> Any:
-    if isinstance(value, (str, tuple)) and len(value) <= 64:
-        return _shared.setdefault(value, value)
+    """One copy of a short string many summaries hold (source, channel, owner, a day's timestamp): interned
+    strings are freed once no summary holds them, so this grows with nothing."""
+    if isinstance(value, str) and len(value) <= 64:
+        return sys.intern(value)
     return value
+
+
+def _share_tuple(value: Tuple[str, ...]) -> Tuple[str, ...]:
+    return _shared_tuples.setdefault(value, value)
 
 
 Signature = Tuple[int, ...]
@@ -74,12 +80,12 @@ class _Entry:
     def __init__(self, session_id: str, listed: ListedSession, read_at: float, signature: Optional[Signature]) -> None:
         summary = listed.summary
         self.key = (-listed.activity_ns, session_id)  # the listing's order: newest activity first, then by id
-        self.fields: Tuple[str, ...] = _share(tuple(summary))
+        self.fields: Tuple[str, ...] = _share_tuple(tuple(summary))
         # workspace_dir is rebuilt from the root (it is most of a summary's bytes); live fields at answer time.
         self.values = tuple(None if name == "workspace_dir" else _share(value) for name, value in summary.items())
         self.archived = summary.get("status") == "archived"
         self.read_at = read_at  # wall clock of the read: checkpoint_age_seconds grows from there
-        self.names: Tuple[str, ...] = _share(listed.entries)
+        self.names: Tuple[str, ...] = _share_tuple(listed.entries)
         self.signature = signature
 
     def field(self, name: str) -> Any:
@@ -411,19 +417,21 @@ class SessionIndex:
             with self._lock:
                 self._order = sorted(entry.key for entry in self._entries.values())
             self.complete.set()
+        cycle_cpu = 0.0
         while not self._stop.is_set():
             interval = INDEX_SAFETY_RESCAN if self._inotify is not None else self.rescan_interval
-            self._wake.wait(interval)
+            # A rescan takes at most INDEX_RESCAN_CPU_SHARE of a core: at 100,000 sessions the bound grows.
+            self._wake.wait(max(interval, cycle_cpu * (1 - INDEX_RESCAN_CPU_SHARE) / INDEX_RESCAN_CPU_SHARE))
             self._wake.clear()
             if self._stop.is_set():
                 return
-            started = time.process_time()
+            started = time.thread_time()
             try:
                 self.rescan()
             except (OpsError, OSError):
                 continue
             self.rescans += 1
-            self.last_rescan_cpu = time.process_time() - started
+            self.last_rescan_cpu = cycle_cpu = time.thread_time() - started
 
     def _session_names(self, root_fd: int) -> List[str]:
         names = []

@@ -35,6 +35,7 @@ __all__ = [
     "HEADER_TIMEOUT",
     "HTTP_FD_SHARE",
     "INDEX_RACY_NS",
+    "INDEX_RESCAN_CPU_SHARE",
     "INDEX_RESCAN_INTERVAL",
     "INDEX_SAFETY_RESCAN",
     "INDEX_SCAN_BATCH",
@@ -207,7 +208,9 @@ REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, c
 # The session index (uagw/index.py; issue 15)
 
 INDEX_RESCAN_INTERVAL = 1.0  # s between rescans where inotify is missing: with a rescan's own time (0.1 s per
-# 10,000 unchanged sessions), what other writers change shows within the 2 s the README states
+# 10,000 unchanged sessions), what other writers change shows within the 2 s the README states (up to 20,000)
+INDEX_RESCAN_CPU_SHARE = 0.25  # at most this share of a core goes to rescans: a rescan of 100,000 unchanged
+# sessions takes about 1 s of CPU, so without inotify they come every 4 s there, not every second
 INDEX_SAFETY_RESCAN = 30.0  # s between rescans while inotify reports changes: a net for what it cannot see
 # (an entry added inside an existing archive/ changes the status; an event queue overflow)
 INDEX_SETTLE = 0.05  # s inotify events are gathered before re-reading: a turn's journal writes, every 10 ms, come
