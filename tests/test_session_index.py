@@ -20,9 +20,10 @@ from websockets.asyncio.client import connect
 from conftest import RunningGateway, execute, launch, recv_until, run, wait_for
 from ops_service import STATUSES, InvalidArgument, OpsService
 from uagw.changes import Changes
+from uagw.config import Config, ConfigError
 from uagw.index import SessionIndex
 
-OUTSIDE_BOUND = 2.0  # s: README, "Sessions are listed from an index"
+OUTSIDE_BOUND = 2.0  # s: README, "Listing many sessions"; PROTOCOL.md §11
 OLD = 1_600_000_000  # 2020-09-13: a session last active long ago, so a change moves it to the top
 
 
@@ -169,6 +170,21 @@ def test_with_the_index_off_lists_scan_the_root_and_say_they_are_complete(start_
     gateway.make_session("idx-off", {"run.log": b"x\n"})
     answer = listing(gateway)  # no wait: the direct scan sees it at once
     assert answer["partial"] is False and [s["session_id"] for s in answer["sessions"]] == ["idx-off"]
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("UA_SESSION_INDEX", "maybe", "UA_SESSION_INDEX must be 1 or 0"),
+    ("UA_INDEX_RESCAN_INTERVAL", "0", "UA_INDEX_RESCAN_INTERVAL"),
+    ("UA_INDEX_SCAN_PAUSE", "-1", "UA_INDEX_SCAN_PAUSE"),
+])
+def test_an_unusable_index_setting_is_refused_naming_the_variable(variable, value, words):
+    with pytest.raises(ConfigError, match=words):
+        Config.from_env({variable: value})
+
+
+def test_the_index_is_on_unless_switched_off():
+    assert Config.from_env({}).session_index is True
+    assert Config.from_env({"UA_SESSION_INDEX": "off"}).session_index is False
 
 
 # -- the same answers as OpsService.list_sessions ----------------------------------------------------------
