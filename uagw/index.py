@@ -217,6 +217,7 @@ class SessionIndex:
         self._wake = threading.Event()  # an inotify overflow asks for a rescan now
         self._inotify: Optional[Inotify] = None
         self._applying = threading.Lock()  # reading inotify events and applying them is one step
+        self._deferred: Set[str] = set()  # sessions whose re-read waits for a gateway operation to end
         self._watches: Dict[int, str] = {}  # wd -> session id ("" for the root)
         self._threads: List[threading.Thread] = []
         self._pending: Dict[str, "asyncio.Future[Any]"] = {}
@@ -326,25 +327,31 @@ class SessionIndex:
 
     # -- re-reads -----------------------------------------------------------------------------------------
 
-    def refresh(self, session_id: str, root_fd: Optional[int] = None) -> None:
-        """Re-read one session now (any thread but the loop's): added, replaced or removed in the index."""
+    def refresh(self, session_id: str, root_fd: Optional[int] = None, wait: bool = True) -> bool:
+        """Re-read one session now (any thread but the loop's): added, replaced or removed in the index.
+        With ``wait=False``, False (and nothing done) while a gateway operation holds the session's lock."""
         if not is_valid_session_id(session_id):
-            return
+            return True
         try:
             lock = self.ops.session_lock(session_id)
         except OpsError:
-            return
-        with lock:
+            return True
+        if not lock.acquire(blocking=wait):
+            return False
+        try:
             try:
                 listed = self.ops.listed_session(session_id)
             except OpsError:
-                return  # the root is unavailable: keep what we have; lists answer its error meanwhile
+                return True  # the root is unavailable: keep what we have; lists answer its error meanwhile
             entry = None
             if listed is not None:
                 # Stat'ed after the read: a change during the read (well under INDEX_RACY_NS) makes it racy,
                 # so the signature is None and the next rescan reads the session again.
                 entry = _Entry(session_id, listed, time.time(), self._signature(session_id, listed.entries, root_fd))
             self._put(session_id, entry)
+            return True
+        finally:
+            lock.release()
 
     def _put(self, session_id: str, entry: Optional[_Entry]) -> None:
         with self._lock:
@@ -522,11 +529,14 @@ class SessionIndex:
         if inotify is None:
             return
         with self._applying:  # events read by the notify thread are applied before anyone answers
-            dirty: Set[str] = set()
+            dirty, self._deferred = self._deferred, set()
             for wd, mask, name in inotify.read_events():
                 self._on_event(wd, mask, name, dirty)
             for session_id in dirty:
-                self.refresh(session_id)
+                # A session under a gateway operation (a compaction can take seconds) is not waited for: its
+                # change is announced when the operation ends, and the notify thread retries it meanwhile.
+                if not self.refresh(session_id, wait=False):
+                    self._deferred.add(session_id)
 
     def _notify_loop(self) -> None:
         inotify = self._inotify
@@ -534,8 +544,8 @@ class SessionIndex:
             return
         try:
             while not self._stop.is_set() and self._inotify is inotify:
-                ready, _, _ = select.select([inotify.fd], [], [], 0.25)
-                if ready:
+                ready, _, _ = select.select([inotify.fd], [], [], INDEX_SETTLE if self._deferred else 0.25)
+                if ready or self._deferred:
                     self._stop.wait(INDEX_SETTLE)  # a burst of writes (a turn's journal) becomes one re-read
                     self.catch_up()
         finally:
