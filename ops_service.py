@@ -15,8 +15,8 @@ Rules this module keeps
   level, never by a path name that could be swapped for a symlink after a kind check.
   A live log with a second hard link (a name that may be outside) is neither read nor
   appended to: ``append_log`` moves it into the archive and starts a fresh file.
-* Reset and compact lose nothing. Bytes move by ``rename`` or hard link, never by
-  copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
+* Reset and compact lose nothing (unless a compact is told ``archive=False``). Bytes move by
+  ``rename`` or hard link, never by copy-then-delete; a compacted log is built aside and swapped in with one ``rename``,
   so a reader sees the old file or the new one, never an empty or half-written one.
 * Operations that change a session hold that session's lock, so they are serialized
   with each other and with ``append_log``. Reads take no lock.
@@ -55,7 +55,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import errno
+import gzip
 import hashlib
 import hmac
 import heapq
@@ -70,6 +72,7 @@ import struct
 import threading
 import time
 import weakref
+import zlib
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -112,8 +115,13 @@ __all__ = [
     "StorageFull",
     "LogCursor",
     "encode_cursor",
+    "cursor_after_append",
     "decode_cursor",
     "read_log_slice",
+    "ArchiveNotFound",
+    "ArchiveCorrupt",
+    "ARCHIVE_STAMP_RE",
+    "ARCHIVE_MEMBER_BYTES",
     "OpsService",
     "ListQuery",
     "list_query",
@@ -135,6 +143,7 @@ GATEWAY_DIR_NAME = "_gateway"
 GATEWAY_LOG_NAME = "gateway.log"  # JSON lines, written by the server
 SECURITY_LOG_NAME = "security.log"  # the security records of gateway.log, kept apart so floods cannot rotate them away
 GATEWAY_LOG_FILES = (GATEWAY_LOG_NAME, SECURITY_LOG_NAME)  # the files append_gateway_log writes in _gateway
+AUDIT_LOG_NAME = "audit.log"  # one JSON line per state-changing call (append_audit), fsync'ed before the answer
 TRASH_DIR_NAME = "trash"  # <root>/_gateway/trash: deleted sessions are renamed here first
 
 LOG_FILES = ("run.log", "activity_journal.log")
@@ -152,6 +161,9 @@ MAX_MAX_BYTES = 1_000_000  # one slice never holds more than 1 MB of log in memo
 
 LIST_DEFAULT_LIMIT = 100  # PROTOCOL.md §5
 LIST_MAX_LIMIT = 1000  # one page is at most 1000 summaries, whatever the client asks
+# PROTOCOL.md §16.4: orders of the list. Any other value (UA clients send sort=newest) is the default order,
+# last_activity, as UA ignores parameters it does not know.
+LIST_SORTS = ("last_activity", "disk_bytes")
 
 COMPACT_DEFAULT_MAX_LINES = 400  # PROTOCOL.md §5 defaults of the compact body
 COMPACT_DEFAULT_MAX_BYTES = 250_000
@@ -462,6 +474,24 @@ def decode_cursor(text: Union[str, int]) -> LogCursor:
     return LogCursor(dev, ino, offset, head, boundary)
 
 
+def cursor_after_append(cursor: str, appended: bytes, dev: int, ino: int, size: int) -> Optional[str]:
+    """The cursor after ``appended`` was written at ``cursor`` into the file (``dev``, ``ino``) that is
+    now ``size`` bytes long, made without reading the file (a live follower gets the lines the server
+    wrote from memory). None when it cannot be: another file, other bytes written too, or fingerprints
+    that need bytes not in hand; the caller then reads from ``cursor`` instead."""
+    try:
+        parsed = decode_cursor(cursor)
+    except InvalidCursor:
+        return None
+    offset = parsed.offset + len(appended)
+    if (parsed.legacy or (parsed.dev, parsed.ino) != (dev & _U64, ino & _U64) or size != offset
+            or parsed.offset < FINGERPRINT_SPAN or len(appended) < FINGERPRINT_SPAN):
+        return None
+    # Past FINGERPRINT_SPAN the head fingerprint no longer changes; the boundary is the appended tail.
+    return encode_cursor(LogCursor(parsed.dev, parsed.ino, offset, parsed.head,
+                                   _fingerprint(bytes(appended[-FINGERPRINT_SPAN:]))))
+
+
 def _parse_cursor(cursor: object) -> Optional[LogCursor]:
     # "?cursor=" with no value means "no cursor": tail mode.
     if cursor is None or cursor == "":
@@ -478,15 +508,20 @@ class _FileChanged(Exception):
     """The file shrank while a slice was reading it; the slice is retried."""
 
 
-def _pread_full(fd: int, size: int, offset: int) -> bytes:
+def _pread(fd: "_Source", size: int, offset: int) -> bytes:
+    # A slice reads a plain file through its descriptor, or a compressed archive through its stream.
+    return os.pread(fd, size, offset) if isinstance(fd, int) else fd.pread(size, offset)
+
+
+def _pread_full(fd: "_Source", size: int, offset: int) -> bytes:
     """Up to ``size`` bytes at ``offset``; fewer only at end of file."""
-    data = os.pread(fd, size, offset)
+    data = _pread(fd, size, offset)
     if len(data) == size or not data:
         return data
     parts = [data]
     got = len(data)
     while got < size:
-        more = os.pread(fd, size - got, offset + got)
+        more = _pread(fd, size - got, offset + got)
         if not more:
             break
         parts.append(more)
@@ -494,7 +529,7 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_exact(fd: int, size: int, offset: int) -> bytes:
+def _read_exact(fd: "_Source", size: int, offset: int) -> bytes:
     data = _pread_full(fd, size, offset)
     if len(data) != size:
         raise _FileChanged()
@@ -530,14 +565,14 @@ def _open_regular(
     return None
 
 
-def _cursor_at(fd: int, st: os.stat_result, offset: int) -> str:
+def _cursor_at(fd: "_Source", st: "_Stat", offset: int) -> str:
     span = min(offset, FINGERPRINT_SPAN)
     head = _pread_full(fd, span, 0)
     boundary = head if offset <= FINGERPRINT_SPAN else _pread_full(fd, span, offset - span)
     return encode_cursor(LogCursor(st.st_dev, st.st_ino, offset, _fingerprint(head), _fingerprint(boundary)))
 
 
-def _same_generation(fd: int, st: os.stat_result, cursor: LogCursor) -> bool:
+def _same_generation(fd: "_Source", st: "_Stat", cursor: LogCursor) -> bool:
     """True if the file is the one the cursor was issued for, grown but not rewritten."""
     if (cursor.dev, cursor.ino) != (st.st_dev & _U64, st.st_ino & _U64):
         return False
@@ -576,7 +611,9 @@ def _decode_lines(lines: List[bytes]) -> Tuple[List[str], int]:
     return text, len(joined) + 1
 
 
-def _has_newline(fd: int, start: int, stop: int) -> bool:
+def _has_newline(fd: "_Source", start: int, stop: int) -> bool:
+    if not isinstance(fd, int):
+        return fd.has_newline(start, stop)
     pos = start
     while pos < stop:
         chunk = os.pread(fd, min(IO_CHUNK, stop - pos), pos)
@@ -588,7 +625,7 @@ def _has_newline(fd: int, start: int, stop: int) -> bool:
     return False
 
 
-def _tail_slice(fd: int, st: os.stat_result, limit: int, max_bytes: int) -> Dict[str, Any]:
+def _tail_slice(fd: "_Source", st: "_Stat", limit: int, max_bytes: int) -> Dict[str, Any]:
     size = st.st_size
     parts: List[bytes] = []  # newest first
     pos = size  # parts hold the file bytes [pos, end)
@@ -649,7 +686,7 @@ def _tail_slice(fd: int, st: os.stat_result, limit: int, max_bytes: int) -> Dict
 
 
 def _follow_slice(
-    fd: int, st: os.stat_result, start: int, limit: int, max_bytes: int, reset: bool
+    fd: "_Source", st: "_Stat", start: int, limit: int, max_bytes: int, reset: bool
 ) -> Dict[str, Any]:
     size = st.st_size
     stop = min(size, start + max_bytes)
@@ -721,7 +758,7 @@ def _missing_slice(display_name: str, cursor: Optional[LogCursor]) -> Dict[str, 
 
 
 def _slice_open_file(
-    fd: int, st: os.stat_result, cursor: Optional[LogCursor], limit: int, max_bytes: int
+    fd: "_Source", st: "_Stat", cursor: Optional[LogCursor], limit: int, max_bytes: int
 ) -> Dict[str, Any]:
     if cursor is None:
         return _tail_slice(fd, st, limit, max_bytes)
@@ -1213,6 +1250,389 @@ def _plan_compaction(fd: int, size: int, max_lines: int, max_bytes: int) -> _Com
 
 
 # --------------------------------------------------------------------------------------
+# Archives: compressed logs that stay readable (PROTOCOL.md §16)
+# --------------------------------------------------------------------------------------
+#
+# An archived log ``archive/<stamp>/<name>`` is either the plain file, or ``<name>.gz`` plus its index
+# ``<name>.gz.idx``. The ``.gz`` is a series of independent gzip members (RFC 1952 §2.2), each the
+# deflate of about ARCHIVE_MEMBER_BYTES of the log cut after a newline, so plain ``gunzip`` yields the
+# whole log while a reader inflates only the members a slice touches. The index is JSON:
+# ``{"format", "version", "size", "lines", "members": [[gz_offset, gz_size, offset, size, lines], ...]}``
+# (offsets and sizes in the .gz file and in the log). Cursors count bytes of the log itself, and an
+# archive's cursor names the archive (not an inode), so a cursor stays valid when the file is compressed.
+#
+# Compression writes ``<name>.gz.tmp`` and ``<name>.gz.idx.tmp`` beside the plain file, fsyncs them,
+# renames the index then the .gz into place, fsyncs the directory and only then removes the plain file:
+# whenever the plain file is gone, the complete .gz and index are there. ``recover_archives`` undoes what
+# a killed compression left: temp files go, and a .gz beside its plain file (not yet removed) is dropped
+# in favour of the plain file, which is compressed again.
+
+ARCHIVE_GZ_SUFFIX = ".gz"
+ARCHIVE_INDEX_SUFFIX = ".gz.idx"
+_ARCHIVE_TEMP_SUFFIX = ".tmp"
+ARCHIVE_INDEX_FORMAT = "ua-gateway-archive-index"
+ARCHIVE_INDEX_VERSION = 1
+# Log bytes per gzip member: a tail inflates one or two members (about 1-2 MiB of work) whatever the
+# archive's size, and 1 MiB members compress within 1% of one whole-file stream on JSON journals.
+ARCHIVE_MEMBER_BYTES = 1 << 20
+# A member is cut after the last newline once it holds ARCHIVE_MEMBER_BYTES; a line running past this
+# is cut here (the cursor counts bytes, so a line split over two members reads whole).
+MAX_ARCHIVE_MEMBER_BYTES = ARCHIVE_MEMBER_BYTES + MAX_LINE_SCAN
+# Deflate never grows data by more than 5 bytes per 16 KiB block plus the gzip header and trailer
+# (RFC 1951 §3.2.4): an index claiming more is not ours.
+MAX_ARCHIVE_MEMBER_GZ_BYTES = MAX_ARCHIVE_MEMBER_BYTES + MAX_ARCHIVE_MEMBER_BYTES // 1000 + 4096
+# 16 MiB of index is about 300,000 members, 300 GiB of log: more than a session writes; a bigger
+# index is refused unread (it is corrupt or planted), so reading one never costs more.
+MAX_ARCHIVE_INDEX_BYTES = 16 << 20
+# Bytes one slice of a compressed archive may inflate: the members holding its window (max_bytes plus a
+# scan step), the head and the bytes before the cursor, each at most MAX_ARCHIVE_MEMBER_BYTES. Past
+# this the archive is treated as corrupt (a 500), never inflated further: no zip bomb costs more.
+MAX_ARCHIVE_INFLATE = 6 * MAX_ARCHIVE_MEMBER_BYTES
+# Members one slice keeps inflated: the window's two, the head's and the boundary's.
+_ARCHIVE_MEMBER_CACHE = 4
+# A read ending this close to a member's start inflates only that prefix (a cursor's head fingerprint
+# reads the log's first 64 bytes): deflate streams, so the rest of the member is never inflated.
+_ARCHIVE_PREFIX_READ = FINGERPRINT_SPAN
+# zlib's default: level 9 costs twice the CPU for about 3% on JSON lines.
+ARCHIVE_COMPRESS_LEVEL = 6
+# An archive stamp: _stamp(), and the "-N" suffix _new_archive adds on a collision.
+ARCHIVE_STAMP_RE = re.compile(r"[0-9]{8}_[0-9]{6}_[0-9]{6}(-[0-9]{1,6})?")
+
+
+class ArchiveNotFound(SessionNotFound):
+    """The session has no such archived log (404)."""
+
+
+class ArchiveCorrupt(OpsError):
+    """A compressed archive disagrees with its index or with gzip (500): it is not read further."""
+
+
+class _StreamStat(NamedTuple):
+    """What a slice needs of a file's stat, for an archive: its size, and an identity that names the
+    archive (not the inode), so a cursor survives compression."""
+
+    st_size: int
+    st_dev: int
+    st_ino: int
+
+
+_Stat = Union[os.stat_result, _StreamStat]
+_Source = Union[int, "_ArchiveStream"]  # what a slice reads: a plain file's descriptor, or a compressed archive
+
+
+class _Member(NamedTuple):
+    gz_offset: int
+    gz_size: int
+    offset: int
+    size: int
+    lines: int
+
+
+def _archive_identity(stamp: str, name: str) -> Tuple[int, int]:
+    digest = hashlib.blake2b("{}/{}".format(stamp, name).encode("ascii"), digest_size=8).digest()
+    return 0, int.from_bytes(digest, "big")
+
+
+def _parse_archive_index(data: bytes, gz_size: int, where: str) -> Tuple[int, List[_Member]]:
+    """(log size, members) of an index; ArchiveCorrupt unless the members tile both files exactly."""
+    try:
+        index = json.loads(data.decode("utf-8"))
+        if index.get("format") != ARCHIVE_INDEX_FORMAT or index.get("version") != ARCHIVE_INDEX_VERSION:
+            raise ValueError("not a version {} {}".format(ARCHIVE_INDEX_VERSION, ARCHIVE_INDEX_FORMAT))
+        members = [_Member(*(int(v) for v in row)) for row in index["members"]]
+        size = index["size"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise ArchiveCorrupt("the index of {} is unreadable ({}); the archive is not read".format(where, exc)) from None
+    gz_pos = pos = 0
+    for member in members:
+        if (member.gz_offset != gz_pos or member.offset != pos or not 0 < member.size <= MAX_ARCHIVE_MEMBER_BYTES
+                or not 0 < member.gz_size <= MAX_ARCHIVE_MEMBER_GZ_BYTES or not 0 <= member.lines <= member.size):
+            raise ArchiveCorrupt("the index of {} has a member out of place or out of bounds at log offset {}; "
+                                 "the archive is not read".format(where, pos))
+        gz_pos += member.gz_size
+        pos += member.size
+    if pos != size or gz_pos != gz_size:
+        raise ArchiveCorrupt("the index of {} covers {} log bytes in {} gzip bytes, the files hold {} and {}; "
+                             "the archive is not read".format(where, pos, gz_pos, _show(size), gz_size))
+    return size, members
+
+
+class _ArchiveStream:
+    """Random reads of the log inside a compressed archive; inflates only the members it touches,
+    at most MAX_ARCHIVE_INFLATE bytes in all. Not thread-safe: one per slice."""
+
+    def __init__(self, gz_fd: int, size: int, members: List[_Member], where: str) -> None:
+        self.gz_fd = gz_fd
+        self.size = size
+        self.members = members
+        self.where = where
+        self._starts = [member.offset for member in members]
+        self._cache: Dict[int, bytes] = {}
+        self.inflated = 0
+
+    def _member(self, number: int) -> bytes:
+        cached = self._cache.pop(number, None)
+        if cached is None:
+            cached = self._inflate(self.members[number])
+            if len(self._cache) >= _ARCHIVE_MEMBER_CACHE:
+                self._cache.pop(next(iter(self._cache)))
+        self._cache[number] = cached  # most recently used last
+        return cached
+
+    def _inflate(self, member: _Member, prefix: Optional[int] = None) -> bytes:
+        """The member's log bytes, checked against the index and the gzip CRC; with ``prefix``, only its
+        first ``prefix`` bytes (deflate stops there: a cursor's head fingerprint costs no whole member)."""
+        want = member.size if prefix is None else prefix
+        self.inflated += want
+        if self.inflated > MAX_ARCHIVE_INFLATE:
+            raise ArchiveCorrupt("reading {} needed more than {} inflated bytes; the archive is not read "
+                                 "further".format(self.where, MAX_ARCHIVE_INFLATE))
+        packed = _pread_full(self.gz_fd, member.gz_size, member.gz_offset)
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # one gzip member (RFC 1952), header and CRC checked
+        try:
+            # max_length: a member that inflates past its indexed size stops there (zip-bomb safe).
+            data = inflater.decompress(packed, want + 1 if prefix is None else want)
+        except zlib.error as exc:
+            raise ArchiveCorrupt("{}: the gzip member at offset {} is corrupt ({})".format(
+                self.where, member.gz_offset, exc)) from None
+        if prefix is not None and len(packed) == member.gz_size and len(data) == want:
+            return data
+        if len(packed) != member.gz_size or len(data) != want or not inflater.eof or inflater.unused_data:
+            raise ArchiveCorrupt("{}: the gzip member at offset {} does not hold the {} bytes its index "
+                                 "says".format(self.where, member.gz_offset, member.size))
+        return data
+
+    def pread(self, size: int, offset: int) -> bytes:
+        parts: List[bytes] = []
+        stop = min(self.size, offset + size)
+        pos = offset
+        while pos < stop:
+            number = bisect.bisect_right(self._starts, pos) - 1
+            member = self.members[number]
+            if number not in self._cache and stop - member.offset <= _ARCHIVE_PREFIX_READ:
+                data = self._inflate(member, min(member.size, stop - member.offset))
+            else:
+                data = self._member(number)
+            piece = data[pos - member.offset : stop - member.offset]
+            parts.append(piece)
+            pos += len(piece)
+        return b"".join(parts)
+
+    def has_newline(self, start: int, stop: int) -> bool:
+        """True if log bytes [start, stop) hold a newline; whole members answer from the index."""
+        stop = min(stop, self.size)
+        if start >= stop:
+            return False
+        first = bisect.bisect_right(self._starts, start) - 1
+        for member in self.members[first:]:
+            if member.offset >= stop:
+                break
+            if start <= member.offset and member.offset + member.size <= stop:
+                if member.lines:
+                    return True
+                continue
+            low = max(start, member.offset)
+            if b"\n" in self.pread(min(stop, member.offset + member.size) - low, low):
+                return True
+        return False
+
+
+def _read_archive_index_at(stamp_fd: int, name: str, gz_size: int, where: str) -> Tuple[int, List[_Member]]:
+    opened = _open_regular(lambda: os.open(name + ARCHIVE_INDEX_SUFFIX, _READ_FLAGS, dir_fd=stamp_fd), _has_one_link)
+    if opened is None:
+        raise ArchiveCorrupt("{} has no index {}; the archive is not read".format(where, name + ARCHIVE_INDEX_SUFFIX))
+    fd, st = opened
+    try:
+        if st.st_size > MAX_ARCHIVE_INDEX_BYTES:
+            raise ArchiveCorrupt("the index of {} is {} bytes, over {}; the archive is not read".format(
+                where, st.st_size, MAX_ARCHIVE_INDEX_BYTES))
+        data = _pread_full(fd, MAX_ARCHIVE_INDEX_BYTES + 1, 0)
+    finally:
+        os.close(fd)
+    return _parse_archive_index(data[:MAX_ARCHIVE_INDEX_BYTES], gz_size, where)
+
+
+def _member_cut(chunk: bytes) -> int:
+    """Where the member ending in ``chunk`` is cut: after its last newline, else (one long line) whole."""
+    last = chunk.rfind(b"\n")
+    return last + 1 if last >= 0 else len(chunk)
+
+
+def _write_gzip_members(src: int, size: int, dst: int, where: str) -> List[_Member]:
+    """Deflate src bytes [0, size) into dst as independent gzip members; the members' index rows."""
+    members: List[_Member] = []
+    pos = 0
+    gz_pos = 0
+    while pos < size:
+        want = min(MAX_ARCHIVE_MEMBER_BYTES, size - pos)
+        chunk = _pread_full(src, want, pos)
+        if len(chunk) != want:
+            raise _FileChanged()
+        if pos + want < size and want > ARCHIVE_MEMBER_BYTES:
+            cut = _member_cut(chunk[ARCHIVE_MEMBER_BYTES:])
+            chunk = chunk[: ARCHIVE_MEMBER_BYTES + cut]
+        packed = gzip.compress(chunk, ARCHIVE_COMPRESS_LEVEL, mtime=0)
+        _write_all(dst, packed)
+        members.append(_Member(gz_pos, len(packed), pos, len(chunk), chunk.count(b"\n")))
+        gz_pos += len(packed)
+        pos += len(chunk)
+    return members
+
+
+def _index_bytes(size: int, members: List[_Member]) -> bytes:
+    return json.dumps({"format": ARCHIVE_INDEX_FORMAT, "version": ARCHIVE_INDEX_VERSION, "size": size,
+                       "lines": sum(member.lines for member in members),
+                       "members": [list(member) for member in members]}, separators=(",", ":")).encode("ascii")
+
+
+def _write_new_file_at(dir_fd: int, name: str, mode: int, fill: Callable[[int], Any]) -> Any:
+    """Create ``name`` afresh (a stale one is replaced), fill it through ``fill(fd)``, fsync it."""
+    OpsService._remove_stale(name, dir_fd)
+    fd = os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
+    try:
+        result = fill(fd)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return result
+
+
+def _fsync_dir(dir_fd: int) -> None:
+    os.fsync(dir_fd)
+
+
+def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Optional[Dict[str, int]]:
+    """Compress the plain archived log ``name`` of the stamp open as ``stamp_fd`` (see the section
+    comment for the order of writes). None if there is nothing to do: no plain file, a file with a
+    second link (still the live log mid-compaction, or a name outside), or one that changed meanwhile.
+
+    Deflating runs without ``lock`` (the session's: appends must not wait for it); the swap takes it, and
+    an archived file unchanged then is complete (compaction fills a new archive under that lock)."""
+    opened = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=stamp_fd), _has_one_link)
+    if opened is None:
+        return None
+    fd, st = opened
+    gz_temp = name + ARCHIVE_GZ_SUFFIX + _ARCHIVE_TEMP_SUFFIX
+    index_temp = name + ARCHIVE_INDEX_SUFFIX + _ARCHIVE_TEMP_SUFFIX
+    mode = stat.S_IMODE(st.st_mode)
+    try:
+        try:
+            members = _write_new_file_at(stamp_fd, gz_temp, mode,
+                                         lambda out: _write_gzip_members(fd, st.st_size, out, where))
+        except _FileChanged:
+            members = None
+        with lock:
+            if members is None or not _unchanged(fd, st):
+                # Still being filled, or a writer holds the archived inode (an agent's open descriptor).
+                OpsService._unlink_quietly(gz_temp, stamp_fd)
+                return None
+            _write_new_file_at(stamp_fd, index_temp, mode,
+                               lambda out: _write_all(out, _index_bytes(st.st_size, members or [])))
+            os.replace(index_temp, name + ARCHIVE_INDEX_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
+            os.replace(gz_temp, name + ARCHIVE_GZ_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
+            _fsync_dir(stamp_fd)
+            if not _unchanged(fd, st):
+                _discard_compressed_at(stamp_fd, name)  # the plain file grew after all: it stays the copy
+                return None
+            os.unlink(name, dir_fd=stamp_fd)
+            _fsync_dir(stamp_fd)
+        gz_st = os.stat(name + ARCHIVE_GZ_SUFFIX, dir_fd=stamp_fd, follow_symlinks=False)
+        return {"bytes": st.st_size, "compressed_bytes": gz_st.st_size}
+    finally:
+        os.close(fd)
+
+
+def _unchanged(fd: int, st: os.stat_result) -> bool:
+    now = os.fstat(fd)
+    return (now.st_size, now.st_mtime_ns, now.st_nlink) == (st.st_size, st.st_mtime_ns, st.st_nlink)
+
+
+def _discard_compressed_at(stamp_fd: int, name: str) -> None:
+    for suffix in (ARCHIVE_GZ_SUFFIX, ARCHIVE_INDEX_SUFFIX):
+        OpsService._unlink_quietly(name + suffix, stamp_fd)
+    _fsync_dir(stamp_fd)
+
+
+def _recover_stamp_at(stamp_fd: int) -> List[str]:
+    """Undo what a killed compression left in one stamp; the plain logs still to compress."""
+    names = set(os.listdir(stamp_fd))
+    pending = []
+    for name in LOG_FILES:
+        for temp in (name + ARCHIVE_GZ_SUFFIX + _ARCHIVE_TEMP_SUFFIX, name + ARCHIVE_INDEX_SUFFIX + _ARCHIVE_TEMP_SUFFIX):
+            if temp in names:
+                OpsService._unlink_quietly(temp, stamp_fd)
+        if name in names:
+            if name + ARCHIVE_GZ_SUFFIX in names or name + ARCHIVE_INDEX_SUFFIX in names:
+                # Killed after the renames, before the plain file went: the plain file is the copy.
+                _discard_compressed_at(stamp_fd, name)
+            pending.append(name)
+        elif name + ARCHIVE_INDEX_SUFFIX in names and name + ARCHIVE_GZ_SUFFIX not in names:
+            OpsService._unlink_quietly(name + ARCHIVE_INDEX_SUFFIX, stamp_fd)  # an index of nothing
+    return pending
+
+
+def _stamp_created(stamp: str, st: os.stat_result) -> Optional[str]:
+    try:
+        when = datetime.strptime(stamp[:22], "%Y%m%d_%H%M%S_%f").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return _iso(st.st_mtime_ns)
+    return when.isoformat(timespec="seconds")
+
+
+def _disk_bytes(st: os.stat_result) -> int:
+    """Bytes the file system allocates to a file (what du counts), not its length."""
+    return getattr(st, "st_blocks", (st.st_size + 511) // 512) * 512
+
+
+def _disk_usage_at(name: str, dir_fd: int, seen: Optional[set] = None, depth: int = 0) -> int:
+    """du-style bytes of the regular files at or under ``name`` in ``dir_fd`` (each inode once; symlinks
+    and other kinds count nothing, never followed; MAX_TREE_DEPTH levels at most)."""
+    seen = set() if seen is None else seen
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    if stat.S_ISREG(st.st_mode):
+        if (st.st_dev, st.st_ino) in seen:
+            return 0
+        seen.add((st.st_dev, st.st_ino))
+        return _disk_bytes(st)
+    if not stat.S_ISDIR(st.st_mode) or depth >= MAX_TREE_DEPTH:
+        return 0
+    try:
+        with _dir_at(name, dir_fd) as fd:
+            if fd is None:
+                return 0
+            return sum(_disk_usage_at(child, fd, seen, depth + 1) for child in os.listdir(fd))
+    except OSError:
+        return 0
+
+
+def _apparent_bytes_at(name: str, dir_fd: int) -> int:
+    """The length of the file ``name``, or of the regular files under the directory ``name``; 0 if gone."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0
+    if stat.S_ISDIR(st.st_mode):
+        return _tree_usage_at(name, dir_fd)[1]
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _session_disk_usage_at(dir_fd: int) -> Dict[str, int]:
+    """``{"total", "live", "archived"}`` du-style bytes of a session open as ``dir_fd``: ``archived``
+    under ``archive/``, ``live`` all the rest (a log linked in both counts as live)."""
+    seen: set = set()
+    live = 0
+    names = os.listdir(dir_fd)
+    for name in names:
+        if name != ARCHIVE_DIR_NAME:
+            live += _disk_usage_at(name, dir_fd, seen)
+    archived = _disk_usage_at(ARCHIVE_DIR_NAME, dir_fd, seen) if ARCHIVE_DIR_NAME in names else 0
+    return {"total": live + archived, "live": live, "archived": archived}
+
+
+# --------------------------------------------------------------------------------------
 # OpsService
 # --------------------------------------------------------------------------------------
 
@@ -1578,6 +1998,7 @@ class ListQuery(NamedTuple):
     filters: Dict[str, str]  # "status" always; "source", "owner", "memory_mode" when given non-empty
     limit: int
     offset: int
+    sort: Optional[str]  # "disk_bytes" reorders; anything else is the default order
 
 
 def list_query(
@@ -1588,6 +2009,7 @@ def list_query(
     source: Optional[str] = None,
     owner: Optional[str] = None,
     memory_mode: Optional[str] = None,
+    sort: Optional[str] = None,
 ) -> ListQuery:
     """The arguments of ``OpsService.list_sessions`` checked and defaulted, for every view that answers a list
     (the session index too, so both refuse the same input with the same words). Raises InvalidArgument."""
@@ -1603,10 +2025,12 @@ def list_query(
             raise InvalidArgument("{} must be a string, got {}".format(name, _show(value)))
         if value:
             filters[name] = value
+    if sort is not None and not isinstance(sort, str):
+        raise InvalidArgument("sort must be a string, got {}".format(_show(sort)))
     limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
     offset = _non_negative_int("offset", offset, 0)
     _require_runtime(runtime)
-    return ListQuery(status, filters, limit, offset)
+    return ListQuery(status, filters, limit, offset, sort)
 
 
 class ListedSession(NamedTuple):
@@ -1635,6 +2059,8 @@ class OpsService:
         # session id -> ((st_ino, st_mtime_ns) of its directory, entry kinds): see _scan_session_dir
         self._kinds_cache: Dict[str, Tuple[Tuple[int, int], Dict[str, str]]] = {}
         self._locks_guard = threading.Lock()
+        # One audit record at a time: appends stay in call order and a rotation never races an append.
+        self._audit_guard = threading.Lock()
         # Live logs found hard-linked and moved aside by append_log (see there); a gauge for
         # the server's metrics and logs.
         self.linked_logs_moved = 0
@@ -1843,8 +2269,12 @@ class OpsService:
         source: Optional[str] = None,
         owner: Optional[str] = None,
         memory_mode: Optional[str] = None,
+        sort: Optional[str] = None,
     ) -> Dict[str, Any]:
-        """One page of session summaries, newest ``last_activity`` first.
+        """One page of session summaries, newest ``last_activity`` first; with ``sort="disk_bytes"``
+        largest du-style disk use first (then newest activity), each summary with its ``disk_bytes``; any
+        other ``sort`` is the default order
+        (PROTOCOL.md §16.4: this walks every session's tree, so it costs more than the default order).
 
         ``status`` "active" also matches "running" (UA HEAD); ``source``, ``owner`` and ``memory_mode``
         (UA HEAD's filters) match the summary's field case-insensitively, an empty one matching all.
@@ -1854,15 +2284,29 @@ class OpsService:
         ``total`` counts the sessions that pass the status filter.
         Raises InvalidArgument (status, limit, offset) and WorkspacesUnavailable.
         """
-        status, filters, limit, offset = list_query(status, limit, offset, runtime, source, owner, memory_mode)
+        status, filters, limit, offset, sort = list_query(
+            status, limit, offset, runtime, source, owner, memory_mode, sort
+        )
         with self._os_errors("listing sessions", None):
             scans = self._scan_sessions()
             if len(filters) > 1 or status != "all":
                 scans = [scan for scan in scans if self._matches(scan, runtime, filters)]
             scans.sort(key=lambda scan: (-scan.activity_ns, scan.session_id))
+            usage: Dict[str, Dict[str, int]] = {}
+            if sort == "disk_bytes":
+                usage = {scan.session_id: self._disk_usage(scan.session_id) for scan in scans}
+                scans.sort(key=lambda scan: -usage[scan.session_id]["total"])  # stable: ties keep activity order
             page = scans[offset : offset + limit]
             sessions = [self._summary(scan, runtime) for scan in page]
+            for summary in sessions if usage else []:
+                summary["disk_bytes"] = usage[summary["session_id"]]
         return {"sessions": sessions, "total": len(scans), "limit": limit, "offset": offset}
+
+    def _disk_usage(self, session_id: str) -> Dict[str, int]:
+        with self._listed_session_fd(session_id) as dir_fd:
+            if dir_fd is None:
+                return {"total": 0, "live": 0, "archived": 0}
+            return _session_disk_usage_at(dir_fd)
 
     def session_details(self, session_id: str, runtime: Optional[Runtime] = None) -> Dict[str, Any]:
         """``{"session": summary + "heartbeat", "memory", "files", "archives"}`` (PROTOCOL.md §5), each
@@ -1960,6 +2404,7 @@ class OpsService:
             "archives": archives,
             "archives_total": len(stamps),
             "archives_truncated": len(stamps) > DETAILS_MAX_ENTRIES,
+            "disk_bytes": _session_disk_usage_at(dir_fd),
         }
 
     # -- logs --------------------------------------------------------------------------
@@ -2023,6 +2468,27 @@ class OpsService:
                 )
             finally:
                 os.close(dir_fd)
+
+    def log_identity(self, session_id: Optional[str], file_name: str) -> Optional[Tuple[int, int, int]]:
+        """``(st_dev, st_ino, st_size)`` of a session's log (of ``_gateway/gateway.log`` when
+        ``session_id`` is None), or None when it is missing or not a regular file: one ``stat``, what a
+        follower polls to learn that a file grew or was replaced before reading it. Raises
+        SessionNotFound, WorkspacesUnavailable."""
+        if session_id is None:
+            where, name = self.root / GATEWAY_DIR_NAME, GATEWAY_LOG_NAME
+        else:
+            _require_session_id(session_id)
+            self._require_log_name(file_name)
+            where, name = self.root / session_id, file_name
+        try:
+            st = os.stat(str(where / name), follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in _MISSING_ERRNOS:
+                raise WorkspacesUnavailable("cannot stat {}: {}".format(name, exc.strerror or exc)) from exc
+            if session_id is not None and not os.path.isdir(str(where)):
+                raise SessionNotFound(self._not_found(session_id)) from None
+            return None
+        return (st.st_dev, st.st_ino, st.st_size) if stat.S_ISREG(st.st_mode) else None
 
     def append_gateway_log(self, name: str, data: bytes, rotate_bytes: int, backups: int) -> Dict[str, Any]:
         """Append ``data`` to ``<root>/_gateway/<name>`` (one of GATEWAY_LOG_FILES); past ``rotate_bytes``,
@@ -2131,6 +2597,207 @@ class OpsService:
                     )
                 _replace_file_at(dir_fd, HEARTBEAT_FILE_NAME, data)
 
+    # -- archives (PROTOCOL.md §16) ------------------------------------------------------
+
+    def list_archives(self, session_id: str) -> Dict[str, Any]:
+        """The session's archives, newest DETAILS_MAX_ENTRIES stamps, oldest first:
+        ``{"session_id", "archives": [{"stamp", "created", "disk_bytes", "files": [{"name", "kind",
+        "compressed", "bytes", "disk_bytes"}]}], "archives_total", "archives_truncated", "disk_bytes"}``.
+        ``bytes`` is a log's own length (inflated), ``disk_bytes`` what the file system holds (du-style,
+        index included). Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable, ArchiveCorrupt.
+        """
+        _require_session_id(session_id)
+        with self._os_errors("listing the archives of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                stamps = [name for name in _list_dir_at(ARCHIVE_DIR_NAME, dir_fd) if ARCHIVE_STAMP_RE.fullmatch(name)]
+                shown = sorted(heapq.nlargest(DETAILS_MAX_ENTRIES, stamps, key=_stamp_sort_key), key=_stamp_sort_key)
+                archives = []
+                with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                    for stamp in shown if archive_fd is not None else []:
+                        entry = self._archive_entry(session_id, stamp, archive_fd)  # type: ignore[arg-type]
+                        if entry is not None:
+                            archives.append(entry)
+        return {"session_id": session_id, "archives": archives, "archives_total": len(stamps),
+                "archives_truncated": len(stamps) > DETAILS_MAX_ENTRIES,
+                "disk_bytes": sum(archive["disk_bytes"] for archive in archives)}
+
+    def _archive_entry(self, session_id: str, stamp: str, archive_fd: int) -> Optional[Dict[str, Any]]:
+        with _dir_at(stamp, archive_fd) as stamp_fd:
+            if stamp_fd is None:
+                return None
+            names = set(os.listdir(stamp_fd))
+            files = []
+            seen: set = set()
+            for name in sorted(names):
+                if name in LOG_FILES or name.endswith(_ARCHIVE_TEMP_SUFFIX):
+                    continue  # plain logs are listed below with their compressed forms
+                base = name[: -len(ARCHIVE_GZ_SUFFIX)] if name.endswith(ARCHIVE_GZ_SUFFIX) else None
+                if base in LOG_FILES and base not in names:
+                    files.append(self._archived_log_entry(session_id, stamp, stamp_fd, base, seen))
+                elif name.endswith(ARCHIVE_INDEX_SUFFIX) and name[: -len(ARCHIVE_INDEX_SUFFIX)] in LOG_FILES:
+                    continue  # counted with its .gz
+                else:
+                    usage = _disk_usage_at(name, stamp_fd, seen)
+                    kind = "dir" if stat.S_ISDIR(os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mode) else "file"
+                    files.append({"name": name, "kind": kind, "compressed": False, "bytes": None, "disk_bytes": usage})
+            for name in LOG_FILES:
+                if name in names:
+                    st = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False)
+                    files.append({"name": name, "kind": "log", "compressed": False, "bytes": st.st_size,
+                                  "disk_bytes": _disk_usage_at(name, stamp_fd, seen)})
+            created = _stamp_created(stamp, os.fstat(stamp_fd))
+        return {"stamp": stamp, "created": created, "files": files,
+                "disk_bytes": sum(entry["disk_bytes"] for entry in files)}
+
+    def _archived_log_entry(self, session_id: str, stamp: str, stamp_fd: int, name: str, seen: set) -> Dict[str, Any]:
+        gz_name = name + ARCHIVE_GZ_SUFFIX
+        gz_st = os.stat(gz_name, dir_fd=stamp_fd, follow_symlinks=False)
+        where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, gz_name)
+        try:
+            size: Optional[int] = _read_archive_index_at(stamp_fd, name, gz_st.st_size, where)[0]
+        except ArchiveCorrupt:
+            size = None  # listed, so an operator sees it; reading it answers why
+        usage = _disk_usage_at(gz_name, stamp_fd, seen) + _disk_usage_at(name + ARCHIVE_INDEX_SUFFIX, stamp_fd, seen)
+        return {"name": name, "kind": "log", "compressed": True, "bytes": size, "disk_bytes": usage}
+
+    def read_archive_log(
+        self,
+        session_id: str,
+        stamp: str,
+        file_name: str,
+        cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """A log slice (as ``read_log``) of ``archive/<stamp>/<file_name>``, plain or compressed alike;
+        the answer adds ``archive`` (the stamp) and ``compressed``. Cursors count bytes of the log and
+        stay valid across its compression. ``stamp`` and ``file_name`` are names, never paths.
+
+        Raises InvalidSessionId, InvalidArgument (stamp, file name, limit, max_bytes), InvalidCursor,
+        SessionNotFound, ArchiveNotFound, ArchiveCorrupt, WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        if not isinstance(stamp, str) or not ARCHIVE_STAMP_RE.fullmatch(stamp):
+            raise InvalidArgument("archive stamp must look like 20261130_124933_123456 (as GET .../archives "
+                                  "lists them), got {}".format(_show(stamp)))
+        self._require_log_name(file_name)
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(cursor)
+        where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, file_name)
+        missing = "Session {} has no archived {}; GET /api/v1/ops/sessions/{}/archives lists what it has".format(
+            session_id, "{}/{}/{}".format(ARCHIVE_DIR_NAME, stamp, file_name), session_id)
+        with self._os_errors("reading {}".format(where), session_id):
+            with self._session_fd(session_id) as dir_fd, _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                if archive_fd is None:
+                    raise ArchiveNotFound(missing)
+                with _dir_at(stamp, archive_fd) as stamp_fd:
+                    if stamp_fd is None:
+                        raise ArchiveNotFound(missing)
+                    identity = _archive_identity(stamp, file_name)
+                    result = self._archive_slice(stamp_fd, dir_fd, file_name, identity, parsed, limit, max_bytes, where)
+                    if result is None:
+                        raise ArchiveNotFound(missing)
+        return {**result, "archive": stamp}
+
+    @staticmethod
+    def _archive_slice(
+        stamp_fd: int, dir_fd: int, name: str, identity: Tuple[int, int], cursor: Optional[LogCursor],
+        limit: int, max_bytes: int, where: str,
+    ) -> Optional[Dict[str, Any]]:
+        # The plain file first: compression removes it only after the .gz and index are in place, so
+        # a reader that misses it finds them. Two links are accepted only when the other is the live log
+        # (a compaction between its link and its swap): never a name outside the session.
+        plain = _open_regular(lambda: os.open(name, _READ_FLAGS, dir_fd=stamp_fd),
+                              lambda st: st.st_nlink == 1 or (st.st_nlink == 2 and _same_file_at(name, dir_fd, st)))
+        if plain is not None:
+            fd, st = plain
+            try:
+                for _ in range(_FILE_CHANGED_RETRIES):
+                    try:
+                        view = _StreamStat(os.fstat(fd).st_size, *identity)
+                        return {"file": name, **_slice_open_file(fd, view, cursor, limit, max_bytes), "compressed": False}
+                    except _FileChanged:
+                        continue
+            finally:
+                os.close(fd)
+            raise WorkspacesUnavailable("{} kept shrinking while it was being read; retry the request".format(where))
+        packed = _open_regular(lambda: os.open(name + ARCHIVE_GZ_SUFFIX, _READ_FLAGS, dir_fd=stamp_fd), _has_one_link)
+        if packed is None:
+            return None
+        gz_fd, gz_st = packed
+        try:
+            size, members = _read_archive_index_at(stamp_fd, name, gz_st.st_size, where + ARCHIVE_GZ_SUFFIX)
+            stream = _ArchiveStream(gz_fd, size, members, where + ARCHIVE_GZ_SUFFIX)
+            try:
+                result = _slice_open_file(stream, _StreamStat(size, *identity), cursor, limit, max_bytes)
+            except _FileChanged:
+                raise ArchiveCorrupt("{}{} ends before its index says; the archive is not read".format(
+                    where, ARCHIVE_GZ_SUFFIX)) from None
+        finally:
+            os.close(gz_fd)
+        return {"file": name, **result, "compressed": True}
+
+    def archive_session_ids(self) -> List[str]:
+        """Ids of the sessions that have an ``archive/`` directory (for the compressor's first pass)."""
+        with self._os_errors("listing sessions with archives", None):
+            self.check_root()
+            found = []
+            with os.scandir(str(self.root)) as iterator:
+                for entry in iterator:
+                    if SESSION_ID_RE.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+                        found.append(entry.name)
+        return [session_id for session_id in sorted(found) if self._has_archive(session_id)]
+
+    def _has_archive(self, session_id: str) -> bool:
+        try:
+            with self._session_fd(session_id) as dir_fd, _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                return archive_fd is not None
+        except (OSError, OpsError):
+            return False
+
+    def compress_archives(
+        self, session_id: str, stop: Optional[Callable[[], bool]] = None, min_age: float = 0.0
+    ) -> Dict[str, int]:
+        """Finish or undo what a killed compression left in the session's archives, then compress each
+        plain archived log (see the Archives section) last written ``min_age`` s ago or earlier (a younger
+        one is left for later: an operator may be reading it, an agent still appending to its inode).
+        ``stop()`` true ends the pass between files. Returns ``{"files", "bytes", "compressed_bytes"}``
+        compressed by this call and ``deferred``, the files left for being too young. Takes the session
+        lock only to recover and to swap, so appends never wait for a deflate. Raises InvalidSessionId, SessionNotFound,
+        WorkspacesUnavailable, StorageFull."""
+        _require_session_id(session_id)
+        done = {"files": 0, "bytes": 0, "compressed_bytes": 0, "deferred": 0}
+        newest_ns = time.time_ns() - int(min_age * 1e9)
+        with self._os_errors("compressing the archives of session {}".format(session_id), session_id,
+                             "the plain archived logs are kept"):
+            with self._session_fd(session_id) as dir_fd:
+                for stamp in sorted(_list_dir_at(ARCHIVE_DIR_NAME, dir_fd), key=_stamp_sort_key):
+                    if not ARCHIVE_STAMP_RE.fullmatch(stamp):
+                        continue
+                    lock = self.session_lock(session_id)
+                    with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                        stamp_fd = None if archive_fd is None else _open_dir_at(stamp, archive_fd)
+                        if stamp_fd is None:
+                            continue
+                        try:
+                            with lock:
+                                pending = _recover_stamp_at(stamp_fd)
+                            for name in pending:
+                                if stop is not None and stop():
+                                    return done
+                                where = "{}/{}/{}/{}".format(session_id, ARCHIVE_DIR_NAME, stamp, name)
+                                if os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mtime_ns > newest_ns:
+                                    done["deferred"] += 1
+                                    continue
+                                result = _compress_archive_at(stamp_fd, name, where, lock)
+                                if result is not None:
+                                    done["files"] += 1
+                                    done["bytes"] += result["bytes"]
+                                    done["compressed_bytes"] += result["compressed_bytes"]
+                        finally:
+                            os.close(stamp_fd)
+        return done
+
     # -- reset, compact, delete --------------------------------------------------------
 
     def reset_session(
@@ -2143,7 +2810,9 @@ class OpsService:
         """Move the chosen items into a new ``archive/<stamp>/`` (rename, never copy).
 
         Returns ``{"status": "reset", "archived": [names], "archive_dir": "<root>/<id>/archive/<stamp>",
-        "archive_path": "archive/<stamp>"}``; both are None when there was nothing to move. ``work_products/`` is
+        "archive_path": "archive/<stamp>", "bytes_dropped", "bytes_archived", "bytes_freed"}``; both paths are
+        None when there was nothing to move. ``bytes_dropped``: the live logs' bytes moved out; ``bytes_archived``:
+        the bytes the new archive holds; ``bytes_freed``: du-style bytes released (0: a rename frees nothing). ``work_products/`` is
         recreated empty when it was cleared.
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
         StorageFull.
@@ -2162,6 +2831,9 @@ class OpsService:
                 present = [name for name in items if _lexists_at(name, dir_fd)]
                 archived: List[str] = []
                 archive_dir = None
+                before = sum(_disk_usage_at(name, dir_fd) for name in present)
+                dropped = sum(_apparent_bytes_at(name, dir_fd) for name in present if name in LOG_FILES)
+                held = after = 0
                 if present:
                     stamp, stamp_fd = self._new_archive(session_id, dir_fd)
                     try:
@@ -2171,12 +2843,16 @@ class OpsService:
                             except FileNotFoundError:
                                 continue  # gone since we looked: nothing to archive
                             archived.append(name)
+                        held = sum(_apparent_bytes_at(name, stamp_fd) for name in archived)
+                        after = sum(_disk_usage_at(name, stamp_fd) for name in archived)
                     finally:
                         os.close(stamp_fd)
                     archive_dir = "{}/{}".format(ARCHIVE_DIR_NAME, stamp)
                 if clear_work_products:
                     _mkdir_at(WORK_PRODUCTS_DIR_NAME, dir_fd)
-        return {"status": "reset", "archived": archived, **self._archive_paths(session_id, archive_dir)}
+                after += sum(_disk_usage_at(name, dir_fd) for name in present)
+        return {"status": "reset", "archived": archived, **self._archive_paths(session_id, archive_dir),
+                "bytes_dropped": dropped, "bytes_archived": held, "bytes_freed": max(0, before - after)}
 
     def _archive_paths(self, session_id: str, relative: Optional[str]) -> Dict[str, Optional[str]]:
         """``archive_dir`` absolute (as UA answers) and ``archive_path`` relative to the session (ours)."""
@@ -2215,26 +2891,35 @@ class OpsService:
         session_id: str,
         max_lines: Optional[int] = None,
         max_bytes: Optional[int] = None,
+        archive: bool = True,
     ) -> Dict[str, Any]:
         """Keep only the last ``max_lines`` complete lines within ``max_bytes`` of each live
         log, plus an unfinished last line as it is. Nothing is lost: the full pre-compact
         file goes to a new ``archive/<stamp>/``, and bytes appended during the call end up
-        in the live file. A log with nothing to drop is left alone.
+        in the live file. A log with nothing to drop is left alone. With ``archive`` False the
+        dropped head is deleted instead (the caller audits that: PROTOCOL.md §16.1).
 
-        Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_freed": n,
-        "archive_dir": "<root>/<id>/archive/<stamp>" or None, "archive_path": "archive/<stamp>" or None}``.
+        Returns ``{"status": "compacted", "files": {name: kept_lines}, "bytes_dropped": n,
+        "bytes_archived": n, "bytes_freed": n, "archived": bool, "archive_dir": "<root>/<id>/archive/<stamp>"
+        or None, "archive_path": "archive/<stamp>" or None}``: bytes left the live logs, bytes the new
+        archive holds, and bytes the file system released (du-style, measured before and after; 0 when the
+        archive keeps them).
         Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable,
         StorageFull.
         """
         _require_session_id(session_id)
         max_lines = _non_negative_int("max_lines", max_lines, COMPACT_DEFAULT_MAX_LINES)
         max_bytes = _non_negative_int("max_bytes", max_bytes, COMPACT_DEFAULT_MAX_BYTES)
+        keep_archive = _require_bool("archive", archive)
         files: Dict[str, int] = {}
+        dropped = 0
+        archived = 0
         freed = 0
-        archive: Optional[Tuple[str, int]] = None
+        new_archive: Optional[Tuple[str, int]] = None
         doing = "compacting session {}".format(session_id)
         with self.session_lock(session_id), self._os_errors(doing, session_id):
             with self._session_fd(session_id) as dir_fd:
+                before = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
                 try:
                     for name in LOG_FILES:
                         # A log with an outside name is left alone: its tail must not become
@@ -2251,20 +2936,31 @@ class OpsService:
                             files[name] = plan.kept_lines
                             if plan.keep_start == 0:
                                 continue
-                            if archive is None:
-                                archive = self._new_archive(session_id, dir_fd)
-                            if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive[1]):
-                                freed += plan.keep_start
+                            if new_archive is None and keep_archive:
+                                new_archive = self._new_archive(session_id, dir_fd)
+                            archive_fd = None if new_archive is None else new_archive[1]
+                            if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive_fd):
+                                dropped += plan.keep_start
                         finally:
                             os.close(fd)
+                    # Measured once every descriptor of a dropped head is closed: what du now sees.
+                    after = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
+                    if new_archive is not None:
+                        archived = sum(os.stat(name, dir_fd=new_archive[1], follow_symlinks=False).st_size
+                                       for name in os.listdir(new_archive[1]))
+                        after += sum(_disk_usage_at(name, new_archive[1]) for name in os.listdir(new_archive[1]))
+                    freed = max(0, before - after)
                 finally:
-                    if archive is not None:
-                        os.close(archive[1])
+                    if new_archive is not None:
+                        os.close(new_archive[1])
         return {
             "status": "compacted",
             "files": files,
+            "bytes_dropped": dropped,
+            "bytes_archived": archived,
             "bytes_freed": freed,
-            **self._archive_paths(session_id, None if archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, archive[0])),
+            "archived": keep_archive,
+            **self._archive_paths(session_id, None if new_archive is None else "{}/{}".format(ARCHIVE_DIR_NAME, new_archive[0])),
         }
 
     def delete_session(self, session_id: str) -> Dict[str, str]:
@@ -2686,9 +3382,10 @@ class OpsService:
         return _CompactPlan(0, 0), st
 
     def _compact_file(
-        self, dir_fd: int, name: str, fd: int, st: os.stat_result, keep_start: int, archive_fd: int
+        self, dir_fd: int, name: str, fd: int, st: os.stat_result, keep_start: int, archive_fd: Optional[int]
     ) -> bool:
-        """Swap in the tail of the log open as ``fd``; False if the file was replaced meanwhile."""
+        """Swap in the tail of the log open as ``fd``; False if the file was replaced meanwhile. Without
+        ``archive_fd`` the head is not kept: the old file goes when the rename drops its last name."""
         temp = ".{}.compact.tmp".format(name)
         self._remove_stale(temp, dir_fd)
         temp_fd = os.open(temp, _CREATE_FLAGS, stat.S_IMODE(st.st_mode), dir_fd=dir_fd)
@@ -2699,7 +3396,8 @@ class OpsService:
             current = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             if (current.st_dev, current.st_ino) != (st.st_dev, st.st_ino):
                 return False  # replaced by someone else since we opened it: not ours to swap
-            self._archive_file(dir_fd, name, fd, st, archive_fd)
+            if archive_fd is not None:
+                self._archive_file(dir_fd, name, fd, st, archive_fd)
             # Writers outside the session lock (an agent holding the file open) may have
             # appended since the copy: those bytes must reach the new live file too.
             copied = _copy_range(fd, temp_fd, copied, os.fstat(fd).st_size)
@@ -2817,3 +3515,849 @@ class OpsService:
             pass
         finally:
             os.close(root_fd)
+
+    # -- the audit trail (<root>/_gateway/audit.log) ----------------------------------------
+
+    def append_audit(self, line: bytes, rotate_bytes: int, backups: int) -> Dict[str, Any]:
+        """Append one record (``line``, ending in a newline) to ``<root>/_gateway/audit.log`` durably: written
+        and fsync'ed before this returns. Past ``rotate_bytes`` the file is renamed to ``audit.log.1`` (and so
+        on, keeping ``backups``) and the directory fsync'ed, so neither the record nor the rename is lost to
+        a crash. Records are appended one at a time, in call order.
+
+        ``_gateway`` and the file are opened as ``append_gateway_log`` opens them (never through a symlink,
+        only a regular file of one link). Returns ``{"written": True, "rotated": bool}``. Raises
+        InvalidArgument (a line that is not one line), StorageFull, WorkspacesUnavailable: the caller must
+        tell its client that the change was not recorded.
+        """
+        if not line.endswith(b"\n") or b"\n" in line[:-1]:
+            raise InvalidArgument("an audit record is one line ending in a newline")
+        with self._audit_guard, self._os_errors("writing the audit log", None, "the change was made but is not recorded"):
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            try:
+                dir_fd = self._open_gateway_dir(root_fd)
+                try:
+                    fd = os.open(AUDIT_LOG_NAME, _APPEND_FLAGS, 0o640, dir_fd=dir_fd)
+                    try:
+                        st = os.fstat(fd)
+                        if not stat.S_ISREG(st.st_mode) or not _has_one_link(st):
+                            raise OSError(errno.EPERM, "{} is not a regular file of one link; remove it".format(
+                                AUDIT_LOG_NAME))
+                        _write_all(fd, line)
+                        os.fsync(fd)
+                        size = os.fstat(fd).st_size
+                    finally:
+                        os.close(fd)
+                    if size <= rotate_bytes:
+                        return {"written": True, "rotated": False}
+                    _rotate_at(dir_fd, AUDIT_LOG_NAME, backups)
+                    os.fsync(dir_fd)  # the renames are durable too: no record disappears with a crash
+                    return {"written": True, "rotated": True}
+                finally:
+                    os.close(dir_fd)
+            finally:
+                os.close(root_fd)
+
+    def read_audit_log(
+        self,
+        cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None,
+        max_bytes: Optional[int] = None,
+        backups: int = 0,
+    ) -> Dict[str, Any]:
+        """A log slice (PROTOCOL.md §5.11) of the audit log, across its rotations: a cursor into a file
+        rotated since (``audit.log.1`` .. ``.<backups>``) goes on in that file, then in the newer ones
+        from their start, so a reader that follows sees every record once, none skipped, unless the file
+        it was reading has been rotated out of the ``backups`` kept (``reset`` then). Raises
+        InvalidArgument, InvalidCursor, WorkspacesUnavailable.
+        """
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(cursor)
+        with self._os_errors("reading the audit log", None):
+            self.check_root()
+            try:
+                dir_fd = os.open(str(self.root / GATEWAY_DIR_NAME), _DIR_FLAGS)
+            except OSError as exc:
+                if exc.errno not in _MISSING_ERRNOS:
+                    raise
+                return _missing_slice(AUDIT_LOG_NAME, parsed)
+            try:
+                if parsed is not None and not parsed.legacy and parsed.offset > 0:
+                    rotated, found = self._audit_rotated_slice(dir_fd, parsed, limit, max_bytes, backups)
+                    if rotated is not None:
+                        return rotated
+                    if found:
+                        parsed = LogCursor(0, 0, 0, b"", b"")  # the rotated files are read to their end: go on here
+                return _read_slice(lambda: os.open(AUDIT_LOG_NAME, _READ_FLAGS, dir_fd=dir_fd), parsed, limit,
+                                   max_bytes, AUDIT_LOG_NAME)
+            finally:
+                os.close(dir_fd)
+
+    @staticmethod
+    def _audit_rotated_slice(
+        dir_fd: int, cursor: LogCursor, limit: int, max_bytes: int, backups: int
+    ) -> Tuple[Optional[Dict[str, Any]], bool]:
+        """The next lines after ``cursor`` in the rotated audit files, oldest first (from the file the cursor
+        is in, then from the start of the newer rotated ones), or None when they hold no more; and whether
+        the cursor is in one of them."""
+        found = False
+        for index in range(backups, 0, -1):
+            opened = _open_regular(lambda: os.open("{}.{}".format(AUDIT_LOG_NAME, index), _READ_FLAGS, dir_fd=dir_fd))
+            if opened is None:
+                continue
+            fd, st = opened
+            try:
+                start = 0
+                if not found:
+                    if not _same_generation(fd, st, cursor):
+                        continue
+                    found, start = True, cursor.offset
+                result = _follow_slice(fd, st, start, limit, max_bytes, reset=False)
+            except _FileChanged:
+                raise WorkspacesUnavailable("{}.{} shrank while it was being read; retry".format(AUDIT_LOG_NAME, index))
+            finally:
+                os.close(fd)
+            if result["lines"]:
+                return {"file": AUDIT_LOG_NAME, **result, "more": True}, True  # newer files follow
+        return None, found
+    # -- turn transcripts (PROTOCOL.md §12) ---------------------------------------------------
+    #
+    # <session>/turns/<turn_id>.jsonl holds every event of one turn, one JSON object a line, as UA HEAD
+    # writes them; ours begin {"seq":N,"type":"...","timestamp":"...", so a record's sequence number,
+    # type and time are read from its first bytes without parsing what the agent sent. The gateway
+    # writes them (append_turn_record, from its writer thread); readers take complete lines only, so a
+    # file a crash left half-written still reads, without its last partial line.
+
+    TURNS_DIR_NAME = "turns"
+    TURN_FILE_SUFFIX = ".jsonl"
+    # A record is one WebSocket frame: at most a 1 MiB agent line or a 1 MiB client message, escaped,
+    # plus the envelope; a longer "line" is not one of ours and is skipped, so memory stays bounded.
+    MAX_TURN_RECORD = 4 << 20
+    TURN_HEAD_PEEK = 256  # bytes that hold a record's seq, type and timestamp
+    # The newest turn files whose last record is read to find a session's last seq: more than one,
+    # because mtimes of turns ended in the same writer batch can tie (file systems stamp coarsely).
+    LAST_SEQ_FILES = 8
+    MTIME_TIE_NS = 2_000_000_000  # turn files stamped this close together may be in either order
+    MAX_TURN_FILES = 100_000  # turn files of one session considered: a listing is bounded whatever is on disk
+    TURN_OUTCOMES = ("running", "completed", "failed", "cancelled", "interrupted")
+    _TURN_HEAD_RE = re.compile(rb'\{"seq":([0-9]{1,18}),"type":"([a-z][a-z0-9_]{0,31})","timestamp":"([^"\\]{1,64})"')
+
+    @classmethod
+    def _require_turn_id(cls, turn_id: object) -> str:
+        # The session-id rule: one path component, never "." or "..", no separator, no NUL.
+        if not isinstance(turn_id, str) or not SESSION_ID_RE.match(turn_id) or turn_id.endswith("\n"):
+            raise InvalidArgument(
+                "invalid turn id {}: use the turn_id of a query_complete or of the turns list "
+                "(1-128 characters of A-Z a-z 0-9 _ . - starting with a letter or digit)".format(_show(turn_id))
+            )
+        return turn_id
+
+    @classmethod
+    def _turn_head(cls, line: bytes) -> Optional[Tuple[int, str, str]]:
+        """(seq, type, timestamp) of one of our records, or None for anything else."""
+        match = cls._TURN_HEAD_RE.match(line)
+        if match is None:
+            return None
+        return int(match.group(1)), match.group(2).decode("ascii"), match.group(3).decode("ascii", "replace")
+
+    @classmethod
+    def _turn_lines_backward(cls, fd: int, size: int) -> Iterator[bytes]:
+        """The complete lines of a turn file, newest first, without newlines; an unfinished last line
+        (a crash mid-write) is skipped, and so is any line longer than MAX_TURN_RECORD."""
+        pos = size
+        pending = b""  # the end of a line whose start is before ``pos``
+        unfinished = True  # no newline seen yet: ``pending`` is the file's unfinished last line
+        overlong = False  # ``pending`` outgrew MAX_TURN_RECORD: that line is skipped
+        while pos > 0:
+            start = max(0, pos - IO_CHUNK)
+            data = _pread_full(fd, pos - start, start)
+            if len(data) != pos - start:
+                return  # shrank under us (a delete): what was read stands
+            pos = start
+            pieces = data.split(b"\n")
+            line = b"" if overlong else pieces[-1] + pending
+            if len(pieces) > 1:
+                if not (unfinished or overlong) and len(line) <= cls.MAX_TURN_RECORD:
+                    yield line
+                unfinished = overlong = False
+                for piece in reversed(pieces[1:-1]):
+                    if len(piece) <= cls.MAX_TURN_RECORD:
+                        yield piece
+                line = pieces[0]
+            pending = line
+            if len(pending) > cls.MAX_TURN_RECORD:
+                pending, overlong = b"", True
+        if not (unfinished or overlong):
+            yield pending
+
+    def _turn_files_at(self, dir_fd: int) -> List[Tuple[int, str]]:
+        """(mtime_ns, turn_id) of the session's turn files, newest first; symlinks and non-files left out."""
+        found: List[Tuple[int, str]] = []
+        with _dir_at(self.TURNS_DIR_NAME, dir_fd) as turns_fd:
+            if turns_fd is None:
+                return found
+            with os.scandir(turns_fd) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if not name.endswith(self.TURN_FILE_SUFFIX):
+                        continue
+                    turn_id = name[: -len(self.TURN_FILE_SUFFIX)]
+                    if not SESSION_ID_RE.match(turn_id):
+                        continue
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue  # removed meanwhile
+                    if stat.S_ISREG(st.st_mode):
+                        found.append((st.st_mtime_ns, turn_id))
+                        if len(found) >= self.MAX_TURN_FILES:
+                            break
+        found.sort(reverse=True)
+        return found
+
+    @contextmanager
+    def _turn_file_at(self, dir_fd: int, turn_id: str) -> Iterator[Optional[Tuple[int, os.stat_result]]]:
+        with _dir_at(self.TURNS_DIR_NAME, dir_fd) as turns_fd:
+            opened = None if turns_fd is None else _open_regular(
+                lambda: os.open(turn_id + self.TURN_FILE_SUFFIX, _READ_FLAGS, dir_fd=turns_fd))
+            try:
+                yield opened
+            finally:
+                if opened is not None:
+                    os.close(opened[0])
+
+    def append_turn_record(self, session_id: str, turn_id: str, data: bytes) -> None:
+        """Append records (complete JSON lines) to ``turns/<turn_id>.jsonl``, creating both if needed.
+
+        Neither ``turns`` nor the file is ever followed through a symlink (the write fails instead).
+        Raises InvalidSessionId, InvalidArgument, SessionNotFound, WorkspacesUnavailable, StorageFull.
+        """
+        _require_session_id(session_id)
+        self._require_turn_id(turn_id)
+        if not data:
+            return
+        doing = "appending to the transcript of turn {} of session {}".format(turn_id, session_id)
+        with self.session_lock(session_id), self._os_errors(doing, session_id, "the records were not fully written"):
+            with self._session_fd(session_id) as dir_fd:
+                _mkdir_at(self.TURNS_DIR_NAME, dir_fd)
+                turns_fd = os.open(self.TURNS_DIR_NAME, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    fd = os.open(turn_id + self.TURN_FILE_SUFFIX, _APPEND_FLAGS, 0o644, dir_fd=turns_fd)
+                    try:
+                        if not stat.S_ISREG(os.fstat(fd).st_mode):
+                            raise InvalidArgument("turns/{}{} is not a regular file; remove it".format(
+                                turn_id, self.TURN_FILE_SUFFIX))
+                        _write_all(fd, bytes(data))
+                    finally:
+                        os.close(fd)
+                finally:
+                    os.close(turns_fd)
+
+    def last_turn_seq(self, session_id: str) -> int:
+        """The highest event seq recorded in the session's turn files (0 if none): where the session's
+        numbering resumes after a restart. Reads the last complete record of the LAST_SEQ_FILES newest.
+        Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable."""
+        _require_session_id(session_id)
+        best = 0
+        with self._os_errors("reading the turns of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                for _mtime, turn_id in self._turn_files_at(dir_fd)[: self.LAST_SEQ_FILES]:
+                    with self._turn_file_at(dir_fd, turn_id) as opened:
+                        if opened is None:
+                            continue
+                        for line in self._turn_lines_backward(opened[0], opened[1].st_size):
+                            head = self._turn_head(line)
+                            if head is not None:
+                                best = max(best, head[0])
+                                break
+        return best
+
+    def _turn_summary(self, fd: int, size: int, turn_id: str, running: bool) -> Dict[str, Any]:
+        first = None
+        for line in self._turn_lines_forward(fd, size):
+            first = self._turn_head(line)
+            break
+        last: List[Tuple[Tuple[int, str, str], bytes]] = []  # the last two records, newest first
+        for line in self._turn_lines_backward(fd, size):
+            head = self._turn_head(line)
+            if head is not None:
+                last.append((head, line))
+                if len(last) == 2:
+                    break
+        outcome = "running" if running else "interrupted"
+        ended = None
+        if last and last[0][0][1] == "query_complete":
+            ended = last[0][0][2]
+            try:
+                completed = json.loads(last[0][1].decode("utf-8", "replace")).get("data", {}).get("completed")
+            except (ValueError, AttributeError):
+                completed = None
+            if completed is True:
+                outcome = "completed"
+            elif len(last) == 2 and last[1][0][1] == "cancelled":
+                outcome = "cancelled"
+            else:
+                outcome = "failed"
+        return {
+            "turn_id": turn_id,
+            "started": first[2] if first else None,
+            "ended": ended,
+            "outcome": outcome,
+            "first_seq": first[0] if first else None,
+            "last_seq": last[0][0][0] if last else None,
+            # One turn at a time per session: its records' seqs are consecutive.
+            "events": (last[0][0][0] - first[0] + 1) if first and last else 0,
+            "bytes": size,
+        }
+
+    @classmethod
+    def _turn_lines_forward(cls, fd: int, size: int) -> Iterator[bytes]:
+        """The first complete line's first TURN_HEAD_PEEK bytes (enough for ``_turn_head``)."""
+        head = _pread_full(fd, min(size, cls.TURN_HEAD_PEEK), 0)
+        if b"\n" in head or (size > len(head) and _has_newline(fd, len(head), min(size, cls.MAX_TURN_RECORD))):
+            yield head.split(b"\n", 1)[0]
+
+    def list_turns(
+        self, session_id: str, limit: Optional[int] = None, offset: Optional[int] = None,
+        running_turn_id: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """The session's turns, newest first: ``{"session_id", "turns": [{turn_id, started, ended, outcome,
+        first_seq, last_seq, events, bytes}], "total", "limit", "offset", "more"}``.
+
+        ``outcome``: completed, failed, cancelled (from the turn's query_complete), running (the
+        ``running_turn_id`` the caller knows to run), or interrupted (no query_complete, not running: the
+        gateway stopped or crashed during the turn). Only the listed page's files are read, a few KB each.
+        Raises InvalidSessionId, InvalidArgument (limit, offset), SessionNotFound, WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
+        offset = _non_negative_int("offset", offset, 0)
+        with self._os_errors("listing the turns of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                files = self._turn_files_at(dir_fd)
+                turns = []
+                for _mtime, turn_id in files[offset: offset + limit]:
+                    with self._turn_file_at(dir_fd, turn_id) as opened:
+                        if opened is not None:
+                            turns.append(self._turn_summary(opened[0], opened[1].st_size, turn_id,
+                                                            turn_id == running_turn_id))
+        # mtimes of turns ended together can tie: within the page, the seqs decide.
+        turns.sort(key=lambda turn: -1 if turn["first_seq"] is None else turn["first_seq"], reverse=True)
+        return {"session_id": session_id, "turns": turns, "total": len(files), "limit": limit, "offset": offset,
+                "more": offset + limit < len(files)}
+
+    def read_turn(
+        self, session_id: str, turn_id: str, cursor: Union[str, int, None] = None,
+        limit: Optional[int] = None, max_bytes: Optional[int] = None,
+    ) -> Dict[str, Any]:
+        """One turn's transcript as a log slice (PROTOCOL.md §5.11) of its file, read from the start
+        by default (no cursor is ``cursor=0``), each line parsed: ``{"session_id", "turn_id", "records",
+        ...the slice's fields but lines}``. A line that is not JSON comes back as ``{"raw": line}``.
+        Raises InvalidSessionId, InvalidArgument (turn id, limit, max_bytes), InvalidCursor,
+        SessionNotFound (also for an unknown turn), WorkspacesUnavailable.
+        """
+        _require_session_id(session_id)
+        self._require_turn_id(turn_id)
+        limit, max_bytes = _slice_limits(limit, max_bytes)
+        parsed = _parse_cursor(0 if cursor is None or cursor == "" else cursor)
+        name = "{}/{}{}".format(self.TURNS_DIR_NAME, turn_id, self.TURN_FILE_SUFFIX)
+        with self._os_errors("reading {} of session {}".format(name, session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                with _dir_at(self.TURNS_DIR_NAME, dir_fd) as turns_fd:
+                    missing = turns_fd is None or _open_regular(
+                        lambda: os.open(turn_id + self.TURN_FILE_SUFFIX, _READ_FLAGS, dir_fd=turns_fd)) is None
+                    if missing:
+                        raise SessionNotFound("turn {} of session {} has no transcript; list the session's turns "
+                                              "with GET /api/v1/ops/sessions/{}/turns".format(
+                                                  _show(turn_id), session_id, session_id))
+                    assert turns_fd is not None
+                    result = _read_slice(lambda: os.open(turn_id + self.TURN_FILE_SUFFIX, _READ_FLAGS, dir_fd=turns_fd),
+                                         parsed, limit, max_bytes, name)
+        records = []
+        for line in result.pop("lines"):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                records.append({"raw": line})
+        return {"session_id": session_id, "turn_id": turn_id, **result, "records": records}
+
+    def read_turn_records(
+        self, session_id: str, after_seq: int, upto_seq: int, max_records: int, max_bytes: int
+    ) -> Dict[str, Any]:
+        """The records with ``after_seq < seq <= upto_seq``, oldest first, as stored (JSON text):
+        ``{"records": [(seq, type, line)], "complete": bool, "first_seq"}``. Read backwards from the
+        newest turn file, so the cost is what is returned: past ``max_records`` or ``max_bytes``, the
+        newest are kept, ``complete`` is false and ``first_seq`` is the oldest kept.
+        Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable."""
+        _require_session_id(session_id)
+        found: List[Tuple[int, str, str]] = []
+        used = 0
+        complete = True
+        stop_below: Optional[int] = None  # once after_seq is reached: older files cannot hold what is missing
+        with self._os_errors("reading the turns of session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                for mtime, turn_id in self._turn_files_at(dir_fd):
+                    if not complete or after_seq >= upto_seq or (stop_below is not None and mtime < stop_below):
+                        break
+                    reached = False
+                    with self._turn_file_at(dir_fd, turn_id) as opened:
+                        if opened is None:
+                            continue
+                        for line in self._turn_lines_backward(opened[0], opened[1].st_size):
+                            head = self._turn_head(line)
+                            if head is None or head[0] > upto_seq:
+                                continue
+                            if head[0] <= after_seq:
+                                reached = True
+                                break
+                            if len(found) >= max_records or used + len(line) > max_bytes:
+                                complete = False
+                                break
+                            found.append((head[0], head[1], line.decode("utf-8", "replace")))
+                            used += len(line)
+                            if head[0] == after_seq + 1:
+                                reached = True
+                                break
+                    if reached and stop_below is None:
+                        stop_below = mtime - self.MTIME_TIE_NS  # files stamped as closely may still hold newer ones
+        found.sort()
+        return {"records": found, "complete": complete, "first_seq": found[0][0] if found else None}
+    # -- retention: disk use, prune plans and their application (PROTOCOL.md §15) -------------
+    #
+    # A prune is planned from one scan of the root and then applied item by item; a dry run is the
+    # plan alone, so it lists exactly what the real run removes when nothing changes in between.
+    # An item (an archive stamp, a whole session, a trash entry) is first renamed into the trash,
+    # one atomic step, and only then removed there: a kill at any moment leaves it complete where it
+    # was, or in the trash (emptied at the next start or prune), never half-removed in place.
+    # Sizes are st_blocks * 512 (what du counts), each inode once; an item's ``bytes`` counts only
+    # files with no other name, so it never claims space another link keeps in use.
+
+    def disk_usage(self, session_id: Optional[str] = None) -> Dict[str, Any]:
+        """``{"used_bytes": n}`` of the whole root, or of one session (with ``archive_bytes`` and
+        ``live_bytes`` besides). Raises InvalidSessionId, SessionNotFound, WorkspacesUnavailable."""
+        if session_id is None:
+            with self._os_errors("measuring the workspaces root", None):
+                self.check_root()
+                return {"used_bytes": self._root_usage()}
+        _require_session_id(session_id)
+        with self._os_errors("measuring session {}".format(session_id), session_id):
+            with self._session_fd(session_id) as dir_fd:
+                seen: Dict[Tuple[int, int], None] = {}
+                archive = _usage_at(ARCHIVE_DIR_NAME, dir_fd, seen)[0]
+                total = os.fstat(dir_fd).st_blocks * 512 + _usage_of_fd(dir_fd, seen)[0] + archive
+                return {"used_bytes": total, "archive_bytes": archive, "live_bytes": total - archive}
+
+    def prune(
+        self,
+        archives_older_than_days: Optional[float] = None,
+        sessions_idle_days: Optional[float] = None,
+        budget_bytes: Optional[int] = None,
+        trash_older_than_days: float = 0.0,
+        protected: Any = (),
+        dry_run: bool = False,
+        now: Optional[float] = None,
+    ) -> Dict[str, Any]:
+        """Plan, and unless ``dry_run`` apply, the retention policies (None: that policy is off).
+
+        * trash entries older than ``trash_older_than_days`` (they are deleted sessions already);
+        * sessions whose last activity (live logs, heartbeat, directory) is older than
+          ``sessions_idle_days``, except the ids in ``protected`` (connected or running);
+        * archive stamps older than ``archives_older_than_days`` (by their mtime);
+        * while the root holds more than ``budget_bytes``: the remaining trash, then archives,
+          oldest first across sessions.
+        An archive holding memory (a reset's MEMORY.md or memory/) is never removed, nor is a live
+        log, a memory file or anything of ``_gateway`` but its trash.
+
+        Returns ``{"dry_run", "policies", "items": [{kind, session_id, path, bytes, mtime, reason}],
+        "failed": [{path, error}], "kept_live": [idle session ids kept as live], "totals": {...},
+        "disk": {used_bytes_before, used_bytes_after, budget_bytes, over_budget}}``; ``now`` (epoch seconds) is the clock, for tests.
+        Raises InvalidArgument, WorkspacesUnavailable.
+        """
+        archive_age = _optional_days("archives_older_than_days", archives_older_than_days)
+        idle_age = _optional_days("sessions_idle_days", sessions_idle_days)
+        trash_age = _optional_days("trash_older_than_days", trash_older_than_days) or 0.0
+        budget = _optional_budget(budget_bytes)
+        dry_run = _require_bool("dry_run", dry_run)
+        clock = time.time() if now is None else float(now)
+        keep = protected  # any container; asked again just before each session is removed
+        with self._os_errors("planning a prune", None):
+            self.check_root()
+            self._make_trash()  # before measuring: removals rename into it, and it has blocks of its own
+            scan = self._retention_scan()
+        items, kept_live = _plan_prune(scan, clock, archive_age, idle_age, trash_age, budget, keep)
+        failed: List[Dict[str, Any]] = []
+        done = items
+        if not dry_run:
+            done = []
+            for item in items:
+                if item["kind"] == "session" and item["session_id"] in keep:
+                    error: Optional[str] = "session {} became active; it is kept".format(item["session_id"])
+                else:
+                    error = self._remove_item(item)
+                if error is None:
+                    done.append(item)
+                else:
+                    failed.append({"path": item["path"], "error": error})
+        freed = sum(item["bytes"] for item in done)
+        after = scan.total - freed
+        return {
+            "dry_run": dry_run,
+            "policies": {"archives_older_than_days": archive_age, "sessions_idle_days": idle_age,
+                         "budget_bytes": budget, "trash_older_than_days": trash_age},
+            "items": [{key: value for key, value in item.items() if not key.startswith("_")} for item in done],
+            "failed": failed,
+            "kept_live": kept_live,
+            "totals": {
+                "items": len(done),
+                "bytes": freed,
+                "archives": sum(1 for item in done if item["kind"] == "archive"),
+                "sessions": sum(1 for item in done if item["kind"] == "session"),
+                "trash": sum(1 for item in done if item["kind"] == "trash"),
+            },
+            "disk": {"used_bytes_before": scan.total, "used_bytes_after": after, "budget_bytes": budget,
+                     "over_budget": budget is not None and after > budget},
+        }
+
+    def session_activity(self, now: Optional[float] = None) -> List[Dict[str, Any]]:
+        """Every session with its last activity (live logs, heartbeat, directory), oldest first:
+        ``[{session_id, last_activity (epoch s), idle_seconds, channel}]``, for UA HEAD's purge-stale
+        and bulk-delete to choose from. Raises WorkspacesUnavailable."""
+        clock = time.time() if now is None else float(now)
+        with self._os_errors("listing sessions by activity", None):
+            self.check_root()
+            scan = self._retention_scan(measure=False, channels=True)
+        rows = [
+            {"session_id": sid, "last_activity": info.activity_ns / 1e9,
+             "idle_seconds": clock - info.activity_ns / 1e9, "channel": info.channel}
+            for sid, info in scan.sessions.items()
+        ]
+        return sorted(rows, key=lambda row: (row["last_activity"], row["session_id"]))
+
+    def _make_trash(self) -> None:
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            os.close(self._open_trash(root_fd))
+        except OSError as exc:
+            if exc.errno not in _NO_SPACE_ERRNOS and exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise  # no room for it, or a _gateway not ours: removals then happen in place
+        finally:
+            os.close(root_fd)
+
+    def _root_usage(self) -> int:
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            return os.fstat(root_fd).st_blocks * 512 + _usage_of_fd(root_fd, {})[0]
+        finally:
+            os.close(root_fd)
+
+    def _retention_scan(self, measure: bool = True, channels: bool = False) -> "_RetentionScan":
+        """One pass over the root: sessions (activity, archives, with ``channels`` their channel: a read of
+        each policy file), trash entries, and with ``measure`` the bytes of everything."""
+        scan = _RetentionScan()
+        seen: Dict[Tuple[int, int], None] = {}
+        root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+        try:
+            if measure:
+                scan.total = os.fstat(root_fd).st_blocks * 512
+            for name in sorted(os.listdir(root_fd)):
+                if name == GATEWAY_DIR_NAME:
+                    self._scan_gateway_dir(root_fd, scan, seen, measure)
+                    continue
+                dir_fd = _open_dir_at(name, root_fd) if is_valid_session_id(name) else None
+                if dir_fd is None:
+                    if measure:
+                        scan.total += _usage_at(name, root_fd, seen)[0]
+                    continue
+                try:
+                    scan.sessions[name] = self._scan_retained_session(name, dir_fd, scan, seen, measure, channels)
+                finally:
+                    os.close(dir_fd)
+        finally:
+            os.close(root_fd)
+        return scan
+
+    @staticmethod
+    def _scan_gateway_dir(root_fd: int, scan: "_RetentionScan", seen: Dict[Tuple[int, int], None],
+                          measure: bool) -> None:
+        with _dir_at(GATEWAY_DIR_NAME, root_fd) as gateway_fd:
+            if gateway_fd is None:
+                if measure:
+                    scan.total += _usage_at(GATEWAY_DIR_NAME, root_fd, seen)[0]
+                return
+            if measure:
+                scan.total += os.fstat(gateway_fd).st_blocks * 512
+            for name in os.listdir(gateway_fd):
+                if name != TRASH_DIR_NAME:
+                    if measure:
+                        scan.total += _usage_at(name, gateway_fd, seen)[0]
+                    continue
+                with _dir_at(TRASH_DIR_NAME, gateway_fd) as trash_fd:
+                    if trash_fd is None:
+                        continue
+                    if measure:
+                        scan.total += os.fstat(trash_fd).st_blocks * 512
+                    for entry in sorted(os.listdir(trash_fd)):
+                        try:
+                            st = os.stat(entry, dir_fd=trash_fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        used, freed = _usage_at(entry, trash_fd, seen) if measure else (0, 0)
+                        scan.total += used
+                        scan.trash.append(_Retained(st.st_mtime_ns, freed, "{}/{}/{}".format(
+                            GATEWAY_DIR_NAME, TRASH_DIR_NAME, entry), entry, False))
+
+    @staticmethod
+    def _scan_retained_session(session_id: str, dir_fd: int, scan: "_RetentionScan",
+                               seen: Dict[Tuple[int, int], None], measure: bool, channels: bool) -> "_RetainedSession":
+        st = os.fstat(dir_fd)
+        with os.scandir(dir_fd) as iterator:
+            kinds = _entry_kinds(iterator)
+        activity = max(st.st_mtime_ns, _activity_ns(dir_fd, kinds, st.st_mtime_ns))
+        channel = ""
+        if channels:
+            owner = session_owner(session_id, _read_json_object(
+                lambda: os.open(SESSION_POLICY_FILE_NAME, _READ_FLAGS, dir_fd=dir_fd), accept=_has_one_link))
+            channel = _channel(session_id, session_source(session_id, owner))
+        info = _RetainedSession(activity, channel)
+        archives_used = archive_dir = 0
+        if kinds.get(ARCHIVE_DIR_NAME) == "dir":
+            with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                if archive_fd is not None:
+                    archive_dir = os.fstat(archive_fd).st_blocks * 512 if measure else 0
+                    archives_used += archive_dir
+                    for stamp in sorted(os.listdir(archive_fd), key=_stamp_sort_key):
+                        try:
+                            stamp_st = os.stat(stamp, dir_fd=archive_fd, follow_symlinks=False)
+                        except OSError:
+                            continue
+                        used, freed = _usage_at(stamp, archive_fd, seen) if measure else (0, 0)
+                        archives_used += used
+                        names = _list_dir_at(stamp, archive_fd) if stat.S_ISDIR(stamp_st.st_mode) else []
+                        holds_memory = MEMORY_FILE_NAME in names or MEMORY_DIR_NAME in names
+                        info.archives.append(_Retained(stamp_st.st_mtime_ns, freed, "{}/{}/{}".format(
+                            session_id, ARCHIVE_DIR_NAME, stamp), stamp, holds_memory))
+        if measure:
+            # Everything but archive/ (measured above, stamp by stamp); then the session's whole size.
+            rest, rest_freed = _usage_of_fd(dir_fd, seen, skip=ARCHIVE_DIR_NAME)
+            own = st.st_blocks * 512
+            info.bytes = own + rest_freed + archive_dir + sum(archive.freed for archive in info.archives)
+            scan.total += own + rest + archives_used
+        return info
+
+    def _remove_item(self, item: Dict[str, Any]) -> Optional[str]:
+        """Remove one planned item (rename into the trash, then remove there); None, or why not."""
+        try:
+            if item["kind"] == "session":
+                self.delete_session(item["session_id"])
+                return None
+            if item["kind"] == "archive":
+                return self._remove_archive(item["session_id"], item["_name"])
+            self._remove_from_trash(str(self.root / item["path"]))
+            return None
+        except OpsError as exc:
+            return exc.detail
+        except OSError as exc:
+            return exc.strerror or str(exc)
+
+    def _remove_archive(self, session_id: str, stamp: str) -> Optional[str]:
+        with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            try:
+                trash_fd = self._open_trash(root_fd)
+            finally:
+                os.close(root_fd)
+            try:
+                with _dir_at(ARCHIVE_DIR_NAME, dir_fd) as archive_fd:
+                    if archive_fd is None or not _lexists_at(stamp, archive_fd):
+                        return "archive {}/{} is gone".format(session_id, stamp)
+                    spare = "{}.{}.{}.{}".format(session_id, ARCHIVE_DIR_NAME, stamp, secrets.token_hex(4))
+                    try:
+                        os.rename(stamp, spare, src_dir_fd=archive_fd, dst_dir_fd=trash_fd)
+                    except OSError as exc:
+                        if exc.errno != errno.EXDEV:
+                            raise
+                        _remove_tree_at(stamp, archive_fd, archive_fd)  # no trash on this volume: in place
+                        return None
+                _remove_tree_at(spare, trash_fd, trash_fd)
+            finally:
+                os.close(trash_fd)
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Retention: what a prune scan finds, and the plan (pure: no disk)
+# --------------------------------------------------------------------------------------
+
+_DAY = 86400.0
+# Upper bound of a day count (about 27,000 years): beyond it a retention is a typo, not a policy.
+MAX_RETENTION_DAYS = 10_000_000
+# Upper bound of a disk budget, 2**62 bytes: larger values are surely a mistake (and overflow nothing).
+MAX_BUDGET_BYTES = 1 << 62
+
+
+def _optional_days(name: str, value: object) -> Optional[float]:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_RETENTION_DAYS:
+        raise InvalidArgument("{} must be a number of days from 0 to {} (or null: policy off), not {}".format(
+            name, MAX_RETENTION_DAYS, _show(value)))
+    return float(value)
+
+
+def _optional_budget(value: object) -> Optional[int]:
+    if value is None:
+        return None
+    if not _is_int(value) or not 0 < value <= MAX_BUDGET_BYTES:  # type: ignore[operator]
+        raise InvalidArgument("budget_bytes must be a whole number of bytes from 1 to {} (or null: no "
+                              "budget), not {}".format(MAX_BUDGET_BYTES, _show(value)))
+    return int(value)  # type: ignore[call-overload]
+
+
+class _Retained(NamedTuple):
+    mtime_ns: int
+    freed: int  # bytes its removal releases: files with no other name, and directories
+    path: str  # relative to the root
+    name: str  # its entry name (the stamp, the trash entry)
+    holds_memory: bool
+
+
+class _RetainedSession:
+    __slots__ = ("activity_ns", "channel", "archives", "bytes")
+
+    def __init__(self, activity_ns: int, channel: str) -> None:
+        self.activity_ns = activity_ns
+        self.channel = channel
+        self.archives: List[_Retained] = []
+        self.bytes = 0
+
+
+class _RetentionScan:
+    __slots__ = ("sessions", "trash", "total")
+
+    def __init__(self) -> None:
+        self.sessions: Dict[str, _RetainedSession] = {}
+        self.trash: List[_Retained] = []
+        self.total = 0
+
+
+def _item(kind: str, session_id: Optional[str], entry: _Retained, reason: str) -> Dict[str, Any]:
+    return {"kind": kind, "session_id": session_id, "path": entry.path, "bytes": entry.freed,
+            "mtime": _iso(entry.mtime_ns), "reason": reason, "_name": entry.name}
+
+
+def _plan_prune(scan: _RetentionScan, now: float, archive_age: Optional[float], idle_age: Optional[float],
+                trash_age: float, budget: Optional[int], protected: Any) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """The items a prune removes, in the order it removes them (see ``OpsService.prune``), and the idle
+    sessions kept because they are in ``protected``."""
+    def older(mtime_ns: int, days: float) -> bool:
+        return now - mtime_ns / 1e9 >= days * _DAY
+
+    items: List[Dict[str, Any]] = []
+    kept_live: List[str] = []
+    trash = sorted(scan.trash)
+    kept_trash = []
+    for entry in trash:
+        if older(entry.mtime_ns, trash_age):
+            items.append(_item("trash", None, entry, "trash"))
+        else:
+            kept_trash.append(entry)
+    archives: List[Tuple[_Retained, str]] = []
+    for sid, info in sorted(scan.sessions.items(), key=lambda pair: (pair[1].activity_ns, pair[0])):
+        if idle_age is not None and older(info.activity_ns, idle_age) and sid in protected:
+            kept_live.append(sid)
+        elif idle_age is not None and older(info.activity_ns, idle_age):
+            entry = _Retained(info.activity_ns, info.bytes, sid, sid, False)
+            items.append(_item("session", sid, entry, "idle"))
+            continue
+        archives.extend((archive, sid) for archive in info.archives if not archive.holds_memory)
+    archives.sort(key=lambda pair: (pair[0].mtime_ns, pair[1], _stamp_sort_key(pair[0].name)))
+    kept_archives = []
+    for archive, sid in archives:
+        if archive_age is not None and older(archive.mtime_ns, archive_age):
+            items.append(_item("archive", sid, archive, "age"))
+        else:
+            kept_archives.append((archive, sid))
+    if budget is not None:
+        used = scan.total - sum(item["bytes"] for item in items)
+        overflow: List[Tuple[_Retained, Optional[str], str]] = [(entry, None, "trash") for entry in kept_trash] + [
+            (archive, sid, "archive") for archive, sid in kept_archives]
+        for extra, owner, kind in overflow:
+            if used <= budget:
+                break
+            items.append(_item(kind, owner, extra, "budget"))
+            used -= extra.freed
+    return items, kept_live
+
+
+def _usage_of_fd(dir_fd: int, seen: Dict[Tuple[int, int], None], skip: Optional[str] = None) -> Tuple[int, int]:
+    """(bytes used, bytes a removal frees) of the entries of the directory open as ``dir_fd``
+    (not of the directory itself), each inode counted once across ``seen``."""
+    used = freed = 0
+    for name in os.listdir(dir_fd):
+        if name != skip:
+            one_used, one_freed = _usage_at(name, dir_fd, seen)
+            used += one_used
+            freed += one_freed
+    return used, freed
+
+
+def _usage_at(name: str, dir_fd: int, seen: Dict[Tuple[int, int], None]) -> Tuple[int, int]:
+    """(bytes used, bytes a removal frees) of ``name`` inside ``dir_fd`` and everything below it,
+    in st_blocks * 512, never following a symlink. A file with other names is used (once, across
+    ``seen``) but frees nothing. At most MAX_TREE_DEPTH levels are open at once; deeper ones are
+    not counted (as in ``_tree_usage_at``)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return 0, 0
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return 0, 0
+    seen[key] = None
+    size = st.st_blocks * 512
+    if not stat.S_ISDIR(st.st_mode):
+        return size, size if st.st_nlink <= 1 else 0
+    used = freed = size
+    stack: List[Tuple[int, List[str]]] = []
+    try:
+        fd = _open_dir_at(name, dir_fd)
+    except OSError:
+        return used, freed
+    try:
+        while fd is not None or stack:
+            if fd is not None:
+                subdirs: List[str] = []
+                try:
+                    with os.scandir(fd) as iterator:
+                        for entry in iterator:
+                            try:
+                                entry_st = entry.stat(follow_symlinks=False)
+                            except OSError:
+                                continue
+                            entry_key = (entry_st.st_dev, entry_st.st_ino)
+                            if entry_key in seen:
+                                continue
+                            seen[entry_key] = None
+                            blocks = entry_st.st_blocks * 512
+                            used += blocks
+                            if stat.S_ISDIR(entry_st.st_mode):
+                                freed += blocks
+                                subdirs.append(entry.name)
+                            elif entry_st.st_nlink <= 1:
+                                freed += blocks
+                except OSError:
+                    pass
+                stack.append((fd, subdirs if len(stack) + 1 < MAX_TREE_DEPTH else []))
+                fd = None
+            parent, pending = stack[-1]
+            if not pending:
+                os.close(stack.pop()[0])
+                continue
+            try:
+                fd = _open_dir_at(pending.pop(), parent)
+            except OSError:
+                fd = None
+    finally:
+        for open_fd, _ in stack:
+            os.close(open_fd)
+    return used, freed

@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO
 
 __all__ = [
     "ApiError",
@@ -216,6 +216,16 @@ class GatewayClient:
                  cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
         query = {"session_id": session_id, "file": file_name, "cursor": cursor, "limit": limit}
         return self._checked(self.request("GET", "/api/v1/ops/logs/tail", query), LOG_SLICE)
+
+    def read_audit(self, cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
+        """A slice of the audit trail (PROTOCOL.md §11.2): JSON lines, oldest first."""
+        return self._checked(self.request("GET", "/api/v1/ops/audit", {"cursor": cursor, "limit": limit}), LOG_SLICE)
+    def read_archive_log(self, session_id: str, stamp: str, file_name: Optional[str] = None,
+                         cursor: Optional[str] = None, limit: Optional[int] = None) -> Any:
+        """A slice of ``archive/<stamp>/<file_name>`` (PROTOCOL.md §16.3), plain or compressed alike."""
+        path = "/api/v1/ops/sessions/{}/archives/{}/{}".format(_quote(session_id), _quote(stamp),
+                                                               _quote(file_name or "run.log"))
+        return self._checked(self.request("GET", path, {"cursor": cursor, "limit": limit}), LOG_SLICE)
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:
         try:
@@ -471,7 +481,10 @@ def run_sessions_compact(client: GatewayClient, args: argparse.Namespace, out: T
     else:
         kept = ", ".join(f"{name} keeps {lines} lines" for name, lines in result["files"].items()) or "no live logs"
         where = f"; the full logs are in {result['archive_dir']}" if result.get("archive_dir") else ""
-        print(shown(f"compacted {args.session_id}: {kept}; {_size(result['bytes_freed'])} freed{where}"), file=out)
+        dropped = result.get("bytes_dropped")
+        moved = "" if not isinstance(dropped, int) else (
+            f"{_size(dropped)} dropped, {_size(result.get('bytes_archived') or 0)} archived, ")
+        print(shown(f"compacted {args.session_id}: {kept}; {moved}{_size(result['bytes_freed'])} freed{where}"), file=out)
     return EXIT_OK
 
 
@@ -503,7 +516,7 @@ def run_sessions_delete(client: GatewayClient, args: argparse.Namespace, out: Te
 
 
 def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
-    read = _log_reader(client, args.session, args.file, args.limit)
+    read = _log_reader(client, args.session, args.file, args.limit, args.archive)
     if not args.follow:
         piece = read(None)
         if args.json:
@@ -519,8 +532,10 @@ def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) 
 
 
 def _log_reader(client: GatewayClient, session_id: Optional[str], file_name: Optional[str],
-                limit: Optional[int]) -> Callable[[Optional[str]], Dict[str, Any]]:
+                limit: Optional[int], archive: Optional[str] = None) -> Callable[[Optional[str]], Dict[str, Any]]:
     """``read(cursor)`` for one log: the cursor is the only argument that changes while following."""
+    if archive is not None and session_id is not None:
+        return lambda cursor: client.read_archive_log(session_id, archive, file_name, cursor=cursor, limit=limit)
     return lambda cursor: client.read_log(session_id, file_name, cursor=cursor, limit=limit)
 
 
@@ -571,6 +586,37 @@ def _print_slice(piece: Dict[str, Any], out: TextIO, first: bool, raw: bool = Fa
 # ---------------------------------------------------------------------------------------------------------
 
 
+AUDIT_COLUMNS = ("TIME", "ACTION", "SESSION", "CLIENT", "SCOPE", "STATUS")
+
+
+def audit_row(line: str) -> List[str]:
+    """One audit record as table cells; a line that is not a record (a cut piece) shows as such."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict):
+        return ["?", f"(not a record: {shown(line[:80])})", "", "", "", ""]
+    outcome = record.get("outcome")
+    if not isinstance(outcome, dict):
+        outcome = {}
+    return [shown(record.get(key) if record.get(key) is not None else "-")
+            for key in ("time", "action", "session", "client", "scope")] + [shown(outcome.get("status", "-"))]
+
+
+def run_audit(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    piece = client.read_audit(cursor=args.cursor, limit=args.limit)
+    if args.json:
+        _print_json(piece, out)
+        return EXIT_OK
+    if piece["reset"]:
+        print("-- the cursor's file was rotated away; reading from the oldest kept --", file=sys.stderr)
+    print(format_table(AUDIT_COLUMNS, [audit_row(line) for line in piece["lines"]]), file=out)
+    # The cursor is for the next call: on stderr, so stdout stays the table.
+    print(f"-- next: --cursor {piece['cursor']}{' (more waiting)' if piece['more'] else ''} --", file=sys.stderr)
+    return EXIT_OK
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -593,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="The token is read from UA_OPS_TOKEN or the file UA_OPS_TOKEN_FILE names (never from the command line). Exit status: 0 done, "
         "1 the gateway refused or could not be reached, 2 usage error.",
     )
-    commands = parser.add_subparsers(dest="command", metavar="{sessions,logs}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{sessions,logs,audit}", required=True)
 
     sessions = commands.add_parser("sessions", help="list, show, reset, compact or delete sessions")
     actions = sessions.add_subparsers(dest="action", metavar="{list,show,reset,compact,delete}", required=True)
@@ -634,12 +680,20 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--session", metavar="ID", help="a session's log (default: the gateway's own log)")
     tail.add_argument("--file", choices=("run.log", "activity_journal.log"),
                       help="which session log (default run.log)")
+    tail.add_argument("--archive", metavar="STAMP",
+                      help="read that archive of the session's log (as 'sessions show' lists them), plain or compressed")
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until Ctrl-C")
     tail.add_argument("--limit", type=_non_negative_int, help=f"lines per request (gateway default {TAIL_LIMIT})")
     tail.add_argument("--raw", action="store_true",
                       help="print lines exactly as written, terminal escape sequences included "
                       "(by default control characters are shown escaped, e.g. \\x1b)")
     tail.set_defaults(run=run_logs_tail)
+
+    audit = commands.add_parser("audit", parents=[target],
+                                help="the audit trail: who changed what, when (the newest records, or those after --cursor)")
+    audit.add_argument("--limit", type=_non_negative_int, help=f"records per request (gateway default {TAIL_LIMIT})")
+    audit.add_argument("--cursor", help="the cursor a previous 'audit' printed: the records after it, oldest first")
+    audit.set_defaults(run=run_audit)
     return parser
 
 
@@ -662,6 +716,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
         if getattr(args, "file", None) and not getattr(args, "session", None):
             parser.error("--file needs --session; without it the gateway's own log is read")
+        if getattr(args, "archive", None) and not getattr(args, "session", None):
+            parser.error("--archive needs --session: archives belong to a session")
     except SystemExit as exit_request:  # --help (0) or a usage error (2): a status, not an exception
         return exit_request.code if isinstance(exit_request.code, int) else EXIT_OK
     try:

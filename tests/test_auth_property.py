@@ -94,6 +94,10 @@ class Prober:
         try:
             self.connection.request(method, path + query, body=body, headers=headers or {})
             response = self.connection.getresponse()
+            if (response.getheader("Content-Type") or "").startswith("text/event-stream"):
+                self.connection.close()  # a stream (PROTOCOL.md §13) never ends by itself: its status is the answer
+                self.connection = None
+                return response.status
             response.read()
         except (http.client.HTTPException, OSError):
             self.connection.close()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 
 CHROMEDRIVER = "/usr/bin/chromedriver"
 WAIT = 15.0  # seconds for anything the page must show; the tail polls every second
@@ -241,6 +241,23 @@ def test_compact_through_the_dialog_keeps_the_tail_and_the_view_says_the_log_was
 
     assert (directory / "run.log").read_bytes() == b"".join(b"line %d\n" % i for i in range(90, 100))
     wait_until(browser, lambda d: "replaced/truncated" in text_of(d, "#runlog-tail .tail-notice"), "the notice")
+
+
+def test_a_compressed_archive_is_listed_with_its_sizes_and_opens_in_the_run_log_pane(browser, start_gateway):
+    gateway = start_gateway(env={"UA_ARCHIVE_COMPRESS_DELAY": "0"})
+    directory = gateway.make_session("archive-demo", {"run.log": b"".join(b"old line %d\n" % i for i in range(100))})
+    stamp = gateway.post("/api/v1/ops/sessions/archive-demo/compact", body={"max_lines": 0}).json["archive_path"][8:]
+    wait_for(lambda: (directory / "archive" / stamp / "run.log.gz").exists())
+
+    open_console(browser, gateway.url)
+    open_session(browser, "archive-demo")
+    wait_until(browser, lambda d: "run.log (gzip)" in text_of(d, "#archive-files"), "the archive listed")
+    browser.find_element("css selector", "#archive-files tbody button").click()
+    wait_until(browser, lambda d: "old line 99" in text_of(d, "#runlog-tail .log-lines"), "the archived lines")
+    assert text_of(browser, "#runlog-title") == f"archive/{stamp}/run.log"
+    browser.find_element("id", "runlog-live").click()
+    wait_until(browser, lambda d: text_of(d, "#runlog-title") == "run.log", "back to the live log")
+    assert page_errors(browser) == []
 
 
 def test_delete_asks_for_the_session_id_before_deleting(browser, start_gateway):

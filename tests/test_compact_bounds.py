@@ -89,7 +89,7 @@ def test_compacting_a_sparse_log_without_newlines_reads_a_bounded_amount(svc, by
     # The unfinished multi-GiB line is cut: only its last MAX_LINE_SCAN bytes stay live.
     assert result["files"] == {"run.log": 0}
     assert path.stat().st_size == ops_service.MAX_LINE_SCAN
-    assert result["bytes_freed"] == SPARSE_SIZE - ops_service.MAX_LINE_SCAN
+    assert result["bytes_dropped"] == SPARSE_SIZE - ops_service.MAX_LINE_SCAN
     assert archived_size(svc, "a", result) == SPARSE_SIZE
 
 

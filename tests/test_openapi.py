@@ -106,7 +106,7 @@ def test_protected_operations_declare_both_token_schemes(document: dict):
         for method, operation in item.items():
             if method not in HTTP_METHODS:
                 continue
-            protected = path.startswith(("/api/v1/ops/", "/api/v1/sessions", "/ws/"))
+            protected = path.startswith(("/api/v1/ops/", "/api/v1/sessions", "/ws/")) or path == "/metrics"
             expected = [{"bearerAuth": []}, {"opsToken": []}] if protected else []
             if path.startswith(("/api/v1/sessions", "/ws/")):  # Scope.SESSION: UA_INTERNAL_API_TOKEN too
                 expected.insert(1, {"internalToken": []})

@@ -269,7 +269,7 @@ def test_compact_keeps_the_tail_and_archives_the_rest(gateway):
     assert body["status"] == "compacted"
     assert body["files"] == {"run.log": 100, "activity_journal.log": 10}
     kept = b"".join(f"run {i}\n".encode() for i in range(900, 1000))
-    assert body["bytes_freed"] == len(lines_bytes("run", 1000)) - len(kept)
+    assert body["bytes_dropped"] == len(lines_bytes("run", 1000)) - len(kept)
     assert (directory / "run.log").read_bytes() == kept
     archived = (directory / body["archive_dir"] / "run.log").read_bytes()
     assert archived == lines_bytes("run", 1000)

@@ -1008,7 +1008,8 @@ def test_reset_with_memory_and_work_products_recreates_empty_work_products(svc, 
 
 def test_reset_with_nothing_to_move_creates_no_archive(svc, root):
     make_session(root, "s")
-    assert svc.reset_session("s") == {"status": "reset", "archived": [], "archive_dir": None, "archive_path": None}
+    assert svc.reset_session("s") == {"status": "reset", "archived": [], "archive_dir": None, "archive_path": None,
+                                      "bytes_dropped": 0, "bytes_archived": 0, "bytes_freed": 0}
     assert not (root / "s" / "archive").exists()
 
 
@@ -1072,10 +1073,10 @@ def test_compact_keeps_the_last_lines_and_archives_the_full_original(svc, root):
     assert (root / "s" / result["archive_dir"] / "run.log").read_bytes() == original
 
 
-def test_compact_reports_bytes_freed(svc, root):
+def test_compact_reports_bytes_dropped(svc, root):
     make_session(root, "s", {"run.log": numbered(0, 10), "activity_journal.log": b"j\n" * 10})
     result = svc.compact_session("s", max_lines=2)
-    assert result["bytes_freed"] == len(numbered(0, 8)) + 16
+    assert result["bytes_dropped"] == len(numbered(0, 8)) + 16
     assert result["files"] == {"run.log": 2, "activity_journal.log": 2}
 
 
@@ -1101,8 +1102,8 @@ def test_compact_leaves_a_small_log_alone(svc, root):
     make_session(root, "s", {"run.log": numbered(0, 3)})
     inode = (root / "s" / "run.log").stat().st_ino
     result = svc.compact_session("s")
-    assert result == {"status": "compacted", "files": {"run.log": 3}, "bytes_freed": 0, "archive_dir": None,
-                      "archive_path": None}
+    assert result == {"status": "compacted", "files": {"run.log": 3}, "bytes_dropped": 0, "bytes_archived": 0,
+                      "bytes_freed": 0, "archived": True, "archive_dir": None, "archive_path": None}
     assert (root / "s" / "run.log").stat().st_ino == inode
 
 
@@ -1144,7 +1145,7 @@ def test_compact_of_a_1_gib_log_takes_milliseconds(svc, root):
     started = time.perf_counter()
     result = svc.compact_session("s")
     elapsed = time.perf_counter() - started
-    assert result["files"] == {"run.log": 400} and result["bytes_freed"] > 1 << 30
+    assert result["files"] == {"run.log": 400} and result["bytes_dropped"] > 1 << 30
     assert (root / "s" / "run.log").read_bytes() == numbered(9600, 10_000)
     assert elapsed < 0.5
 

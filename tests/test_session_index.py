@@ -1,4 +1,4 @@
-"""The session index (uagw/index.py; PROTOCOL.md §11): lists answered from memory show what the gateway
+"""The session index (uagw/index.py; PROTOCOL.md §17): lists answered from memory show what the gateway
 changes at once, what other writers change within the stated bound, say ``partial`` until the first scan is
 done, and equal ``OpsService.list_sessions`` for the same files."""
 
@@ -23,7 +23,7 @@ from uagw.changes import Changes
 from uagw.config import Config, ConfigError
 from uagw.index import SessionIndex
 
-OUTSIDE_BOUND = 2.0  # s: README, "Listing many sessions"; PROTOCOL.md §11
+OUTSIDE_BOUND = 2.0  # s: README, "Listing many sessions"; PROTOCOL.md §17
 OLD = 1_600_000_000  # 2020-09-13: a session last active long ago, so a change moves it to the top
 
 

@@ -7,6 +7,7 @@ May import: the standard library, ``uagw.limits``, ``uagw.config`` and ``uagw.ht
 from __future__ import annotations
 
 import collections
+import enum
 import hashlib
 import hmac
 import ipaddress
@@ -22,6 +23,7 @@ from .http11 import OWS, Request
 
 __all__ = [
     "AccessControl",
+    "Grant",
     "client_ip",
     "request_tokens",
 ]
@@ -42,6 +44,16 @@ def client_ip(address: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.I
     return ip
 
 
+class Grant(str, enum.Enum):
+    """What the token a request carried grants (``AccessControl.grant``; PROTOCOL.md §11.1); audit
+    records name it as the scope used."""
+
+    OPEN = "open"  # no token is configured (loopback only, PROTOCOL.md §1)
+    FULL = "full"  # UA_OPS_TOKEN (or UA_INTERNAL_API_TOKEN on Ops routes when it is the only one set)
+    INTERNAL = "internal"  # UA_INTERNAL_API_TOKEN
+    READ = "read"  # UA_OPS_READ_TOKEN: reading Ops routes, nothing else
+
+
 class AccessControl:
     """Decides who may use protected endpoints and how fast sessions may be created. All methods run on
     the event loop (not thread-safe).
@@ -57,6 +69,10 @@ class AccessControl:
         self.token_digest = _digest(ops_token) if ops_token else None
         # The session API and WebSockets take either token (Universal Agent's SESSION_API_TOKEN or UA_OPS_TOKEN).
         self.session_digests = [_digest(t) for t in (config.token, config.internal_token) if t]
+        # Every configured token with what it grants, compared all together by ``grant``.
+        self._grants: List[Tuple[bytes, Grant]] = [(_digest(token), grant) for token, grant in (
+            (config.token, Grant.FULL), (config.internal_token, Grant.INTERNAL), (config.read_token, Grant.READ))
+            if token]
         self.default_user = config.default_user
         self.allow_from = config.allow_from
         self.cors_origins = config.cors_origins
@@ -96,6 +112,25 @@ class AccessControl:
                     # No short-circuit: every candidate is compared, so timing does not reveal which matched.
                     matched |= hmac.compare_digest(digest, wanted)
         return matched
+
+    def grant(self, candidates: Iterable[Optional[str]]) -> Optional[Grant]:
+        """What the candidates grant: the widest grant of any configured token among them (FULL, then
+        INTERNAL, then READ), OPEN when no token is configured, None when none matches.
+
+        Every candidate is compared with every configured token, whichever matched: the time taken
+        does not reveal which token (or whether the read token) was offered."""
+        if not self._grants:
+            return Grant.OPEN
+        matched = {grant: False for _, grant in self._grants}
+        for candidate in candidates:
+            if candidate:
+                digest = _digest(candidate)
+                for wanted, grant in self._grants:
+                    matched[grant] |= hmac.compare_digest(digest, wanted)
+        for grant in (Grant.FULL, Grant.INTERNAL, Grant.READ):
+            if matched.get(grant):
+                return grant
+        return None
 
     def record_failure(self, address: str) -> bool:
         """Count a failed authentication; True when this failure starts a lockout."""

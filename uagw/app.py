@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import json
 import math
 import os
 import pkgutil
@@ -28,19 +29,27 @@ from .limits import (
 )
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
-from .http11 import HttpError, Request, Response, error_response, json_response
-from .access import AccessControl, request_tokens
+from .http11 import HttpError, Request, Response, StreamingResponse, error_response, json_response
+from .access import AccessControl, Grant, request_tokens
+from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
 from .index import SessionIndex
+from .compressor import ArchiveCompressor
 from .logs import GatewayLog
+from .metrics import EXPOSITION_CONTENT_TYPE, GatewayMetrics, render
 from .routing import (
-    Dispatched, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
+    Dispatched, Permission, Route, Router, Scope, Upgrade, bool_param, int_param, json_object_body, method_not_allowed,
     ops_error_response, path_segments, query_params, refuse_unread_body, session_id_param,
 )
-from .server import Server, descriptor_budget
+from .server import Phase, Server, descriptor_budget
+from .sdnotify import Notifier
 from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
+from .streams import EventStream, LogKey, LogWatchers, StreamSlots, Subscription, sse_event
+from .events import SessionEvents
+from .transcripts import last_seq_param
+from .pruner import Pruner
 
 __all__ = [
     "Application",
@@ -82,7 +91,10 @@ def read_console_assets() -> Dict[str, bytes]:
     return assets
 
 
-CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal-Token, X-UA-User"
+# The last event of every stream at gateway stop (PROTOCOL.md §13): the client reconnects to another run.
+_GATEWAY_STOPPING = sse_event("end", {"reason": "the gateway is stopping; reconnect with Last-Event-ID"})
+
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal-Token, X-UA-User, Last-Event-ID"
 # Sec-Fetch-Site values of a request made by the gateway's own pages, or typed by the user (Fetch Metadata).
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
@@ -111,8 +123,18 @@ class Application:
         self.index: Optional[SessionIndex] = SessionIndex(
             self.ops, rescan_interval=config.index_rescan_interval, scan_pause=config.index_scan_pause,
         ) if config.session_index else None
+        self.pruner = Pruner(self)  # retention: the background pruner and the prune routes (PROTOCOL.md §15)
+        self.compressor: Optional[ArchiveCompressor] = None  # gzips archived logs on its own thread (PROTOCOL.md §16)
         self.assets: Dict[str, bytes] = {}
+        self.log_watchers: Optional[LogWatchers] = None  # the followed logs (PROTOCOL.md §13), from open()
+        self.session_events: Optional[SessionEvents] = None  # GET /api/v1/ops/events, from open()
+        self.stream_slots = StreamSlots()
         self.router = Router(self._routes())
+        self.audit = AuditTrail(self.ops, self.run_ops, (config.token, config.internal_token, config.read_token),
+                                self._audit_warning)
+        self.changes.subscribe(self.audit.observe)  # sessions the WebSocket lobby creates (PROTOCOL.md §11.2)
+        self.metrics = GatewayMetrics(self.router.routes)  # GET /metrics (PROTOCOL.md §14)
+        self.changes.subscribe(self.metrics.on_change)
 
     # -- lifecycle -----------------------------------------------------------------------------------------
 
@@ -138,10 +160,19 @@ class Application:
         self.hub = SessionHub(self, agent)
         if self.index is not None:
             self.index.start(loop, self.executor, self.changes)  # scans in a thread: health answers at once
+        self.log_watchers = LogWatchers(self.ops, self.run_ops)
+        self.hub.writer.appended = self.log_watchers.on_append  # the gateway's own lines, from memory
+        self.session_events = SessionEvents(self.changes)
+        self.changes.subscribe(self._followed_session_changed)
+        self.compressor = ArchiveCompressor(self.ops, self.config.archive_compress_delay)
+        self.changes.subscribe(self._archives_changed)
+        self.compressor.start()
 
     def watch_root(self) -> None:
         """Check the workspaces root every ROOT_CHECK_INTERVAL s from now on (health reports it)."""
         self._tasks.append(asyncio.get_running_loop().create_task(self._watch_root()))
+        if self.config.retention_enabled:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.pruner.run_forever()))
 
     async def close(self) -> None:
         """Stop the background work, write the stop record and close the log; the hub is shut down before."""
@@ -149,6 +180,9 @@ class Application:
             task.cancel()
         if self.index is not None:
             self.index.close()
+        await self.audit.drain()
+        if self.compressor is not None:
+            self.compressor.stop()
         if self.log is not None:
             self.log.write("stop", uptime_s=round(time.monotonic() - self.started_at, 3))
             self.log.close()
@@ -196,9 +230,11 @@ class Application:
         route, params = self.router.match(path_segments(request.path))
         websocket = request.upgrade and route is not None and route.websocket is not None
         try:
-            route = self.admit(request, route, subprotocol_token(request) if websocket else None)
+            route, grant = self.admit_with_grant(request, route, subprotocol_token(request) if websocket else None)
             if websocket:
-                return self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
+                upgrade = self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
+                self.metrics.request_done(route, request.method, 101, request.started)
+                return upgrade
             for name, value in params.items():
                 if name == "session_id":
                     session_id_param(value)
@@ -208,19 +244,49 @@ class Application:
             if handler is None:
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=False)
+            if route.changes_state(request.method):  # every change is audited here, whatever its route
+                return self._audited(request, route, params, grant, handler)
             result = handler(request, params)
         except Exception as error:
-            return self._failure(request, error, close=websocket)
+            return self._counted(request, route, self._failure(request, error, close=websocket))
         if isinstance(result, Response):
-            return self._answer(request, result)
-        return self._settle(request, result)
+            return self._counted(request, route, self._answer(request, result))
+        return self._settle(request, result, route)
 
-    async def _settle(self, request: Request, pending: Awaitable[Response]) -> Response:
+    async def _audited(self, request: Request, route: Route, params: Dict[str, str], grant: Optional[Grant],
+                       handler: Callable[..., Any]) -> Response:
+        """Answer a call that may change state once its audit record is on disk (PROTOCOL.md §11.2)."""
+        started = time.monotonic()
+
+        async def call() -> Response:
+            try:
+                result = handler(request, params)
+                response = result if isinstance(result, Response) else await result
+            except Exception as error:
+                return self._failure(request, error)
+            return self._answer(request, response)
+
+        scope = grant.value if grant is not None else "none"
+        response = await self.audit.audited(call, lambda response: self.audit.http_record(
+            request, route, params, scope, response, time.monotonic() - started))
+        return self._counted(request, route, response)
+
+    def _audit_warning(self, message: str) -> None:
+        warn_stderr(message)
+        if self.log is not None:
+            self.log.write("audit_failed", detail=message[:500])
+
+    async def _settle(self, request: Request, pending: Awaitable[Response], route: Optional[Route] = None) -> Response:
         try:
             response = await pending
         except Exception as error:
-            return self._failure(request, error)
-        return self._answer(request, response)
+            return self._counted(request, route, self._failure(request, error))
+        return self._counted(request, route, self._answer(request, response))
+
+    def _counted(self, request: Request, route: Optional[Route], response: Response) -> Response:
+        """``response``, counted in GET /metrics by its route's template (None: no route matched)."""
+        self.metrics.request_done(route, request.method, response.status, request.started)
+        return response
 
     def _answer(self, request: Request, response: Response) -> Response:
         """Every answer to a request goes out through here: with its CORS grants (a preflight has its own)."""
@@ -242,22 +308,30 @@ class Application:
         return self._answer(request, response)
 
     def admit(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None) -> Route:
+        """``admit_with_grant`` without the grant."""
+        return self.admit_with_grant(request, route, extra_token)[0]
+
+    def admit_with_grant(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None
+                         ) -> Tuple[Route, Optional[Grant]]:
         """The one place that decides whether a request may reach its matched ``route`` (None: no route),
         for HTTP and upgrades alike.
 
         The route is matched on the decoded path segments first; what it needs is then read from the
-        route itself (``Route.scope``), so every spelling of a path that reaches a route gets that route's
-        decision. Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
+        route itself (``Route.permission`` of the method), so every spelling of a path that reaches a route
+        gets that route's decision. Returns the route and what the token granted (None: a public route or a
+        preflight). Raises HttpError: 421 for a Host not served, 404 for no route, the refusals of
         ``authorize``.
         """
         if self.config.allowed_hosts:
             self._check_host(request)
         if route is None:
             raise HttpError(404, f"no endpoint at {show(request.path)}; the API is described at /api/v1/openapi.json")
-        if route.scope is not Scope.PUBLIC and request.method != "OPTIONS":
-            self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token,
-                           session=route.scope is Scope.SESSION)
-        return route
+        permission = route.permission(request.method)
+        if permission is not Permission.PUBLIC and request.method != "OPTIONS":
+            grant = self.authorize(request, "WebSocket" if request.upgrade else "request", extra_token,
+                                   permission=permission)
+            return route, grant
+        return route, None
 
     def refuse_before_body(self, request: Request) -> Optional[Response]:
         """The answer to a request whose body has not arrived yet, when ``admit`` refuses it; else None.
@@ -270,7 +344,7 @@ class Application:
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=True)
         except HttpError as error:
-            return self._failure(request, error, close=True)
+            return self._counted(request, route, self._failure(request, error, close=True))
         return None
 
     def internal_error(self, request: Request, error: BaseException) -> Response:
@@ -278,34 +352,61 @@ class Application:
             self.log.write("internal_error", path=request.path[:512], error=repr(error)[:500])
         return error_response(HttpError(500, "internal error; the gateway log has the details"))
 
-    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None, session: bool = False) -> None:
+    def authorize(self, request: Request, what: str, extra_token: Optional[str] = None,
+                  permission: Permission = Permission.READ) -> Grant:
         """PROTOCOL.md §4 for a protected request (``what`` names it in errors): a cross-site browser request is
         refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
-        one a browser offers as a WebSocket subprotocol). ``session``: a SESSION route, which takes
-        UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN. Raises HttpError on refusal."""
-        self._refuse_cross_site(request, what)
+        one a browser offers as a WebSocket subprotocol), judged against ``permission`` (PROTOCOL.md §11.1): SESSION
+        takes UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN, READ takes UA_OPS_READ_TOKEN too. Returns
+        what the token granted. Raises HttpError on refusal: 401 (counted toward the lockout) for no
+        usable token, 403 for the read token where a change needs the full one."""
+        try:
+            self._refuse_cross_site(request, what)
+        except HttpError:
+            self.metrics.refuse("403", "cross_site")
+            raise
         address = request.client
         if not self.access.address_allowed(address):
+            self.metrics.refuse("403", "address")
             raise HttpError(403, f"client address {address} is not allowed by UA_OPS_ALLOW_FROM")
         remaining = self.access.lockout_remaining(address)
         if remaining:
             seconds = int(remaining) + 1
+            self.metrics.refuse("429", "lockout")
             raise HttpError(
                 429,
                 f"too many failed authentications from {address}; try again in {seconds} s with the right token",
                 headers=[("Retry-After", str(seconds))],
             )
-        if not self.access.token_matches(request_tokens(request) + [extra_token], session=session):
+        grant = self.access.grant(request_tokens(request) + [extra_token])
+        if grant is Grant.INTERNAL and permission is not Permission.SESSION and self.config.token is not None:
+            grant = None  # the Ops routes take UA_INTERNAL_API_TOKEN only when it is the only full token (§4.2)
+        if grant is None:
             locked = self.access.record_failure(address)
+            self.metrics.refuse("401", "token")
+            if locked:
+                self.metrics.lockouts.inc()
             if self.log is not None:
                 self.log.write("auth_failure", client=address, path=request.path, lockout=locked)
             raise HttpError(401, "Unauthorized", headers=[("WWW-Authenticate", 'Bearer realm="ua-gateway"')])
+        if grant is Grant.READ and permission is not Permission.READ:
+            raise HttpError(403, self._read_only_refusal(request, permission))
+        return grant
+
+    @staticmethod
+    def _read_only_refusal(request: Request, permission: Permission) -> str:
+        if permission is Permission.SESSION:
+            return ("this endpoint runs agent sessions and needs UA_OPS_TOKEN (or UA_INTERNAL_API_TOKEN); the token "
+                    "given is the read-only UA_OPS_READ_TOKEN")
+        return (f"this call ({request.method}) changes state and needs UA_OPS_TOKEN; the token given is the "
+                "read-only UA_OPS_READ_TOKEN, which allows only GET and HEAD on the Ops API")
 
     def _check_host(self, request: Request) -> None:
         host = (request.header("host") or "").lower()
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         name = name.strip("[]")
         if not (is_loopback_host(name) or name in self.config.allowed_hosts or host in self.config.allowed_hosts):
+            self.metrics.refuse("421", "host")
             raise HttpError(421, f"Host {show(host)} is not served here; list it in UA_ALLOWED_HOSTS")
 
     def _options(self, request: Request, route: Route) -> Response:
@@ -370,9 +471,12 @@ class Application:
     def _agent_socket(self, request: Request, params: Dict[str, str]) -> "AgentSocket":
         query = dict(parse_qsl(request.query_string, keep_blank_values=True))
         session_id = params.get("session_id", query.get("session_id"))
-        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"))
+        return AgentSocket(self, session_id, user_id=request.header("x-ua-user") or query.get("user_id"),
+                           last_seq=last_seq_param(query.get("last_seq"), session_id))
 
     def _websocket_only(self, request: Request, params: Dict[str, str]) -> Response:
+        query = dict(parse_qsl(request.query_string, keep_blank_values=True))
+        last_seq_param(query.get("last_seq"), params.get("session_id", query.get("session_id")))  # 400 before 426
         raise HttpError(426, "this endpoint is a WebSocket; connect with a WebSocket client",
                         headers=[("Upgrade", "websocket")])
 
@@ -387,12 +491,22 @@ class Application:
             Route("/api/v1/ops/sessions/{session_id}", {"GET": self.session_details, "DELETE": self.delete_session,
                                                         "PATCH": self.update_session}, scope=token),
             Route("/api/v1/ops/sessions/cancel", {"POST": self.cancel_sessions}, scope=token),
+            Route("/api/v1/ops/sessions/purge-stale", {"POST": self.pruner.purge_stale_route}, scope=token),
+            Route("/api/v1/ops/sessions/bulk-delete", {"POST": self.pruner.bulk_delete_route}, scope=token),
+            Route("/api/v1/ops/prune", {"POST": self.pruner.prune_route}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/cancel", {"POST": self.cancel_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/archive", {"POST": self.archive_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/preview", {"GET": self.preview}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/reset", {"POST": self.reset_session}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/compact", {"POST": self.compact_session}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/turns", {"GET": self.list_turns}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/turns/{turn_id}", {"GET": self.read_turn}, scope=token),
             Route("/api/v1/ops/logs/tail", {"GET": self.logs_tail}, scope=token),
+            Route("/api/v1/ops/audit", {"GET": self.audit_log}, scope=token),
+            Route("/api/v1/ops/events", {"GET": self.events_stream}, scope=token),
+            Route("/metrics", {"GET": self.metrics_page}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/archives", {"GET": self.list_archives}, scope=token),
+            Route("/api/v1/ops/sessions/{session_id}/archives/{stamp}/{file}", {"GET": self.archive_log}, scope=token),
             Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
             Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
                   scope=session),
@@ -433,6 +547,8 @@ class Application:
                     " (the path is on the gateway's stderr, and in the answer to a health call with the token)")
             return json_response(503, {"status": "degraded", "detail": problem, "version": __version__, "uptime_s": uptime,
                                        **counters})
+        if self._may_see_paths(request):
+            counters.update(self.pruner.health_fields())  # disk use against the budget: authorized callers only
         return json_response(200, {"status": "ok", "version": __version__, "uptime_s": uptime, **counters})
 
     def _may_see_paths(self, request: Request) -> bool:
@@ -447,6 +563,22 @@ class Application:
             return False
         return True
 
+    async def metrics_page(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §14: the metrics in Prometheus' text format; what reads the disk runs in a worker thread."""
+        hub = self.hub
+        writers: Dict[str, Any] = {"gateway": self.log} if self.log is not None else {}
+        if hub is not None:
+            writers["session"] = hub.writer
+        families = self.metrics.loop_families(connections=self.open_connections(), writers=writers,
+                                              agent_processes=len(hub.agent_groups) if hub is not None else 0,
+                                              version=__version__)
+        families += await self.run_ops(self.metrics.disk_families, self.ops, self.runtime())
+        return Response(200, render(families).encode(), content_type=EXPOSITION_CONTENT_TYPE)
+
+    def open_connections(self) -> Tuple[int, int]:
+        """(HTTP, WebSocket) connections open now; an application without a server has none."""
+        return 0, 0
+
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
         return self._list_response(
@@ -456,24 +588,31 @@ class Application:
             source=query.get("source"),
             owner=query.get("owner"),
             memory_mode=query.get("memory_mode"),
+            sort=query.get("sort") or None,
         )
 
     async def _list_response(self, **query: Any) -> Response:
         return json_response(200, await self._list_page(**query))
 
     async def _list_page(self, **query: Any) -> Dict[str, Any]:
-        """A page of summaries (PROTOCOL.md §11): from the session index, or scanned when it is off."""
+        """A page of summaries (PROTOCOL.md §17): from the session index, or scanned when it is off."""
         index = self.index
-        if index is None:
+        if index is None or query.get("sort") == "disk_bytes":  # disk use is measured per call (PROTOCOL.md §16.4)
             return {**await self.run_ops(self.ops.list_sessions, runtime=self.runtime(), **query), "partial": False}
         await index.settle()  # the gateway's own changes announced so far are in the answer
         return await self.run_ops(index.list_sessions, runtime=self.runtime(), **query)
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        return self._ops_response(200, self.ops.session_details, params["session_id"], runtime=self.runtime())
+        return self.pruner.session_details(params["session_id"])  # the details, with disk use against the budget
 
-    async def preview(self, request: Request, params: Dict[str, str]) -> Response:
+    def preview(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
+        if bool_param(query, "follow"):
+            return self._follow(request, query, (params["session_id"], "activity_journal.log"),
+                                functools.partial(self._preview, params, query))
+        return self._preview(params, query)
+
+    async def _preview(self, params: Dict[str, str], query: Dict[str, str]) -> Response:
         result = await self.run_ops(
             self.ops.read_log,
             params["session_id"],
@@ -484,8 +623,116 @@ class Application:
         )
         return json_response(200, {"session_id": params["session_id"], **result})  # UA's preview names its session
 
+    # -- streams (PROTOCOL.md §13) ---------------------------------------------------------------------------
+
+    def _follow(self, request: Request, query: Dict[str, str], key: LogKey,
+                plain: Callable[[], Awaitable[Response]]) -> Awaitable[Response]:
+        """``?follow=true``: the answer ``plain`` gives, as a first ``slice`` event, then the new lines as
+        they come; with ``Last-Event-ID`` (or ``cursor=``) only the lines after that cursor."""
+        cursor = request.header("last-event-id") or query.get("cursor") or None
+        self.stream_slots.take(request.client)  # 429/503 before any disk work
+        return self._open_follow(request, key, cursor, plain)
+
+    async def _open_follow(self, request: Request, key: LogKey, cursor: Optional[str],
+                           plain: Callable[[], Awaitable[Response]]) -> Response:
+        assert self.log_watchers is not None, "opened"
+        try:
+            first = None
+            if cursor is None:
+                answer = await plain()
+                if answer.status != 200:
+                    self.stream_slots.give_back(request.client)
+                    return answer
+                cursor = json.loads(answer.body)["cursor"]
+                first = sse_event("slice", json.loads(answer.body), cursor)
+            else:
+                ops_service.decode_cursor(cursor)  # InvalidCursor: 400, before the stream starts
+                if key[0] is not None:
+                    await self.run_ops(self.ops.require_session, key[0])
+            watcher = self.log_watchers.watch(key)
+            sub = Subscription(cursor)
+            watcher.add(sub)
+        except BaseException:
+            self.stream_slots.give_back(request.client)
+            raise
+
+        def closed() -> None:
+            watcher.remove(sub)
+            self.stream_slots.give_back(request.client)
+
+        source = EventStream(sub, watcher.catch_up, self.config.stream_keepalive, closed, first)
+        return StreamingResponse(200, source, functools.partial(sub.end, _GATEWAY_STOPPING))
+
+    async def events_stream(self, request: Request, params: Dict[str, str]) -> Response:
+        """GET /api/v1/ops/events: the session changes as SSE, resumable with Last-Event-ID (PROTOCOL.md §13.3)."""
+        events = self.session_events
+        assert events is not None, "opened"
+        last = request.header("last-event-id") or query_params(request).get("last_event_id") or None
+        self.stream_slots.take(request.client)
+        sub = events.subscribe(last)
+
+        def closed() -> None:
+            events.remove(sub)
+            self.stream_slots.give_back(request.client)
+
+        source = EventStream(sub, events.catch_up, self.config.stream_keepalive, closed)
+        return StreamingResponse(200, source, functools.partial(sub.end, _GATEWAY_STOPPING))
+
+    def _followed_session_changed(self, kind: ChangeKind, session_id: str, fields: Dict[str, Any]) -> None:
+        """A deleted session ends its followers' streams; a reset, archive or compaction is read at once."""
+        watchers = self.log_watchers.of_session(session_id) if self.log_watchers is not None else []
+        for watcher in watchers:
+            if kind is ChangeKind.DELETED:
+                watcher.end(sse_event("end", {"reason": "the session was deleted"}))
+            elif kind in (ChangeKind.RESET, ChangeKind.ARCHIVED, ChangeKind.COMPACTED):
+                asyncio.get_running_loop().create_task(watcher.refresh())
+    async def list_turns(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §12: the session's turns, newest first; the running one says so."""
+        query = query_params(request)
+        session_id = params["session_id"]
+        running = None
+        if self.hub is not None:
+            await self.hub.writer.flushed(session_id)  # a turn that just ended is read with its query_complete
+            live = self.hub.sessions.get(session_id)
+            running = live.turn.turn_id if live is not None and live.turn is not None else None
+        return await self._ops_response(200, self.ops.list_turns, session_id, limit=int_param(query, "limit"),
+                                        offset=int_param(query, "offset"), running_turn_id=running)
+
+    async def read_turn(self, request: Request, params: Dict[str, str]) -> Response:
+        """PROTOCOL.md §12: one turn's transcript, paged like a log slice."""
+        query = query_params(request)
+        if self.hub is not None:
+            await self.hub.writer.flushed(params["session_id"])
+        return await self._ops_response(200, self.ops.read_turn, params["session_id"], params["turn_id"],
+                                        cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                                        max_bytes=int_param(query, "max_bytes"))
+
     def logs_tail(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
+        if bool_param(query, "follow"):
+            plain_query = {name: value for name, value in query.items() if name not in ("follow", "cursor")}
+            session_id, file_name = self._tail_target(plain_query)
+            plain = functools.partial(self._logs_tail, plain_query)
+            return self._follow(request, query, (session_id, file_name), plain)
+        return self._logs_tail(query)
+
+    def _tail_target(self, query: Dict[str, str]) -> Tuple[Optional[str], str]:
+        """(session id or None, file name) that a logs/tail call reads; HttpError 400 for a bad one."""
+        session_id = query.get("session_id")
+        file_name = query.get("file") or None
+        if session_id is None and query.get("path") is not None:
+            session_id, file_name = self._log_path(query["path"])
+        if session_id is None:
+            if file_name not in (None, ops_service.GATEWAY_LOG_NAME):
+                raise HttpError(400, f"file {show(file_name)} needs session_id; without it the gateway's own log is read")
+            return None, ops_service.GATEWAY_LOG_NAME
+        session_id_param(session_id)
+        file_name = file_name or "run.log"
+        if file_name not in ops_service.LOG_FILES:
+            raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
+        return session_id, file_name
+
+    def _logs_tail(self, query: Dict[str, str]) -> Awaitable[Response]:
         session_id = query.get("session_id")
         file_name = query.get("file") or None  # "file=" means the default, as for any empty parameter
         if session_id is None and query.get("path") is not None:
@@ -500,6 +747,13 @@ class Application:
         if file_name not in ops_service.LOG_FILES:
             raise HttpError(400, f"file must be one of {', '.join(ops_service.LOG_FILES)}, not {show(file_name)}")
         return self._ops_response(200, self.ops.read_log, session_id, file_name, **slice_args)
+
+    def audit_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        """A log slice of the audit trail, across its rotations (PROTOCOL.md §11.2)."""
+        query = query_params(request)
+        return self._ops_response(200, self.ops.read_audit_log, cursor=query.get("cursor"),
+                                  limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"),
+                                  backups=self.audit.backups)
 
     def _log_path(self, path: str) -> Tuple[str, str]:
         """UA's ``logs/tail?path=``: ``<session>/<log>`` relative to the workspaces root (or that path made
@@ -583,9 +837,31 @@ class Application:
         return json_response(200, {"status": "cancel_requested", "reason": reason,
                                    "sessions_considered": len(running), "sessions_cancelled": cancelled})
 
-    def compact_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        body = json_object_body(request, ("max_lines", "max_bytes"))
-        return self._changed_response(ChangeKind.COMPACTED, params["session_id"], self.ops.compact_session, **body)
+    async def compact_session(self, request: Request, params: Dict[str, str]) -> Response:
+        body = json_object_body(request, ("max_lines", "max_bytes", "archive"))
+        session_id = params["session_id"]
+        result = await self.run_ops(self.ops.compact_session, session_id, **body)
+        self.changes.publish(ChangeKind.COMPACTED, session_id, **result)
+        if not result["archived"] and self.log is not None:
+            # PROTOCOL.md §16.1: deleted log bytes are gone for good; the gateway log says who and how much.
+            self.log.write("compact_discard", session_id=session_id, client=request.client,
+                           bytes_dropped=result["bytes_dropped"], bytes_freed=result["bytes_freed"])
+        return json_response(200, result)
+
+    def _archives_changed(self, kind: ChangeKind, session_id: str, fields: Dict[str, Any]) -> None:
+        """A Changes observer: a new archive is compressed soon (never here: request only wakes a thread)."""
+        if kind in (ChangeKind.RESET, ChangeKind.ARCHIVED, ChangeKind.COMPACTED) and self.compressor is not None:
+            self.compressor.request(session_id)
+
+    def list_archives(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        return self._ops_response(200, self.ops.list_archives, params["session_id"])
+
+    def archive_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
+        """PROTOCOL.md §16.3: a slice of an archived log, as logs/tail; {stamp} and {file} are names only."""
+        query = query_params(request)
+        return self._ops_response(200, self.ops.read_archive_log, params["session_id"], params["stamp"], params["file"],
+                                  cursor=query.get("cursor"), limit=int_param(query, "limit"),
+                                  max_bytes=int_param(query, "max_bytes"))
 
     def delete_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
@@ -751,6 +1027,7 @@ class Application:
         wait = self.access.session_creation_wait(address)
         if wait:
             seconds = max(1, math.ceil(wait))
+            self.metrics.refuse("429", "session_create_rate")
             raise HttpError(
                 429,
                 f"too many sessions created (from {address} or in all); retry in {seconds} s, or attach to an "
@@ -767,6 +1044,7 @@ class Gateway(Application):
         super().__init__(config, agent=agent)
         self.server = Server(self, config, open_bridge)
         self.port = config.port
+        self.notifier = Notifier.from_environ()  # systemd's sd_notify, when NOTIFY_SOCKET is set
 
     @property
     def url(self) -> str:
@@ -783,12 +1061,20 @@ class Gateway(Application):
         assert self.log is not None, "opened"
         self.log.write("start", version=__version__, url=self.url, workspaces=str(self.ops.root),
                        connection_limit=self.server.connection_limit())
+        self.notifier.ready(f"listening on {self.url}")
+        self.notifier.start_watchdog()
+
+    def open_connections(self) -> Tuple[int, int]:
+        websockets = sum(1 for connection in self.server.connections if connection.phase is Phase.UPGRADED)
+        return len(self.server.connections) - websockets, websockets
 
     async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
         """Stop accepting, let in-flight requests finish (at most ``grace`` seconds), close the rest."""
+        self.notifier.stopping()
         self.server.stop_accepting()
         deadline = time.monotonic() + grace
         if self.hub is not None:
             await self.hub.shutdown(grace)
         await self.server.drain(deadline)
         await self.close()
+        self.notifier.close()

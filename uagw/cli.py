@@ -17,10 +17,10 @@ from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
 from . import __version__
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GIL_SWITCH_INTERVAL,
-    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE,
+    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, REPORT_INTERVAL, SEND_STALL_TIMEOUT, SHUTDOWN_GRACE, STREAM_KEEPALIVE,
     WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
-from .config import Config, ConfigError
+from .config import Config, ConfigError, parse_byte_size
 from .app import Gateway
 
 __all__ = [
@@ -116,7 +116,7 @@ async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]
     return 0
 
 
-CLIENT_COMMANDS = ("sessions", "logs")
+CLIENT_COMMANDS = ("sessions", "logs", "audit")
 
 # Timeouts an operator may tune (behind a proxy with its own idle timeout, say) and tests make short; each
 # sets the Config parameter of its name (--header-timeout sets header_timeout).
@@ -128,6 +128,7 @@ TIMEOUT_FLAGS = (
     ("ws_close_timeout", WS_CLOSE_TIMEOUT, "seconds a WebSocket peer has to finish the closing handshake"),
     ("agent_kill_grace", AGENT_KILL_GRACE, "seconds between SIGTERM and SIGKILL for a stopped agent command"),
     ("shutdown_grace", SHUTDOWN_GRACE, "seconds requests in flight get to finish on SIGTERM or SIGINT"),
+    ("stream_keepalive", STREAM_KEEPALIVE, "seconds between keep-alive comments on an idle event stream"),
 )
 
 
@@ -140,7 +141,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
-        "UA_GATEWAY_LOG_ROTATE_BYTES, UA_SESSION_INDEX, UA_INDEX_RESCAN_INTERVAL, UA_INDEX_SCAN_PAUSE; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
+        "UA_GATEWAY_LOG_ROTATE_BYTES, UA_RETAIN_ARCHIVES_DAYS, UA_RETAIN_IDLE_SESSIONS_DAYS, UA_DISK_BUDGET_BYTES, "
+        "UA_RETAIN_TRASH_DAYS, UA_PRUNE_INTERVAL, UA_ARCHIVE_COMPRESS_DELAY, UA_SESSION_INDEX, UA_INDEX_RESCAN_INTERVAL, "
+        "UA_INDEX_SCAN_PAUSE; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
         "DEFAULT_USER_ID, COMPOSIO_USER_ID, UA_DASHBOARD_OWNER_ID, TELEGRAM_ALLOWED_USER_IDS. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
@@ -160,6 +163,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="answer lists by scanning the root each time, not from the session index (for comparison)")
     for name, default, meaning in TIMEOUT_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help=f"{meaning} (default {default:g})")
+    parser.add_argument("--retain-archives-days", type=float, help="prune archives older than this many days (default off)")
+    parser.add_argument("--retain-idle-sessions-days", type=float,
+                        help="delete sessions idle this many days, never a connected or running one (default off)")
+    parser.add_argument("--disk-budget", help="keep the workspaces root under this size, oldest archives first "
+                        "(bytes, or 512M, 20G; default off)")
+    parser.add_argument("--retain-trash-days", type=float, help="keep trash entries this many days (default: emptied at every prune)")
+    parser.add_argument("--prune-interval", type=float, help="seconds between pruner runs when a policy is set (default 3600)")
     return parser
 
 
@@ -186,6 +196,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             send_stall_timeout=args.send_stall_timeout,
             session_index=args.session_index,
             **{name: getattr(args, name) for name, _, _ in TIMEOUT_FLAGS},
+            retain_archives_days=args.retain_archives_days,
+            retain_idle_sessions_days=args.retain_idle_sessions_days,
+            disk_budget_bytes=parse_byte_size(args.disk_budget, "--disk-budget"),
+            retain_trash_days=args.retain_trash_days,
+            prune_interval=args.prune_interval,
         )
         config.check_exposure()
     except ConfigError as exc:

@@ -14,11 +14,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
-    HEADER_TIMEOUT, INDEX_RESCAN_INTERVAL, KEEPALIVE_TIMEOUT, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
+    HEADER_TIMEOUT, INDEX_RESCAN_INTERVAL, KEEPALIVE_TIMEOUT, PRUNE_INTERVAL, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
     SHUTDOWN_GRACE,
-    SEND_STALL_TIMEOUT, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
+    SEND_STALL_TIMEOUT, STREAM_KEEPALIVE, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
+from .limits import ARCHIVE_COMPRESS_DELAY
 from .text import show
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SECRET_FILE_SUFFIX",
     "SECRET_VARIABLES",
     "is_loopback_host",
+    "parse_byte_size",
     "read_secret",
 ]
 
@@ -39,7 +41,7 @@ class ConfigError(ValueError):
 # Variables that hold a secret. Each may instead be given as <NAME>_FILE, the path of a file holding it
 # (the convention of container secrets and systemd credentials), which keeps the secret out of every
 # process environment. Neither form is handed on to agent commands.
-SECRET_VARIABLES = ("UA_OPS_TOKEN", "UA_INTERNAL_API_TOKEN")
+SECRET_VARIABLES = ("UA_OPS_TOKEN", "UA_INTERNAL_API_TOKEN", "UA_OPS_READ_TOKEN")
 SECRET_FILE_SUFFIX = "_FILE"
 HIDDEN_FROM_AGENTS = frozenset(name + suffix for name in SECRET_VARIABLES for suffix in ("", SECRET_FILE_SUFFIX))
 
@@ -122,6 +124,29 @@ def _env_switch(env: Mapping[str, str], name: str) -> Optional[bool]:
     raise ConfigError(f"{name} must be 1 or 0 (on or off), not {show(text)}")
 
 
+# Suffixes of a byte size (UA_DISK_BUDGET_BYTES, --disk-budget): powers of 1024, as du and df print them.
+BYTE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_byte_size(text: Optional[str], name: str) -> Optional[int]:
+    """A byte count such as ``500000000``, ``512M`` or ``20G`` (suffixes K, M, G, T: powers of 1024, an
+    optional trailing ``B`` or ``iB``); None when unset. Raises ConfigError naming ``name``."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    upper = text.upper()
+    for tail in ("IB", "B"):
+        if upper.endswith(tail) and len(upper) > len(tail) and upper[-len(tail) - 1] in BYTE_SUFFIXES:
+            upper = upper[:-len(tail)]
+            break
+    factor = BYTE_SUFFIXES.get(upper[-1:], 1)
+    digits = upper[:-1] if factor > 1 else upper
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > MAX_INT_DIGITS or int(digits) == 0:
+        raise ConfigError(f"{name} must be a byte count above 0 such as 500000000, 512M or 20G (K, M, G, T: "
+                          f"powers of 1024), not {show(text)}")
+    return int(digits) * factor
+
+
 def is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -183,8 +208,16 @@ class Config:
         session_create_burst: int = SESSION_CREATE_BURST,
         session_create_per_minute: int = SESSION_CREATE_PER_MINUTE,
         log_rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES,
+        archive_compress_delay: float = ARCHIVE_COMPRESS_DELAY,
         internal_token: Optional[str] = None,
         default_user: str = DEFAULT_USER,
+        read_token: Optional[str] = None,
+        stream_keepalive: float = STREAM_KEEPALIVE,
+        retain_archives_days: Optional[float] = None,
+        retain_idle_sessions_days: Optional[float] = None,
+        disk_budget_bytes: Optional[int] = None,
+        retain_trash_days: Optional[float] = None,
+        prune_interval: float = PRUNE_INTERVAL,
         session_index: bool = True,
         index_rescan_interval: float = INDEX_RESCAN_INTERVAL,
         index_scan_pause: float = 0.0,
@@ -195,6 +228,8 @@ class Config:
         self.token = token or None
         # UA_INTERNAL_API_TOKEN: the session API and WebSockets accept it beside the Ops token (PROTOCOL.md §4)
         self.internal_token = internal_token or None
+        # UA_OPS_READ_TOKEN: GET and HEAD on the Ops routes only, never a change (PROTOCOL.md §11.1)
+        self.read_token = read_token or None
         self.default_user = default_user  # who a session belongs to when its creator names nobody
         self.allowed_users = frozenset(allowed_users)
         self.cors_origins = frozenset(origin.rstrip("/") for origin in cors_origins)
@@ -220,10 +255,20 @@ class Config:
         self.session_create_burst = session_create_burst
         self.session_create_per_minute = session_create_per_minute  # 0: no limit for all together
         self.log_rotate_bytes = log_rotate_bytes
+        self.stream_keepalive = stream_keepalive  # s between keep-alive comments on an idle SSE stream
+        # Retention (PROTOCOL.md §15): each policy None = off; the pruner runs only when one is set.
+        self.retain_archives_days = retain_archives_days
+        self.retain_idle_sessions_days = retain_idle_sessions_days
+        self.disk_budget_bytes = disk_budget_bytes
+        self.retain_trash_days = retain_trash_days
+        self.prune_interval = prune_interval
+        self.archive_compress_delay = archive_compress_delay  # 0: archived logs are compressed at once
         self.session_index = session_index  # False: every list scans the root (the direct listing, for comparison)
         self.index_rescan_interval = index_rescan_interval  # s between the index's rescans where inotify is missing
         self.index_scan_pause = index_scan_pause  # s the first scan pauses per INDEX_SCAN_BATCH sessions: a slow disk
         self._check_limits()
+        self._check_read_token()
+        self._check_retention()
 
     # Every timeout and limit: (attribute, how an operator sets it, 0 allowed and what it means, whole number).
     # A timeout of 0, NaN or infinity would silently turn its deadline off; a negative limit refuses all.
@@ -238,14 +283,43 @@ class Config:
         ("agent_kill_grace", "--agent-kill-grace", None, False),
         ("shutdown_grace", "--shutdown-grace", None, False),
         ("send_stall_timeout", "--send-stall-timeout", None, False),
+        ("stream_keepalive", "--stream-keepalive", None, False),
         ("max_connections", "--max-connections", None, True),
         ("session_create_rate", "UA_SESSION_CREATE_RATE", "no limit per address", False),
         ("session_create_burst", "UA_SESSION_CREATE_BURST", "a burst of 1", True),
         ("session_create_per_minute", "UA_SESSION_CREATE_PER_MINUTE", "no limit for all addresses together", True),
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
+        ("prune_interval", "UA_PRUNE_INTERVAL / --prune-interval", None, False),
+        ("archive_compress_delay", "UA_ARCHIVE_COMPRESS_DELAY", "compress at once", False),
         ("index_rescan_interval", "UA_INDEX_RESCAN_INTERVAL", None, False),
         ("index_scan_pause", "UA_INDEX_SCAN_PAUSE", "no pause", False),
     )
+
+    # The retention policies that may be off (None), with how an operator sets each.
+    RETENTION = (
+        ("retain_archives_days", "UA_RETAIN_ARCHIVES_DAYS / --retain-archives-days", False),
+        ("retain_idle_sessions_days", "UA_RETAIN_IDLE_SESSIONS_DAYS / --retain-idle-sessions-days", False),
+        ("disk_budget_bytes", "UA_DISK_BUDGET_BYTES / --disk-budget", True),
+    )
+
+    @property
+    def retention_enabled(self) -> bool:
+        """True when a policy is set: only then does the background pruner run."""
+        return any(getattr(self, attribute) is not None for attribute, _, _ in self.RETENTION)
+
+    # Unset: every prune empties the trash whatever the age of its entries (they are deleted sessions).
+    TRASH_RETENTION = ("retain_trash_days", "UA_RETAIN_TRASH_DAYS / --retain-trash-days", False)
+
+    def _check_retention(self) -> None:
+        for attribute, where, whole in self.RETENTION + (self.TRASH_RETENTION,):
+            value = getattr(self, attribute)
+            if value is None:
+                continue
+            is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+            if not (is_number and math.isfinite(value) and value > 0):
+                kind = "a number of bytes (suffix K, M, G or T allowed)" if whole else "a number of days"
+                raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind} above 0, or unset "
+                                  f"(policy off), not {show(value)}")
 
     def _check_limits(self) -> None:
         """Raise ConfigError naming the first timeout or limit that is not a finite number above 0
@@ -255,13 +329,30 @@ class Config:
             is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
             if is_number and math.isfinite(value) and (value > 0 or (value == 0 and zero_means)):
                 continue
-            seconds = attribute.endswith(("_timeout", "_interval", "_linger", "_grace"))
+            seconds = attribute.endswith(("_timeout", "_interval", "_linger", "_grace", "_keepalive"))
             kind = "a whole number" if whole else "a finite number" + (" of seconds" if seconds else "")
             allowed = f"0 ({zero_means}) or more" if zero_means else "above 0"
             raise ConfigError(f"{attribute.replace('_', ' ')} ({where}) must be {kind}, {allowed}, not {show(value)}")
 
+    def _check_read_token(self) -> None:
+        """A read token must be a token of its own beside a full one: equal to UA_OPS_TOKEN or
+        UA_INTERNAL_API_TOKEN it would make every read-only holder a full one (or the other way round),
+        and alone it would leave every change and every turn with no token that may make it."""
+        if self.read_token is None:
+            return
+        if self.read_token in (self.token, self.internal_token):
+            other = "UA_OPS_TOKEN" if self.read_token == self.token else "UA_INTERNAL_API_TOKEN"
+            raise ConfigError(f"UA_OPS_READ_TOKEN is the same as {other}; a read-only token must differ from "
+                              "every full one: generate another, e.g.\n"
+                              "  python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+        if self.token is None and self.internal_token is None:
+            raise ConfigError("UA_OPS_READ_TOKEN is set without UA_OPS_TOKEN: nothing could then change a session "
+                              "or run a turn. Set UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE) too, or unset "
+                              "UA_OPS_READ_TOKEN to run without tokens on loopback")
+
     def check_exposure(self) -> None:
-        """Refuse a non-loopback bind without a token (PROTOCOL.md §1), unless ``insecure`` says otherwise."""
+        """Refuse a non-loopback bind without a token (PROTOCOL.md §1), unless ``insecure`` says otherwise.
+        UA_OPS_READ_TOKEN never counts: alone it is refused already (``_check_read_token``)."""
         if self.token or self.internal_token or self.insecure or is_loopback_host(self.host):
             return
         raise ConfigError(
@@ -291,6 +382,7 @@ class Config:
             workspaces=env.get("UA_WORKSPACES_DIR") or DEFAULT_WORKSPACES,
             token=read_secret(env, "UA_OPS_TOKEN"),
             internal_token=read_secret(env, "UA_INTERNAL_API_TOKEN"),
+            read_token=read_secret(env, "UA_OPS_READ_TOKEN"),
             default_user=default_user(env),
             allowed_users=allowed_users(env),
             cors_origins=_split_list(env.get("UA_CORS_ORIGINS")),
@@ -301,6 +393,12 @@ class Config:
             session_create_burst=_env_number(env, "UA_SESSION_CREATE_BURST", int),
             session_create_per_minute=_env_number(env, "UA_SESSION_CREATE_PER_MINUTE", int),
             log_rotate_bytes=_env_number(env, "UA_GATEWAY_LOG_ROTATE_BYTES", int),
+            retain_archives_days=_env_number(env, "UA_RETAIN_ARCHIVES_DAYS", float),
+            retain_idle_sessions_days=_env_number(env, "UA_RETAIN_IDLE_SESSIONS_DAYS", float),
+            disk_budget_bytes=parse_byte_size(env.get("UA_DISK_BUDGET_BYTES"), "UA_DISK_BUDGET_BYTES"),
+            retain_trash_days=_env_number(env, "UA_RETAIN_TRASH_DAYS", float),
+            prune_interval=_env_number(env, "UA_PRUNE_INTERVAL", float),
+            archive_compress_delay=_env_number(env, "UA_ARCHIVE_COMPRESS_DELAY", float),
             session_index=_env_switch(env, "UA_SESSION_INDEX"),
             index_rescan_interval=_env_number(env, "UA_INDEX_RESCAN_INTERVAL", float),
             index_scan_pause=_env_number(env, "UA_INDEX_SCAN_PAUSE", float),

@@ -13,7 +13,7 @@ import email.utils
 import http
 import json
 import re
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, AsyncIterator, Callable, List, Optional, Sequence, Tuple
 
 from .limits import (
     MAX_BODY_BYTES, MAX_CHUNKED_OVERHEAD, MAX_CHUNK_LINE, MAX_HEADER_COUNT, MAX_HEAD_BYTES, MAX_INT_DIGITS,
@@ -28,10 +28,12 @@ __all__ = [
     "Request",
     "RequestParser",
     "Response",
+    "StreamingResponse",
     "error_response",
     "http_date",
     "json_response",
     "serialize_response",
+    "serialize_stream_head",
 ]
 
 
@@ -437,6 +439,22 @@ class Response:
         self.close = close
 
 
+class StreamingResponse(Response):
+    """A response whose body is produced while it is sent (PROTOCOL.md §13: Server-Sent Events): the
+    server writes ``source``'s chunks with ``Transfer-Encoding: chunked``, awaiting the next one only
+    while the peer keeps up, and the zero chunk when it ends. ``stop()`` asks the source to end soon
+    (gateway stop); a lost connection closes it (``aclose``). ``body`` stays empty."""
+
+    __slots__ = ("source", "stop")
+
+    def __init__(self, status: int, source: AsyncIterator[bytes], stop: Callable[[], None], *,
+                 content_type: str = "text/event-stream; charset=utf-8",
+                 headers: Optional[List[Tuple[str, str]]] = None) -> None:
+        super().__init__(status, content_type=content_type, headers=headers)
+        self.source = source
+        self.stop = stop
+
+
 def json_response(status: int, payload: Any, headers: Optional[List[Tuple[str, str]]] = None) -> Response:
     return Response(status, json.dumps(payload, separators=(",", ":")).encode(), headers=headers)
 
@@ -466,3 +484,22 @@ def serialize_response(response: Response, keep_alive: bool, head_only: bool = F
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     return head if head_only else head + response.body
+
+
+def serialize_stream_head(response: StreamingResponse, keep_alive: bool) -> bytes:
+    """The head of a chunked streaming answer: never cached, never buffered by a proxy (nginx honours
+    ``X-Accel-Buffering: no``), so each event reaches the client as it is written."""
+    lines = [
+        f"HTTP/1.1 {response.status} {_REASONS.get(response.status, 'Unknown')}",
+        f"Date: {http_date()}",
+        f"Server: {SERVER_NAME}",
+        "Transfer-Encoding: chunked",
+        f"Content-Type: {response.content_type}",
+        "X-Content-Type-Options: nosniff",
+        "Cache-Control: no-store",
+        "X-Accel-Buffering: no",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in response.headers)
+    if not keep_alive:
+        lines.append("Connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")

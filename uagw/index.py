@@ -1,5 +1,5 @@
 """The session index: every session's list summary in memory, so that a list answer costs the page it
-returns, not the number of sessions on disk (issue 15; PROTOCOL.md §11).
+returns, not the number of sessions on disk (issue 15; PROTOCOL.md §17).
 
 Rules this module keeps:
 - Summaries are computed by ``OpsService.listed_session`` only (the file-system logic stays there); the
@@ -39,7 +39,7 @@ import time
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from ops_service import (
-    LIST_DEFAULT_LIMIT, ListQuery, ListedSession, OpsError, OpsService, Runtime, is_valid_session_id,
+    LIST_DEFAULT_LIMIT, InvalidArgument, ListQuery, ListedSession, OpsError, OpsService, Runtime, is_valid_session_id,
     list_query,
 )
 
@@ -272,10 +272,14 @@ class SessionIndex:
 
     def list_sessions(self, status: Optional[str] = "all", limit: Optional[int] = LIST_DEFAULT_LIMIT, offset: Optional[int] = 0,
                       runtime: Optional[Runtime] = None, source: Optional[str] = None, owner: Optional[str] = None,
-                      memory_mode: Optional[str] = None) -> Dict[str, Any]:
+                      memory_mode: Optional[str] = None, sort: Optional[str] = None) -> Dict[str, Any]:
         """``OpsService.list_sessions``' answer from memory, with ``partial`` (and, while partial, ``scanned``
-        and ``found``). Same arguments, same errors (InvalidArgument, WorkspacesUnavailable)."""
-        query = list_query(status, limit, offset, runtime, source, owner, memory_mode)
+        and ``found``). Same arguments, same errors (InvalidArgument, WorkspacesUnavailable); ``sort`` other
+        than "disk_bytes" is the default order, and "disk_bytes" is refused: it measures the disk per call,
+        so ask ``OpsService.list_sessions`` (the application does)."""
+        query = list_query(status, limit, offset, runtime, source, owner, memory_mode, sort)
+        if query.sort == "disk_bytes":
+            raise InvalidArgument("the session index does not order by disk_bytes; list through OpsService for that")
         self.ops.check_root()  # a root gone answers as the direct listing does, not with stale summaries
         self.catch_up()
         partial = not self.complete.is_set()

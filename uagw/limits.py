@@ -8,6 +8,7 @@ changed here, in one place. docs/PROTOCOL.md §10 lists them for readers.
 from __future__ import annotations
 
 __all__ = [
+    "ARCHIVE_COMPRESS_DELAY",
     "ACCEPT_BATCH",
     "ACCEPT_RETRY_DELAY",
     "AGENT_DRAIN_TIMEOUT",
@@ -15,6 +16,11 @@ __all__ = [
     "AGENT_GROUP_POLL",
     "AGENT_KILL_GRACE",
     "AGENT_TURN_FDS",
+    "AUDIT_BACKUPS",
+    "AUDIT_MAX_KEYS",
+    "AUDIT_PARAMS_BYTES",
+    "AUDIT_ROTATE_BYTES",
+    "AUDIT_VALUE_CHARS",
     "AUTH_FAILURE_LIMIT",
     "AUTH_FAILURE_WINDOW",
     "AUTH_LOCKOUT",
@@ -31,6 +37,7 @@ __all__ = [
     "GATEWAY_LOG_INTERVAL",
     "GATEWAY_LOG_MAX_PENDING",
     "GATEWAY_LOG_ROTATE_BYTES",
+    "PRUNE_INTERVAL",
     "GIL_SWITCH_INTERVAL",
     "HEADER_TIMEOUT",
     "HTTP_FD_SHARE",
@@ -66,11 +73,20 @@ __all__ = [
     "MAX_SECRET_FILE_BYTES",
     "MAX_SEND_BACKLOG",
     "MAX_WRITER_BACKLOG",
+    "METRICS_SESSION_COUNT_INTERVAL",
+    "METRICS_WALK_INTERVAL",
+    "METRICS_WALK_MAX_ENTRIES",
+    "METRICS_WALK_MAX_SECONDS",
     "OPS_THREADS",
     "REFUSAL_LINGER",
     "REMEMBERED_SESSIONS",
     "REMEMBERED_TURN_AGE",
     "REMEMBERED_TURN_IDS",
+    "REPLAY_HOLD_BYTES",
+    "REPLAY_MAX_BYTES",
+    "REPLAY_MAX_EVENTS",
+    "REPLAY_RING_BYTES",
+    "REPLAY_RING_EVENTS",
     "REPORT_INTERVAL",
     "ROOT_CHECK_INTERVAL",
     "SECURITY_LOG_BURST",
@@ -82,6 +98,12 @@ __all__ = [
     "SESSION_CREATE_RATE",
     "SESSION_CREATE_TRACKED_ADDRESSES",
     "SESSION_WRITE_DELAY",
+    "STREAM_KEEPALIVE",
+    "STREAM_POLL_INTERVAL",
+    "STREAM_QUEUE_BYTES",
+    "MAX_STREAMS",
+    "MAX_STREAMS_PER_CLIENT",
+    "EVENTS_RING",
     "SHUTDOWN_GRACE",
     "WRITER_BACKLOG_POLL",
     "WRITE_BUFFER_HIGH",
@@ -130,7 +152,15 @@ SESSION_CREATE_RATE = 10.0  # sessions a second per client address, sustained: f
 SESSION_CREATE_BURST = 1000  # ... after a burst of this many: a fleet of 1,000 clients starting at once fits
 SESSION_CREATE_PER_MINUTE = 3000  # all addresses together: 180,000 session directories an hour at most, whoever asks
 SESSION_CREATE_TRACKED_ADDRESSES = 10000  # buckets kept; the least recently used goes first (it has refilled most)
+AUDIT_ROTATE_BYTES = 16 * 1024 * 1024  # audit.log past this is renamed to audit.log.1: ~30,000 records of ~500 B
+AUDIT_BACKUPS = 8  # rotated audit files kept (audit.log.1 .. .8): 144 MiB, a quarter million changes of history
+AUDIT_PARAMS_BYTES = 4096  # a record's parameters, as JSON, at most: the knobs of a change, never a payload
+AUDIT_VALUE_CHARS = 256  # a parameter's string value is cut to this (a description may be 2000 characters)
+AUDIT_MAX_KEYS = 32  # parameters kept per record (body and query each); every route takes fewer than 8
 GATEWAY_LOG_ROTATE_BYTES = 64 * 1024 * 1024  # a log file past this size is renamed to <name>.1 (Config.log_rotate_bytes)
+# Seconds between the background pruner's runs when a retention policy is set (PROTOCOL.md §15): policies
+# count in days, so hourly keeps a budget's overshoot to an hour's output at a cost of one scan of the root.
+PRUNE_INTERVAL = 3600.0
 GATEWAY_LOG_BACKUPS = 3  # rotated files kept per log (<name>.1 .. .3): 256 MiB of history each at the default size
 GATEWAY_LOG_INTERVAL = 0.1  # the gateway log is written in batches this often: cheap, and near enough to live
 GATEWAY_LOG_FIELD_CHARS = 256  # a logged string, JSON-escaped, is cut to this: a whole API path, not a client's 8 KiB
@@ -154,6 +184,14 @@ ACCEPT_BATCH = 100  # connections accepted per wake-up, so that a connect flood 
 ACCEPT_RETRY_DELAY = 0.1  # s; accepting pauses this long when accept() fails (out of descriptors): 10 tries a second
 REPORT_INTERVAL = 1.0  # s; refused connections and event loop errors are reported at most this often, with a count
 ROOT_CHECK_INTERVAL = 1.0  # how stale health's view of the workspaces root may be
+# GET /metrics (uagw.metrics): what a scrape reads from the disk is cached, so that a scrape every second
+# costs a few stat calls, not a scan of every session. Session counts may be this stale (one directory scan):
+METRICS_SESSION_COUNT_INTERVAL = 5.0  # s
+METRICS_WALK_INTERVAL = 60.0  # s; the bytes the workspaces root uses are walked at most this often (du-like)
+# The walk stops after this many entries or seconds (reported as truncated): a root of millions of files
+# costs one bounded worker-thread pass a minute, never a scrape that hangs or a worker held for minutes.
+METRICS_WALK_MAX_ENTRIES = 200_000
+METRICS_WALK_MAX_SECONDS = 2.0
 CORS_MAX_AGE = 600  # browsers cache a preflight for 10 minutes
 MAX_USER_ID_CHARS = 256  # a user id is a name; longer ones would only grow session_policy.json and logs
 # Session ids that are also words of the Ops routes: a session so named could not be managed there.
@@ -203,6 +241,34 @@ AGENT_EXIT_WAIT = 5.0  # s a cancelled turn waits for its agent's exit after the
 REMEMBERED_TURN_AGE = 3600.0  # s a finished client_turn_id is remembered: a client retries within minutes
 REMEMBERED_SESSIONS = 256  # sessions whose finished client_turn_ids are kept, connected or not, least
 # recently used dropped first: x REMEMBERED_TURN_IDS ids of at most 128 characters, 23 MiB at worst
+
+
+# Live streams (PROTOCOL.md §13: SSE follow of logs, the session events stream)
+
+STREAM_KEEPALIVE = 15.0  # s between ": keepalive" comments on an idle stream: under the 30-60 s idle timeouts
+# of common proxies (nginx proxy_read_timeout 60 s, AWS ALB 60 s), so they never cut a quiet follow (Config)
+STREAM_POLL_INTERVAL = 0.25  # s between the stat polls of a followed file that other writers append to: the
+# issue's bound; one poll per file, shared by all its followers, so 200 followers cost what one does
+STREAM_QUEUE_BYTES = 256 * 1024  # event bytes queued for one follower that reads slowly; past it that follower
+# (only) gets a "resume" event and catches up by reading the file: 200 slow ones pin at most 50 MiB
+MAX_STREAMS = 1024  # open streams in all (503 beyond): each holds a connection slot and a queue
+MAX_STREAMS_PER_CLIENT = 256  # open streams per client address (429 beyond): a console opens a handful, the
+# benchmark 200 from one address; a runaway script still cannot take every stream slot
+EVENTS_RING = 4096  # session events kept for Last-Event-ID resumes: minutes of a busy gateway's changes;
+# a client away longer gets a "reset" event and lists the sessions again
+
+# Turn transcripts and replay after a reconnect (PROTOCOL.md §12).
+REPLAY_RING_EVENTS = 2000  # recent events kept in memory per live session: a reconnect within a turn costs no disk
+REPLAY_RING_BYTES = 2 * 1024 * 1024  # ... and their text: 200 sessions x 2 MiB at worst
+# One replay sends at most this much; the rest is named in a replay_incomplete status. Half of
+# WS_MAX_SEND_BUFFER, so a replay on its own never gets its client closed for being slow.
+REPLAY_MAX_EVENTS = 10_000
+REPLAY_MAX_BYTES = 4 * 1024 * 1024
+# Live events held for a socket while its replay is read from disk; past it, the socket is closed (1008)
+# with the seq to reconnect from, instead of holding memory for a client that reads nothing.
+REPLAY_HOLD_BYTES = 4 * 1024 * 1024
+ARCHIVE_COMPRESS_DELAY = 60.0  # s an archived log stays plain before it is gzipped (PROTOCOL.md §16): an
+# operator reads an archive right after a compact or reset, and an agent may still append to the old inode
 
 
 # The session index (uagw/index.py; issue 15)

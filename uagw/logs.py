@@ -139,8 +139,12 @@ class BatchWriter(Generic[_Item]):
 
     close_timeout = 2.0  # s close() waits for the last pass by default
 
+    drop_reasons: Tuple[str, ...] = ("write_failed",)  # what ``dropped_by_reason`` counts (GET /metrics shows it)
+
     def __init__(self, name: str) -> None:
         self.dropped = 0
+        self.dropped_by_reason: Dict[str, int] = {reason: 0 for reason in self.drop_reasons}  # sums to ``dropped``
+        self.bytes_written = 0  # by the thread only; read without the lock (an int, for GET /metrics)
         self._lock = threading.Lock()
         self._pending: List[_Item] = []
         self._closing = False
@@ -161,9 +165,13 @@ class BatchWriter(Generic[_Item]):
             self._pending.extend(items)
         self._wake.set()
 
-    def _count_dropped(self, count: int) -> None:
+    def _count_dropped(self, count: int, reason: str = "write_failed") -> None:
         with self._lock:
-            self.dropped += count
+            self._dropped_locked(count, reason)
+
+    def _dropped_locked(self, count: int, reason: str) -> None:
+        self.dropped += count
+        self.dropped_by_reason[reason] = self.dropped_by_reason.get(reason, 0) + count
 
     def _run(self) -> None:
         kept: List[_Item] = []
@@ -202,6 +210,8 @@ class GatewayLog(BatchWriter[str]):
     ``dropped`` counts records lost to a full queue or a failed write (health shows it).
     """
 
+    drop_reasons = ("queue_full", "write_failed")
+
     def __init__(self, ops: OpsService, rotate_bytes: int = GATEWAY_LOG_ROTATE_BYTES) -> None:
         self.ops = ops
         self.directory = ops.root / ops_service.GATEWAY_DIR_NAME
@@ -225,7 +235,7 @@ class GatewayLog(BatchWriter[str]):
             if len(self._pending) < GATEWAY_LOG_MAX_PENDING:
                 self._pending.append(line)
             else:
-                self.dropped += 1
+                self._dropped_locked(1, "queue_full")
             if kind is not None and self._budget.admit(kind, fields.get("client")):
                 self._security.append(line)
 
@@ -241,10 +251,12 @@ class GatewayLog(BatchWriter[str]):
         failed = False
         for name, records in ((ops_service.GATEWAY_LOG_NAME, items), (ops_service.SECURITY_LOG_NAME, security)):
             if records:
-                outcome = self.ops.append_gateway_log(name, ("\n".join(records) + "\n").encode(), self.rotate_bytes,
-                                                      GATEWAY_LOG_BACKUPS)
+                data = ("\n".join(records) + "\n").encode()
+                outcome = self.ops.append_gateway_log(name, data, self.rotate_bytes, GATEWAY_LOG_BACKUPS)
                 if not outcome["written"]:
                     self._count_dropped(len(records))
+                else:
+                    self.bytes_written += len(data)
                 if "error" in outcome:  # this file's records only: the other file may still be fine
                     failed = True
                     if outcome["unsafe"]:
@@ -272,7 +284,8 @@ class GatewayLog(BatchWriter[str]):
         self.problem = problem
 
 
-_WriteItem = Tuple[str, str, Optional[str], Any]  # (kind "append" or "heartbeat", session id, file name, payload)
+# (kind "append", "turn", "heartbeat" or "mark", session id, file name or turn id, payload)
+_WriteItem = Tuple[str, str, Optional[str], Any]
 
 
 class SessionWriter(BatchWriter[_WriteItem]):
@@ -304,6 +317,9 @@ class SessionWriter(BatchWriter[_WriteItem]):
         self.queued_bytes = 0
         self.done_bytes = 0
         self._collected: List[_WriteItem] = []  # event loop only, until hand_over
+        # Called on the writer thread with (session id, file name, bytes) right after each append, the
+        # session's lock still held: live followers get the gateway's own lines without reading them back.
+        self.appended: Optional[Callable[[str, str, bytes], None]] = None
         super().__init__("ua-session-writer")
 
     def append(self, session_id: str, file_name: str, data: bytes) -> None:
@@ -321,6 +337,30 @@ class SessionWriter(BatchWriter[_WriteItem]):
 
     def heartbeat(self, session_id: str, state: Dict[str, Any]) -> None:
         self._add(("heartbeat", session_id, None, state))
+
+    def append_turn(self, session_id: str, turn_id: str, data: bytes) -> None:
+        """Append records to the session's ``turns/<turn_id>.jsonl`` (``OpsService.append_turn_record``)."""
+        self.queued_bytes += len(data)
+        self._add(("turn", session_id, turn_id, data))
+
+    def flushed(self, session_id: str) -> "asyncio.Future[None]":
+        """A future done once everything asked for this session before now is written (or dropped), so a
+        reader of its files that awaits it sees all of it (event loop only)."""
+        loop = asyncio.get_running_loop()
+        done: "asyncio.Future[None]" = loop.create_future()
+
+        def resolve() -> None:  # on the writer thread
+            def settle() -> None:
+                if not done.done():
+                    done.set_result(None)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:
+                pass  # the loop is closed: nobody waits any more
+
+        self._add(("mark", session_id, None, resolve))
+        self.hand_over()
+        return done
 
     def _add(self, item: _WriteItem) -> None:
         if not self._collected:
@@ -348,19 +388,34 @@ class SessionWriter(BatchWriter[_WriteItem]):
         # within a file, and a heartbeat is a state of which the latest is the one to keep. When writing
         # falls behind (200 busy sessions, a slow disk), the whole backlog folds into one such batch.
         appends: Dict[Tuple[str, str], List[bytes]] = {}
+        turns: Dict[Tuple[str, str], List[bytes]] = {}
         heartbeats: Dict[str, Any] = {}
+        marks: Dict[str, List[Callable[[], None]]] = {}
         for kind, session_id, file_name, payload in batch:
             if kind == "append":
                 appends.setdefault((session_id, file_name or ""), []).append(payload)
+            elif kind == "turn":
+                turns.setdefault((session_id, file_name or ""), []).append(payload)
+            elif kind == "mark":
+                marks.setdefault(session_id, []).append(payload)
             else:
                 heartbeats[session_id] = payload
-        actions: Dict[str, List[Tuple[Optional[str], Callable[[], Any]]]] = {}
+        actions: Dict[str, List[Tuple[Optional[str], int, Callable[[], Any]]]] = {}  # (file, bytes, action)
+        written: Dict[Tuple[str, str], bytes] = {}
         for (session_id, file_name), chunks in appends.items():
+            data = written[(session_id, file_name)] = b"".join(chunks)
             actions.setdefault(session_id, []).append(
-                (file_name, functools.partial(self.ops.append_log, session_id, file_name, b"".join(chunks))))
+                (file_name, len(data), functools.partial(self.ops.append_log, session_id, file_name, data)))
+        for (session_id, turn_id), chunks in turns.items():
+            record = b"".join(chunks)
+            actions.setdefault(session_id, []).append(
+                (f"turns/{turn_id}.jsonl", len(record),
+                 functools.partial(self.ops.append_turn_record, session_id, turn_id, record)))
         for session_id, state in heartbeats.items():
             actions.setdefault(session_id, []).append(
-                (None, functools.partial(self.ops.write_heartbeat, session_id, state)))
+                (None, 0, functools.partial(self.ops.write_heartbeat, session_id, state)))
+        for session_id, resolvers in marks.items():  # last: after every write of the session in this batch
+            actions.setdefault(session_id, []).extend((None, 0, resolve) for resolve in resolvers)
         busy = set()
         for session_id, session_actions in actions.items():
             # The same re-entrant lock append_log and write_heartbeat take: holding it across the
@@ -370,23 +425,30 @@ class SessionWriter(BatchWriter[_WriteItem]):
                 busy.add(session_id)
                 continue
             try:
-                for file_name, action in session_actions:
-                    self._run_action(session_id, file_name, action)
+                for file_name, size, action in session_actions:
+                    if not self._run_action(session_id, file_name, action):
+                        continue
+                    self.bytes_written += size
+                    chunk = written.get((session_id, file_name or ""))  # a log append (not a turn record)
+                    if self.appended and chunk is not None:
+                        self.appended(session_id, file_name or "", chunk)
             finally:
                 lock.release()
-        self.done_bytes += sum(len(item[3]) for item in batch if item[0] == "append" and item[1] not in busy)
+        self.done_bytes += sum(len(item[3]) for item in batch if item[0] in ("append", "turn") and item[1] not in busy)
         return [item for item in batch if item[1] in busy]
 
-    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> None:
+    def _run_action(self, session_id: str, file_name: Optional[str], action: Callable[[], Any]) -> bool:
+        """Run one write; True when it was written."""
         try:
             moved = action()
         except SessionNotFound:
-            return  # deleted while its turn was ending: nothing to keep
+            return False  # deleted while its turn was ending: nothing to keep
         except (OpsError, OSError) as exc:
             self._count_dropped(1)
             if self.log is not None:
                 self.log.write("write_failed", session_id=session_id, file=file_name or "heartbeat_state.json",
                                detail=str(exc)[:300])
-            return
+            return False
         if moved and self.log is not None:  # append_log moved a hard-linked live log aside (see there)
             self.log.write("log_relinked", session_id=session_id, file=file_name, moved_to=moved)
+        return True

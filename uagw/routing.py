@@ -25,6 +25,8 @@ __all__ = [
     "Dispatched",
     "Handler",
     "OPS_ERROR_STATUS",
+    "Permission",
+    "READ_METHODS",
     "Route",
     "Router",
     "Scope",
@@ -155,9 +157,24 @@ class Scope(str, enum.Enum):
     SESSION = "session"
 
 
+# Methods that only read: on a TOKEN route they need the read scope, every other method the write scope.
+READ_METHODS = frozenset(("GET", "HEAD"))
+
+
+class Permission(str, enum.Enum):
+    """What one method of one route needs (``Route.permission``), PROTOCOL.md §11.1: the route's scope
+    refined by the method, so the read/write split is stated once, in the router table."""
+
+    PUBLIC = "public"  # anyone
+    READ = "read"  # a GET or HEAD on a TOKEN route: UA_OPS_READ_TOKEN is enough
+    WRITE = "write"  # any other method on a TOKEN route: UA_OPS_TOKEN (it changes state)
+    SESSION = "session"  # a SESSION route (it runs turns): UA_OPS_TOKEN or UA_INTERNAL_API_TOKEN
+
+
 class Route:
     """A path pattern with its handlers and the ``scope`` every method on it needs (OPTIONS excepted:
-    a CORS preflight carries no credentials, and answers only which methods exist)."""
+    a CORS preflight carries no credentials, and answers only which methods exist); ``permission``
+    refines a TOKEN scope by method."""
 
     __slots__ = ("pattern", "handlers", "scope", "websocket")
 
@@ -177,6 +194,18 @@ class Route:
     @property
     def template(self) -> str:
         return "/" + "/".join(self.pattern)
+
+    def permission(self, method: str) -> Permission:
+        """What ``method`` on this route needs: the one place the read/write split is decided."""
+        if self.scope is Scope.PUBLIC:
+            return Permission.PUBLIC
+        if self.scope is Scope.SESSION:
+            return Permission.SESSION
+        return Permission.READ if method in READ_METHODS else Permission.WRITE
+
+    def changes_state(self, method: str) -> bool:
+        """True for a method of a protected route that may change something: every one is audited."""
+        return self.scope is not Scope.PUBLIC and method not in READ_METHODS and method != "OPTIONS"
 
     @property
     def allow(self) -> str:

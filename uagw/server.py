@@ -20,7 +20,10 @@ from .limits import (
     MAX_SEND_BACKLOG, REFUSAL_LINGER, REPORT_INTERVAL, WRITE_BUFFER_HIGH,
 )
 from .config import Config
-from .http11 import HttpError, Request, RequestParser, Response, error_response, serialize_response
+from .http11 import (
+    HttpError, Request, RequestParser, Response, StreamingResponse, error_response, serialize_response,
+    serialize_stream_head,
+)
 from .routing import Dispatched, Upgrade
 
 __all__ = [
@@ -225,6 +228,9 @@ class HttpConnection(asyncio.Protocol):
         self.unsent = 0  # the transport's write buffer when the sweeper last looked
         self.resumed = False  # resume_writing() since the sweeper last looked: the peer took bytes
         self.send_progress_at = self.loop.time()  # when the peer last took bytes, or none were waiting
+        self.streaming: Optional[StreamingResponse] = None  # the answer being streamed (phase BUSY), if any
+        self.stream_task: Optional["asyncio.Task[None]"] = None  # ... and the task sending it
+        self.writable: Optional["asyncio.Future[None]"] = None  # a stream waiting for the peer to read
 
     @property
     def busy(self) -> bool:
@@ -280,6 +286,8 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Optional[Exception]) -> None:
         self._enter(Phase.CLOSED)
+        if self.stream_task is not None:
+            self.stream_task.cancel()  # the stream's source is closed: nobody is left to read it
         self.server.connections.discard(self)
         if self.bridge is not None:
             self.bridge.connection_lost(exc)
@@ -292,6 +300,8 @@ class HttpConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self.write_paused = False
         self.resumed = True
+        if self.writable is not None and not self.writable.done():
+            self.writable.set_result(None)
         if self.bridge is not None:
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.resume_reading()
@@ -373,11 +383,50 @@ class HttpConnection(asyncio.Protocol):
 
     async def _finish(self, request: Request, pending: Awaitable[Response]) -> None:
         response = await pending  # the application's awaitable answers its own errors
+        if isinstance(response, StreamingResponse):
+            await self._stream(response, request)
         if self.closed:
             return
         self._enter(Phase.IDLE)
-        self._send(response, request)
+        if isinstance(response, StreamingResponse):
+            if not request.keep_alive or self.server.draining:
+                self._linger()
+        else:
+            self._send(response, request)
         self._process()
+
+    async def _stream(self, response: StreamingResponse, request: Request) -> None:
+        """Send ``response`` chunk by chunk (PROTOCOL.md §13) while the phase stays BUSY. Its source is
+        awaited only while the peer keeps up (below MAX_SEND_BACKLOG unread): a slow reader's stream
+        waits, nothing piles up here, and the send-stall deadline still aborts a peer that stops reading.
+        The zero chunk ends it when the source ends; a lost connection cancels it; the source is always
+        closed."""
+        sent = 0
+        self.streaming, self.stream_task = response, asyncio.current_task()
+        try:
+            if not self.closed and self.transport is not None:
+                keep_alive = request.keep_alive and not self.server.draining
+                self.transport.write(serialize_stream_head(response, keep_alive))
+                if request.method != "HEAD":
+                    async for chunk in response.source:
+                        if self.closed:
+                            break
+                        self.transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                        sent += len(chunk)
+                        while self.write_paused and not self.closed:
+                            self.writable = self.loop.create_future()
+                            await self.writable
+                    if not self.closed:
+                        self.transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            pass  # the connection is gone (connection_lost); nothing more can be sent
+        finally:
+            self.streaming = self.stream_task = self.writable = None
+            await response.source.aclose()  # type: ignore[attr-defined]
+        log = self.server.log
+        if log is not None:
+            log.write("access", client=self.client, method=request.method, path=request.path[:512],
+                      status=response.status, bytes=sent, ms=round((self.loop.time() - request.started) * 1000, 3))
 
     def _switch(self, request: Request, upgrade: Upgrade) -> None:
         """Hand the socket to a WebSocket bridge, unless its handshake is refused as plain HTTP."""
@@ -481,6 +530,8 @@ class HttpConnection(asyncio.Protocol):
         """Graceful stop: idle connections close now, busy ones after their answer."""
         if self.bridge is not None:
             self.bridge.shutdown()
+        elif self.streaming is not None:
+            self.streaming.stop()  # the stream ends with its final event and the zero chunk
         elif not self.busy and not self.parser.in_request:
             self._close()
 

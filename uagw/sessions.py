@@ -3,7 +3,7 @@
 protocol on one WebSocket (``AgentSocket``). Event-loop only.
 
 May import: the standard library, ``ops_service``, and ``uagw`` modules below it (limits, text, config, http11, access,
-logs, websocket, agents). What it needs of the application above it (``SessionHost``) and of a WebSocket
+logs, websocket, agents, transcripts). What it needs of the application above it (``SessionHost``) and of a WebSocket
 (``MessageChannel``) are Protocols here.
 """
 
@@ -22,7 +22,7 @@ from ops_service import InvalidArgument, OpsError, OpsService, SessionNotFound
 
 from .limits import (
     MAX_CLIENT_TURN_ID, MAX_PENDING_BYTES, MAX_PENDING_MESSAGES, REMEMBERED_SESSIONS, REMEMBERED_TURN_AGE,
-    REMEMBERED_TURN_IDS,
+    REMEMBERED_TURN_IDS, REPLAY_HOLD_BYTES, REPLAY_MAX_BYTES, REPLAY_MAX_EVENTS,
 )
 from .text import loads_json, show
 from .config import Config
@@ -35,6 +35,7 @@ from .agents import (
     AgentFailed, AgentTurn, TurnEvent, TurnState, frame_json, journal_line, signal_group, terminate_group,
     turn_ids,
 )
+from .transcripts import QUERY_RECORD, EventRing, TranscriptRecorder, bounded_replay, replay_gap_status, seq_frame
 
 __all__ = [
     "AgentSocket",
@@ -91,12 +92,15 @@ class MessageChannel(Protocol):
 class LiveSession:
     """A session with connections or a running turn. Lives in ``SessionHub.sessions`` only meanwhile."""
 
-    def __init__(self, session_id: str, workspace_dir: Path) -> None:
+    def __init__(self, session_id: str, workspace_dir: Path, event_seq: int = 0) -> None:
         self.session_id = session_id
         self.workspace_dir = workspace_dir
         self.sockets: "set[AgentSocket]" = set()
         self.turn: Optional[AgentTurn] = None
-        self.event_seq = 0  # events broadcast since it went live (UA's last_event_seq)
+        # The seq of the session's last recorded event (UA's last_event_seq): it goes on from the turn
+        # files across restarts (PROTOCOL.md §12). ``ring``: the recent ones, for replay.
+        self.event_seq = event_seq
+        self.ring = EventRing()
 
 
 class FinishedTurns:
@@ -152,6 +156,12 @@ class SessionHub:
         self.group_reapers: Dict[int, asyncio.Task] = {}  # groups being terminated, in the background
         self.finished = FinishedTurns()
         self.writer = SessionWriter(gateway.ops, gateway.log)
+        self.transcripts = TranscriptRecorder(self.writer)
+        # The last seq of sessions no longer live, so that one going live again before its files are read
+        # back numbers on; REMEMBERED_SESSIONS at most (least recently forgotten first out).
+        self.known_seqs: Dict[str, int] = {}
+        self.replay_max_events = REPLAY_MAX_EVENTS
+        self.replay_max_bytes = REPLAY_MAX_BYTES
 
     def snapshot(self) -> Dict[str, Tuple[int, bool, int]]:
         """{session_id: (connections, running, last_event_seq)} of the live sessions."""
@@ -161,10 +171,12 @@ class SessionHub:
         live = self.sessions.get(session_id)
         return live is not None and live.turn is not None
 
-    def attach(self, session_id: str, workspace_dir: Path, sock: "AgentSocket") -> LiveSession:
+    def attach(self, session_id: str, workspace_dir: Path, sock: "AgentSocket", event_seq: int = 0) -> LiveSession:
+        """Add ``sock`` to the session, making it live (numbering its events on from ``event_seq``) if needed."""
         live = self.sessions.get(session_id)
         if live is None:
-            live = self.sessions[session_id] = LiveSession(session_id, workspace_dir)
+            event_seq = max(event_seq, self.known_seqs.pop(session_id, 0))
+            live = self.sessions[session_id] = LiveSession(session_id, workspace_dir, event_seq)
         live.sockets.add(sock)
         self.gateway.changes.publish(ChangeKind.CONNECTIONS, session_id, connections=len(live.sockets))
         return live
@@ -181,15 +193,25 @@ class SessionHub:
     def _forget_if_idle(self, live: LiveSession) -> None:
         if not live.sockets and live.turn is None:
             self.sessions.pop(live.session_id, None)
+            self.known_seqs[live.session_id] = live.event_seq
+            while len(self.known_seqs) > REMEMBERED_SESSIONS:
+                del self.known_seqs[next(iter(self.known_seqs))]
 
-    def broadcast(self, session_id: str, event_type: str, data: Dict[str, Any]) -> None:
-        """Send an event of a turn to every connection of the session and append it to the journal."""
-        frame = frame_json(event_type, data)
+    def broadcast(self, session_id: str, event_type: str, data: Dict[str, Any], turn_id: Optional[str] = None) -> None:
+        """Send an event to every connection of the session and append it to the journal. An event of a
+        turn (``turn_id``, else the running turn's) gets the session's next seq and goes to its transcript."""
         live = self.sessions.get(session_id)
-        if live is not None:
-            live.event_seq += 1
-            for sock in list(live.sockets):
+        turn_id = turn_id or (live.turn.turn_id if live is not None and live.turn is not None else None)
+        if live is None or turn_id is None:
+            frame = frame_json(event_type, data)
+            for sock in list(live.sockets if live is not None else ()):
                 sock.channel.send_text(frame)
+        else:
+            live.event_seq += 1
+            frame = seq_frame(live.event_seq, event_type, data)
+            self.transcripts.record(session_id, turn_id, live.ring, live.event_seq, frame)
+            for sock in list(live.sockets):
+                sock.deliver(live.event_seq, frame)
         self.writer.append(session_id, "activity_journal.log", journal_line(event_type, data))
 
     def start_turn(self, live: LiveSession, sock: "AgentSocket", user_input: str, metadata: Dict[str, Any],
@@ -212,6 +234,10 @@ class SessionHub:
             return
         turn = AgentTurn(self, live, user_input, metadata, client_turn_id)
         live.turn = turn
+        live.event_seq += 1  # the query opens the transcript; it is not sent (the client knows what it sent)
+        query = {"turn_id": turn.turn_id, "client_turn_id": client_turn_id, "user_input": user_input, "metadata": metadata}
+        self.transcripts.record(live.session_id, turn.turn_id, live.ring, live.event_seq,
+                                seq_frame(live.event_seq, QUERY_RECORD, query), sent=False)
         turn.task = asyncio.get_running_loop().create_task(self._run_turn(live, turn))
         self.gateway.changes.publish(ChangeKind.TURN_STARTED, live.session_id, turn_id=turn.turn_id,
                                      client_turn_id=client_turn_id)
@@ -246,7 +272,7 @@ class SessionHub:
         if turn.client_turn_id is not None:
             self.finished.remember(live.session_id, turn.client_turn_id, turn.turn_id, completed)
             done["client_turn_id"] = turn.client_turn_id
-        self.broadcast(live.session_id, "query_complete", done)
+        self.broadcast(live.session_id, "query_complete", done, turn_id=turn.turn_id)
         ended = time.time()
         self.gateway.changes.publish(ChangeKind.TURN_FINISHED, live.session_id, turn_id=turn.turn_id,
                                      completed=completed, cancelled=turn.cancelled, events=turn.events,
@@ -334,8 +360,12 @@ class SessionHub:
 class AgentSocket:
     """The agent protocol on one WebSocket (PROTOCOL.md §6): attach, turns, input, cancel, ping."""
 
-    def __init__(self, gateway: SessionHost, session_id: Optional[str], user_id: Optional[str]) -> None:
+    def __init__(self, gateway: SessionHost, session_id: Optional[str], user_id: Optional[str],
+                 last_seq: Optional[int] = None) -> None:
         assert gateway.hub is not None, "sockets are made by a started gateway"
+        self.last_seq = last_seq  # ?last_seq=N: the events after N are replayed on attach (PROTOCOL.md §12)
+        self.held: Optional[List[Tuple[int, str]]] = None  # live events held while the replay reads the disk
+        self.held_bytes = 0
         self.gateway = gateway
         self.hub = gateway.hub
         self.session_id = session_id
@@ -353,6 +383,18 @@ class AgentSocket:
 
     def send(self, event_type: str, data: Dict[str, Any]) -> None:
         self.channel.send_text(frame_json(event_type, data))
+
+    def deliver(self, seq: int, frame: str) -> None:
+        """Send an event of a turn, or hold it while this socket's replay is being read."""
+        if self.held is None:
+            self.channel.send_text(frame)
+            return
+        self.held.append((seq, frame))
+        self.held_bytes += len(frame)
+        if self.held_bytes > REPLAY_HOLD_BYTES:
+            self.held = None
+            self.channel.close(CloseCode.POLICY_VIOLATION, f"events came faster than the replay was read; reconnect "
+                                                           f"with last_seq={self.last_seq}")
 
     # -- WebSocketBridge app interface ---------------------------------------------------------------------
 
@@ -416,14 +458,23 @@ class AgentSocket:
         if not self.gateway.access.user_allowed(owner):
             self.channel.close(CloseCode.USER_NOT_ALLOWED, "Access denied: the session's owner is not in UA_ALLOWED_USERS")
             return
+        event_seq = await self._stored_seq(session_id)
+        if event_seq is None or not self.channel.open:
+            return
         self.session_id = session_id
-        self.live = self.hub.attach(session_id, Path(workspace), self)
+        if self.last_seq is not None:
+            self.held, self.held_bytes = [], 0  # from now on until the replay is sent: no gap, no duplicate
+        self.live = self.hub.attach(session_id, Path(workspace), self, event_seq)
         session = {"session_id": session_id, "workspace": str(workspace), "workspace_dir": str(workspace),
                    "user_id": owner, "run_id": None, "is_live_session": True, "session_url": None,
                    "logfire_enabled": False}
         self.send("connected", {"message": "Connected to Universal Agent", "session": session,
                                 "session_id": session_id, "workspace_dir": str(workspace), "user_id": owner,
                                 "run_id": None, "is_live_session": True})
+        if self.last_seq is not None:
+            await self._replay(self.live, self.last_seq)
+            if not self.channel.open:
+                return
         if self.live.turn is not None:
             self.send("status", {"status": "processing", "active_turn_id": self.live.turn.turn_id})
             if self.live.turn.awaiting_input is not None:
@@ -431,6 +482,61 @@ class AgentSocket:
         held, self.pending, self.pending_bytes = self.pending or [], None, 0
         for message in ([first] if first is not None else []) + held:
             self._handle(message)
+
+    async def _stored_seq(self, session_id: str) -> Optional[int]:
+        """The last seq in the session's turn files if it is not live (0 if it is), read once the writer has
+        written what it holds; None if that failed (the socket is closed)."""
+        if session_id in self.hub.sessions:
+            return 0
+        await self.hub.writer.flushed(session_id)
+        try:
+            return int(await self.gateway.run_ops(self.gateway.ops.last_turn_seq, session_id))
+        except SessionNotFound:
+            self.channel.close(CloseCode.SESSION_NOT_FOUND, "session not found")
+        except OpsError as exc:
+            self.channel.close(CloseCode.INTERNAL_ERROR, f"the session's turn records cannot be read: {exc.detail}")
+        return None
+
+    async def _replay(self, live: LiveSession, after: int) -> None:
+        """Send the events after seq ``after``, oldest first, from memory or else from the turn files,
+        then the live ones held meanwhile (PROTOCOL.md §12). Bounded: what does not fit is named in a
+        ``replay_incomplete`` status sent first."""
+        current = live.event_seq  # every later event is held (or, from memory, there is no wait at all)
+        hub = self.hub
+        try:
+            if after > current:
+                self.send("status", {"status": "replay_incomplete", "last_seq": current, "detail":
+                                     f"last_seq {after} is ahead of this session's last event ({current}): its "
+                                     "history was deleted or belongs to another gateway; take what follows"})
+                return
+            if after == current:
+                return
+            if live.ring.covers(after):
+                entries, complete = live.ring.after(after), True
+            else:
+                await hub.writer.flushed(live.session_id)
+                try:
+                    found = await self.gateway.run_ops(self.gateway.ops.read_turn_records, live.session_id, after,
+                                                       current, hub.replay_max_events + 1, hub.replay_max_bytes)
+                except OpsError as exc:
+                    found = {"records": [], "complete": False, "first_seq": None, "error": exc.detail}
+                entries = [(seq, line) for seq, kind, line in found["records"] if kind != QUERY_RECORD]
+                seqs = [seq for seq, _kind, _line in found["records"]]
+                # Anything missing (a lost write, a removed file) is reported, never skipped in silence.
+                complete = found["complete"] and seqs == list(range(after + 1, current + 1))
+            replay = bounded_replay(entries, after, current, complete, hub.replay_max_events, hub.replay_max_bytes)
+            if not self.channel.open:
+                return
+            if replay.lost_from is not None and replay.lost_to is not None:
+                self.send("status", replay_gap_status(live.session_id, replay.lost_from, replay.lost_to,
+                                                      "past the replay limits, or no longer recorded"))
+            for _seq, frame in replay.frames:
+                self.channel.send_text(frame)
+        finally:
+            held, self.held, self.held_bytes = self.held or [], None, 0
+            if self.channel.open:
+                for _seq, frame in held:
+                    self.channel.send_text(frame)
 
     async def _create_and_attach(self, first: Union[str, bytes]) -> None:
         try:
@@ -457,7 +563,7 @@ class AgentSocket:
             self.send("error", {"message": f"could not create a session: {exc.detail}"})
             self.pending = None
             return
-        self.gateway.changes.publish(ChangeKind.CREATED, session_id, owner=owner)
+        self.gateway.changes.publish(ChangeKind.CREATED, session_id, owner=owner, client=self.channel.client)
         await self._attach(session_id, first, owner)
 
     def _handle(self, message: Union[str, bytes]) -> None:

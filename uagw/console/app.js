@@ -349,13 +349,76 @@
       $('#session-view').hidden = false;
       tails = [
         new LogTail($('#journal-tail'), sessionPath(sessionId) + '/preview', {}),
-        new LogTail($('#runlog-tail'), '/api/v1/ops/logs/tail', { session_id: sessionId, file: 'run.log' }),
+        liveRunLogTail(sessionId),
       ];
+      $('#runlog-title').textContent = 'run.log';
+      $('#runlog-live').hidden = true;
       tails.forEach((tail) => tail.start());
       renderSessions();
       updateAgentButtons();
     }
     return refreshDetails();
+  }
+
+  function liveRunLogTail(sessionId) {
+    return new LogTail($('#runlog-tail'), '/api/v1/ops/logs/tail', { session_id: sessionId, file: 'run.log' });
+  }
+
+  // PROTOCOL.md §16.3: an archived log, plain or compressed, read in the run.log pane with the same cursors.
+  function openArchivedLog(stamp, name) {
+    if (!selectedId) return;
+    tails[1].stop();
+    const path = sessionPath(selectedId) + '/archives/' + encodeURIComponent(stamp) + '/' + encodeURIComponent(name);
+    tails[1] = new LogTail($('#runlog-tail'), path, {});
+    tails[1].start();
+    $('#runlog-title').textContent = 'archive/' + stamp + '/' + name;
+    $('#runlog-live').hidden = false;
+  }
+
+  function showLiveRunLog() {
+    if (!selectedId) return;
+    tails[1].stop();
+    tails[1] = liveRunLogTail(selectedId);
+    tails[1].start();
+    $('#runlog-title').textContent = 'run.log';
+    $('#runlog-live').hidden = true;
+  }
+
+  async function refreshArchives(sessionId) {
+    let listing;
+    try {
+      listing = await api('GET', sessionPath(sessionId) + '/archives');
+    } catch (error) {
+      if (sessionId === selectedId) reportError(error);
+      return;
+    }
+    if (sessionId !== selectedId) return;
+    renderArchives(listing);
+  }
+
+  function renderArchives(listing) {
+    const table = $('#archive-files');
+    const tbody = $('tbody', table);
+    tbody.textContent = '';
+    listing.archives.slice().reverse().forEach((archive) => {
+      archive.files.filter((file) => file.kind === 'log').forEach((file) => {
+        const row = element('tr');
+        const when = element('td', 'mono nowrap', archive.stamp);
+        when.title = formatTime(archive.created);
+        row.appendChild(when);
+        row.appendChild(element('td', 'mono', file.name + (file.compressed ? ' (gzip)' : '')));
+        row.appendChild(element('td', 'num', file.bytes === null ? '?' : formatBytes(file.bytes)));
+        row.appendChild(element('td', 'num', formatBytes(file.disk_bytes)));
+        const open = element('button', 'button button-small', 'Open');
+        open.type = 'button';
+        open.addEventListener('click', () => openArchivedLog(archive.stamp, file.name));
+        const cell = element('td');
+        cell.appendChild(open);
+        row.appendChild(cell);
+        tbody.appendChild(row);
+      });
+    });
+    table.hidden = !tbody.firstChild;
   }
 
   function closeSession() {
@@ -374,6 +437,8 @@
     try {
       const details = await api('GET', sessionPath(sessionId));
       if (sessionId === selectedId) renderDetails(details);
+      if (sessionId === selectedId && details.archives_total) await refreshArchives(sessionId);
+      else if (sessionId === selectedId) renderArchives({ archives: [] });
     } catch (error) {
       if (sessionId !== selectedId) return;
       if (error instanceof ApiError && error.status === 404) {
@@ -435,7 +500,9 @@
       row.appendChild(cell);
       tbody.appendChild(row);
     }
-    $('#session-archives').textContent = details.archives.length ? details.archives.join(', ') : '–';
+    const disk = details.disk_bytes;
+    $('#session-archives').textContent = (details.archives_total ? details.archives_total + ' · ' : 'none · ') +
+      (disk ? formatBytes(disk.archived) + ' on disk; live files ' + formatBytes(disk.live) : '');
   }
 
   // -------------------------------------------------------------------------------------------------
@@ -618,16 +685,19 @@
       refreshAll();
     });
 
-    $('#action-compact').addEventListener('click', () => openDialog(compactDialog));
+    $('#action-compact').addEventListener('click', () => { $('#compact-discard').checked = false; openDialog(compactDialog); });
+    $('#runlog-live').addEventListener('click', showLiveRunLog);
     onConfirm(compactDialog, async () => {
       const result = await api('POST', sessionPath(selectedId) + '/compact', {
         body: {
           max_lines: parseInt($('#compact-max-lines').value, 10),
           max_bytes: parseInt($('#compact-max-bytes').value, 10),
+          archive: !$('#compact-discard').checked,
         },
       });
       const kept = Object.keys(result.files).map((name) => name + ' keeps ' + result.files[name] + ' lines');
-      toast('Compacted: ' + (kept.join(', ') || 'no live logs') + '; ' + formatBytes(result.bytes_freed) + ' freed.');
+      toast('Compacted: ' + (kept.join(', ') || 'no live logs') + '; ' + formatBytes(result.bytes_dropped) + ' dropped, ' +
+        formatBytes(result.bytes_archived) + ' archived, ' + formatBytes(result.bytes_freed) + ' freed.');
       refreshAll();
     });
 
@@ -848,11 +918,62 @@
   }
 
   // -------------------------------------------------------------------------------------------------
+  // Audit: the newest records of the audit trail, newest first
+  // -------------------------------------------------------------------------------------------------
+
+  function auditRow(line) {
+    let record = null;
+    try { record = JSON.parse(line); } catch (error) { record = null; }
+    const row = element('tr');
+    if (!record || typeof record !== 'object') {
+      row.appendChild(element('td', 'muted', '?'));
+      const cell = element('td', 'mono', line.slice(0, 120));
+      cell.colSpan = 5;
+      row.appendChild(cell);
+      return row;
+    }
+    const outcome = record.outcome && typeof record.outcome === 'object' ? record.outcome : {};
+    const when = element('td', 'nowrap', clockTime(record.time));
+    when.title = formatTime(record.time);
+    row.appendChild(when);
+    const action = element('td', 'mono', String(record.action || ''));
+    action.title = (record.method || '') + ' ' + (record.route || '');
+    row.appendChild(action);
+    row.appendChild(element('td', 'mono', record.session ? String(record.session) : '–'));
+    row.appendChild(element('td', 'mono', record.client ? String(record.client) : '–'));
+    row.appendChild(element('td', '', String(record.scope || '')));
+    const status = outcome.status === null || outcome.status === undefined ? '–' : String(outcome.status);
+    const failed = typeof outcome.status === 'number' && outcome.status >= 400;
+    const text = status + (outcome.result ? ' ' + outcome.result : '') + (outcome.archive_dir ? ' → ' + outcome.archive_dir : '');
+    row.appendChild(element('td', failed ? 'audit-outcome-failed' : '', text));
+    return row;
+  }
+
+  async function refreshAudit() {
+    try {
+      const piece = await api('GET', '/api/v1/ops/audit', { query: { limit: $('#audit-limit').value } });
+      const tbody = $('#audit-table tbody');
+      tbody.textContent = '';
+      piece.lines.slice().reverse().forEach((line) => tbody.appendChild(auditRow(line)));
+      $('#audit-empty').hidden = piece.lines.length > 0;
+      $('#audit-count').textContent = piece.lines.length ? '(' + piece.lines.length + (piece.truncated ? ' newest' : '') + ')' : '';
+    } catch (error) {
+      reportError(error);
+    }
+  }
+
+  function setUpAudit() {
+    $('#audit-refresh').addEventListener('click', refreshAudit);
+    $('#audit-limit').addEventListener('change', refreshAudit);
+  }
+
+  // -------------------------------------------------------------------------------------------------
   // Start-up
   // -------------------------------------------------------------------------------------------------
 
   function refreshAll() {
     refreshSessions();
+    refreshAudit();
     refreshDetails();
     tails.forEach((tail) => { if (tail.running && !tail.paused) tail.schedule(0); });
   }
@@ -863,14 +984,17 @@
     setUpSessionsList();
     setUpDialogs();
     setUpAgentPane();
+    setUpAudit();
     list.limit = parseInt($('#page-size').value, 10);
     refreshHealth();
     refreshSessions();
+    refreshAudit();
     setInterval(refreshHealth, HEALTH_REFRESH_MS);
     setInterval(() => {
       if ($('#sessions-auto').checked && !document.hidden && !waitingForToken) {
         refreshSessions();
         refreshDetails();
+        refreshAudit();
       }
     }, LIST_REFRESH_MS);
   }
