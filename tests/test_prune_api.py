@@ -57,15 +57,18 @@ def test_prune_items_name_kind_session_path_bytes_and_mtime(gateway):
 
 @pytest.mark.parametrize("path, body, named", [
     ("/api/v1/ops/prune", {"dry_run": "yes"}, "dry_run"),
+    ("/api/v1/ops/prune", {"dry_run": None}, "dry_run"),  # never read as "no": that would be a real run
     ("/api/v1/ops/prune", {"archives_older_than_days": -3}, "archives_older_than_days"),
     ("/api/v1/ops/prune", {"sessions_idle_days": "7"}, "sessions_idle_days"),
     ("/api/v1/ops/prune", {"budget_bytes": "1G"}, "budget_bytes"),
     ("/api/v1/ops/prune", [1], "JSON object"),
     ("/api/v1/ops/sessions/purge-stale", {"older_than_hours": 0.5}, "older_than_hours"),
     ("/api/v1/ops/sessions/purge-stale", {"include_active": 1}, "include_active"),
+    ("/api/v1/ops/sessions/purge-stale", {"dry_run": None}, "dry_run"),
     ("/api/v1/ops/sessions/bulk-delete", {"older_than_days": 0}, "older_than_days"),
     ("/api/v1/ops/sessions/bulk-delete", {"channels": "scheduled"}, "channels"),
     ("/api/v1/ops/sessions/bulk-delete", {"exclude_active": "no"}, "exclude_active"),
+    ("/api/v1/ops/sessions/bulk-delete", {"exclude_active": None}, "exclude_active"),
 ])
 def test_bad_bodies_are_refused_with_a_detail_naming_the_field(gateway, path, body, named):
     reply = gateway.post(path, body)

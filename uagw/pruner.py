@@ -219,8 +219,8 @@ class Pruner:
 
 def _flag(body: Dict[str, Any], name: str, default: bool) -> bool:
     value = body.get(name, default)
-    if value is None:
-        return default
+    # null is refused, not read as the default: on a call that removes files, a dry_run the client meant
+    # to set must never quietly become a real run.
     if not isinstance(value, bool):
         raise HttpError(400, f"{name} must be true or false, not {show(value)}; nothing was removed")
     return value
