@@ -165,6 +165,13 @@ def test_startup_answers_health_at_once_and_lists_say_partial_until_the_scan_is_
         gateway.stop()
 
 
+def test_a_list_by_disk_use_is_scanned_and_complete(gateway):
+    gateway.make_session("idx-big", {"run.log": b"x" * 300_000})
+    answer = listing(gateway, sort="disk_bytes")  # measured on the call: no index keeps disk use
+    assert answer["partial"] is False and answer["sessions"][0]["session_id"] == "idx-big"
+    assert answer["sessions"][0]["disk_bytes"]["total"] >= 300_000
+
+
 def test_with_the_index_off_lists_scan_the_root_and_say_they_are_complete(start_gateway, tmp_path):
     gateway = start_gateway("--no-session-index")
     gateway.make_session("idx-off", {"run.log": b"x\n"})
@@ -270,13 +277,15 @@ SESSION_IDS = [f"{kind}{number}" for kind in ("session_", "tg_", "daemon_", "api
     source=st.sampled_from((None, "", "chat", "TELEGRAM", " daemon ", "api", "local", "nope")),
     owner=st.sampled_from((None, "", "ann", "BOB", "telegram_3", "unknown")),
     memory_mode=st.sampled_from((None, "", "all", "off", "direct_only", "memory_only")),
+    sort=st.sampled_from((None, "newest", "last_activity", 5)),
     runtime=st.dictionaries(st.sampled_from(SESSION_IDS),
                             st.tuples(st.integers(0, 2), st.booleans(), st.integers(0, 9)), max_size=6),
 )
-def test_index_answers_equal_the_direct_listing(varied, status, limit, offset, source, owner, memory_mode, runtime):
+def test_index_answers_equal_the_direct_listing(varied, status, limit, offset, source, owner, memory_mode, sort,
+                                               runtime):
     svc, index = varied
     query = dict(status=status, limit=limit, offset=offset, runtime=runtime, source=source, owner=owner,
-                 memory_mode=memory_mode)
+                 memory_mode=memory_mode, sort=sort)
     try:
         expected = svc.list_sessions(**query)
     except InvalidArgument as exc:
