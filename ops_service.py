@@ -123,6 +123,9 @@ __all__ = [
     "ARCHIVE_STAMP_RE",
     "ARCHIVE_MEMBER_BYTES",
     "OpsService",
+    "ListQuery",
+    "list_query",
+    "ListedSession",
 ]
 
 
@@ -2052,6 +2055,54 @@ def _heartbeat_epoch(heartbeat: Optional[Dict[str, Any]]) -> Optional[float]:
     return value
 
 
+class ListQuery(NamedTuple):
+    status: str
+    filters: Dict[str, str]  # "status" always; "source", "owner", "memory_mode" when given non-empty
+    limit: int
+    offset: int
+    sort: Optional[str]  # "disk_bytes" reorders; anything else is the default order
+
+
+def list_query(
+    status: Optional[str] = "all",
+    limit: Optional[int] = LIST_DEFAULT_LIMIT,
+    offset: Optional[int] = 0,
+    runtime: Optional[Runtime] = None,
+    source: Optional[str] = None,
+    owner: Optional[str] = None,
+    memory_mode: Optional[str] = None,
+    sort: Optional[str] = None,
+) -> ListQuery:
+    """The arguments of ``OpsService.list_sessions`` checked and defaulted, for every view that answers a list
+    (the session index too, so both refuse the same input with the same words). Raises InvalidArgument."""
+    if status is None:
+        status = "all"
+    if not isinstance(status, str) or status not in STATUSES:
+        raise InvalidArgument(
+            "status must be one of {}, got {}".format(", ".join(STATUSES), _show(status))
+        )
+    filters: Dict[str, str] = {"status": status}
+    for name, value in (("source", source), ("owner", owner), ("memory_mode", memory_mode)):
+        if value is not None and not isinstance(value, str):
+            raise InvalidArgument("{} must be a string, got {}".format(name, _show(value)))
+        if value:
+            filters[name] = value
+    if sort is not None and not isinstance(sort, str):
+        raise InvalidArgument("sort must be a string, got {}".format(_show(sort)))
+    limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
+    offset = _non_negative_int("offset", offset, 0)
+    _require_runtime(runtime)
+    return ListQuery(status, filters, limit, offset, sort)
+
+
+class ListedSession(NamedTuple):
+    """One session as ``list_sessions`` lists it, for views that keep summaries (the session index)."""
+
+    summary: Dict[str, Any]  # list_sessions' summary with no runtime: status "idle" or "archived"
+    activity_ns: int  # the listing's sort key (newest first, then by id); last_activity is it in seconds
+    entries: Tuple[str, ...]  # the names the summary looked at that exist: what to stat to tell a change
+
+
 class OpsService:
     """Workspace operations under one root. Thread-safe; every method may block on disk.
 
@@ -2295,23 +2346,9 @@ class OpsService:
         ``total`` counts the sessions that pass the status filter.
         Raises InvalidArgument (status, limit, offset) and WorkspacesUnavailable.
         """
-        if status is None:
-            status = "all"
-        if not isinstance(status, str) or status not in STATUSES:
-            raise InvalidArgument(
-                "status must be one of {}, got {}".format(", ".join(STATUSES), _show(status))
-            )
-        filters: Dict[str, str] = {"status": status}
-        for name, value in (("source", source), ("owner", owner), ("memory_mode", memory_mode)):
-            if value is not None and not isinstance(value, str):
-                raise InvalidArgument("{} must be a string, got {}".format(name, _show(value)))
-            if value:
-                filters[name] = value
-        if sort is not None and not isinstance(sort, str):
-            raise InvalidArgument("sort must be a string, got {}".format(_show(sort)))
-        limit = _clamped_int("limit", limit, LIST_DEFAULT_LIMIT, 1, LIST_MAX_LIMIT)
-        offset = _non_negative_int("offset", offset, 0)
-        _require_runtime(runtime)
+        status, filters, limit, offset, sort = list_query(
+            status, limit, offset, runtime, source, owner, memory_mode, sort
+        )
         with self._os_errors("listing sessions", None):
             scans = self._scan_sessions()
             if len(filters) > 1 or status != "all":
@@ -2348,6 +2385,44 @@ class OpsService:
         with self._os_errors("reading session {}".format(session_id), session_id):
             with self._session_fd(session_id) as dir_fd:
                 return self._details_at(session_id, dir_fd, runtime)
+
+    def listed_session(self, session_id: str) -> Optional[ListedSession]:
+        """The summary ``list_sessions`` would give ``session_id`` with no runtime, read now (no cache), or
+        None when a listing would not show it (no such directory, a symlink, not a valid id).
+        Raises WorkspacesUnavailable."""
+        if not is_valid_session_id(session_id):
+            return None
+        with self._os_errors("reading session {}".format(session_id), None):
+            self.check_root()
+            root_fd = os.open(str(self.root), os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
+            try:
+                try:
+                    dir_fd = _open_dir_at(session_id, root_fd)
+                except OSError:
+                    scan = self._scan_unreadable(session_id, root_fd)
+                    if scan is None:
+                        return None
+                    return ListedSession(self._summary_at(scan, None, None), scan.activity_ns, ())
+            finally:
+                os.close(root_fd)
+            if dir_fd is None:
+                return None
+            try:
+                dir_stat = os.fstat(dir_fd)
+                if dir_stat.st_nlink == 0:
+                    return None
+                try:
+                    with os.scandir(dir_fd) as iterator:
+                        kinds = _entry_kinds(iterator)
+                except OSError:
+                    kinds = {}
+                scan = _SessionScan(
+                    session_id, dir_stat.st_mtime_ns, kinds, _activity_ns(dir_fd, kinds, dir_stat.st_mtime_ns)
+                )
+                summary = self._summary_at(scan, None, dir_fd)
+            finally:
+                os.close(dir_fd)
+        return ListedSession(summary, scan.activity_ns, tuple(sorted(kinds)))
 
     def _details_at(self, session_id: str, dir_fd: int, runtime: Optional[Runtime]) -> Dict[str, Any]:
         dir_mtime_ns = os.fstat(dir_fd).st_mtime_ns

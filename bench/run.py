@@ -1361,6 +1361,424 @@ def print_profile(raw_path: Path, top: int = 30) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Growth (--growth; issue 15): what a list, a tail and idle connections cost as they grow. One root grows
+# from 1,000 to 100,000 sessions (kept with --data-dir --keep-data, so a second run starts at once); each
+# server is started on it at each size, measured, stopped. The table goes to docs/bench.md, "Growth".
+# ---------------------------------------------------------------------------------------------------------
+
+GROWTH_SIZES = (1_000, 10_000, 20_000, 100_000)  # 20,000: the size the issue's 2x target names
+GROWTH_LIST_CALLS = 300  # sequential list calls per server and size, at most ...
+GROWTH_LIST_SECONDS = 10.0  # ... or this long, whichever ends first (but at least GROWTH_LIST_MIN calls)
+GROWTH_LIST_MIN = 3
+GROWTH_CALL_TIMEOUT = 120.0  # s one list call may take: the baseline reads every session on each call
+GROWTH_BASELINE_MAX_CALL = 30.0  # s: a baseline list slower than this at one size is not tried at the next
+GROWTH_TAIL_CALLS = 300  # sequential tail calls per server and file
+GROWTH_CONNECTIONS = (1_000, 10_000)  # idle connections held (after the count of 0)
+GROWTH_CONNECT_BATCH = 500  # connections opened at once: below the listen backlog of both servers
+GROWTH_IDLE_TIMEOUT = 600  # s, both servers: keep-alive and WebSocket pings must not end the idle connections
+GROWTH_FIRST_LIST_TIMEOUT = 900.0  # s the index's first scan may take at 100,000 sessions before we give up
+GROWTH_SESSION = "growth_{:07d}"
+GROWTH_TAIL_4M, GROWTH_TAIL_4G = "growth_tail_4m", "growth_tail_4g"
+GROWTH_COUNT_FILE = ".growth-sessions"  # how many growth sessions the root holds (next to it, not in it)
+GROWTH_TARGETS = {20_000: 2.0, 100_000: 3.0}  # list median at this size within this factor of 1,000's
+GROWTH_MD = ROOT / "docs" / "bench.md"
+
+
+def grow_sessions(root: Path, count: int) -> float:
+    """Make ``root`` hold ``count`` small sessions (a run.log and a heartbeat, distinct mtimes); returns seconds.
+    Fast on purpose: os.mkdir and two small writes each, about 10 s for 100,000."""
+    started = time.monotonic()
+    marker = root.parent / GROWTH_COUNT_FILE
+    have = int(marker.read_text()) if marker.exists() else 0
+    now = time.time()
+    for number in range(have, count):
+        directory = root / GROWTH_SESSION.format(number)
+        os.mkdir(directory)
+        stamp = now - 86400 * 30 + number  # later sessions are newer: every list sorts all of them
+        for name, data in (("run.log", b"10:00:00 [INFO] [agent] started\n"),
+                           ("heartbeat_state.json", b'{"last_run": %d, "last_summary": "ok"}' % int(stamp))):
+            fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.utime(os.path.join(directory, name), (stamp, stamp))
+        os.utime(directory, (stamp, stamp))
+        if number % 10_000 == 9_999:
+            marker.write_text(str(number + 1))
+    marker.write_text(str(max(have, count)))
+    return time.monotonic() - started
+
+
+def growth_tail_files(root: Path) -> None:
+    """The two logs the tail is measured on (as prepare_data makes them): 4 MiB of lines, and 4 GiB of which
+    all but the last 4 MiB is a hole (the reader is told the size; it reads only the end, as it should)."""
+    if (root / GROWTH_TAIL_4G / "run.log").exists():
+        return
+    block = log_block("run", 2)
+    (root / GROWTH_TAIL_4M).mkdir(exist_ok=True)
+    (root / GROWTH_TAIL_4G).mkdir(exist_ok=True)
+    write_repeated(root / GROWTH_TAIL_4M / "run.log", block, TAIL_4M)
+    with open(root / GROWTH_TAIL_4G / "run.log", "wb") as sparse:
+        sparse.truncate(SPARSE_4G - TAIL_4M)
+        sparse.seek(SPARSE_4G - TAIL_4M)
+        for _ in range(TAIL_4M >> 20):
+            sparse.write(block)
+    for name in (GROWTH_TAIL_4M, GROWTH_TAIL_4G):  # oldest of all: they do not move the pages listed
+        os.utime(root / name / "run.log", (1e9, 1e9))
+        os.utime(root / name, (1e9, 1e9))
+
+
+def _start_growth_server(name: str, pin: Pinning, host_python: str, pyz: Path, root: Path, log_dir: Path) -> Server:
+    if name == "ours":
+        stdout_log = open(log_dir / "growth-ours.stdout.log", "wb")
+        stderr_log = open(log_dir / "growth-ours.stderr.log", "wb")
+        process = subprocess.Popen(
+            pin.server() + [host_python, str(pyz), "--port", "0", "--workspaces", str(root),
+                            "--max-connections", str(GROWTH_CONNECTIONS[-1] + 100),
+                            "--keepalive-timeout", str(GROWTH_IDLE_TIMEOUT), "--ws-ping-interval", str(GROWTH_IDLE_TIMEOUT)],
+            stdout=subprocess.PIPE, stderr=stderr_log, env=server_env(), cwd=str(log_dir),
+        )
+        line = _read_line(process.stdout, START_TIMEOUT)
+        match = re.search(rb"http://127\.0\.0\.1:(\d+)", line)
+        if not match:
+            process.kill()
+            raise RuntimeError(f"our server printed no listening line: {line!r}")
+        threading.Thread(target=_drain, args=(process.stdout, stdout_log), daemon=True).start()
+        server = Server("ours", process, int(match.group(1)), [stdout_log, stderr_log])
+    else:
+        port = free_port()
+        stdout_log = open(log_dir / "growth-baseline.stdout.log", "wb")
+        stderr_log = open(log_dir / "growth-baseline.stderr.log", "wb")
+        command = baseline_command(pin, port) + ["--timeout-keep-alive", str(GROWTH_IDLE_TIMEOUT),
+                                                 "--ws-ping-interval", str(GROWTH_IDLE_TIMEOUT)]
+        process = subprocess.Popen(command, stdout=stdout_log, stderr=stderr_log,
+                                   env=server_env({"UA_BENCH_WORKSPACES": str(root)}), cwd=str(log_dir))
+        server = Server("baseline", process, port, [stdout_log, stderr_log])
+    try:
+        wait_healthy(server.port, START_TIMEOUT, process)
+    except RuntimeError:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_complete_list(server: Server, expected: int) -> float:
+    """Seconds until a list answers all ``expected`` sessions and is not partial (the index's first scan)."""
+    started = time.monotonic()
+    while time.monotonic() - started < GROWTH_FIRST_LIST_TIMEOUT:
+        server.check_alive()
+        status, body = http_request(server.port, "GET", "/api/v1/ops/sessions?limit=1", timeout=GROWTH_CALL_TIMEOUT)
+        answer = json.loads(body) if status == 200 else {}
+        if not answer.get("partial") and answer.get("total", 0) >= expected:
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise RuntimeError(f"{server.name}: no complete list of {expected} sessions within {GROWTH_FIRST_LIST_TIMEOUT:.0f} s")
+
+
+def _sequential(server: Server, path: str, calls: int, seconds: float, minimum: int = GROWTH_LIST_MIN) -> Dict[str, Any]:
+    """Median latency (ms) and server CPU per call (ms) of sequential GETs of ``path`` on one connection."""
+    connection = http.client.HTTPConnection(HOST, server.port, timeout=GROWTH_CALL_TIMEOUT)
+    latencies: List[float] = []
+    cpu_before = cpu_seconds(server.pid)
+    started = time.monotonic()
+    try:
+        while len(latencies) < calls and (len(latencies) < minimum or time.monotonic() - started < seconds):
+            sent = time.perf_counter()
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            latencies.append(time.perf_counter() - sent)
+            if response.status != 200:
+                raise RuntimeError(f"{server.name}: {path} answered {response.status}")
+    except (OSError, http.client.HTTPException) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}", "calls": len(latencies)}
+    finally:
+        connection.close()
+    cpu = cpu_seconds(server.pid) - cpu_before
+    return {"median_ms": round(1000 * statistics.median(latencies), 3), "cpu_ms_per_call": round(1000 * cpu / len(latencies), 3),
+            "calls": len(latencies), "max_ms": round(1000 * max(latencies), 3)}
+
+
+_WS_REQUEST = ("GET /api/v1/sessions/{sid}/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+               "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+_KEEPALIVE_REQUEST = "GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def open_idle_connections(port: int, count: int, kind: str, sessions: Sequence[str]) -> List[socket.socket]:
+    """``count`` connections that have each made one request (a health call kept alive, or a WebSocket
+    handshake to a session's stream) and then stay idle; raises RuntimeError when one is refused."""
+    import selectors
+
+    opened: List[socket.socket] = []
+    selector = selectors.DefaultSelector()
+    try:
+        while len(opened) < count:
+            batch: Dict[socket.socket, bytearray] = {}
+            for number in range(len(opened), min(count, len(opened) + GROWTH_CONNECT_BATCH)):
+                sock = socket.create_connection((HOST, port), timeout=30)
+                text = _WS_REQUEST.format(sid=sessions[number % len(sessions)]) if kind == "websocket" else _KEEPALIVE_REQUEST
+                sock.sendall(text.encode())
+                sock.setblocking(False)
+                batch[sock] = bytearray()
+                selector.register(sock, selectors.EVENT_READ)
+            deadline = time.monotonic() + 60
+            while batch and time.monotonic() < deadline:
+                for key, _ in selector.select(1.0):
+                    sock = key.fileobj  # type: ignore[assignment]
+                    data = sock.recv(65536)
+                    if not data:
+                        raise RuntimeError(f"a {kind} connection was closed by the server after {len(opened)} were open")
+                    batch[sock] += data
+                    head = bytes(batch[sock])
+                    done = (b" 101 " in head.split(b"\r\n", 1)[0] and b"\r\n\r\n" in head) if kind == "websocket" \
+                        else (b"\r\n\r\n" in head and head.endswith(b"}"))
+                    status_line = head.split(b"\r\n", 1)[0]
+                    if b"\r\n\r\n" in head and not head.startswith((b"HTTP/1.1 101", b"HTTP/1.1 200")):
+                        raise RuntimeError(f"a {kind} connection was answered {status_line!r}")
+                    if done:
+                        selector.unregister(sock)
+                        opened.append(sock)
+                        del batch[sock]
+            if batch:
+                raise RuntimeError(f"{len(batch)} {kind} connections had no answer within 60 s")
+    except BaseException:
+        for sock in opened:
+            sock.close()
+        raise
+    finally:
+        selector.close()
+    return opened
+
+
+def _idle_rss(server: Server, kind: str, sessions: Sequence[str]) -> Dict[str, Any]:
+    """RSS (KiB) with 0 and each of GROWTH_CONNECTIONS idle connections of ``kind``; they are closed after."""
+    settle(server)
+    rss = {"0": rss_kib(server.pid)}
+    held: List[socket.socket] = []
+    try:
+        for count in GROWTH_CONNECTIONS:
+            held += open_idle_connections(server.port, count - len(held), kind, sessions)
+            time.sleep(1.0)  # let the server finish its side of the last handshakes
+            rss[str(count)] = rss_kib(server.pid)
+    except (RuntimeError, OSError) as exc:
+        rss["error"] = str(exc)
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(1.0)
+    return rss
+
+
+def index_in_process(root: Path, sessions: int) -> Dict[str, Any]:
+    """The session index built in this process on ``root``: its memory per session (RSS grown by the first
+    scan, less a baseline of the same process) and the CPU of one rescan of unchanged sessions (median of 3)."""
+    import gc
+    import asyncio as _asyncio
+    import concurrent.futures as _futures
+
+    sys.path.insert(0, str(ROOT))
+    from ops_service import OpsService as _Ops
+    from uagw.changes import Changes as _Changes
+    from uagw.index import SessionIndex as _Index
+
+    gc.collect()
+    before = rss_kib(os.getpid()) or 0
+    index = _Index(_Ops(root), use_inotify=False, rescan_interval=3600)
+    loop, executor = _asyncio.new_event_loop(), _futures.ThreadPoolExecutor(1)
+    started = time.monotonic()
+    index.start(loop, executor, _Changes())
+    index.complete.wait(GROWTH_FIRST_LIST_TIMEOUT)
+    scan_s = time.monotonic() - started
+    gc.collect()
+    after = rss_kib(os.getpid()) or 0
+    time.sleep(1.1)  # past the racy second of the last reads, so the rescans find nothing to re-read
+    index.rescan()
+    cpu = []
+    for _ in range(3):
+        cpu_started = time.process_time()
+        index.rescan()
+        cpu.append(time.process_time() - cpu_started)
+    listed = len(index._entries)
+    index.close()
+    executor.shutdown()
+    loop.close()
+    return {"sessions": listed, "bytes_per_session": round((after - before) * 1024 / max(1, listed)),
+            "first_scan_s": round(scan_s, 2), "rescan_cpu_s": round(statistics.median(cpu), 3)}
+
+
+def run_growth(options: argparse.Namespace) -> Dict[str, Any]:
+    started = time.monotonic()
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 10,000 client sockets, and the servers inherit it
+    except (ValueError, OSError):
+        pass
+    pin = Pinning()
+    pin.pin_self()
+    host_python = os.environ.get(HOST_PYTHON_ENV, sys.executable)
+    base = Path(options.data_dir) if options.data_dir else Path(tempfile.gettempdir())
+    data_dir = base / "ua-bench-growth"
+    root = data_dir / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    log_dir = data_dir / "logs"
+    log_dir.mkdir(exist_ok=True)
+    report: Dict[str, Any] = {"stamp": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ"), "list": {}, "errors": []}
+    try:
+        pyz = Path(options.pyz) if options.pyz else data_dir / "ua_gateway.pyz"
+        if not options.pyz:
+            shutil.rmtree(data_dir / "source", ignore_errors=True)
+            report["build"] = build_pyz(host_python, pyz, options.worktree)
+        growth_tail_files(root)
+        baseline_ok = True
+        for size in GROWTH_SIZES:
+            made = grow_sessions(root, size)
+            _say(f"growth: {size:,} sessions ({made:.1f} s to create)")
+            row: Dict[str, Any] = {}
+            total = size + 2  # the two tail sessions
+            for name in ("ours", "baseline"):
+                if name == "baseline" and not baseline_ok:
+                    row[name] = {"skipped": f"its list took over {GROWTH_BASELINE_MAX_CALL:.0f} s a call at a smaller size"}
+                    continue
+                server = _start_growth_server(name, pin, host_python, pyz, root, log_dir)
+                try:
+                    first = _wait_complete_list(server, total) if name == "ours" else None
+                    result = _sequential(server, "/api/v1/ops/sessions?limit=100", GROWTH_LIST_CALLS, GROWTH_LIST_SECONDS)
+                    result["rss_kib"] = rss_kib(server.pid)
+                    if first is not None:
+                        result["first_complete_list_s"] = round(first, 2)
+                    row[name] = result
+                    _say(f"growth:   {name}: list {result}")
+                    if name == "baseline" and result.get("median_ms", 1e9) > 1000 * GROWTH_BASELINE_MAX_CALL:
+                        baseline_ok = False
+                    if size == GROWTH_SIZES[0]:
+                        report.setdefault("tail", {})[name] = {
+                            "4m": _sequential(server, f"/api/v1/ops/logs/tail?session_id={GROWTH_TAIL_4M}", GROWTH_TAIL_CALLS, 30, 30),
+                            "4g": _sequential(server, f"/api/v1/ops/logs/tail?session_id={GROWTH_TAIL_4G}", GROWTH_TAIL_CALLS, 30, 30),
+                        }
+                        streams = [GROWTH_SESSION.format(number) for number in range(100)]
+                        report.setdefault("rss", {})[name] = {
+                            "http": _idle_rss(server, "http", streams),
+                            "websocket": _idle_rss(server, "websocket", streams),
+                        }
+                        _say(f"growth:   {name}: tail {report['tail'][name]}; rss {report['rss'][name]}")
+                except RuntimeError as exc:
+                    row[name] = {"error": str(exc)}
+                    report["errors"].append(f"{name} at {size:,}: {exc}")
+                finally:
+                    server.stop()
+            report["list"][str(size)] = row
+        report["index"] = index_in_process(root, GROWTH_SIZES[-1])
+        _say(f"growth: index in process: {report['index']}")
+    finally:
+        if not options.keep_data:
+            shutil.rmtree(data_dir, ignore_errors=True)
+    report["seconds"] = round(time.monotonic() - started, 1)
+    report["machine"] = describe_machine(host_python, pin)
+    return report
+
+
+def _ms_cell(result: Optional[Dict[str, Any]], key: str = "median_ms") -> str:
+    if not result:
+        return "—"
+    if "skipped" in result:
+        return "not run"
+    if "error" in result:
+        return "failed"
+    return f"{result[key]:,.2f} ms"
+
+
+def growth_lines(report: Dict[str, Any]) -> List[str]:
+    """The growth table (markdown) and its notes, from a run_growth report."""
+    lines = ["| measure | ours | baseline | baseline / ours | target |", "|---|---:|---:|---:|---|"]
+    lists = report["list"]
+    first = lists.get(str(GROWTH_SIZES[0]), {}).get("ours", {}).get("median_ms")
+    for size in GROWTH_SIZES:
+        row = lists.get(str(size), {})
+        ours, base = row.get("ours", {}), row.get("baseline", {})
+        ratio = f"{base['median_ms'] / ours['median_ms']:.1f}x" if "median_ms" in ours and "median_ms" in base else "—"
+        target = ""
+        if size in GROWTH_TARGETS and first and "median_ms" in ours:
+            growth = ours["median_ms"] / first
+            target = f"≤ {GROWTH_TARGETS[size]:g}x of 1,000: {growth:.2f}x {'✓' if growth <= GROWTH_TARGETS[size] else '✗'}"
+        lines.append(f"| list, {size:,} sessions (limit 100, sequential, median) | {_ms_cell(ours)} | {_ms_cell(base)} | {ratio} | {target} |")
+        lines.append(f"| … server CPU per list call | {_ms_cell(ours, 'cpu_ms_per_call')} | {_ms_cell(base, 'cpu_ms_per_call')} | | |")
+    for size in GROWTH_SIZES:
+        ours = lists.get(str(size), {}).get("ours", {})
+        if "first_complete_list_s" in ours:
+            lines.append(f"| first complete list after start, {size:,} sessions (partial answers before) | "
+                         f"{ours['first_complete_list_s']:.2f} s | — | | health at once |")
+    for key, label in (("4m", "tail 4 MiB run.log (sequential, median)"), ("4g", "tail 4 GiB sparse run.log (sequential, median)")):
+        ours = report.get("tail", {}).get("ours", {}).get(key)
+        base = report.get("tail", {}).get("baseline", {}).get(key)
+        ratio = f"{base['median_ms'] / ours['median_ms']:.1f}x" if ours and base and "median_ms" in ours and "median_ms" in base else "—"
+        lines.append(f"| {label} | {_ms_cell(ours)} | {_ms_cell(base)} | {ratio} | |")
+    for kind, label in (("http", "HTTP keep-alive"), ("websocket", "WebSocket")):
+        for count in ("0",) + tuple(str(c) for c in GROWTH_CONNECTIONS):
+            cells = []
+            for name in ("ours", "baseline"):
+                rss = report.get("rss", {}).get(name, {}).get(kind, {})
+                value = rss.get(count)
+                if value is None:
+                    cells.append("failed" if rss.get("error") else "—")
+                    continue
+                per = "" if count == "0" or rss.get("0") is None else f" ({(value - rss['0']) * 1024 / int(count) / 1024:.1f} KiB each)"
+                cells.append(f"{value / 1024:.1f} MiB{per}")
+            lines.append(f"| RSS, {int(count):,} idle {label} connections | {cells[0]} | {cells[1]} | | |")
+    index = report.get("index", {})
+    if index:
+        lines.append(f"| index memory per session ({index['sessions']:,} sessions, in process) | {index['bytes_per_session']:,} B | — | | |")
+        lines.append(f"| index rescan CPU per cycle, {index['sessions']:,} unchanged sessions | {index['rescan_cpu_s']:.2f} s | — | | |")
+    notes = [f"- {error}" for error in report.get("errors", ())]
+    for size in GROWTH_SIZES:
+        base = lists.get(str(size), {}).get("baseline", {})
+        if "skipped" in base:
+            notes.append(f"- baseline at {size:,} sessions: not run, {base['skipped']}.")
+    for name in ("ours", "baseline"):
+        for kind in ("http", "websocket"):
+            error = report.get("rss", {}).get(name, {}).get(kind, {}).get("error")
+            if error:
+                notes.append(f"- {name}, idle {kind} connections: {error}")
+    return lines + ([""] + notes if notes else [])
+
+
+def write_growth_section(lines: Sequence[str], report: Dict[str, Any]) -> None:
+    """Replace (or add) the "Growth" section of docs/bench.md with this run's table."""
+    machine = report.get("machine", {})
+    body = ["## Growth", "",
+            f"`python3 bench/run.py --growth` on {machine.get('cpu_model', 'this machine')}, {report['stamp']} "
+            f"({report['seconds']:.0f} s; servers pinned to CPU {SERVER_CPU}, the client to CPU {LOAD_CPU}). One root grows from "
+            "1,000 to 100,000 small sessions; each server is started on it at each size. Lists are sequential calls "
+            "on one connection (median); CPU is the server's utime + stime per call. The 4 GiB run.log is sparse "
+            "(a hole, then 4 MiB of lines): a tail reads only its end, as it must. Idle connections each made one "
+            "request (a health call kept alive, or a WebSocket handshake to a session's stream); both servers were "
+            f"given idle timeouts of {GROWTH_IDLE_TIMEOUT} s for the measurement.", "", *lines, ""]
+    text = GROWTH_MD.read_text() if GROWTH_MD.exists() else "# Benchmarks\n"
+    start = text.find("\n## Growth\n")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start + 1] + "\n".join(body) + ("\n" + text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body)
+    GROWTH_MD.write_text(text)
+
+
+def growth_main(options: argparse.Namespace) -> int:
+    report = run_growth(options)
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"growth-{report['stamp']}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    lines = growth_lines(report)
+    _say("")
+    for line in lines:
+        _say(line)
+    write_growth_section(lines, report)
+    _say(f"\nbench: growth in {report['seconds']} s; results in {path.relative_to(ROOT)}; table in "
+         f"{GROWTH_MD.relative_to(ROOT)}")
+    return 1 if report["errors"] else 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
@@ -1379,6 +1797,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="instead of the bench, profile our server under one workload with py-spy "
                         "(health, list, preview, tail_4g, tail_4m, ws_sequential, ws_concurrent)")
     parser.add_argument("--profile-seconds", type=int, default=10, help="length of the profiled run (default 10)")
+    parser.add_argument("--growth", action="store_true",
+                        help="instead of the bench, the growth table: list at 1k-100k sessions, tail at 4 MiB/4 GiB, RSS at "
+                        "0-10k idle connections (~15 min the first time; --data-dir D --keep-data keeps the 100k sessions)")
     options = parser.parse_args(arguments)
     bootstrap(arguments)
     ensure_wrk()
@@ -1386,6 +1807,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if options.profile:
         profile(options)
         return 0
+    if options.growth:
+        return growth_main(options)
     report = run_bench(options)
     path = save(report)
     lines = table_lines(report["summary"])

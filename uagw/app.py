@@ -33,6 +33,7 @@ from .http11 import HttpError, Request, Response, StreamingResponse, error_respo
 from .access import AccessControl, Grant, request_tokens
 from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
+from .index import SessionIndex
 from .compressor import ArchiveCompressor
 from .logs import GatewayLog
 from .metrics import EXPOSITION_CONTENT_TYPE, GatewayMetrics, render
@@ -126,6 +127,10 @@ class Application:
         self._tasks: List[asyncio.Task] = []
         self.hub: Optional[SessionHub] = None
         self.changes = Changes()  # what the gateway changes in sessions, for the views that keep state about them
+        # Lists answer from memory (issue 15); None: each list scans the root (Config.session_index off).
+        self.index: Optional[SessionIndex] = SessionIndex(
+            self.ops, rescan_interval=config.index_rescan_interval, scan_pause=config.index_scan_pause,
+        ) if config.session_index else None
         self.pruner = Pruner(self)  # retention: the background pruner and the prune routes (PROTOCOL.md §15)
         self.compressor: Optional[ArchiveCompressor] = None  # gzips archived logs on its own thread (PROTOCOL.md §16)
         self.changes.subscribe(self.open_logs.on_change)
@@ -162,6 +167,8 @@ class Application:
         else:
             agent = echo_agent
         self.hub = SessionHub(self, agent)
+        if self.index is not None:
+            self.index.start(loop, self.executor, self.changes)  # scans in a thread: health answers at once
         self.log_watchers = LogWatchers(self.ops, self.run_ops)
         self.hub.writer.appended = self.log_watchers.on_append  # the gateway's own lines, from memory
         self.session_events = SessionEvents(self.changes)
@@ -180,6 +187,8 @@ class Application:
         """Stop the background work, write the stop record and close the log; the hub is shut down before."""
         for task in self._tasks:
             task.cancel()
+        if self.index is not None:
+            self.index.close()
         await self.audit.drain()
         if self.compressor is not None:
             self.compressor.stop()
@@ -583,18 +592,26 @@ class Application:
 
     def list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         query = query_params(request)
-        return self._ops_response(
-            200,
-            self.ops.list_sessions,
+        return self._list_response(
             status=query.get("status", "all"),
             limit=int_param(query, "limit"),
             offset=int_param(query, "offset"),
-            runtime=self.runtime(),
             source=query.get("source"),
             owner=query.get("owner"),
             memory_mode=query.get("memory_mode"),
             sort=query.get("sort") or None,
         )
+
+    async def _list_response(self, **query: Any) -> Response:
+        return json_response(200, await self._list_page(**query))
+
+    async def _list_page(self, **query: Any) -> Dict[str, Any]:
+        """A page of summaries (PROTOCOL.md §17): from the session index, or scanned when it is off."""
+        index = self.index
+        if index is None or query.get("sort") == "disk_bytes":  # disk use is measured per call (PROTOCOL.md §16.4)
+            return {**await self.run_ops(self.ops.list_sessions, runtime=self.runtime(), **query), "partial": False}
+        await index.settle()  # the gateway's own changes announced so far are in the answer
+        return await self.run_ops(index.list_sessions, runtime=self.runtime(), **query)
 
     def session_details(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         return self.pruner.session_details(params["session_id"])  # the details, with disk use against the budget
@@ -974,7 +991,7 @@ class Application:
         return self._api_list_sessions(50 if limit is None else limit)
 
     async def _api_list_sessions(self, limit: int) -> Response:
-        page = await self.run_ops(self.ops.list_sessions, limit=limit, runtime=self.runtime())
+        page = await self._list_page(limit=limit)
         rows = []
         for summary in page["sessions"]:
             session_id = summary["session_id"]

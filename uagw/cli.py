@@ -142,7 +142,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
         "UA_GATEWAY_LOG_ROTATE_BYTES, UA_RETAIN_ARCHIVES_DAYS, UA_RETAIN_IDLE_SESSIONS_DAYS, UA_DISK_BUDGET_BYTES, "
-        "UA_RETAIN_TRASH_DAYS, UA_PRUNE_INTERVAL, UA_ARCHIVE_COMPRESS_DELAY; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
+        "UA_RETAIN_TRASH_DAYS, UA_PRUNE_INTERVAL, UA_ARCHIVE_COMPRESS_DELAY, UA_SESSION_INDEX, UA_INDEX_RESCAN_INTERVAL, "
+        "UA_INDEX_SCAN_PAUSE; Universal Agent's UA_INTERNAL_API_TOKEN (or UA_INTERNAL_API_TOKEN_FILE), "
         "DEFAULT_USER_ID, COMPOSIO_USER_ID, UA_DASHBOARD_OWNER_ID, TELEGRAM_ALLOWED_USER_IDS. Flags override them.",
     )
     parser.add_argument("--version", action="version", version=f"ua-gateway {__version__}")
@@ -158,6 +159,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
         "--send-stall-timeout", type=float,
         help=f"abort a connection whose peer reads none of its answers for this many seconds (default {SEND_STALL_TIMEOUT:g})",
     )
+    parser.add_argument("--no-session-index", dest="session_index", action="store_false", default=None,
+                        help="answer lists by scanning the root each time, not from the session index (for comparison)")
     for name, default, meaning in TIMEOUT_FLAGS:
         parser.add_argument("--" + name.replace("_", "-"), type=float, help=f"{meaning} (default {default:g})")
     parser.add_argument("--retain-archives-days", type=float, help="prune archives older than this many days (default off)")
@@ -191,6 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             keepalive_timeout=args.keepalive_timeout,
             max_connections=args.max_connections,
             send_stall_timeout=args.send_stall_timeout,
+            session_index=args.session_index,
             **{name: getattr(args, name) for name, _, _ in TIMEOUT_FLAGS},
             retain_archives_days=args.retain_archives_days,
             retain_idle_sessions_days=args.retain_idle_sessions_days,

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from .limits import (
     AGENT_KILL_GRACE, BODY_TIMEOUT, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_WORKSPACES, GATEWAY_LOG_ROTATE_BYTES,
-    HEADER_TIMEOUT, KEEPALIVE_TIMEOUT, PRUNE_INTERVAL, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
+    HEADER_TIMEOUT, INDEX_RESCAN_INTERVAL, KEEPALIVE_TIMEOUT, PRUNE_INTERVAL, MAX_CONNECTIONS, MAX_INT_DIGITS, MAX_SECRET_FILE_BYTES, CLOSE_LINGER,
     SHUTDOWN_GRACE,
     SEND_STALL_TIMEOUT, STREAM_KEEPALIVE, SESSION_CREATE_BURST, SESSION_CREATE_PER_MINUTE, SESSION_CREATE_RATE, WS_CLOSE_TIMEOUT,
     WS_PING_INTERVAL, WS_PING_TIMEOUT,
@@ -112,6 +112,18 @@ def _env_number(env: Mapping[str, str], name: str, kind: Callable[[str], Any]) -
         raise ConfigError(f"{name} must be {what} (see README, Configuration), not {show(text)}") from None
 
 
+def _env_switch(env: Mapping[str, str], name: str) -> Optional[bool]:
+    """An on/off variable: 1/on/true/yes or 0/off/false/no; None when unset (the default applies)."""
+    text = (env.get(name) or "").strip().lower()
+    if not text:
+        return None
+    if text in ("1", "on", "true", "yes"):
+        return True
+    if text in ("0", "off", "false", "no"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (on or off), not {show(text)}")
+
+
 # Suffixes of a byte size (UA_DISK_BUDGET_BYTES, --disk-budget): powers of 1024, as du and df print them.
 BYTE_SUFFIXES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -206,6 +218,9 @@ class Config:
         disk_budget_bytes: Optional[int] = None,
         retain_trash_days: Optional[float] = None,
         prune_interval: float = PRUNE_INTERVAL,
+        session_index: bool = True,
+        index_rescan_interval: float = INDEX_RESCAN_INTERVAL,
+        index_scan_pause: float = 0.0,
     ) -> None:
         self.host = "127.0.0.1" if host == "localhost" else host
         self.port = port
@@ -248,6 +263,9 @@ class Config:
         self.retain_trash_days = retain_trash_days
         self.prune_interval = prune_interval
         self.archive_compress_delay = archive_compress_delay  # 0: archived logs are compressed at once
+        self.session_index = session_index  # False: every list scans the root (the direct listing, for comparison)
+        self.index_rescan_interval = index_rescan_interval  # s between the index's rescans where inotify is missing
+        self.index_scan_pause = index_scan_pause  # s the first scan pauses per INDEX_SCAN_BATCH sessions: a slow disk
         self._check_limits()
         self._check_read_token()
         self._check_retention()
@@ -273,6 +291,8 @@ class Config:
         ("log_rotate_bytes", "UA_GATEWAY_LOG_ROTATE_BYTES", None, True),
         ("prune_interval", "UA_PRUNE_INTERVAL / --prune-interval", None, False),
         ("archive_compress_delay", "UA_ARCHIVE_COMPRESS_DELAY", "compress at once", False),
+        ("index_rescan_interval", "UA_INDEX_RESCAN_INTERVAL", None, False),
+        ("index_scan_pause", "UA_INDEX_SCAN_PAUSE", "no pause", False),
     )
 
     # The retention policies that may be off (None), with how an operator sets each.
@@ -379,6 +399,9 @@ class Config:
             retain_trash_days=_env_number(env, "UA_RETAIN_TRASH_DAYS", float),
             prune_interval=_env_number(env, "UA_PRUNE_INTERVAL", float),
             archive_compress_delay=_env_number(env, "UA_ARCHIVE_COMPRESS_DELAY", float),
+            session_index=_env_switch(env, "UA_SESSION_INDEX"),
+            index_rescan_interval=_env_number(env, "UA_INDEX_RESCAN_INTERVAL", float),
+            index_scan_pause=_env_number(env, "UA_INDEX_SCAN_PAUSE", float),
         )
         values = {key: value for key, value in values.items() if value is not None}  # unset: the default
         values.update({key: value for key, value in overrides.items() if value is not None})

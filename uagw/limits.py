@@ -41,6 +41,13 @@ __all__ = [
     "GIL_SWITCH_INTERVAL",
     "HEADER_TIMEOUT",
     "HTTP_FD_SHARE",
+    "INDEX_RACY_NS",
+    "INDEX_RESCAN_CPU_SHARE",
+    "INDEX_RESCAN_INTERVAL",
+    "INDEX_SAFETY_RESCAN",
+    "INDEX_SCAN_BATCH",
+    "INDEX_SETTLE",
+    "INDEX_TURN_DELAY",
     "KEEPALIVE_TIMEOUT",
     "MAX_AGENT_COMMANDS",
     "MAX_AGENT_LINE",
@@ -265,3 +272,19 @@ REPLAY_MAX_BYTES = 4 * 1024 * 1024
 REPLAY_HOLD_BYTES = 4 * 1024 * 1024
 ARCHIVE_COMPRESS_DELAY = 60.0  # s an archived log stays plain before it is gzipped (PROTOCOL.md §16): an
 # operator reads an archive right after a compact or reset, and an agent may still append to the old inode
+
+
+# The session index (uagw/index.py; issue 15)
+
+INDEX_RESCAN_INTERVAL = 1.0  # s between rescans where inotify is missing: with a rescan's own time (0.1 s per
+# 10,000 unchanged sessions), what other writers change shows within the 2 s the README states (up to 20,000)
+INDEX_RESCAN_CPU_SHARE = 0.25  # at most this share of a core goes to rescans: a rescan of 100,000 unchanged
+# sessions takes about 1 s of CPU, so without inotify they come every 4 s there, not every second
+INDEX_SAFETY_RESCAN = 30.0  # s between rescans while inotify reports changes: a net for what it cannot see
+# (an entry added inside an existing archive/ changes the status; an event queue overflow)
+INDEX_SETTLE = 0.05  # s inotify events are gathered before re-reading: a turn's journal writes, every 10 ms, come
+# as one re-read of the session, not one per line
+INDEX_TURN_DELAY = 0.05  # s after a turn starts or ends before its session is re-read: its journal lines and
+# heartbeat reach the disk through the writer thread just after the announcement (SESSION_WRITE_DELAY)
+INDEX_SCAN_BATCH = 100  # sessions the first scan reads between two of Config.index_scan_pause's pauses
+INDEX_RACY_NS = 1_000_000_000  # a file changed this recently is re-read, not trusted to its mtime (git's racy rule)
