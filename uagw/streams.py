@@ -217,6 +217,9 @@ class LogWatcher:
     async def read(self, cursor: Optional[str], limit: int = CATCH_UP_LIMIT) -> Dict[str, Any]:
         session_id, file_name = self.key
         ops = self.watchers.ops
+        if session_id is None and file_name == ops_service.AUDIT_LOG_NAME:  # read across its rotations
+            return await self.watchers.run_ops(ops.read_audit_log, cursor=cursor, limit=limit, max_bytes=CATCH_UP_BYTES,
+                                               backups=self.watchers.audit_backups)
         if session_id is None:
             return await self.watchers.run_ops(ops.read_gateway_log, cursor=cursor, limit=limit, max_bytes=CATCH_UP_BYTES)
         return await self.watchers.run_ops(ops.read_log, session_id, file_name, cursor=cursor, limit=limit,
@@ -322,9 +325,10 @@ class LogWatcher:
 class LogWatchers:
     """The watchers of all followed logs, one per file (event loop, except ``on_append``)."""
 
-    def __init__(self, ops: ops_service.OpsService, run_ops: RunOps) -> None:
+    def __init__(self, ops: ops_service.OpsService, run_ops: RunOps, audit_backups: int = 0) -> None:
         self.ops = ops
         self.run_ops = run_ops
+        self.audit_backups = audit_backups  # rotated audit files a follower may still be reading
         self.watchers: Dict[LogKey, LogWatcher] = {}
         self.loop = asyncio.get_running_loop()
 
