@@ -2536,8 +2536,8 @@ class OpsService:
         ``session_id`` is None), or None when it is missing or not a regular file: one ``stat``, what a
         follower polls to learn that a file grew or was replaced before reading it. Raises
         SessionNotFound, WorkspacesUnavailable."""
-        if session_id is None:
-            where, name = self.root / GATEWAY_DIR_NAME, GATEWAY_LOG_NAME
+        if session_id is None:  # the gateway's own log, or its audit trail (both in _gateway)
+            where, name = self.root / GATEWAY_DIR_NAME, (AUDIT_LOG_NAME if file_name == AUDIT_LOG_NAME else GATEWAY_LOG_NAME)
         else:
             _require_session_id(session_id)
             self._require_log_name(file_name)

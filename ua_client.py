@@ -19,8 +19,10 @@ Rules this file keeps
 
 Theory of operation: ``main`` parses arguments and calls one ``run_*`` function per command. Those talk
 to the gateway through ``GatewayClient`` (one method per endpoint, plain dicts in and out) and format
-the answer. ``follow_log`` is the loop behind ``logs tail --follow``: it passes the cursor back
-verbatim, asks again at once while ``more`` is true, and otherwise waits ``FOLLOW_INTERVAL``.
+the answer. ``logs tail --follow``, ``audit --follow`` and ``sessions watch`` read Server-Sent Events
+(``open_stream``, ``follow_stream``: reconnect with ``Last-Event-ID`` after a drop, bounded backoff); a
+gateway that does not stream is polled by ``follow_log``, which passes the cursor back verbatim, asks
+again at once while ``more`` is true, and otherwise waits ``FOLLOW_INTERVAL``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, TextIO
 
 __all__ = [
     "ApiError",
@@ -43,7 +45,9 @@ __all__ = [
     "DEFAULT_URL",
     "GatewayClient",
     "build_parser",
+    "SseEvent",
     "follow_log",
+    "follow_stream",
     "format_table",
     "main",
     "shown",
@@ -52,6 +56,12 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8002"  # the gateway's default bind (PROTOCOL.md §1)
 REQUEST_TIMEOUT = 30.0  # a reset or compact of a large log takes a few seconds; a hung gateway does not hang us
 FOLLOW_INTERVAL = 1.0  # how often `logs tail --follow` asks for new lines when it is caught up
+# Streams (PROTOCOL.md §13). The gateway sends a keep-alive comment after 15 s of silence: four of them
+# missed means the link is dead, even if no FIN or RST ever came.
+STREAM_READ_TIMEOUT = 60.0
+STREAM_RETRIES = 8  # reconnects in a row without an event in between, then the client gives up (exit 1)
+STREAM_BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0)  # seconds before each reconnect in a row; the last repeats
+MAX_EVENT_LINE = 4 * 1024 * 1024  # one SSE line: a slice of at most 1 MiB of log, JSON-escaped, fits
 TAIL_LIMIT = 200  # the gateway's default slice size (PROTOCOL.md §5)
 PROG = "ua_gateway"
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a page of 1,000 sessions or a log slice is well under 1 MiB; more is not
@@ -226,6 +236,48 @@ class GatewayClient:
         path = "/api/v1/ops/sessions/{}/archives/{}/{}".format(_quote(session_id), _quote(stamp),
                                                                _quote(file_name or "run.log"))
         return self._checked(self.request("GET", path, {"cursor": cursor, "limit": limit}), LOG_SLICE)
+
+    def open_stream(self, path: str, query: Optional[Dict[str, Any]] = None,
+                    last_event_id: Optional[str] = None) -> "Iterator[SseEvent]":
+        """The events of one SSE stream (PROTOCOL.md §13) until it ends; ``last_event_id`` resumes it.
+
+        Raises ApiError for an error status, StreamUnavailable when the answer is not an event stream
+        (a gateway without streams answers the plain slice), ClientError when the gateway cannot be
+        reached. A drop while reading ends the iteration with StreamDropped."""
+        parts = urllib.parse.urlsplit(self.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ClientError(f"{self.base_url} is not an http:// or https:// URL; pass the gateway's with --url")
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        params = {name: value for name, value in (query or {}).items() if value is not None}
+        target = parts.path.rstrip("/") + path + ("?" + urllib.parse.urlencode(params) if params else "")
+        headers = {"Accept": "text/event-stream", "Cache-Control": "no-store"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if last_event_id:
+            headers["Last-Event-ID"] = last_event_id
+        connection = kind(parts.hostname, parts.port, timeout=STREAM_READ_TIMEOUT)
+        try:
+            connection.request("GET", target, headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            raise StreamDropped(self._unreachable(error)) from None
+        if response.status != 200:
+            try:
+                raw = response.read(MAX_ERROR_BYTES)
+            except (OSError, http.client.HTTPException):
+                raw = b""
+            connection.close()
+            try:
+                detail = str(_decode_answer(raw)["detail"])[:MAX_DETAIL_CHARS]
+            except (ValueError, KeyError, TypeError):
+                detail = raw.decode("utf-8", "replace").strip()[:MAX_DETAIL_CHARS] or response.reason
+            raise ApiError(response.status, detail, response.getheader("Retry-After"))
+        if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
+            connection.close()
+            raise StreamUnavailable(f"the gateway at {self.base_url} answered {path} with "
+                                    f"{response.getheader('Content-Type')!r}, not an event stream")
+        return _sse_events(connection, response)
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:
         try:
@@ -524,8 +576,11 @@ def run_logs_tail(client: GatewayClient, args: argparse.Namespace, out: TextIO) 
         else:
             _print_slice(piece, out, first=True, raw=args.raw)
         return EXIT_OK
+    emit = lambda piece, first: _emit_followed(piece, first, args.json, args.raw, out)  # noqa: E731
+    query = {"session_id": args.session, "file": args.file, "limit": args.limit}
     try:
-        follow_log(read, lambda piece, first: _emit_followed(piece, first, args.json, args.raw, out))
+        _stream_or_poll(client, "/api/v1/ops/logs/tail", query, (args.file or "run.log") if args.session else "gateway.log",
+                        read, emit)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how an operator stops following: not an error
     return EXIT_OK
@@ -582,6 +637,141 @@ def _print_slice(piece: Dict[str, Any], out: TextIO, first: bool, raw: bool = Fa
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Streams (PROTOCOL.md §13): `logs tail --follow`, `audit --follow` and `sessions watch`
+# ---------------------------------------------------------------------------------------------------------
+
+
+class StreamDropped(ClientError):
+    """The stream broke off (or never connected) before its ``end`` event: reconnecting may help."""
+
+
+class StreamUnavailable(ClientError):
+    """The answer is not an event stream (a gateway from before PROTOCOL.md §13): poll instead."""
+
+
+class SseEvent(NamedTuple):
+    name: str
+    id: Optional[str]
+    data: Any
+
+
+def _sse_events(connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> Iterator[SseEvent]:
+    """Parse SSE (WHATWG HTML §9.2.6, the subset the gateway sends: one ``data`` line of JSON) from a
+    chunked answer, one line at a time, each bounded by MAX_EVENT_LINE. Comments are skipped."""
+    fields: Dict[str, str] = {}
+    try:
+        while True:
+            try:
+                raw = response.readline(MAX_EVENT_LINE + 1)
+            except (OSError, http.client.HTTPException) as error:
+                raise StreamDropped(f"the stream broke off ({type(error).__name__}: {error})") from None
+            if not raw:
+                raise StreamDropped("the stream ended without an end event")
+            if len(raw) > MAX_EVENT_LINE:
+                raise ClientError(f"an event line is over {MAX_EVENT_LINE} bytes (MAX_EVENT_LINE): not the gateway's stream")
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if line.startswith(":"):
+                continue  # a keep-alive comment
+            if line:
+                name, _, value = line.partition(":")
+                fields[name] = value[1:] if value.startswith(" ") else value
+                continue
+            if not fields:
+                continue
+            try:
+                data = _decode_answer(fields.get("data", "").encode())
+            except ValueError as error:
+                raise ClientError(f"an event's data is unusable: {error}") from None
+            event, fields = SseEvent(fields.get("event", "message"), fields.get("id"), data), {}
+            yield event
+            if event.name == "end":
+                return
+    finally:
+        connection.close()
+
+
+def follow_stream(open_stream: Callable[[Optional[str]], Iterator[SseEvent]], emit: Callable[[SseEvent], None],
+                  retries: int = STREAM_RETRIES, sleep: Callable[[float], None] = time.sleep,
+                  last_event_id: Optional[str] = None) -> SseEvent:
+    """Call ``emit`` for every event of a stream, reconnecting with the last ``id`` seen after a drop
+    (no gap, no duplicate: PROTOCOL.md §13.2) after a bounded backoff; ``retries`` drops in a row
+    without an event between them, and StreamDropped is raised. Returns the ``end`` event."""
+    failures = 0
+    while True:
+        try:
+            for event in open_stream(last_event_id):
+                failures = 0
+                if event.id is not None:
+                    last_event_id = event.id
+                emit(event)
+                if event.name == "end":
+                    return event
+        except (StreamDropped, ApiError) as error:
+            if isinstance(error, ApiError) and error.status not in (429, 502, 503, 504):
+                raise  # refused for good (401, 403, 404, a bad cursor): retrying changes nothing
+            failures += 1
+            if failures > retries:
+                raise StreamDropped(f"{error}; gave up after {retries} reconnects in a row") from None
+            sleep(STREAM_BACKOFF[min(failures, len(STREAM_BACKOFF)) - 1])
+
+
+def _stream_slices(file_name: str, emit: Callable[[Dict[str, Any], bool], None]) -> Callable[[SseEvent], None]:
+    """Turn a log stream's events back into the slices a polling follow emits (same output either way)."""
+    state = {"reset": False}
+
+    def on_event(event: SseEvent) -> None:
+        if event.name == "slice":
+            emit(event.data, True)
+        elif event.name == "lines":
+            piece = {"file": file_name, "lines": event.data["lines"], "cursor": event.id, "more": False,
+                     "reset": state["reset"], "truncated": event.data.get("truncated", False)}
+            state["reset"] = False
+            emit(piece, False)
+        elif event.name == "reset":
+            state["reset"] = True
+        elif event.name == "end":
+            print(f"-- the stream ended: {shown(event.data.get('reason', '?'))} --", file=sys.stderr, flush=True)
+    return on_event
+
+
+def _stream_or_poll(client: GatewayClient, path: str, query: Dict[str, Any], file_name: str,
+                    read: Callable[[Optional[str]], Dict[str, Any]], emit: Callable[[Dict[str, Any], bool], None]) -> None:
+    """Follow by streaming; poll (as before streams existed) when the gateway does not stream."""
+    try:
+        follow_stream(lambda last: client.open_stream(path, {**query, "follow": "true"}, last),
+                      _stream_slices(file_name, emit))
+    except StreamUnavailable:
+        follow_log(read, emit)
+
+
+def _event_line(data: Dict[str, Any]) -> str:
+    """One session event for people: time, kind, session, then its details as name=value."""
+    at = data.get("at")
+    when = time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, (int, float)) else "-"
+    details = " ".join(f"{name}={shown(_json_text(value))}" for name, value in data.items()
+                       if name not in ("kind", "session_id", "at"))
+    return f"{when} {shown(data.get('kind', '?')):<13} {shown(data.get('session_id', '-'))} {details}".rstrip()
+
+
+def run_sessions_watch(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    """Print every session event (PROTOCOL.md §13.3), one line each, until Ctrl-C."""
+    def emit(event: SseEvent) -> None:
+        data = event.data if isinstance(event.data, dict) else {}
+        if args.json:
+            print(_json_text({"event": event.name, "id": event.id, **data}), file=out, flush=True)
+        elif "session_id" not in data:  # the stream's own notices (reset: list again; end): not a change
+            print(f"-- {shown(event.name)}: {shown(data.get('reason', ''))} --", file=sys.stderr, flush=True)
+        else:
+            print(_event_line(data), file=out, flush=True)
+    try:
+        follow_stream(lambda last: client.open_stream("/api/v1/ops/events", None, last), emit,
+                      last_event_id=args.last_event_id)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how an operator stops watching: not an error
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------------------------
 
@@ -605,6 +795,8 @@ def audit_row(line: str) -> List[str]:
 
 
 def run_audit(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    if args.follow:
+        return _follow_audit(client, args, out)
     piece = client.read_audit(cursor=args.cursor, limit=args.limit)
     if args.json:
         _print_json(piece, out)
@@ -614,6 +806,26 @@ def run_audit(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> i
     print(format_table(AUDIT_COLUMNS, [audit_row(line) for line in piece["lines"]]), file=out)
     # The cursor is for the next call: on stderr, so stdout stays the table.
     print(f"-- next: --cursor {piece['cursor']}{' (more waiting)' if piece['more'] else ''} --", file=sys.stderr)
+    return EXIT_OK
+
+
+def _follow_audit(client: GatewayClient, args: argparse.Namespace, out: TextIO) -> int:
+    """``audit --follow``: the newest records (or those after --cursor), then each one as it is written."""
+    def emit(piece: Dict[str, Any], first: bool) -> None:
+        if args.json:
+            print(_json_text(piece), file=out, flush=True)
+        elif piece["lines"] or first:
+            table = format_table(AUDIT_COLUMNS, [audit_row(line) for line in piece["lines"]])
+            print(table if first else table.split("\n", 1)[-1], file=out, flush=True)
+    query = {"limit": args.limit}
+    read = lambda cursor: client.read_audit(cursor=cursor, limit=args.limit)  # noqa: E731
+    try:
+        follow_stream(lambda last: client.open_stream("/api/v1/ops/audit", {**query, "follow": "true"}, last),
+                      _stream_slices("audit.log", emit), last_event_id=args.cursor)
+    except StreamUnavailable:
+        follow_log(read, emit)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C ends following: not an error
     return EXIT_OK
 
 
@@ -641,8 +853,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="{sessions,logs,audit}", required=True)
 
-    sessions = commands.add_parser("sessions", help="list, show, reset, compact or delete sessions")
-    actions = sessions.add_subparsers(dest="action", metavar="{list,show,reset,compact,delete}", required=True)
+    sessions = commands.add_parser("sessions", help="list, show, reset, compact, delete or watch sessions")
+    actions = sessions.add_subparsers(dest="action", metavar="{list,show,reset,compact,delete,watch}", required=True)
 
     listing = actions.add_parser("list", parents=[target], help="one page of sessions, newest activity first")
     listing.add_argument("--status", choices=("all", "running", "active", "idle", "archived"), default="all")
@@ -673,6 +885,11 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--force", action="store_true", help="cancel a running turn instead of refusing")
     delete.set_defaults(run=run_sessions_delete)
 
+    watch = actions.add_parser("watch", parents=[target],
+                               help="print session events (created, turns, resets, deletions) as they happen")
+    watch.add_argument("--last-event-id", metavar="ID", help="resume after this event id (a previous watch printed it)")
+    watch.set_defaults(run=run_sessions_watch)
+
     logs = commands.add_parser("logs", help="read logs")
     log_actions = logs.add_subparsers(dest="action", metavar="{tail}", required=True)
     tail = log_actions.add_parser("tail", parents=[target],
@@ -693,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="the audit trail: who changed what, when (the newest records, or those after --cursor)")
     audit.add_argument("--limit", type=_non_negative_int, help=f"records per request (gateway default {TAIL_LIMIT})")
     audit.add_argument("--cursor", help="the cursor a previous 'audit' printed: the records after it, oldest first")
+    audit.add_argument("--follow", "-f", action="store_true", help="keep printing new records until Ctrl-C")
     audit.set_defaults(run=run_audit)
     return parser
 

@@ -169,7 +169,7 @@ class Application:
         self.hub = SessionHub(self, agent)
         if self.index is not None:
             self.index.start(loop, self.executor, self.changes)  # scans in a thread: health answers at once
-        self.log_watchers = LogWatchers(self.ops, self.run_ops)
+        self.log_watchers = LogWatchers(self.ops, self.run_ops, self.audit.backups)
         self.hub.writer.appended = self.log_watchers.on_append  # the gateway's own lines, from memory
         self.session_events = SessionEvents(self.changes)
         self.changes.subscribe(self._followed_session_changed)
@@ -765,6 +765,13 @@ class Application:
     def audit_log(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
         """A log slice of the audit trail, across its rotations (PROTOCOL.md §11.2)."""
         query = query_params(request)
+        if bool_param(query, "follow"):  # PROTOCOL.md §13.2: followed like a log, across its rotations
+            plain_query = {name: value for name, value in query.items() if name not in ("follow", "cursor")}
+            plain = functools.partial(self._audit_slice, plain_query)
+            return self._follow(request, query, (None, ops_service.AUDIT_LOG_NAME), plain)
+        return self._audit_slice(query)
+
+    def _audit_slice(self, query: Dict[str, str]) -> Awaitable[Response]:
         return self._ops_response(200, self.ops.read_audit_log, cursor=query.get("cursor"),
                                   limit=int_param(query, "limit"), max_bytes=int_param(query, "max_bytes"),
                                   backups=self.audit.backups)

@@ -43,6 +43,9 @@ __all__ = [
 KEEPALIVE = b": keepalive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 CATCH_UP_LIMIT = ops_service.MAX_LIMIT  # lines per read while catching up: few reads, each bounded by bytes
 CATCH_UP_BYTES = 128 * 1024  # bytes per catch-up event: half a queue, a few ms of a client's link
+# The gateway's own appends within this many seconds go out as one event: an agent writing 1,000 lines/s
+# in bursts would otherwise cost one event (an encode, a wake-up and a write) per line per follower.
+APPEND_COALESCE = 0.002
 
 
 def sse_event(event: str, data: Any, event_id: Optional[str] = None) -> bytes:
@@ -193,6 +196,10 @@ class LogWatcher:
         self.reread = False  # a change arrived while reading: read again
         self.ended: Optional[bytes] = None
         self.task: Optional[asyncio.Task] = None
+        self.pending = b""  # the gateway's appends not handed out yet (APPEND_COALESCE)
+        self.pending_cursor: Optional[str] = None  # the cursor after them
+        self.pending_identity: Optional[Tuple[int, int, int]] = None
+        self.flush_handle: Optional[asyncio.TimerHandle] = None
 
     def add(self, sub: Subscription) -> None:
         self.subscriptions.add(sub)
@@ -209,6 +216,7 @@ class LogWatcher:
             self.watchers.forget(self)
 
     def end(self, payload: bytes) -> None:
+        self.flush()
         self.ended = payload
         for sub in self.subscriptions:
             sub.end(payload)
@@ -217,6 +225,9 @@ class LogWatcher:
     async def read(self, cursor: Optional[str], limit: int = CATCH_UP_LIMIT) -> Dict[str, Any]:
         session_id, file_name = self.key
         ops = self.watchers.ops
+        if session_id is None and file_name == ops_service.AUDIT_LOG_NAME:  # read across its rotations
+            return await self.watchers.run_ops(ops.read_audit_log, cursor=cursor, limit=limit, max_bytes=CATCH_UP_BYTES,
+                                               backups=self.watchers.audit_backups)
         if session_id is None:
             return await self.watchers.run_ops(ops.read_gateway_log, cursor=cursor, limit=limit, max_bytes=CATCH_UP_BYTES)
         return await self.watchers.run_ops(ops.read_log, session_id, file_name, cursor=cursor, limit=limit,
@@ -232,6 +243,7 @@ class LogWatcher:
         if self.reading:
             self.reread = True
             return
+        self.flush()  # what the gateway appended goes first: the read starts after it
         self.reading = True
         try:
             self.reread = True
@@ -276,17 +288,32 @@ class LogWatcher:
 
     def appended(self, data: bytes, identity: Optional[Tuple[int, int, int]]) -> None:
         """The gateway appended ``data``; ``identity`` is the file's (dev, ino, size) right after."""
-        cursor = self.cursor
+        cursor = self.pending_cursor if self.pending else self.cursor
         new = None
         if not self.reading and cursor is not None and identity is not None and data.endswith(b"\n"):
             new = ops_service.cursor_after_append(cursor, data, *identity)
         if new is None:  # other bytes came too, or the cursor needs bytes not in hand: read instead
             asyncio.get_running_loop().create_task(self.refresh())
             return
-        self.cursor, self.identity = new, identity
-        payload = sse_event("lines", {"lines": _lines_of(data), "truncated": False}, new)
+        self.pending += data
+        self.pending_cursor, self.pending_identity = new, identity
+        if self.flush_handle is None:
+            self.flush_handle = asyncio.get_running_loop().call_later(APPEND_COALESCE, self.flush)
+
+    def flush(self) -> None:
+        """Hand out the coalesced appends as one event, encoded once for all subscriptions."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self.flush_handle = None
+        if not self.pending or self.ended is not None:
+            self.pending = b""
+            return
+        start, data = self.cursor, self.pending
+        self.cursor, self.identity = self.pending_cursor, self.pending_identity
+        self.pending = b""
+        payload = sse_event("lines", {"lines": _lines_of(data), "truncated": False}, self.cursor)
         for sub in self.subscriptions:
-            sub.offer(payload, cursor, new)
+            sub.offer(payload, start, self.cursor)
         self._moved()
 
     def _moved(self) -> None:
@@ -322,9 +349,10 @@ class LogWatcher:
 class LogWatchers:
     """The watchers of all followed logs, one per file (event loop, except ``on_append``)."""
 
-    def __init__(self, ops: ops_service.OpsService, run_ops: RunOps) -> None:
+    def __init__(self, ops: ops_service.OpsService, run_ops: RunOps, audit_backups: int = 0) -> None:
         self.ops = ops
         self.run_ops = run_ops
+        self.audit_backups = audit_backups  # rotated audit files a follower may still be reading
         self.watchers: Dict[LogKey, LogWatcher] = {}
         self.loop = asyncio.get_running_loop()
 

@@ -10,6 +10,10 @@
  * - Log tails follow the server's cursor, passed back verbatim: no line is skipped or shown twice, and a
  *   reset or truncation is shown, never silently papered over (PROTOCOL.md §5.11).
  * - Text from the server is always inserted with textContent, never as HTML.
+ * - Live views stream (PROTOCOL.md §13): fetch() with response.body.getReader(), since EventSource cannot
+ *   send the Authorization header. A dropped stream reconnects with Last-Event-ID after a bounded backoff;
+ *   where streaming is unavailable (no ReadableStream, or an answer that is not text/event-stream) the
+ *   console polls as it always did.
  *
  * Sections: utilities, the HTTP client and token, the sessions list, the session view, log tails,
  * dialogs (reset, compact, delete), the agent pane, start-up.
@@ -24,6 +28,11 @@
   const TAIL_RETRY_MS = 3000;       // after a failed poll
   const TAIL_MAX_LINES = 5000;      // lines kept on screen per tail; older ones are dropped from the page
   const MAX_FRAMES = 500;           // agent frames kept on screen
+  const STREAM_BACKOFF_MS = [500, 1000, 2000, 4000, 8000]; // before each reconnect in a row; the last repeats
+  const MAX_SSE_BUFFER = 8 * 1024 * 1024; // an event is one slice of at most 1 MiB of log, JSON-escaped
+  // Streaming needs fetch's ReadableStream body; a browser without it (or a page that removed it) polls.
+  const CAN_STREAM = typeof ReadableStream === 'function' && typeof TextDecoder === 'function' &&
+    typeof AbortController === 'function' && typeof Response === 'function' && 'body' in Response.prototype;
 
   const $ = (selector, root) => (root || document).querySelector(selector);
 
@@ -173,6 +182,79 @@
     showBanner(describeError(error));
   }
 
+  /** Open an SSE stream (PROTOCOL.md §13). Resolves with the response when it is one; rejects with
+   * ApiError for an error status (a 401 also opens the prompt) and with StreamUnavailable otherwise. */
+  async function openStream(path, query, lastId, signal) {
+    const parts = Object.keys(query).filter((name) => query[name] !== undefined && query[name] !== null && query[name] !== '')
+      .map((name) => encodeURIComponent(name) + '=' + encodeURIComponent(String(query[name])));
+    const headers = { Accept: 'text/event-stream' };
+    const token = getToken();
+    if (token) headers.Authorization = 'Bearer ' + token;
+    if (lastId) headers['Last-Event-ID'] = lastId;
+    let response;
+    try {
+      response = await fetch(path + (parts.length ? '?' + parts.join('&') : ''),
+        { headers: headers, cache: 'no-store', credentials: 'omit', signal: signal });
+    } catch (error) {
+      throw new ApiError(0, 'cannot reach the gateway (' + error.message + ')');
+    }
+    const type = response.headers.get('Content-Type') || '';
+    if (response.status === 200 && type.indexOf('text/event-stream') === 0 && response.body) return response;
+    if (response.status === 200) {
+      response.body && response.body.cancel();
+      throw new StreamUnavailable('the answer is ' + (type || 'untyped') + ', not an event stream');
+    }
+    let payload = null;
+    try { payload = await response.json(); } catch (error) { payload = null; }
+    const detail = payload && typeof payload.detail === 'string' ? payload.detail : response.status + ' ' + response.statusText;
+    if (response.status === 401) {
+      waitingForToken = true;
+      askForToken(token ? 'The gateway refused this token. Type the right one.' : 'This gateway needs its token (UA_OPS_TOKEN).');
+    }
+    throw new ApiError(response.status, detail, response.headers.get('Retry-After'));
+  }
+
+  class StreamUnavailable extends Error {}
+
+  /** Read SSE events from a streaming response until it ends: onEvent(name, id, data) for each event,
+   * comments skipped. Resolves when the stream ends; rejects when it breaks off or is aborted. */
+  async function readEvents(response, onEvent) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = '';
+    for (;;) {
+      const chunk = await reader.read();
+      if (chunk.done) return;
+      buffer += decoder.decode(chunk.value, { stream: true }).replace(/\r\n?/g, '\n');
+      if (buffer.length > MAX_SSE_BUFFER) {
+        reader.cancel();
+        throw new Error('an event is over ' + MAX_SSE_BUFFER + ' characters: not the gateway\'s stream');
+      }
+      let end;
+      while ((end = buffer.indexOf('\n\n')) >= 0) {
+        const block = buffer.slice(0, end);
+        buffer = buffer.slice(end + 2);
+        const fields = {};
+        block.split('\n').forEach((line) => {
+          if (!line || line[0] === ':') return; // a keep-alive comment
+          const colon = line.indexOf(':');
+          const name = colon < 0 ? line : line.slice(0, colon);
+          let value = colon < 0 ? '' : line.slice(colon + 1);
+          if (value[0] === ' ') value = value.slice(1);
+          fields[name] = value;
+        });
+        if (!('event' in fields) && !('data' in fields)) continue;
+        let data = null;
+        try { data = JSON.parse(fields.data || 'null'); } catch (error) { data = null; }
+        onEvent(fields.event || 'message', 'id' in fields ? fields.id : null, data);
+      }
+    }
+  }
+
+  function backoff(failures) {
+    return STREAM_BACKOFF_MS[Math.min(failures, STREAM_BACKOFF_MS.length) - 1] || 0;
+  }
+
   function askForToken(reason) {
     const dialog = $('#token-dialog');
     $('#token-reason').textContent = reason || 'The Ops API needs the gateway\'s token (UA_OPS_TOKEN) when one is set.';
@@ -289,6 +371,81 @@
     heartbeat.title = formatTime(session.heartbeat_last_at);
     row.appendChild(heartbeat);
     return row;
+  }
+
+  // The session events stream (PROTOCOL.md §13.3) keeps the table current without listing again: a
+  // change is applied to the row it names; a `reset` event (changes were missed) lists once.
+  const events = { live: false, open: false, lastId: null, failures: 0 };
+  const TURN_KINDS = { turn_started: true, turn_finished: true, connections: true };
+
+  async function followEvents() {
+    if (!CAN_STREAM || waitingForToken || events.open) return;
+    events.open = true; // one stream (and one reconnect timer) at a time
+    try {
+      const response = await openStream('/api/v1/ops/events', {}, events.lastId, undefined);
+      events.live = true;
+      await readEvents(response, (name, id, data) => {
+        events.failures = 0;
+        if (id) events.lastId = id;
+        applySessionEvent(name, data || {});
+      });
+    } catch (error) {
+      events.live = false;
+      if (error instanceof StreamUnavailable || (error instanceof ApiError && error.status === 401)) {
+        events.open = false; // the list keeps refreshing on its timer; a new token starts the stream again
+        return;
+      }
+    }
+    events.live = false; // the timer lists again meanwhile
+    events.failures += 1;
+    setTimeout(() => { events.open = false; followEvents(); }, backoff(events.failures));
+  }
+
+  function applySessionEvent(name, data) {
+    if (!data.session_id) {
+      if (name === 'reset') refreshSessions(); // changes were missed: list once
+      return;
+    }
+    const index = list.sessions.findIndex((s) => s.session_id === data.session_id);
+    const at = typeof data.at === 'number' ? new Date(data.at * 1000).toISOString() : null;
+    if (name === 'created') {
+      if (index >= 0 || list.offset !== 0 || (list.status !== 'all' && list.status !== 'active')) return;
+      list.sessions.unshift({ session_id: data.session_id, status: 'active', running: false, active_connections: 0,
+        last_activity: at, has_run_log: false, has_activity_journal: false, heartbeat_last_at: null });
+      if (list.sessions.length > list.limit) list.sessions.pop();
+      list.total += 1;
+    } else if (name === 'deleted') {
+      if (index < 0) return;
+      list.sessions.splice(index, 1);
+      list.total = Math.max(0, list.total - 1);
+    } else if (index < 0) {
+      return;
+    } else if (TURN_KINDS[name]) {
+      const session = list.sessions[index];
+      if (name === 'connections') session.active_connections = data.connections;
+      if (name === 'turn_started') { session.running = true; session.status = 'running'; }
+      if (name === 'turn_finished') { session.running = false; session.status = 'active'; }
+      if (at) session.last_activity = at;
+    } else {
+      refreshRow(data.session_id); // reset, archived, compacted, updated: this one session's new state
+      return;
+    }
+    renderSessions();
+    if (data.session_id === selectedId && name !== 'connections') refreshDetails();
+  }
+
+  async function refreshRow(sessionId) {
+    try {
+      const details = await api('GET', sessionPath(sessionId));
+      const index = list.sessions.findIndex((s) => s.session_id === sessionId);
+      if (index >= 0 && details && details.session) {
+        list.sessions[index] = Object.assign({}, list.sessions[index], details.session);
+        renderSessions();
+      }
+      if (sessionId === selectedId) renderDetails(details);
+    } catch (error) {
+      if (!(error instanceof ApiError && error.status === 404)) reportError(error);
+    }
   }
 
   function setUpSessionsList() {
@@ -520,6 +677,12 @@
       this.paused = false;
       this.busy = false;        // a poll is in flight; its reply schedules the next one
       this.generation = 0;      // bumps on stop, so a reply to an old poll is ignored
+      this.streaming = CAN_STREAM; // false once the gateway answered a follow with something else: poll
+      this.controller = null;   // aborts the open stream
+      this.failures = 0;        // stream drops in a row, for the reconnect backoff
+      this.pendingReset = false; // a reset event: the next lines restart the file
+      this.file = root.dataset.file || '';
+      this.ended = false;       // the session was deleted: nothing more to follow
       this.lines = $('.log-lines', root);
       this.notice = $('.tail-notice', root);
       this.state = $('.tail-state', root);
@@ -542,6 +705,13 @@
       this.running = false;
       this.generation += 1;
       clearTimeout(this.timer);
+      this.closeStream();
+    }
+
+    closeStream() {
+      if (this.controller) this.controller.abort();
+      this.controller = null;
+      this.busy = false;
     }
 
     setPaused(paused) {
@@ -551,6 +721,8 @@
       this.root.classList.toggle('paused', paused);
       if (paused) {
         clearTimeout(this.timer);
+        this.generation += 1;
+        this.closeStream(); // resuming reconnects from the cursor: nothing is missed meanwhile
         this.state.textContent = 'paused';
       } else if (this.running) {
         this.schedule(0);
@@ -559,7 +731,73 @@
 
     schedule(delay) {
       clearTimeout(this.timer);
-      if (this.running && !this.paused && !this.busy) this.timer = setTimeout(() => this.poll(), delay);
+      if (this.running && !this.paused && !this.busy) {
+        this.timer = setTimeout(() => (this.streaming ? this.follow() : this.poll()), delay);
+      }
+    }
+
+    /** Follow by streaming (PROTOCOL.md §13.2): the slice, then each batch of lines as it is written.
+     * While a stream is open, busy stays true, so refreshes do not start a poll beside it. */
+    async follow() {
+      const generation = this.generation;
+      const controller = new AbortController();
+      this.controller = controller;
+      this.busy = true;
+      const query = Object.assign({}, this.query, { follow: 'true' });
+      try {
+        const response = await openStream(this.path, query, this.cursor, controller.signal);
+        if (generation !== this.generation) return;
+        this.state.textContent = 'streaming';
+        await readEvents(response, (name, id, data) => {
+          if (generation === this.generation) this.onEvent(name, id, data);
+        });
+        throw new Error('the stream ended');
+      } catch (error) {
+        if (generation !== this.generation) return; // stopped or paused: aborted on purpose
+        this.controller = null;
+        this.busy = false;
+        if (error instanceof StreamUnavailable) {
+          this.streaming = false; // this gateway (or a proxy) does not stream: poll from the same cursor
+          this.schedule(0);
+          return;
+        }
+        if (error instanceof ApiError && error.status === 401) {
+          this.showNotice(describeError(error), 'error');
+          this.state.textContent = 'waiting for the token';
+          return;
+        }
+        if (this.ended) return;
+        if (error instanceof ApiError && error.status >= 400 && error.status !== 429 && error.status !== 503) {
+          this.streaming = false; // refused as a stream (404, 400...): polling shows the same error and retries
+          this.schedule(0);
+          return;
+        }
+        this.failures += 1;
+        const delay = backoff(this.failures);
+        this.state.textContent = 'reconnecting in ' + Math.round(delay / 100) / 10 + ' s';
+        this.schedule(delay);
+      }
+    }
+
+    onEvent(name, id, data) {
+      this.failures = 0;
+      if (name === 'slice') {
+        this.file = data.file;
+        this.show(data);
+      } else if (name === 'lines') {
+        this.show({ file: this.file, lines: data.lines, truncated: data.truncated && this.cursor !== null,
+          reset: this.pendingReset, more: false, cursor: id });
+        this.pendingReset = false;
+      } else if (name === 'reset') {
+        this.pendingReset = true;
+      } else if (name === 'resume') {
+        this.cursor = id; // this page read slowly; the gateway reads on from here: nothing is lost
+      } else if (name === 'end') {
+        const reason = data && data.reason ? data.reason : 'the stream ended';
+        this.showNotice('Stopped following: ' + reason + '.', 'info');
+        this.ended = /deleted/.test(reason); // a deleted session has nothing more to follow
+        this.state.textContent = 'ended';
+      }
     }
 
     async poll() {
@@ -602,7 +840,8 @@
         this.trim();
         if (this.autoscroll.checked) this.lines.scrollTop = this.lines.scrollHeight;
       }
-      this.state.textContent = (piece.more ? 'catching up · ' : 'following · ') + formatBytes(piece.size);
+      const how = this.busy && this.streaming ? 'streaming' : piece.more ? 'catching up' : 'polling every ' + TAIL_POLL_MS / 1000 + ' s';
+      this.state.textContent = piece.size === undefined ? how : how + ' · ' + formatBytes(piece.size);
     }
 
     trim() {
@@ -973,6 +1212,7 @@
 
   function refreshAll() {
     refreshSessions();
+    followEvents();
     refreshAudit();
     refreshDetails();
     tails.forEach((tail) => { if (tail.running && !tail.paused) tail.schedule(0); });
@@ -989,10 +1229,11 @@
     refreshHealth();
     refreshSessions();
     refreshAudit();
+    followEvents();
     setInterval(refreshHealth, HEALTH_REFRESH_MS);
     setInterval(() => {
       if ($('#sessions-auto').checked && !document.hidden && !waitingForToken) {
-        refreshSessions();
+        if (!events.live) refreshSessions(); // while the events stream is open, it keeps the list current
         refreshDetails();
         refreshAudit();
       }
