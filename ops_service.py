@@ -3609,6 +3609,10 @@ class OpsService:
                         size = os.fstat(fd).st_size
                     finally:
                         os.close(fd)
+                    if st.st_size == 0:
+                        # Likely just created (first record, or the first after a rotation): fsync(fd) makes
+                        # the data durable, not the file's name in the directory; this does.
+                        os.fsync(dir_fd)
                     if size <= rotate_bytes:
                         return {"written": True, "rotated": False}
                     _rotate_at(dir_fd, AUDIT_LOG_NAME, backups)

@@ -282,6 +282,10 @@ class Application:
             request, route, params, scope, response, time.monotonic() - started))
         return self._counted(request, route, response)
 
+    def audit_websocket_cancel(self, session_id: str, client: str, reason: str) -> None:
+        """A turn cancelled by a WebSocket message gets its audit record (PROTOCOL.md §11.2)."""
+        self.audit.websocket_cancel(session_id, client, reason)
+
     def _audit_warning(self, message: str) -> None:
         warn_stderr(message)
         if self.log is not None:

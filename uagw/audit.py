@@ -22,6 +22,7 @@ import re
 import sys
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Dict, Optional, Sequence, Set
+from urllib.parse import unquote_plus
 
 from ops_service import OpsError, OpsService
 
@@ -56,6 +57,8 @@ ACTIONS: Dict[tuple, str] = {
     ("POST", "/api/v1/ops/prune"): "prune",
 }
 LOBBY_ACTION = "create_session_ws"  # a session the /ws/agent lobby created (no HTTP call made it)
+WS_CANCEL_ACTION = "cancel_session_ws"  # a turn cancelled by a WebSocket "cancel" message (no HTTP call)
+POLICY_PRUNE_ACTION = "prune_policy"  # what the background pruner removed under the retention policies
 
 REDACTED = "[redacted]"
 # A key named like a credential is redacted whatever its value: a client may put a token anywhere.
@@ -81,38 +84,52 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY_RE.search(key))
 
 
-def _bounded(value: Any, depth: int = 0) -> Any:
-    """``value`` with secret-named keys redacted, strings cut to AUDIT_VALUE_CHARS, at most AUDIT_MAX_KEYS
-    keys or items per level and _NESTING levels."""
+def _scrubbed(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with every secret replaced by REDACTED: done before a string is cut, as a cut through a
+    token would leave its first characters behind where ``AuditTrail.encode`` no longer sees a token."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+def _cut(text: str, secrets: Sequence[str]) -> str:
+    text = _scrubbed(text, secrets)
+    return text if len(text) <= AUDIT_VALUE_CHARS else text[:AUDIT_VALUE_CHARS] + "...[cut]"
+
+
+def _bounded(value: Any, depth: int = 0, secrets: Sequence[str] = ()) -> Any:
+    """``value`` with secret-named keys redacted, ``secrets`` scrubbed from every string and key, strings cut
+    to AUDIT_VALUE_CHARS, at most AUDIT_MAX_KEYS keys or items per level and _NESTING levels."""
     if isinstance(value, str):
-        return value if len(value) <= AUDIT_VALUE_CHARS else value[:AUDIT_VALUE_CHARS] + "...[cut]"
+        return _cut(value, secrets)
     if isinstance(value, dict):
         if depth >= _NESTING:
             return "[nested object cut]"
-        return {str(key)[:AUDIT_VALUE_CHARS]: REDACTED if is_secret_key(str(key)) else _bounded(item, depth + 1)
+        return {_cut(str(key), secrets): REDACTED if is_secret_key(str(key)) else _bounded(item, depth + 1, secrets)
                 for key, item in list(value.items())[:AUDIT_MAX_KEYS]}
     if isinstance(value, list):
         if depth >= _NESTING:
             return "[nested list cut]"
-        return [_bounded(item, depth + 1) for item in value[:AUDIT_MAX_KEYS]]
+        return [_bounded(item, depth + 1, secrets) for item in value[:AUDIT_MAX_KEYS]]
     return value  # numbers, booleans, null
 
 
-def request_parameters(request: Request) -> Dict[str, Any]:
-    """The query and the JSON body's fields, bounded and redacted; never a header."""
+def request_parameters(request: Request, secrets: Sequence[str] = ()) -> Dict[str, Any]:
+    """The query and the JSON body's fields, bounded and redacted (``secrets`` scrubbed); never a header."""
     params: Dict[str, Any] = {}
     try:
         query = query_params(request)
     except Exception:  # the handler refused it already (400); the record says what it could
-        query = {"_query": request.query_string}
+        # Decoded, as query_params decodes: a percent-encoded token is then a token, and scrubbed.
+        query = {"_query": unquote_plus(request.query_string, errors="surrogateescape")}
     if query:
-        params["query"] = _bounded(query)
+        params["query"] = _bounded(query, secrets=secrets)
     if request.body.strip():
         try:
             body = loads_json(request.body)
         except ValueError:
             body = "[not JSON]"
-        params["body"] = _bounded(body) if isinstance(body, dict) else "[not a JSON object]"
+        params["body"] = _bounded(body, secrets=secrets) if isinstance(body, dict) else "[not a JSON object]"
     text = json.dumps(params, separators=(",", ":"))
     if len(text) > AUDIT_PARAMS_BYTES:
         # Only the names survive: which knobs were turned, not their (long) values.
@@ -122,7 +139,7 @@ def request_parameters(request: Request) -> Dict[str, Any]:
     return params
 
 
-def answer_fields(response: Response) -> Dict[str, Any]:
+def answer_fields(response: Response, secrets: Sequence[str] = ()) -> Dict[str, Any]:
     """What a JSON answer names of the change (OUTCOME_KEYS), and the session it made or touched."""
     if not (200 <= response.status < 300) or len(response.body) > _MAX_ANSWER_PARSED:
         return {}
@@ -132,9 +149,9 @@ def answer_fields(response: Response) -> Dict[str, Any]:
         return {}
     if not isinstance(answer, dict):
         return {}
-    fields = {key: _bounded(answer[key]) for key in OUTCOME_KEYS + ("session_id",) if key in answer}
+    fields = {key: _bounded(answer[key], secrets=secrets) for key in OUTCOME_KEYS + ("session_id",) if key in answer}
     if isinstance(answer.get("status"), str):
-        fields["result"] = answer["status"][:AUDIT_VALUE_CHARS]  # the answer's own word: reset, deleted, ...
+        fields["result"] = _cut(answer["status"], secrets)  # the answer's own word: reset, deleted, ...
     return fields
 
 
@@ -166,7 +183,7 @@ class AuditTrail:
 
     def http_record(self, request: Request, route: Route, params: Dict[str, str], scope: str,
                     response: Response, duration: float) -> Dict[str, Any]:
-        answer = answer_fields(response)
+        answer = answer_fields(response, self._secrets)
         session = params.get("session_id") or answer.pop("session_id", None)
         answer.pop("session_id", None)
         return {
@@ -175,7 +192,7 @@ class AuditTrail:
             "method": request.method,
             "route": route.template,
             "session": session,
-            "params": request_parameters(request),
+            "params": request_parameters(request, self._secrets),
             "client": request.client,
             "scope": scope,
             "outcome": {"status": response.status, **answer},
@@ -221,9 +238,31 @@ class AuditTrail:
         if kind is not ChangeKind.CREATED or in_audited_call():
             return
         record = {"time": _now(), "action": LOBBY_ACTION, "method": None, "route": "/ws/agent",
-                  "session": session_id, "params": {"owner": _bounded(fields.get("owner"))},
+                  "session": session_id, "params": {"owner": _bounded(fields.get("owner"), secrets=self._secrets)},
                   "client": fields.get("client"), "scope": "session", "outcome": {"status": None},
                   "duration_ms": None}
+        self._in_background(record)
+
+    def websocket_cancel(self, session_id: str, client: str, reason: str) -> None:
+        """Record a turn cancelled by a WebSocket ``cancel`` message, in the background: a cancel changes
+        state as POST .../cancel does, and an operator asks who stopped the turn (PROTOCOL.md §11.2)."""
+        self._in_background({"time": _now(), "action": WS_CANCEL_ACTION, "method": None, "route": "websocket",
+                             "session": session_id, "params": {"reason": _bounded(reason, secrets=self._secrets)},
+                             "client": client, "scope": "session", "outcome": {"status": None},
+                             "duration_ms": None})
+
+    async def policy_prune(self, result: Dict[str, Any]) -> None:
+        """Record what one background prune (the retention policies, no HTTP call) removed: the totals and
+        the sessions deleted, so that "who deleted this session?" has an answer in the audit log too."""
+        sessions = [item.get("session_id") for item in result.get("items", ()) if item.get("kind") == "session"]
+        await self.write({"time": _now(), "action": POLICY_PRUNE_ACTION, "method": None, "route": None,
+                          "session": None, "params": {"sessions": _bounded(sessions, secrets=self._secrets)},
+                          "client": None, "scope": "policy",
+                          "outcome": {"status": None, **_bounded(result.get("totals") or {}),
+                                      "failed": len(result.get("failed") or ())},
+                          "duration_ms": None})
+
+    def _in_background(self, record: Dict[str, Any]) -> None:
         task = asyncio.get_running_loop().create_task(self.write(record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -80,7 +80,9 @@ class Pruner:
         error) is logged and retried at the next interval, never ends the task."""
         while True:
             try:
-                await self.prune(dry_run=False)
+                result = await self.prune(dry_run=False)
+                if result["items"] or result["failed"]:
+                    await self.app.audit.policy_prune(result)  # a change no HTTP call made (PROTOCOL.md §11.2)
             except OpsError as exc:
                 if self.app.log is not None:
                     self.app.log.write("prune_failed", detail=exc.detail)

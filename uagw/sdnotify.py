@@ -27,13 +27,24 @@ WATCHDOG_FRACTION = 0.5
 def watchdog_interval(environ: Mapping[str, str]) -> Optional[float]:
     """Seconds between ``WATCHDOG=1`` messages, or None: no watchdog is set, or it is for another process
     (``WATCHDOG_PID``, sd_watchdog_enabled(3)), or the variable is not a positive integer."""
-    usec = environ.get("WATCHDOG_USEC", "")
+    usec = _decimal(environ.get("WATCHDOG_USEC", ""))
     pid = environ.get("WATCHDOG_PID", "")
-    if not usec.isdigit() or int(usec) == 0:
+    if not usec:
         return None
-    if pid and (not pid.isdigit() or int(pid) != os.getpid()):
+    if pid and _decimal(pid) != os.getpid():
         return None
-    return int(usec) / 1_000_000 * WATCHDOG_FRACTION
+    return usec / 1_000_000 * WATCHDOG_FRACTION
+
+
+def _decimal(text: str) -> Optional[int]:
+    """``text`` as ASCII decimal digits, or None. str.isdigit alone admits "²" (int() refuses it), and int()
+    refuses over 4300 digits on 3.11+: garbage in the environment must not stop the gateway."""
+    if not (0 < len(text) <= _MAX_DIGITS and text.isascii() and text.isdigit()):
+        return None
+    return int(text)
+
+
+_MAX_DIGITS = 20  # a 64-bit unsigned integer, what systemd writes for WATCHDOG_USEC and WATCHDOG_PID
 
 
 def _address(value: str) -> Optional[Union[str, bytes]]:
@@ -41,7 +52,7 @@ def _address(value: str) -> Optional[Union[str, bytes]]:
     if value.startswith("/"):
         return value
     if value.startswith("@") and len(value) > 1:
-        return b"\0" + value[1:].encode()
+        return b"\0" + os.fsencode(value[1:])  # as the environment gave it: undecodable bytes round-trip
     return None
 
 

@@ -74,6 +74,8 @@ class SessionHost(Protocol):
 
     def agent_command_limit(self) -> int: ...
 
+    def audit_websocket_cancel(self, session_id: str, client: str, reason: str) -> None: ...
+
 
 class MessageChannel(Protocol):
     """What an ``AgentSocket`` needs of its WebSocket (``uagw.websocket.WebSocketBridge``)."""
@@ -593,8 +595,11 @@ class AgentSocket:
             self._input_response(data)
         elif kind == "cancel":
             reason = data.get("reason")
-            if self.live is None or self.hub.cancel(self.live.session_id, reason if isinstance(reason, str) else "cancelled by client") is None:
+            reason = reason if isinstance(reason, str) else "cancelled by client"
+            if self.live is None or self.hub.cancel(self.live.session_id, reason) is None:
                 self.send("error", {"message": "no turn is running to cancel"})
+            else:
+                self.gateway.audit_websocket_cancel(self.live.session_id, self.channel.client, reason)
         else:
             self.send("error", {"message": f"unknown message type {show(kind)}; "
                                 "expected execute, query, input_response, cancel or ping"})
