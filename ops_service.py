@@ -1535,6 +1535,12 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
             _fsync_dir(stamp_fd)
         gz_st = os.stat(name + ARCHIVE_GZ_SUFFIX, dir_fd=stamp_fd, follow_symlinks=False)
         return {"bytes": st.st_size, "compressed_bytes": gz_st.st_size}
+    except BaseException:
+        # A full disk (or any failure) must not leave a partial .gz.tmp holding the very bytes the disk
+        # lacks until the next pass: the plain file is still the copy, the temps are worth nothing.
+        for temp in (gz_temp, index_temp):
+            OpsService._unlink_quietly(temp, stamp_fd)
+        raise
     finally:
         os.close(fd)
 

@@ -1,0 +1,60 @@
+"""A hostile review of issue 12 (disk): what broke when the compressor, compaction's accounting and the
+pruner met a full disk, an old archive, a compaction killed half way, and a session woken mid-prune."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+import ops_service
+from ops_service import OpsService, StorageFull
+
+DAY = 86400.0
+
+
+def du(path: Path) -> int:
+    """du-style bytes under ``path``: each inode once, st_blocks * 512, symlinks not followed."""
+    seen = set()
+    total = 0
+    for directory, dirs, files in os.walk(path):
+        for name in [directory] + [os.path.join(directory, entry) for entry in files]:
+            st = os.lstat(name)
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_blocks * 512
+    return total
+
+
+def lines(count: int) -> bytes:
+    return b"".join(b"line %08d of an archived run, padded to look like a journal entry\n" % n for n in range(count))
+
+
+def reset_archive(svc: OpsService, root: Path, session_id: str, data: bytes) -> Path:
+    """A session whose run.log ``data`` a reset moved into an archive; returns the stamp's directory."""
+    svc.create_session(session_id)
+    (root / session_id / "run.log").write_bytes(data)
+    return root / session_id / svc.reset_session(session_id)["archive_path"]
+
+
+def test_a_compression_cut_short_by_a_full_disk_leaves_no_partial_gzip(svc, root, monkeypatch):
+    stamp_dir = reset_archive(svc, root, "s", lines(50_000))
+    real_write_all = ops_service._write_all
+    writes = []
+
+    def full_after_the_first_member(fd: int, data: bytes) -> None:
+        writes.append(len(data))
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(ops_service, "_write_all", full_after_the_first_member)
+    with pytest.raises(StorageFull):
+        svc.compress_archives("s")
+    # The partial .gz.tmp would hold the very bytes the full disk lacks until the next pass (an hour).
+    assert sorted(os.listdir(stamp_dir)) == ["run.log"]
+    assert (stamp_dir / "run.log").read_bytes() == lines(50_000)
+
