@@ -1545,6 +1545,18 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
         os.close(fd)
 
 
+def _keep_mtime(dir_fd: int, st: os.stat_result) -> None:
+    """Give the directory open as ``dir_fd`` back its mtime ``st`` if it changed: a stamp's mtime is its
+    archive's age for retention (PROTOCOL.md §15), and compressing or recovering it must not make an
+    archive of 100 days new again (an archive made while the gateway was down is compressed at start)."""
+    now = os.fstat(dir_fd)
+    if now.st_mtime_ns != st.st_mtime_ns and os.utime in os.supports_fd:
+        try:
+            os.utime(dir_fd, ns=(now.st_atime_ns, st.st_mtime_ns))
+        except OSError:
+            pass  # best effort: the archive then only counts as newer, kept longer, never lost
+
+
 def _unchanged(fd: int, st: os.stat_result) -> bool:
     now = os.fstat(fd)
     return (now.st_size, now.st_mtime_ns, now.st_nlink) == (st.st_size, st.st_mtime_ns, st.st_nlink)
@@ -2710,6 +2722,7 @@ class OpsService:
                         stamp_fd = None if archive_fd is None else _open_dir_at(stamp, archive_fd)
                         if stamp_fd is None:
                             continue
+                        stamp_st = os.fstat(stamp_fd)
                         try:
                             with lock:
                                 pending = _recover_stamp_at(stamp_fd)
@@ -2726,7 +2739,10 @@ class OpsService:
                                     done["bytes"] += result["bytes"]
                                     done["compressed_bytes"] += result["compressed_bytes"]
                         finally:
-                            os.close(stamp_fd)
+                            try:
+                                _keep_mtime(stamp_fd, stamp_st)
+                            finally:
+                                os.close(stamp_fd)
         return done
 
     # -- reset, compact, delete --------------------------------------------------------

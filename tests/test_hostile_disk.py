@@ -58,3 +58,14 @@ def test_a_compression_cut_short_by_a_full_disk_leaves_no_partial_gzip(svc, root
     assert sorted(os.listdir(stamp_dir)) == ["run.log"]
     assert (stamp_dir / "run.log").read_bytes() == lines(50_000)
 
+
+def test_compressing_an_archive_keeps_its_age_for_retention(svc, root):
+    stamp_dir = reset_archive(svc, root, "s", lines(1000))
+    long_ago = time.time() - 100 * DAY
+    os.utime(stamp_dir / "run.log", (long_ago, long_ago))
+    os.utime(stamp_dir, (long_ago, long_ago))
+    assert svc.compress_archives("s")["files"] == 1
+    # Compression writes into the stamp (its mtime, the archive's age): it must not make the archive new.
+    planned = svc.prune(archives_older_than_days=30, dry_run=True)["items"]
+    assert [item["path"] for item in planned] == ["s/archive/" + stamp_dir.name]
+
