@@ -2867,6 +2867,7 @@ class OpsService:
         with self.session_lock(session_id), self._os_errors(doing, session_id):
             with self._session_fd(session_id) as dir_fd:
                 before = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
+                held: List[os.stat_result] = []
                 try:
                     for name in LOG_FILES:
                         # A log with an outside name is left alone: its tail must not become
@@ -2888,14 +2889,24 @@ class OpsService:
                             archive_fd = None if new_archive is None else new_archive[1]
                             if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive_fd):
                                 dropped += plan.keep_start
+                                old = os.fstat(fd)
+                                if old.st_nlink > 0:
+                                    held.append(old)  # still named (in an archive): its blocks stay used
                         finally:
                             os.close(fd)
                     # Measured once every descriptor of a dropped head is closed: what du now sees.
-                    after = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
+                    seen: set = set()
+                    after = sum(_disk_usage_at(name, dir_fd, seen) for name in LOG_FILES)
                     if new_archive is not None:
                         archived = sum(os.stat(name, dir_fd=new_archive[1], follow_symlinks=False).st_size
                                        for name in os.listdir(new_archive[1]))
-                        after += sum(_disk_usage_at(name, new_archive[1]) for name in os.listdir(new_archive[1]))
+                        after += sum(_disk_usage_at(name, new_archive[1], seen) for name in os.listdir(new_archive[1]))
+                    # A dropped head another name still holds (an older archive's link, left by a compaction
+                    # killed between its link and its swap) frees nothing, even with archive False.
+                    for old in held:
+                        if (old.st_dev, old.st_ino) not in seen:
+                            seen.add((old.st_dev, old.st_ino))
+                            after += _disk_bytes(old)
                     freed = max(0, before - after)
                 finally:
                     if new_archive is not None:

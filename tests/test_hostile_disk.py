@@ -69,3 +69,16 @@ def test_compressing_an_archive_keeps_its_age_for_retention(svc, root):
     planned = svc.prune(archives_older_than_days=30, dry_run=True)["items"]
     assert [item["path"] for item in planned] == ["s/archive/" + stamp_dir.name]
 
+
+def test_compact_without_archive_frees_nothing_while_an_archive_still_links_the_old_log(svc, root):
+    svc.create_session("s")
+    log = root / "s" / "run.log"
+    log.write_bytes(lines(100_000))
+    # What a compaction killed between its link and its swap leaves: the live log also named in an archive.
+    leftover = root / "s" / "archive" / "20260101_000000_000000"
+    leftover.mkdir(parents=True)
+    os.link(log, leftover / "run.log")
+    before = du(root / "s")
+    result = svc.compact_session("s", max_lines=10, archive=False)
+    assert result["bytes_freed"] == max(0, before - du(root / "s")) == 0
+    assert (leftover / "run.log").read_bytes() == lines(100_000)
