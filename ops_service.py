@@ -4105,8 +4105,7 @@ class OpsService:
         """Remove one planned item (rename into the trash, then remove there); None, or why not."""
         try:
             if item["kind"] == "session":
-                self.delete_session(item["session_id"])
-                return None
+                return self._remove_idle_session(item["session_id"], item["_mtime_ns"])
             if item["kind"] == "archive":
                 return self._remove_archive(item["session_id"], item["_name"])
             self._remove_from_trash(str(self.root / item["path"]))
@@ -4115,6 +4114,22 @@ class OpsService:
             return exc.detail
         except OSError as exc:
             return exc.strerror or str(exc)
+
+    def _remove_idle_session(self, session_id: str, planned_ns: int) -> Optional[str]:
+        """``delete_session``, unless the session was active since the plan found it idle at ``planned_ns``
+        (a plan of many sessions takes seconds; a dry run must not be the only honest answer). Looked at
+        under the session's lock, so an append_log cannot slip between the look and the rename."""
+        with self.session_lock(session_id):
+            with self._session_fd(session_id) as dir_fd:
+                st = os.fstat(dir_fd)
+                with os.scandir(dir_fd) as iterator:
+                    kinds = _entry_kinds(iterator)
+                activity = max(st.st_mtime_ns, _activity_ns(dir_fd, kinds, st.st_mtime_ns))
+            if activity > planned_ns:
+                return "session {} became active at {}, after the plan found it idle; it is kept".format(
+                    session_id, _iso(activity))
+            self.delete_session(session_id)
+        return None
 
     def _remove_archive(self, session_id: str, stamp: str) -> Optional[str]:
         with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
@@ -4200,7 +4215,7 @@ class _RetentionScan:
 
 def _item(kind: str, session_id: Optional[str], entry: _Retained, reason: str) -> Dict[str, Any]:
     return {"kind": kind, "session_id": session_id, "path": entry.path, "bytes": entry.freed,
-            "mtime": _iso(entry.mtime_ns), "reason": reason, "_name": entry.name}
+            "mtime": _iso(entry.mtime_ns), "reason": reason, "_name": entry.name, "_mtime_ns": entry.mtime_ns}
 
 
 def _plan_prune(scan: _RetentionScan, now: float, archive_age: Optional[float], idle_age: Optional[float],

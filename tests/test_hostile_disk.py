@@ -82,3 +82,28 @@ def test_compact_without_archive_frees_nothing_while_an_archive_still_links_the_
     result = svc.compact_session("s", max_lines=10, archive=False)
     assert result["bytes_freed"] == max(0, before - du(root / "s")) == 0
     assert (leftover / "run.log").read_bytes() == lines(100_000)
+
+
+class WritesWhenAsked:
+    """A ``protected`` set that is never live, but whose question "is it live?" comes just after the
+    session's agent wrote to its run.log: activity between the plan and the removal."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def __contains__(self, session_id: object) -> bool:
+        with (self.root / str(session_id) / "run.log").open("ab") as log:
+            log.write(b"a line written after the plan\n")
+        return False
+
+
+def test_a_prune_keeps_an_idle_session_that_wrote_after_the_plan(svc, root):
+    svc.create_session("s")
+    (root / "s" / "run.log").write_bytes(lines(10))
+    long_ago = time.time() - 100 * DAY
+    for path in (root / "s" / "run.log", root / "s"):
+        os.utime(path, (long_ago, long_ago))
+    result = svc.prune(sessions_idle_days=30, protected=WritesWhenAsked(root))
+    assert (root / "s" / "run.log").read_bytes().endswith(b"a line written after the plan\n")
+    assert result["items"] == [] and [entry["path"] for entry in result["failed"]] == ["s"]
+    assert "active" in result["failed"][0]["error"]
