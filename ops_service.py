@@ -2575,17 +2575,31 @@ class OpsService:
                 if name in LOG_FILES or name.endswith(_ARCHIVE_TEMP_SUFFIX):
                     continue  # plain logs are listed below with their compressed forms
                 base = name[: -len(ARCHIVE_GZ_SUFFIX)] if name.endswith(ARCHIVE_GZ_SUFFIX) else None
-                if base in LOG_FILES and base not in names:
-                    files.append(self._archived_log_entry(session_id, stamp, stamp_fd, base, seen))
-                elif name.endswith(ARCHIVE_INDEX_SUFFIX) and name[: -len(ARCHIVE_INDEX_SUFFIX)] in LOG_FILES:
-                    continue  # counted with its .gz
-                else:
-                    usage = _disk_usage_at(name, stamp_fd, seen)
-                    kind = "dir" if stat.S_ISDIR(os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mode) else "file"
-                    files.append({"name": name, "kind": kind, "compressed": False, "bytes": None, "disk_bytes": usage})
+                if base in LOG_FILES and base in names:
+                    continue  # mid-swap (or killed there): the plain file is the copy; this .gz goes
+                try:
+                    if base in LOG_FILES:
+                        files.append(self._archived_log_entry(session_id, stamp, stamp_fd, base, seen))
+                    elif name.endswith(ARCHIVE_INDEX_SUFFIX) and name[: -len(ARCHIVE_INDEX_SUFFIX)] in LOG_FILES:
+                        continue  # counted with its .gz
+                    else:
+                        usage = _disk_usage_at(name, stamp_fd, seen)
+                        mode = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mode
+                        files.append({"name": name, "kind": "dir" if stat.S_ISDIR(mode) else "file",
+                                      "compressed": False, "bytes": None, "disk_bytes": usage})
+                except FileNotFoundError:
+                    continue  # removed since the listing (the compressor's swap, a prune): not there
             for name in LOG_FILES:
                 if name in names:
-                    st = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False)
+                    try:
+                        st = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        # Compressed since the listing: the .gz was in place before the plain file went.
+                        try:
+                            files.append(self._archived_log_entry(session_id, stamp, stamp_fd, name, seen))
+                        except FileNotFoundError:
+                            pass
+                        continue
                     files.append({"name": name, "kind": "log", "compressed": False, "bytes": st.st_size,
                                   "disk_bytes": _disk_usage_at(name, stamp_fd, seen)})
             created = _stamp_created(stamp, os.fstat(stamp_fd))

@@ -107,3 +107,27 @@ def test_a_prune_keeps_an_idle_session_that_wrote_after_the_plan(svc, root):
     assert (root / "s" / "run.log").read_bytes().endswith(b"a line written after the plan\n")
     assert result["items"] == [] and [entry["path"] for entry in result["failed"]] == ["s"]
     assert "active" in result["failed"][0]["error"]
+
+
+def test_listing_archives_mid_swap_shows_the_log_once(svc, root):
+    stamp_dir = reset_archive(svc, root, "s", lines(1000))
+    assert svc.compress_archives("s")["files"] == 1
+    # The moment between the compressor's renames and its unlink of the plain file (or a kill there).
+    (stamp_dir / "run.log").write_bytes(lines(1000))
+    files = svc.list_archives("s")["archives"][0]["files"]
+    assert [(entry["name"], entry["kind"], entry["bytes"]) for entry in files] == [("run.log", "log", len(lines(1000)))]
+
+
+def test_listing_archives_while_a_file_goes_answers_without_it(svc, root, monkeypatch):
+    stamp_dir = reset_archive(svc, root, "s", lines(1000))
+    real_stat = os.stat
+
+    def gone_meanwhile(path, *args, **kwargs):  # the compressor's unlink, between listdir and stat
+        if path == "run.log" and kwargs.get("dir_fd") is not None:
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", path)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", gone_meanwhile)
+    listing = svc.list_archives("s")
+    monkeypatch.setattr(os, "stat", real_stat)
+    assert [archive["stamp"] for archive in listing["archives"]] == [stamp_dir.name]
