@@ -131,3 +131,16 @@ def test_listing_archives_while_a_file_goes_answers_without_it(svc, root, monkey
     listing = svc.list_archives("s")
     monkeypatch.setattr(os, "stat", real_stat)
     assert [archive["stamp"] for archive in listing["archives"]] == [stamp_dir.name]
+
+
+@pytest.mark.parametrize("typo", ["dryRun", "dry-run", "dryrun"])
+def test_prune_refuses_a_misspelled_field_instead_of_running_for_real(gateway, typo):
+    session_id = "typo-" + typo.lower()
+    path = gateway.make_session(session_id, {"run.log": b"precious\n"})
+    long_ago = time.time() - 100 * DAY
+    for entry in (path / "run.log", path):
+        os.utime(entry, (long_ago, long_ago))
+    # Meant as a preview of a harsh policy; an ignored field made it a real run that deleted the session.
+    reply = gateway.post("/api/v1/ops/prune", {typo: True, "sessions_idle_days": 30})
+    assert reply.status == 400 and typo in reply.json["detail"] and "dry_run" in reply.json["detail"]
+    assert (path / "run.log").read_bytes() == b"precious\n"

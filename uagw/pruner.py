@@ -28,7 +28,7 @@ from ops_service import OpsError, SessionNotFound
 from .changes import ChangeKind
 from .http11 import HttpError, Request, Response, json_response
 from .routing import json_object_body
-from .text import show
+from .text import loads_json, show
 from .websocket import CloseCode
 
 if TYPE_CHECKING:
@@ -142,6 +142,12 @@ class Pruner:
     async def prune_route(self, request: Request, params: Dict[str, str]) -> Response:
         """``POST /api/v1/ops/prune``: absent fields are the configured policies; ``null`` turns one off."""
         body = json_object_body(request, PRUNE_FIELDS)
+        # Ours, not UA's: an unknown field is refused, not ignored. {"dryRun": true, ...} meant a preview and
+        # was a real run (json_object_body has already checked the body is a JSON object).
+        unknown = sorted(set(loads_json(request.body)) - set(PRUNE_FIELDS)) if request.body.strip() else []
+        if unknown:
+            raise HttpError(400, f"unknown field {show(unknown[0])} in the prune body; the fields are "
+                                 f"{', '.join(PRUNE_FIELDS)} (a preview is \"dry_run\": true); nothing was removed")
         dry_run = _flag(body, "dry_run", False)
         for name in ("archives_older_than_days", "sessions_idle_days"):
             if name in body and body[name] is not None and not _positive_number(body[name]):
