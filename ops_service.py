@@ -1292,6 +1292,11 @@ _ARCHIVE_MEMBER_CACHE = 4
 _ARCHIVE_PREFIX_READ = FINGERPRINT_SPAN
 # zlib's default: level 9 costs twice the CPU for about 3% on JSON lines.
 ARCHIVE_COMPRESS_LEVEL = 6
+# A log allocating under 1/64 of its length is mostly holes (a writer without O_APPEND after a truncate):
+# deflate turns holes into about 1/1000 of their length, so its .gz could hold more blocks than the plain
+# file, and a TiB of holes would cost hours of CPU. It stays plain. A file system that compresses (ZFS,
+# btrfs: 2-10x) stays well above the ratio, so its logs are still compressed.
+ARCHIVE_SPARSE_RATIO = 64
 # An archive stamp: _stamp(), and the "-N" suffix _new_archive adds on a collision.
 ARCHIVE_STAMP_RE = re.compile(r"[0-9]{8}_[0-9]{6}_[0-9]{6}(-[0-9]{1,6})?")
 
@@ -1509,6 +1514,9 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
     if opened is None:
         return None
     fd, st = opened
+    if _disk_bytes(st) * ARCHIVE_SPARSE_RATIO < st.st_size:
+        os.close(fd)
+        return None  # mostly holes: its .gz would hold more blocks than the plain file does
     gz_temp = name + ARCHIVE_GZ_SUFFIX + _ARCHIVE_TEMP_SUFFIX
     index_temp = name + ARCHIVE_INDEX_SUFFIX + _ARCHIVE_TEMP_SUFFIX
     mode = stat.S_IMODE(st.st_mode)
@@ -1523,8 +1531,12 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
                 # Still being filled, or a writer holds the archived inode (an agent's open descriptor).
                 OpsService._unlink_quietly(gz_temp, stamp_fd)
                 return None
-            _write_new_file_at(stamp_fd, index_temp, mode,
-                               lambda out: _write_all(out, _index_bytes(st.st_size, members or [])))
+            index = _index_bytes(st.st_size, members or [])
+            if len(index) > MAX_ARCHIVE_INDEX_BYTES:
+                # The reader refuses an index this big unread: compressed, the log could never be read.
+                OpsService._unlink_quietly(gz_temp, stamp_fd)
+                return None
+            _write_new_file_at(stamp_fd, index_temp, mode, lambda out: _write_all(out, index))
             os.replace(index_temp, name + ARCHIVE_INDEX_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
             os.replace(gz_temp, name + ARCHIVE_GZ_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
             _fsync_dir(stamp_fd)

@@ -144,3 +144,25 @@ def test_prune_refuses_a_misspelled_field_instead_of_running_for_real(gateway, t
     reply = gateway.post("/api/v1/ops/prune", {typo: True, "sessions_idle_days": 30})
     assert reply.status == 400 and typo in reply.json["detail"] and "dry_run" in reply.json["detail"]
     assert (path / "run.log").read_bytes() == b"precious\n"
+
+
+def test_a_sparse_archived_log_stays_plain_since_compressing_it_would_fill_the_disk(svc, root):
+    svc.create_session("s")
+    with (root / "s" / "run.log").open("wb") as log:  # a writer without O_APPEND after a truncate: holes
+        log.write(b"first line\n")
+        log.seek(64 << 20)
+        log.write(b"last line\n")
+    stamp_dir = root / "s" / svc.reset_session("s")["archive_path"]
+    before = du(stamp_dir)
+    assert svc.compress_archives("s")["files"] == 0
+    assert sorted(os.listdir(stamp_dir)) == ["run.log"] and du(stamp_dir) == before
+    assert svc.read_archive_log("s", stamp_dir.name, "run.log", limit=1)["lines"][0].endswith("\0last line")
+
+
+def test_an_archive_whose_index_would_be_too_big_to_read_stays_plain(svc, root, monkeypatch):
+    data = lines(40_000)  # three members
+    stamp_dir = reset_archive(svc, root, "s", data)
+    monkeypatch.setattr(ops_service, "MAX_ARCHIVE_INDEX_BYTES", 100)  # stands for a log of 300 GiB
+    assert svc.compress_archives("s")["files"] == 0
+    assert sorted(os.listdir(stamp_dir)) == ["run.log"]
+    assert svc.read_archive_log("s", stamp_dir.name, "run.log", limit=1)["lines"] == [data.decode().splitlines()[-1]]
