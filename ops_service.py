@@ -4003,14 +4003,15 @@ class OpsService:
 
     def session_activity(self, now: Optional[float] = None) -> List[Dict[str, Any]]:
         """Every session with its last activity (live logs, heartbeat, directory), oldest first:
-        ``[{session_id, last_activity (epoch s), idle_seconds, channel}]``, for UA HEAD's purge-stale
+        ``[{session_id, last_activity (epoch s), last_activity_ns (for delete_idle_session), idle_seconds,
+        channel}]``, for UA HEAD's purge-stale
         and bulk-delete to choose from. Raises WorkspacesUnavailable."""
         clock = time.time() if now is None else float(now)
         with self._os_errors("listing sessions by activity", None):
             self.check_root()
             scan = self._retention_scan(measure=False, channels=True)
         rows = [
-            {"session_id": sid, "last_activity": info.activity_ns / 1e9,
+            {"session_id": sid, "last_activity": info.activity_ns / 1e9, "last_activity_ns": info.activity_ns,
              "idle_seconds": clock - info.activity_ns / 1e9, "channel": info.channel}
             for sid, info in scan.sessions.items()
         ]
@@ -4131,7 +4132,7 @@ class OpsService:
         """Remove one planned item (rename into the trash, then remove there); None, or why not."""
         try:
             if item["kind"] == "session":
-                return self._remove_idle_session(item["session_id"], item["_mtime_ns"])
+                return self.delete_idle_session(item["session_id"], item["_mtime_ns"])
             if item["kind"] == "archive":
                 return self._remove_archive(item["session_id"], item["_name"])
             self._remove_from_trash(str(self.root / item["path"]))
@@ -4141,10 +4142,11 @@ class OpsService:
         except OSError as exc:
             return exc.strerror or str(exc)
 
-    def _remove_idle_session(self, session_id: str, planned_ns: int) -> Optional[str]:
-        """``delete_session``, unless the session was active since the plan found it idle at ``planned_ns``
-        (a plan of many sessions takes seconds; a dry run must not be the only honest answer). Looked at
-        under the session's lock, so an append_log cannot slip between the look and the rename."""
+    def delete_idle_session(self, session_id: str, planned_ns: int) -> Optional[str]:
+        """``delete_session``, unless the session was active since a plan found it idle at ``planned_ns``
+        (``session_activity``'s ``last_activity_ns``; a plan of many sessions takes seconds). Looked at under
+        the session's lock, so an append_log cannot slip between the look and the rename. None when it was
+        deleted, else why it was kept. Raises as ``delete_session``."""
         with self.session_lock(session_id):
             with self._session_fd(session_id) as dir_fd:
                 st = os.fstat(dir_fd)

@@ -166,3 +166,17 @@ def test_an_archive_whose_index_would_be_too_big_to_read_stays_plain(svc, root, 
     assert svc.compress_archives("s")["files"] == 0
     assert sorted(os.listdir(stamp_dir)) == ["run.log"]
     assert svc.read_archive_log("s", stamp_dir.name, "run.log", limit=1)["lines"] == [data.decode().splitlines()[-1]]
+
+
+def test_purge_stale_keeps_a_session_written_to_after_it_was_chosen(svc, root):
+    svc.create_session("s")
+    (root / "s" / "run.log").write_bytes(lines(10))
+    long_ago = time.time() - 100 * DAY
+    for path in (root / "s" / "run.log", root / "s"):
+        os.utime(path, (long_ago, long_ago))
+    chosen = {row["session_id"]: row["last_activity_ns"] for row in svc.session_activity()}
+    with (root / "s" / "run.log").open("ab") as log:  # between purge-stale's listing and its delete
+        log.write(b"a line written after the listing\n")
+    assert "active" in (svc.delete_idle_session("s", chosen["s"]) or "")
+    assert (root / "s" / "run.log").read_bytes().endswith(b"a line written after the listing\n")
+    assert svc.delete_idle_session("s", time.time_ns()) is None and not (root / "s").exists()
