@@ -1278,9 +1278,11 @@ MAX_ARCHIVE_MEMBER_BYTES = ARCHIVE_MEMBER_BYTES + MAX_LINE_SCAN
 # Deflate never grows data by more than 5 bytes per 16 KiB block plus the gzip header and trailer
 # (RFC 1951 §3.2.4): an index claiming more is not ours.
 MAX_ARCHIVE_MEMBER_GZ_BYTES = MAX_ARCHIVE_MEMBER_BYTES + MAX_ARCHIVE_MEMBER_BYTES // 1000 + 4096
-# 16 MiB of index is about 300,000 members, 300 GiB of log: more than a session writes; a bigger
-# index is refused unread (it is corrupt or planted), so reading one never costs more.
-MAX_ARCHIVE_INDEX_BYTES = 16 << 20
+# 4 MiB of index is about 90,000 members (45 bytes a row at most), 90 GiB of log: more than a session
+# writes (a bigger log stays plain: the compressor never writes an index the reader refuses). Parsing one
+# costs about 0.5 s of CPU, holding the GIL the event loop needs, and 50 MB, per request: a bigger index
+# is refused unread (it is corrupt or planted); at 16 MiB a planted one cost 2 s and 190 MB each time.
+MAX_ARCHIVE_INDEX_BYTES = 4 << 20
 # Bytes one slice of a compressed archive may inflate: the members holding its window (max_bytes plus a
 # scan step), the head and the bytes before the cursor, each at most MAX_ARCHIVE_MEMBER_BYTES. Past
 # this the archive is treated as corrupt (a 500), never inflated further: no zip bomb costs more.

@@ -180,3 +180,19 @@ def test_purge_stale_keeps_a_session_written_to_after_it_was_chosen(svc, root):
     assert "active" in (svc.delete_idle_session("s", chosen["s"]) or "")
     assert (root / "s" / "run.log").read_bytes().endswith(b"a line written after the listing\n")
     assert svc.delete_idle_session("s", time.time_ns()) is None and not (root / "s").exists()
+
+
+def test_a_planted_index_of_several_mib_is_refused_unread(svc, root):
+    # Parsing a 13 MB index took 2 s of CPU (holding the GIL the event loop needs) and 190 MB, per request.
+    svc.create_session("s")
+    stamp_dir = root / "s" / "archive" / "20260101_000000_000000"
+    stamp_dir.mkdir(parents=True)
+    count = 250_000
+    rows = ",".join("[%d,1,%d,1,0]" % (n, n) for n in range(count))
+    index = '{"format":"ua-gateway-archive-index","version":1,"size":%d,"lines":0,"members":[%s]}' % (count, rows)
+    assert len(index) > 5 << 20
+    (stamp_dir / "run.log.gz.idx").write_text(index)
+    with (stamp_dir / "run.log.gz").open("wb") as packed:
+        packed.truncate(count)
+    with pytest.raises(ops_service.ArchiveCorrupt, match="over"):
+        svc.read_archive_log("s", stamp_dir.name, "run.log")
