@@ -1343,9 +1343,11 @@ MAX_ARCHIVE_MEMBER_BYTES = ARCHIVE_MEMBER_BYTES + MAX_LINE_SCAN
 # Deflate never grows data by more than 5 bytes per 16 KiB block plus the gzip header and trailer
 # (RFC 1951 §3.2.4): an index claiming more is not ours.
 MAX_ARCHIVE_MEMBER_GZ_BYTES = MAX_ARCHIVE_MEMBER_BYTES + MAX_ARCHIVE_MEMBER_BYTES // 1000 + 4096
-# 16 MiB of index is about 300,000 members, 300 GiB of log: more than a session writes; a bigger
-# index is refused unread (it is corrupt or planted), so reading one never costs more.
-MAX_ARCHIVE_INDEX_BYTES = 16 << 20
+# 4 MiB of index is about 90,000 members (45 bytes a row at most), 90 GiB of log: more than a session
+# writes (a bigger log stays plain: the compressor never writes an index the reader refuses). Parsing one
+# costs about 0.5 s of CPU, holding the GIL the event loop needs, and 50 MB, per request: a bigger index
+# is refused unread (it is corrupt or planted); at 16 MiB a planted one cost 2 s and 190 MB each time.
+MAX_ARCHIVE_INDEX_BYTES = 4 << 20
 # Bytes one slice of a compressed archive may inflate: the members holding its window (max_bytes plus a
 # scan step), the head and the bytes before the cursor, each at most MAX_ARCHIVE_MEMBER_BYTES. Past
 # this the archive is treated as corrupt (a 500), never inflated further: no zip bomb costs more.
@@ -1357,6 +1359,11 @@ _ARCHIVE_MEMBER_CACHE = 4
 _ARCHIVE_PREFIX_READ = FINGERPRINT_SPAN
 # zlib's default: level 9 costs twice the CPU for about 3% on JSON lines.
 ARCHIVE_COMPRESS_LEVEL = 6
+# A log allocating under 1/64 of its length is mostly holes (a writer without O_APPEND after a truncate):
+# deflate turns holes into about 1/1000 of their length, so its .gz could hold more blocks than the plain
+# file, and a TiB of holes would cost hours of CPU. It stays plain. A file system that compresses (ZFS,
+# btrfs: 2-10x) stays well above the ratio, so its logs are still compressed.
+ARCHIVE_SPARSE_RATIO = 64
 # An archive stamp: _stamp(), and the "-N" suffix _new_archive adds on a collision.
 ARCHIVE_STAMP_RE = re.compile(r"[0-9]{8}_[0-9]{6}_[0-9]{6}(-[0-9]{1,6})?")
 
@@ -1574,6 +1581,9 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
     if opened is None:
         return None
     fd, st = opened
+    if _disk_bytes(st) * ARCHIVE_SPARSE_RATIO < st.st_size:
+        os.close(fd)
+        return None  # mostly holes: its .gz would hold more blocks than the plain file does
     gz_temp = name + ARCHIVE_GZ_SUFFIX + _ARCHIVE_TEMP_SUFFIX
     index_temp = name + ARCHIVE_INDEX_SUFFIX + _ARCHIVE_TEMP_SUFFIX
     mode = stat.S_IMODE(st.st_mode)
@@ -1588,8 +1598,12 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
                 # Still being filled, or a writer holds the archived inode (an agent's open descriptor).
                 OpsService._unlink_quietly(gz_temp, stamp_fd)
                 return None
-            _write_new_file_at(stamp_fd, index_temp, mode,
-                               lambda out: _write_all(out, _index_bytes(st.st_size, members or [])))
+            index = _index_bytes(st.st_size, members or [])
+            if len(index) > MAX_ARCHIVE_INDEX_BYTES:
+                # The reader refuses an index this big unread: compressed, the log could never be read.
+                OpsService._unlink_quietly(gz_temp, stamp_fd)
+                return None
+            _write_new_file_at(stamp_fd, index_temp, mode, lambda out: _write_all(out, index))
             os.replace(index_temp, name + ARCHIVE_INDEX_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
             os.replace(gz_temp, name + ARCHIVE_GZ_SUFFIX, src_dir_fd=stamp_fd, dst_dir_fd=stamp_fd)
             _fsync_dir(stamp_fd)
@@ -1600,8 +1614,26 @@ def _compress_archive_at(stamp_fd: int, name: str, where: str, lock: Any) -> Opt
             _fsync_dir(stamp_fd)
         gz_st = os.stat(name + ARCHIVE_GZ_SUFFIX, dir_fd=stamp_fd, follow_symlinks=False)
         return {"bytes": st.st_size, "compressed_bytes": gz_st.st_size}
+    except BaseException:
+        # A full disk (or any failure) must not leave a partial .gz.tmp holding the very bytes the disk
+        # lacks until the next pass: the plain file is still the copy, the temps are worth nothing.
+        for temp in (gz_temp, index_temp):
+            OpsService._unlink_quietly(temp, stamp_fd)
+        raise
     finally:
         os.close(fd)
+
+
+def _keep_mtime(dir_fd: int, st: os.stat_result) -> None:
+    """Give the directory open as ``dir_fd`` back its mtime ``st`` if it changed: a stamp's mtime is its
+    archive's age for retention (PROTOCOL.md §15), and compressing or recovering it must not make an
+    archive of 100 days new again (an archive made while the gateway was down is compressed at start)."""
+    now = os.fstat(dir_fd)
+    if now.st_mtime_ns != st.st_mtime_ns and os.utime in os.supports_fd:
+        try:
+            os.utime(dir_fd, ns=(now.st_atime_ns, st.st_mtime_ns))
+        except OSError:
+            pass  # best effort: the archive then only counts as newer, kept longer, never lost
 
 
 def _unchanged(fd: int, st: os.stat_result) -> bool:
@@ -2694,17 +2726,31 @@ class OpsService:
                 if name in LOG_FILES or name.endswith(_ARCHIVE_TEMP_SUFFIX):
                     continue  # plain logs are listed below with their compressed forms
                 base = name[: -len(ARCHIVE_GZ_SUFFIX)] if name.endswith(ARCHIVE_GZ_SUFFIX) else None
-                if base in LOG_FILES and base not in names:
-                    files.append(self._archived_log_entry(session_id, stamp, stamp_fd, base, seen))
-                elif name.endswith(ARCHIVE_INDEX_SUFFIX) and name[: -len(ARCHIVE_INDEX_SUFFIX)] in LOG_FILES:
-                    continue  # counted with its .gz
-                else:
-                    usage = _disk_usage_at(name, stamp_fd, seen)
-                    kind = "dir" if stat.S_ISDIR(os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mode) else "file"
-                    files.append({"name": name, "kind": kind, "compressed": False, "bytes": None, "disk_bytes": usage})
+                if base in LOG_FILES and base in names:
+                    continue  # mid-swap (or killed there): the plain file is the copy; this .gz goes
+                try:
+                    if base in LOG_FILES:
+                        files.append(self._archived_log_entry(session_id, stamp, stamp_fd, base, seen))
+                    elif name.endswith(ARCHIVE_INDEX_SUFFIX) and name[: -len(ARCHIVE_INDEX_SUFFIX)] in LOG_FILES:
+                        continue  # counted with its .gz
+                    else:
+                        usage = _disk_usage_at(name, stamp_fd, seen)
+                        mode = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False).st_mode
+                        files.append({"name": name, "kind": "dir" if stat.S_ISDIR(mode) else "file",
+                                      "compressed": False, "bytes": None, "disk_bytes": usage})
+                except FileNotFoundError:
+                    continue  # removed since the listing (the compressor's swap, a prune): not there
             for name in LOG_FILES:
                 if name in names:
-                    st = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False)
+                    try:
+                        st = os.stat(name, dir_fd=stamp_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        # Compressed since the listing: the .gz was in place before the plain file went.
+                        try:
+                            files.append(self._archived_log_entry(session_id, stamp, stamp_fd, name, seen))
+                        except FileNotFoundError:
+                            pass
+                        continue
                     files.append({"name": name, "kind": "log", "compressed": False, "bytes": st.st_size,
                                   "disk_bytes": _disk_usage_at(name, stamp_fd, seen)})
             created = _stamp_created(stamp, os.fstat(stamp_fd))
@@ -2841,6 +2887,7 @@ class OpsService:
                         stamp_fd = None if archive_fd is None else _open_dir_at(stamp, archive_fd)
                         if stamp_fd is None:
                             continue
+                        stamp_st = os.fstat(stamp_fd)
                         try:
                             with lock:
                                 pending = _recover_stamp_at(stamp_fd)
@@ -2857,7 +2904,10 @@ class OpsService:
                                     done["bytes"] += result["bytes"]
                                     done["compressed_bytes"] += result["compressed_bytes"]
                         finally:
-                            os.close(stamp_fd)
+                            try:
+                                _keep_mtime(stamp_fd, stamp_st)
+                            finally:
+                                os.close(stamp_fd)
         return done
 
     # -- reset, compact, delete --------------------------------------------------------
@@ -2982,6 +3032,7 @@ class OpsService:
         with self.session_lock(session_id), self._os_errors(doing, session_id):
             with self._session_fd(session_id) as dir_fd:
                 before = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
+                held: List[os.stat_result] = []
                 try:
                     for name in LOG_FILES:
                         # A log with an outside name is left alone: its tail must not become
@@ -3003,14 +3054,24 @@ class OpsService:
                             archive_fd = None if new_archive is None else new_archive[1]
                             if self._compact_file(dir_fd, name, fd, st, plan.keep_start, archive_fd):
                                 dropped += plan.keep_start
+                                old = os.fstat(fd)
+                                if old.st_nlink > 0:
+                                    held.append(old)  # still named (in an archive): its blocks stay used
                         finally:
                             os.close(fd)
                     # Measured once every descriptor of a dropped head is closed: what du now sees.
-                    after = sum(_disk_usage_at(name, dir_fd) for name in LOG_FILES)
+                    seen: set = set()
+                    after = sum(_disk_usage_at(name, dir_fd, seen) for name in LOG_FILES)
                     if new_archive is not None:
                         archived = sum(os.stat(name, dir_fd=new_archive[1], follow_symlinks=False).st_size
                                        for name in os.listdir(new_archive[1]))
-                        after += sum(_disk_usage_at(name, new_archive[1]) for name in os.listdir(new_archive[1]))
+                        after += sum(_disk_usage_at(name, new_archive[1], seen) for name in os.listdir(new_archive[1]))
+                    # A dropped head another name still holds (an older archive's link, left by a compaction
+                    # killed between its link and its swap) frees nothing, even with archive False.
+                    for old in held:
+                        if (old.st_dev, old.st_ino) not in seen:
+                            seen.add((old.st_dev, old.st_ino))
+                            after += _disk_bytes(old)
                     freed = max(0, before - after)
                 finally:
                     if new_archive is not None:
@@ -4085,14 +4146,15 @@ class OpsService:
 
     def session_activity(self, now: Optional[float] = None) -> List[Dict[str, Any]]:
         """Every session with its last activity (live logs, heartbeat, directory), oldest first:
-        ``[{session_id, last_activity (epoch s), idle_seconds, channel}]``, for UA HEAD's purge-stale
+        ``[{session_id, last_activity (epoch s), last_activity_ns (for delete_idle_session), idle_seconds,
+        channel}]``, for UA HEAD's purge-stale
         and bulk-delete to choose from. Raises WorkspacesUnavailable."""
         clock = time.time() if now is None else float(now)
         with self._os_errors("listing sessions by activity", None):
             self.check_root()
             scan = self._retention_scan(measure=False, channels=True)
         rows = [
-            {"session_id": sid, "last_activity": info.activity_ns / 1e9,
+            {"session_id": sid, "last_activity": info.activity_ns / 1e9, "last_activity_ns": info.activity_ns,
              "idle_seconds": clock - info.activity_ns / 1e9, "channel": info.channel}
             for sid, info in scan.sessions.items()
         ]
@@ -4213,8 +4275,7 @@ class OpsService:
         """Remove one planned item (rename into the trash, then remove there); None, or why not."""
         try:
             if item["kind"] == "session":
-                self.delete_session(item["session_id"])
-                return None
+                return self.delete_idle_session(item["session_id"], item["_mtime_ns"])
             if item["kind"] == "archive":
                 return self._remove_archive(item["session_id"], item["_name"])
             self._remove_from_trash(str(self.root / item["path"]))
@@ -4223,6 +4284,23 @@ class OpsService:
             return exc.detail
         except OSError as exc:
             return exc.strerror or str(exc)
+
+    def delete_idle_session(self, session_id: str, planned_ns: int) -> Optional[str]:
+        """``delete_session``, unless the session was active since a plan found it idle at ``planned_ns``
+        (``session_activity``'s ``last_activity_ns``; a plan of many sessions takes seconds). Looked at under
+        the session's lock, so an append_log cannot slip between the look and the rename. None when it was
+        deleted, else why it was kept. Raises as ``delete_session``."""
+        with self.session_lock(session_id):
+            with self._session_fd(session_id) as dir_fd:
+                st = os.fstat(dir_fd)
+                with os.scandir(dir_fd) as iterator:
+                    kinds = _entry_kinds(iterator)
+                activity = max(st.st_mtime_ns, _activity_ns(dir_fd, kinds, st.st_mtime_ns))
+            if activity > planned_ns:
+                return "session {} became active at {}, after the plan found it idle; it is kept".format(
+                    session_id, _iso(activity))
+            self.delete_session(session_id)
+        return None
 
     def _remove_archive(self, session_id: str, stamp: str) -> Optional[str]:
         with self.session_lock(session_id), self._session_fd(session_id) as dir_fd:
@@ -4308,7 +4386,7 @@ class _RetentionScan:
 
 def _item(kind: str, session_id: Optional[str], entry: _Retained, reason: str) -> Dict[str, Any]:
     return {"kind": kind, "session_id": session_id, "path": entry.path, "bytes": entry.freed,
-            "mtime": _iso(entry.mtime_ns), "reason": reason, "_name": entry.name}
+            "mtime": _iso(entry.mtime_ns), "reason": reason, "_name": entry.name, "_mtime_ns": entry.mtime_ns}
 
 
 def _plan_prune(scan: _RetentionScan, now: float, archive_age: Optional[float], idle_age: Optional[float],

@@ -28,7 +28,7 @@ from ops_service import OpsError, SessionNotFound
 from .changes import ChangeKind
 from .http11 import HttpError, Request, Response, json_response
 from .routing import json_object_body
-from .text import show
+from .text import loads_json, show
 from .websocket import CloseCode
 
 if TYPE_CHECKING:
@@ -144,6 +144,12 @@ class Pruner:
     async def prune_route(self, request: Request, params: Dict[str, str]) -> Response:
         """``POST /api/v1/ops/prune``: absent fields are the configured policies; ``null`` turns one off."""
         body = json_object_body(request, PRUNE_FIELDS)
+        # Ours, not UA's: an unknown field is refused, not ignored. {"dryRun": true, ...} meant a preview and
+        # was a real run (json_object_body has already checked the body is a JSON object).
+        unknown = sorted(set(loads_json(request.body)) - set(PRUNE_FIELDS)) if request.body.strip() else []
+        if unknown:
+            raise HttpError(400, f"unknown field {show(unknown[0])} in the prune body; the fields are "
+                                 f"{', '.join(PRUNE_FIELDS)} (a preview is \"dry_run\": true); nothing was removed")
         dry_run = _flag(body, "dry_run", False)
         for name in ("archives_older_than_days", "sessions_idle_days"):
             if name in body and body[name] is not None and not _positive_number(body[name]):
@@ -167,7 +173,7 @@ class Pruner:
             raise HttpError(400, f"older_than_hours must be a number of hours, at least 1, not {show(hours)}; "
                                  "nothing was deleted")
         rows = await self.app.run_ops(self.app.ops.session_activity)
-        stale = [row["session_id"] for row in rows if row["idle_seconds"] >= hours * 3600]
+        stale = {row["session_id"]: row["last_activity_ns"] for row in rows if row["idle_seconds"] >= hours * 3600}
         deleted, failed, skipped = await self._delete_sessions(stale, dry_run, connected_ok=include_active)
         return json_response(200, {"dry_run": dry_run, "older_than_hours": hours, "total_sessions": len(rows),
                                    "deleted_count": len(deleted), "deleted": deleted, "failed": failed,
@@ -184,15 +190,16 @@ class Pruner:
         channels = _channels(body.get("channels"))
         rows = await self.app.run_ops(self.app.ops.session_activity)
         old = [row for row in rows if row["idle_seconds"] >= days * 86400]
-        chosen = [row["session_id"] for row in old if channels is None or row["channel"] in channels]
+        chosen = {row["session_id"]: row["last_activity_ns"] for row in old if channels is None or row["channel"] in channels}
         deleted, failed, skipped = await self._delete_sessions(chosen, False, connected_ok=not exclude_active)
         return json_response(200, {"deleted": len(deleted), "skipped": len(skipped) + len(old) - len(chosen),
                                    "errors": len(failed)})
 
-    async def _delete_sessions(self, session_ids: Sequence[str], dry_run: bool,
+    async def _delete_sessions(self, session_ids: Dict[str, int], dry_run: bool,
                                connected_ok: bool) -> Tuple[List[str], List[Dict[str, str]], List[str]]:
-        """Delete each session unless it is live ((deleted, failed, skipped) ids); a running turn is
-        always kept, a connection only unless ``connected_ok``. Asked again just before each removal."""
+        """Delete each session (id -> its last activity in ns when chosen) unless it is live ((deleted, failed,
+        skipped) ids); a running turn is always kept, a connection only unless ``connected_ok``. Asked again
+        just before each removal; one written to since it was chosen is kept (a failure that says so)."""
         live = LiveSessions(self.app, connected_too=not connected_ok)
         deleted: List[str] = []
         failed: List[Dict[str, str]] = []
@@ -205,12 +212,15 @@ class Pruner:
                 deleted.append(session_id)
                 continue
             try:
-                await self.app.run_ops(self.app.ops.delete_session, session_id)
+                kept = await self.app.run_ops(self.app.ops.delete_idle_session, session_id, session_ids[session_id])
             except SessionNotFound:
                 failed.append({"session_id": session_id, "error": "already gone"})
                 continue
             except OpsError as exc:
                 failed.append({"session_id": session_id, "error": exc.detail})
+                continue
+            if kept is not None:
+                failed.append({"session_id": session_id, "error": kept})
                 continue
             deleted.append(session_id)
             self._announce([session_id])
