@@ -35,8 +35,10 @@ __all__ = [
     "KEEPALIVE",
     "LogWatcher",
     "LogWatchers",
+    "Sink",
     "StreamSlots",
     "Subscription",
+    "frame_chunk",
     "sse_event",
 ]
 
@@ -83,9 +85,26 @@ class StreamSlots:
             self.by_client.pop(client, None)
 
 
+def frame_chunk(payload: bytes) -> bytes:
+    """``payload`` as one HTTP/1.1 chunk (RFC 9112 §7.1), as the server frames each chunk of a stream:
+    framed once per event, the same bytes object goes to every follower's transport."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+# Writes one framed chunk (and counts ``size`` payload bytes) straight to a stream's connection;
+# False when it cannot take it now (the peer is behind, the connection closing): queue it instead.
+Sink = Callable[[bytes, int], bool]
+
+
 class Subscription:
     """One stream's view of a source: the events queued for it (at most STREAM_QUEUE_BYTES) and the
-    cursor of the last one. Event loop only."""
+    cursor of the last one. Event loop only.
+
+    A follower that keeps up costs one ``transport.write`` per event and nothing else: while its stream
+    waits idle (nothing queued, not behind) and its connection takes bytes, ``offer`` writes the event,
+    framed once by the source for all, through ``sink``, without queueing it or waking the stream's task.
+    Anything else (a peer past its send buffer, a catch-up under way) queues and wakes as before, so
+    the order of events and the cursor are the same either way."""
 
     def __init__(self, cursor: Optional[str], queue_bytes: int = STREAM_QUEUE_BYTES) -> None:
         self.cursor = cursor
@@ -96,19 +115,29 @@ class Subscription:
         self.overflowed = False  # behind because the queue was full: the client is told ("resume")
         self.final: Optional[bytes] = None  # the last event (end of stream), once the source has ended
         self.wake = asyncio.Event()
+        self.sink: Optional[Sink] = None  # the connection's direct write, once the server attached it
+        self.idle = False  # the stream's task waits for ``wake`` with nothing queued: a direct write may go
+        self.written = False  # an event went through ``sink`` since the stream's task last looked
 
-    def offer(self, payload: bytes, start: Optional[str], end: Optional[str]) -> None:
-        """Queue ``payload``, the event that moves the source from cursor ``start`` to ``end``."""
+    def offer(self, payload: bytes, start: Optional[str], end: Optional[str], framed: Optional[bytes] = None) -> None:
+        """Queue ``payload``, the event that moves the source from cursor ``start`` to ``end``, or write
+        it at once (``framed``: it as a chunk, from ``frame_chunk``) when the stream is idle."""
         if self.behind or self.final is not None:
             return
         if start is not None and start != self.cursor:
             self.behind = True  # a batch that does not follow on: read the gap instead
+        elif self.idle and not self.queue and self.sink is not None and self.sink(framed or frame_chunk(payload),
+                                                                                  len(payload)):
+            self.cursor = end if end is not None else self.cursor
+            self.written = True
+            return  # written: the stream's task sleeps on
         elif self.queued_bytes + len(payload) > self.queue_limit:
             self.behind = self.overflowed = True
         else:
             self.queue.append(payload)
             self.queued_bytes += len(payload)
             self.cursor = end if end is not None else self.cursor
+        self.idle = False  # woken: what comes next waits behind it, until the task has written it
         self.wake.set()
 
     def end(self, payload: bytes) -> None:
@@ -135,6 +164,10 @@ class EventStream:
 
     def __aiter__(self) -> "EventStream":
         return self
+
+    def attach(self, sink: Sink) -> None:
+        """The server's direct write to this stream's connection (see ``Subscription``)."""
+        self.subscription.sink = sink
 
     def __anext__(self) -> Awaitable[bytes]:
         return self._events.__anext__()
@@ -166,10 +199,14 @@ class EventStream:
                     yield payload
                 continue
             sub.wake.clear()
+            sub.idle, sub.written = True, False
             try:
                 await asyncio.wait_for(sub.wake.wait(), keepalive)
             except asyncio.TimeoutError:
-                yield KEEPALIVE
+                if not sub.written:  # events written directly kept the connection busy: no comment needed
+                    yield KEEPALIVE
+            finally:
+                sub.idle = False
 
 
 LogKey = Tuple[Optional[str], str]  # (session id, or None for the gateway's own log; file name)
@@ -282,8 +319,9 @@ class LogWatcher:
         payload = (sse_event("reset", {"reason": "the file was rotated or truncated; lines restart at its beginning"})
                    if result["reset"] else b"")
         payload += sse_event("lines", {"lines": result["lines"], "truncated": result["truncated"]}, result["cursor"])
+        framed = frame_chunk(payload)
         for sub in self.subscriptions:
-            sub.offer(payload, start, result["cursor"])
+            sub.offer(payload, start, result["cursor"], framed)
         self._moved()
 
     def appended(self, data: bytes, identity: Optional[Tuple[int, int, int]]) -> None:
@@ -312,8 +350,9 @@ class LogWatcher:
         self.cursor, self.identity = self.pending_cursor, self.pending_identity
         self.pending = b""
         payload = sse_event("lines", {"lines": _lines_of(data), "truncated": False}, self.cursor)
+        framed = frame_chunk(payload)
         for sub in self.subscriptions:
-            sub.offer(payload, start, self.cursor)
+            sub.offer(payload, start, self.cursor, framed)
         self._moved()
 
     def _moved(self) -> None:
