@@ -38,6 +38,7 @@ __all__ = [
     "Sink",
     "StreamSlots",
     "Subscription",
+    "coalesce_delay",
     "frame_chunk",
     "sse_event",
 ]
@@ -48,6 +49,20 @@ CATCH_UP_BYTES = 128 * 1024  # bytes per catch-up event: half a queue, a few ms 
 # The gateway's own appends within this many seconds go out as one event: an agent writing 1,000 lines/s
 # in bursts would otherwise cost one event (an encode, a wake-up and a write) per line per follower.
 APPEND_COALESCE = 0.002
+# ... plus this much per follower, up to APPEND_COALESCE_MAX: each event costs every follower one send
+# (a system call, and a wake-up of its reader), so with many followers fewer, larger events keep the
+# CPU near that of one follower (issue 13: 200 followers at most 2x one), while the wait stays a small
+# part of the 50 ms p99 the issue allows from append to client (the writer's own SESSION_WRITE_DELAY
+# and disk write, about 11 ms, come before it). The writer hands lines over every SESSION_WRITE_DELAY
+# (10 ms) while a turn writes: 15 ms gathers two hand-overs, halving the sends (bench/live.py, 200
+# followers: 37.6 % CPU one event per hand-over and per-follower wake-ups; 17-19 % direct and gathered).
+APPEND_COALESCE_PER_FOLLOWER = 0.0001
+APPEND_COALESCE_MAX = 0.015
+
+
+def coalesce_delay(followers: int) -> float:
+    """Seconds the gateway's appends to a log with ``followers`` followers are gathered into one event."""
+    return min(APPEND_COALESCE_MAX, APPEND_COALESCE + followers * APPEND_COALESCE_PER_FOLLOWER)
 
 
 def sse_event(event: str, data: Any, event_id: Optional[str] = None) -> bytes:
@@ -336,7 +351,8 @@ class LogWatcher:
         self.pending += data
         self.pending_cursor, self.pending_identity = new, identity
         if self.flush_handle is None:
-            self.flush_handle = asyncio.get_running_loop().call_later(APPEND_COALESCE, self.flush)
+            self.flush_handle = asyncio.get_running_loop().call_later(coalesce_delay(len(self.subscriptions)),
+                                                                      self.flush)
 
     def flush(self) -> None:
         """Hand out the coalesced appends as one event, encoded once for all subscriptions."""
