@@ -8,6 +8,14 @@ it only when that is its own cursor, so no line is given twice or skipped. One t
 follower, a resume, a misaligned batch, or a slow reader whose queue passed STREAM_QUEUE_BYTES) reads
 the file itself from its cursor, off the loop, until it reaches the watcher's cursor, and joins again.
 
+Fan-out cost (issue 13: 200 followers at most 2x the CPU of one). Each event is encoded and framed as
+an HTTP chunk once; a subscription whose stream waits idle and whose connection takes bytes gets that
+same bytes object by one ``transport.write`` from the watcher (the server's ``attach``ed sink), with no
+queue entry and no wake-up of its task. Only a follower that cannot take it now (its send buffer past
+MAX_SEND_BACKLOG, or something already queued) gets it queued and its task woken, so the order is the
+same on both paths. The gateway's own appends are gathered for ``coalesce_delay(followers)``: more
+followers, fewer and larger events.
+
 A watcher learns of new lines two ways: the lines the gateway writes itself (SessionWriter's
 ``appended`` hook) are handed over from memory, with the cursor computed without reading
 (``ops_service.cursor_after_append``); lines other writers append are found by one ``stat`` per file
