@@ -37,6 +37,7 @@ FOLLOWER_COUNTS = (1, 50, 200)
 SIDE_CLIENTS = 200
 LATE_S = 1.0
 LATENCY_SAMPLE = 10  # every 10th follower records latencies (all count lines)
+SLICE_EVENT = b"event: slice\n"
 STAMP_RE = re.compile(rb"L(\d{19})")  # the print time (ns) each bench line carries
 BENCH_MD = run.ROOT / "docs" / "bench.md"
 SECTION = "## Live streams"
@@ -76,6 +77,7 @@ class Tally:
 class Follower(asyncio.Protocol):
     def __init__(self, path: str, tally: Tally) -> None:
         self.path, self.tally, self.tail = path, tally, b""
+        self.slice_pending = True  # the first event of a follow without a cursor (PROTOCOL.md §13.1)
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -83,9 +85,16 @@ class Follower(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         data = self.tail + data
-        cut = data.rfind(b"\n") + 1
+        cut = data.rfind(b"\n\n") + 2  # whole SSE events only: an event's kind is known before its lines
         self.tail = data[cut:]
-        self.tally.feed(data[:cut])
+        events = data[:cut]
+        if self.slice_pending and SLICE_EVENT in events:
+            # The opening ``slice`` is the preview a plain call gives: lines printed before the follower
+            # came, whose age is not append-to-client latency. Only the events after it are measured.
+            start = events.index(SLICE_EVENT)
+            end = events.index(b"\n\n", start) + 2
+            events, self.slice_pending = events[:start] + events[end:], False
+        self.tally.feed(events)
 
 
 async def followers(port: int, path: str, count: int, seconds: float, keep_seen: bool = False) -> List[Tally]:

@@ -147,7 +147,9 @@ def test_a_slow_reader_gets_a_resume_event_and_then_every_line(start_gateway) ->
     log = gw.make_session("resume", {"run.log": b"start\n"}) / "run.log"
     slow = follow(gw, "/api/v1/ops/logs/tail?session_id=resume&follow=true")
     slow.next_event()
-    expected = [f"{i:05d} " + "r" * 300 for i in range(6000)]  # 1.8 MB: more than the queue and socket hold
+    # 6 MB: more than the queue and the socket hold (Linux lets a loopback send buffer grow to 4 MB:
+    # a follower whose kernel buffers still take the lines keeps up, and gets them written at once).
+    expected = [f"{i:05d} " + "r" * 300 for i in range(20000)]
     for start in range(0, len(expected), 500):
         append(log, *expected[start:start + 500])
         time.sleep(0.02)

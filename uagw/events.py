@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Set, Tuple
 
 from .limits import EVENTS_RING
 from .changes import ChangeKind, Changes
-from .streams import Subscription, sse_event
+from .streams import Subscription, frame_chunk, sse_event
 
 __all__ = ["SessionEvents"]
 
@@ -42,8 +42,9 @@ class SessionEvents:
         data = {"kind": kind.value, "session_id": session_id, "at": round(time.time(), 3), **fields}
         payload = sse_event(kind.value, data, self.last_id)
         self.ring.append((self.last, payload))
+        framed = frame_chunk(payload)  # once for all streams (see streams.Subscription)
         for sub in self.subscriptions:
-            sub.offer(payload, start, self.last_id)
+            sub.offer(payload, start, self.last_id, framed)
 
     def _since(self, event_id: Optional[str]) -> Optional[List[Tuple[int, bytes]]]:
         """The events after ``event_id``, or None when they are not all kept (or the id is not ours)."""

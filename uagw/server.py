@@ -403,11 +403,23 @@ class HttpConnection(asyncio.Protocol):
         closed."""
         sent = 0
         self.streaming, self.stream_task = response, asyncio.current_task()
+
+        def direct(framed: bytes, size: int) -> bool:
+            """Write a chunk the source framed itself, only while the source waits and the peer keeps up."""
+            nonlocal sent
+            if self.closed or self.write_paused or self.transport is None or self.streaming is not response:
+                return False
+            self.transport.write(framed)
+            sent += size
+            return True
         try:
             if not self.closed and self.transport is not None:
                 keep_alive = request.keep_alive and not self.server.draining
                 self.transport.write(serialize_stream_head(response, keep_alive))
                 if request.method != "HEAD":
+                    attach = getattr(response.source, "attach", None)
+                    if attach is not None:  # a live stream writes its events at once while we keep up
+                        attach(direct)
                     async for chunk in response.source:
                         if self.closed:
                             break

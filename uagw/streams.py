@@ -8,6 +8,14 @@ it only when that is its own cursor, so no line is given twice or skipped. One t
 follower, a resume, a misaligned batch, or a slow reader whose queue passed STREAM_QUEUE_BYTES) reads
 the file itself from its cursor, off the loop, until it reaches the watcher's cursor, and joins again.
 
+Fan-out cost (issue 13: 200 followers at most 2x the CPU of one). Each event is encoded and framed as
+an HTTP chunk once; a subscription whose stream waits idle and whose connection takes bytes gets that
+same bytes object by one ``transport.write`` from the watcher (the server's ``attach``ed sink), with no
+queue entry and no wake-up of its task. Only a follower that cannot take it now (its send buffer past
+MAX_SEND_BACKLOG, or something already queued) gets it queued and its task woken, so the order is the
+same on both paths. The gateway's own appends are gathered for ``coalesce_delay(followers)``: more
+followers, fewer and larger events.
+
 A watcher learns of new lines two ways: the lines the gateway writes itself (SessionWriter's
 ``appended`` hook) are handed over from memory, with the cursor computed without reading
 (``ops_service.cursor_after_append``); lines other writers append are found by one ``stat`` per file
@@ -35,8 +43,11 @@ __all__ = [
     "KEEPALIVE",
     "LogWatcher",
     "LogWatchers",
+    "Sink",
     "StreamSlots",
     "Subscription",
+    "coalesce_delay",
+    "frame_chunk",
     "sse_event",
 ]
 
@@ -46,6 +57,20 @@ CATCH_UP_BYTES = 128 * 1024  # bytes per catch-up event: half a queue, a few ms 
 # The gateway's own appends within this many seconds go out as one event: an agent writing 1,000 lines/s
 # in bursts would otherwise cost one event (an encode, a wake-up and a write) per line per follower.
 APPEND_COALESCE = 0.002
+# ... plus this much per follower, up to APPEND_COALESCE_MAX: each event costs every follower one send
+# (a system call, and a wake-up of its reader), so with many followers fewer, larger events keep the
+# CPU near that of one follower (issue 13: 200 followers at most 2x one), while the wait stays a small
+# part of the 50 ms p99 the issue allows from append to client (the writer's own SESSION_WRITE_DELAY
+# and disk write, about 11 ms, come before it). The writer hands lines over every SESSION_WRITE_DELAY
+# (10 ms) while a turn writes: 15 ms gathers two hand-overs, halving the sends (bench/live.py, 200
+# followers: 37.6 % CPU one event per hand-over and per-follower wake-ups; 17-19 % direct and gathered).
+APPEND_COALESCE_PER_FOLLOWER = 0.0001
+APPEND_COALESCE_MAX = 0.015
+
+
+def coalesce_delay(followers: int) -> float:
+    """Seconds the gateway's appends to a log with ``followers`` followers are gathered into one event."""
+    return min(APPEND_COALESCE_MAX, APPEND_COALESCE + followers * APPEND_COALESCE_PER_FOLLOWER)
 
 
 def sse_event(event: str, data: Any, event_id: Optional[str] = None) -> bytes:
@@ -83,9 +108,26 @@ class StreamSlots:
             self.by_client.pop(client, None)
 
 
+def frame_chunk(payload: bytes) -> bytes:
+    """``payload`` as one HTTP/1.1 chunk (RFC 9112 §7.1), as the server frames each chunk of a stream:
+    framed once per event, the same bytes object goes to every follower's transport."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+# Writes one framed chunk (and counts ``size`` payload bytes) straight to a stream's connection;
+# False when it cannot take it now (the peer is behind, the connection closing): queue it instead.
+Sink = Callable[[bytes, int], bool]
+
+
 class Subscription:
     """One stream's view of a source: the events queued for it (at most STREAM_QUEUE_BYTES) and the
-    cursor of the last one. Event loop only."""
+    cursor of the last one. Event loop only.
+
+    A follower that keeps up costs one ``transport.write`` per event and nothing else: while its stream
+    waits idle (nothing queued, not behind) and its connection takes bytes, ``offer`` writes the event,
+    framed once by the source for all, through ``sink``, without queueing it or waking the stream's task.
+    Anything else (a peer past its send buffer, a catch-up under way) queues and wakes as before, so
+    the order of events and the cursor are the same either way."""
 
     def __init__(self, cursor: Optional[str], queue_bytes: int = STREAM_QUEUE_BYTES) -> None:
         self.cursor = cursor
@@ -96,19 +138,29 @@ class Subscription:
         self.overflowed = False  # behind because the queue was full: the client is told ("resume")
         self.final: Optional[bytes] = None  # the last event (end of stream), once the source has ended
         self.wake = asyncio.Event()
+        self.sink: Optional[Sink] = None  # the connection's direct write, once the server attached it
+        self.idle = False  # the stream's task waits for ``wake`` with nothing queued: a direct write may go
+        self.written = False  # an event went through ``sink`` since the stream's task last looked
 
-    def offer(self, payload: bytes, start: Optional[str], end: Optional[str]) -> None:
-        """Queue ``payload``, the event that moves the source from cursor ``start`` to ``end``."""
+    def offer(self, payload: bytes, start: Optional[str], end: Optional[str], framed: Optional[bytes] = None) -> None:
+        """Queue ``payload``, the event that moves the source from cursor ``start`` to ``end``, or write
+        it at once (``framed``: it as a chunk, from ``frame_chunk``) when the stream is idle."""
         if self.behind or self.final is not None:
             return
         if start is not None and start != self.cursor:
             self.behind = True  # a batch that does not follow on: read the gap instead
+        elif self.idle and not self.queue and self.sink is not None and self.sink(framed or frame_chunk(payload),
+                                                                                  len(payload)):
+            self.cursor = end if end is not None else self.cursor
+            self.written = True
+            return  # written: the stream's task sleeps on
         elif self.queued_bytes + len(payload) > self.queue_limit:
             self.behind = self.overflowed = True
         else:
             self.queue.append(payload)
             self.queued_bytes += len(payload)
             self.cursor = end if end is not None else self.cursor
+        self.idle = False  # woken: what comes next waits behind it, until the task has written it
         self.wake.set()
 
     def end(self, payload: bytes) -> None:
@@ -135,6 +187,10 @@ class EventStream:
 
     def __aiter__(self) -> "EventStream":
         return self
+
+    def attach(self, sink: Sink) -> None:
+        """The server's direct write to this stream's connection (see ``Subscription``)."""
+        self.subscription.sink = sink
 
     def __anext__(self) -> Awaitable[bytes]:
         return self._events.__anext__()
@@ -166,10 +222,14 @@ class EventStream:
                     yield payload
                 continue
             sub.wake.clear()
+            sub.idle, sub.written = True, False
             try:
                 await asyncio.wait_for(sub.wake.wait(), keepalive)
             except asyncio.TimeoutError:
-                yield KEEPALIVE
+                if not sub.written:  # events written directly kept the connection busy: no comment needed
+                    yield KEEPALIVE
+            finally:
+                sub.idle = False
 
 
 LogKey = Tuple[Optional[str], str]  # (session id, or None for the gateway's own log; file name)
@@ -282,8 +342,9 @@ class LogWatcher:
         payload = (sse_event("reset", {"reason": "the file was rotated or truncated; lines restart at its beginning"})
                    if result["reset"] else b"")
         payload += sse_event("lines", {"lines": result["lines"], "truncated": result["truncated"]}, result["cursor"])
+        framed = frame_chunk(payload)
         for sub in self.subscriptions:
-            sub.offer(payload, start, result["cursor"])
+            sub.offer(payload, start, result["cursor"], framed)
         self._moved()
 
     def appended(self, data: bytes, identity: Optional[Tuple[int, int, int]]) -> None:
@@ -298,7 +359,8 @@ class LogWatcher:
         self.pending += data
         self.pending_cursor, self.pending_identity = new, identity
         if self.flush_handle is None:
-            self.flush_handle = asyncio.get_running_loop().call_later(APPEND_COALESCE, self.flush)
+            self.flush_handle = asyncio.get_running_loop().call_later(coalesce_delay(len(self.subscriptions)),
+                                                                      self.flush)
 
     def flush(self) -> None:
         """Hand out the coalesced appends as one event, encoded once for all subscriptions."""
@@ -312,8 +374,9 @@ class LogWatcher:
         self.cursor, self.identity = self.pending_cursor, self.pending_identity
         self.pending = b""
         payload = sse_event("lines", {"lines": _lines_of(data), "truncated": False}, self.cursor)
+        framed = frame_chunk(payload)
         for sub in self.subscriptions:
-            sub.offer(payload, start, self.cursor)
+            sub.offer(payload, start, self.cursor, framed)
         self._moved()
 
     def _moved(self) -> None:
