@@ -23,30 +23,10 @@ errors), an awaitable that runs ``OpsService`` in the executor, or an ``Upgrade`
 performs by handing its socket to a bridge. Requests on one connection are answered in order
 (pipelining); a slow handler only holds up its own connection.
 
-Module map, lowest layer first
-- ``limits``: every limit, timeout and default, with its reason. Imports nothing.
-- ``text``: ``show`` (an offending value in an error detail), ``PerSecond`` (cached timestamps),
-  ``loads_json`` (strict RFC 8259 JSON). limits.
-- ``config``: ``Config``, ``ConfigError``, environment variables and secret files. limits, text.
-- ``http11``: Sans-I/O HTTP/1.1: ``RequestParser``, ``Request``, ``Response``, the error shape. limits, text.
-- ``changes``: ``Changes``, ``ChangeKind``: session changes announced to observers. Imports nothing.
-- ``access``: the token, lockout, address allowlist, CORS, session-creation limits. limits, config, http11.
-- ``logs``: the writer threads: ``GatewayLog`` and ``SessionWriter``. ops_service, limits, text.
-- ``logcache``: ``OpenLogs`` (session logs kept open; tails answered on the event loop when cached) and
-  ``slice_response``. ops_service, limits, http11, changes.
-- ``routing``: ``Router``, ``Route``, ``Scope``, ``Upgrade`` and ``Dispatched``, request helpers, the
-  OpsError status table. ops_service, limits, text, http11.
-- ``server``: ``Server``, ``HttpConnection`` (its ``Phase``) and ``Listener``; the ``Application`` and
-  ``Bridge`` it serves as Protocols. limits, config, http11, routing.
-- ``websocket``: ``WebSocketBridge`` over websockets' ``ServerProtocol``, ``open_bridge``, ``CloseCode``,
-  ``EchoApp``. websockets, limits, text, http11, routing.
-- ``agents``: one turn (``AgentTurn``, ``TurnState``), agent commands, journal formats. limits, text, config.
-- ``sessions``: ``SessionHub``, ``LiveSession``, ``FinishedTurns``, ``AgentSocket``. ops_service, limits,
-  text, config, http11, access, changes, logs, websocket, agents.
-- ``app``: ``Application`` (routes, admission, handlers, health, ``dispatch``) and ``Gateway`` (it,
-  served by a ``Server``: start and stop). Everything above.
-- ``cli``: ``main``, ``serve``, arguments, process set-up. limits, config, app.
-- ``console/``: the operator console's files and the OpenAPI document, read as package data.
+The module map (each module's job and what it may import, lowest layer first) is in the README's
+Development section, written once there; tests/test_module_map.py checks it against the imports of the
+code: every module has a row, and each imports only modules above it. ``console/`` holds the operator
+console's files and the OpenAPI document, read as package data.
 """
 
 __all__ = ["__version__"]

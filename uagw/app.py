@@ -12,7 +12,6 @@ import concurrent.futures
 import functools
 import json
 import math
-import os
 import pkgutil
 import sys
 import time
@@ -24,8 +23,8 @@ from ops_service import OpsError, OpsService, StorageFull, WorkspacesUnavailable
 
 from . import __version__
 from .limits import (
-    AGENT_TURN_FDS, CORS_MAX_AGE, HTTP_FD_SHARE, MAX_AGENT_COMMANDS, MAX_USER_ID_CHARS, OPS_THREADS,
-    RESERVED_SESSION_IDS, ROOT_CHECK_INTERVAL, SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE, WS_MAX_MESSAGE,
+    AGENT_TURN_FDS, CORS_MAX_AGE, HTTP_FD_SHARE, MAX_AGENT_COMMANDS, OPS_THREADS, ROOT_CHECK_INTERVAL,
+    SHUTDOWN_GRACE, WS_ECHO_MAX_MESSAGE, WS_MAX_MESSAGE,
 )
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
@@ -47,6 +46,7 @@ from .sdnotify import Notifier
 from .websocket import CloseCode, EchoApp, open_bridge, subprotocol_token
 from .agents import command_agent, echo_agent, resolve_agent_command
 from .sessions import AgentSocket, SessionHub
+from .session_api import SessionApi
 from .streams import EventStream, LogKey, LogWatchers, StreamSlots, Subscription, sse_event
 from .events import SessionEvents
 from .transcripts import last_seq_param
@@ -138,6 +138,7 @@ class Application:
         self.log_watchers: Optional[LogWatchers] = None  # the followed logs (PROTOCOL.md §13), from open()
         self.session_events: Optional[SessionEvents] = None  # GET /api/v1/ops/events, from open()
         self.stream_slots = StreamSlots()
+        self.session_api = SessionApi(self)  # Universal Agent's /api/v1/sessions
         self.router = Router(self._routes())
         self.audit = AuditTrail(self.ops, self.run_ops, (config.token, config.internal_token, config.read_token),
                                 self._audit_warning)
@@ -522,8 +523,8 @@ class Application:
             Route("/metrics", {"GET": self.metrics_page}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/archives", {"GET": self.list_archives}, scope=token),
             Route("/api/v1/ops/sessions/{session_id}/archives/{stamp}/{file}", {"GET": self.archive_log}, scope=token),
-            Route("/api/v1/sessions", {"POST": self.create_session, "GET": self.api_list_sessions}, scope=session),
-            Route("/api/v1/sessions/{session_id}", {"GET": self.resume_session, "DELETE": self.forget_session},
+            Route("/api/v1/sessions", {"POST": self.session_api.create, "GET": self.session_api.list_sessions}, scope=session),
+            Route("/api/v1/sessions/{session_id}", {"GET": self.session_api.resume, "DELETE": self.session_api.forget},
                   scope=session),
             Route("/api/v1/sessions/{session_id}/stream", {"GET": self._websocket_only}, scope=session,
                   websocket=self._agent_socket),
@@ -607,9 +608,9 @@ class Application:
         )
 
     async def _list_response(self, **query: Any) -> Response:
-        return json_response(200, await self._list_page(**query))
+        return json_response(200, await self.list_page(**query))
 
-    async def _list_page(self, **query: Any) -> Dict[str, Any]:
+    async def list_page(self, **query: Any) -> Dict[str, Any]:
         """A page of summaries (PROTOCOL.md §17): from the session index, or scanned when it is off."""
         index = self.index
         if index is None or query.get("sort") == "disk_bytes":  # disk use is measured per call (PROTOCOL.md §16.4)
@@ -906,145 +907,6 @@ class Application:
             hub.close_session(session_id, CloseCode.SESSION_NOT_FOUND, "session deleted")
         self.changes.publish(ChangeKind.DELETED, session_id)
         return json_response(200, result)
-
-    # -- the session API (Universal Agent's /api/v1/sessions; PROTOCOL.md §6.1) ------------------------------
-
-    def create_session(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        body = json_object_body(request, ("user_id", "workspace_dir", "session_id", "metadata"))
-        for name in ("user_id", "workspace_dir", "session_id"):
-            if body.get(name) is not None and not isinstance(body[name], str):
-                raise HttpError(400, f"{name} must be a string or null")
-        metadata = body.get("metadata")
-        if metadata is not None and not isinstance(metadata, dict):
-            raise HttpError(400, "metadata must be a JSON object or null")
-        claimed = (body.get("user_id") or "").strip() or None
-        if claimed is not None and len(claimed) > MAX_USER_ID_CHARS:
-            raise HttpError(400, f"user_id is {len(claimed)} characters; at most {MAX_USER_ID_CHARS} are accepted")
-        user_id = claimed or self.config.default_user
-        if not self.access.user_allowed(user_id):
-            raise self._user_refused(user_id, claimed is None)
-        session_id = self._requested_session_id(body.get("session_id"), body.get("workspace_dir"))
-        self.admit_session_creation(request.client)
-        return self._create_session(session_id, user_id, claimed, metadata or {})
-
-    def _requested_session_id(self, session_id: Optional[str], workspace_dir: Optional[str]) -> Optional[str]:
-        """The id a create asks for: ``session_id``, else the name of ``workspace_dir``, which must be a
-        directory right under the workspaces root (a relative one is taken from the root); else None."""
-        session_id = session_id or None  # "" is no id, as in Universal Agent
-        if session_id in RESERVED_SESSION_IDS:
-            raise HttpError(400, f"{show(session_id)} names an Ops route (/api/v1/ops/sessions/{session_id}); "
-                                 "choose another session id")
-        if session_id is not None and not ops_service.is_valid_session_id(session_id):
-            raise HttpError(400, f"Invalid session id format: {show(session_id)}; use 1-128 characters of "
-                                 "A-Z a-z 0-9 _ . - starting with a letter or digit")
-        if not workspace_dir:
-            return session_id
-        root = str(self.ops.root)
-        if "\0" in workspace_dir:
-            raise HttpError(400, "Workspace path must remain under UA_WORKSPACES_DIR")
-        path = os.path.normpath(os.path.join(root, workspace_dir))
-        parent, name = os.path.split(path)
-        if parent != root and os.path.realpath(parent) != os.path.realpath(root):
-            raise HttpError(400, f"Workspace path must remain under UA_WORKSPACES_DIR: {show(workspace_dir)} is not "
-                                 f"a directory right under {root}")
-        if not ops_service.is_valid_session_id(name) or name == ops_service.GATEWAY_DIR_NAME:
-            raise HttpError(400, f"the workspace name {show(name)} is not a valid session id: use 1-128 characters "
-                                 "of A-Z a-z 0-9 _ . - starting with a letter or digit")
-        if session_id is not None and session_id != name:
-            raise HttpError(400, f"session_id {show(session_id)} and workspace_dir {show(workspace_dir)} name two "
-                                 "sessions; send one of them, or the same name in both")
-        return name
-
-    async def _create_session(self, session_id: Optional[str], user_id: str, claimed: Optional[str],
-                              metadata: Dict[str, Any]) -> Response:
-        # Judge the owner the session has or will have before anything is written: a refused create
-        # leaves no directory behind. The checks after the write close the race with another creator.
-        if session_id is not None:
-            try:
-                owner: Optional[str] = await self.run_ops(self.ops.read_session_owner, session_id)
-            except ops_service.SessionNotFound:
-                owner = ops_service.implied_owner(session_id)
-            self._judge_owner(session_id, owner or user_id, user_id, claimed)
-        created = await self.run_ops(self.ops.create_session, session_id)
-        session_id = created["session_id"]
-        owner = await self.run_ops(self.ops.record_session_owner, session_id, user_id)
-        if created["created"]:
-            self.changes.publish(ChangeKind.CREATED, session_id, owner=owner)
-        self._judge_owner(session_id, owner, user_id, claimed)
-        return json_response(200, self._session_reply(session_id, owner, {**metadata, "resumed": False}))
-
-    def _judge_owner(self, session_id: str, owner: str, user_id: str, claimed: Optional[str]) -> None:
-        if owner != user_id and claimed is not None:
-            raise HttpError(403, f"Access denied: session {session_id} belongs to another user")
-        if not self.access.user_allowed(owner):
-            raise self._user_refused(owner, False)
-
-    @staticmethod
-    def _user_refused(user_id: str, by_default: bool) -> HttpError:
-        """403 with Universal Agent's detail, followed by which user was judged and what to do."""
-        why = (" (the default user, judged because no user_id was given: send one, or set DEFAULT_USER_ID to a "
-               "listed user)" if by_default else "")
-        return HttpError(403, f"Access denied: User not allowed. {show(user_id)}{why} is not in UA_ALLOWED_USERS")
-
-    def _session_reply(self, session_id: str, user_id: str, metadata: Dict[str, Any]) -> Dict[str, Any]:
-        """Universal Agent's CreateSessionResponse."""
-        return {
-            "session_id": session_id,
-            "user_id": user_id,
-            "workspace_dir": str(self.ops.root / session_id),
-            "metadata": {**metadata, "user_id": user_id},
-            "run_id": None,
-            "is_live_session": True,
-        }
-
-    def api_list_sessions(self, request: Request, params: Dict[str, str]) -> Awaitable[Response]:
-        limit = int_param(query_params(request), "limit")
-        return self._api_list_sessions(50 if limit is None else limit)
-
-    async def _api_list_sessions(self, limit: int) -> Response:
-        page = await self._list_page(limit=limit)
-        rows = []
-        for summary in page["sessions"]:
-            session_id = summary["session_id"]
-            try:
-                owner = await self.run_ops(self.ops.read_session_owner, session_id)
-            except ops_service.SessionNotFound:
-                continue  # deleted since the listing
-            rows.append({
-                "session_id": session_id,
-                "workspace_dir": str(self.ops.root / session_id),
-                "status": summary["status"],
-                "user_id": owner,
-                "metadata": summary,
-                "run_id": None,
-                "is_live_session": False,
-            })
-        return json_response(200, {"sessions": rows})
-
-    async def resume_session(self, request: Request, params: Dict[str, str]) -> Response:
-        session_id = params["session_id"]
-        try:
-            owner = await self.run_ops(self.ops.read_session_owner, session_id)
-        except ops_service.SessionNotFound:
-            raise HttpError(404, "Session not found") from None
-        if not self.access.user_allowed(owner or self.config.default_user):
-            raise self._user_refused(owner or self.config.default_user, owner is None)
-        owner = owner or self.config.default_user
-        return json_response(200, self._session_reply(session_id, owner, {"resumed": True}))
-
-    async def forget_session(self, request: Request, params: Dict[str, str]) -> Response:
-        """Forget a session's live state (its running turn is cancelled, its sockets closed, its turn ids
-        forgotten); its files stay. Only the Ops delete removes them."""
-        session_id = params["session_id"]
-        try:
-            await self.run_ops(self.ops.session_dir, session_id)
-        except ops_service.SessionNotFound:
-            raise HttpError(404, "Session not found") from None
-        hub = self.hub
-        if hub is not None:
-            await hub.cancel_and_wait(session_id, "session deleted")
-            hub.close_session(session_id, CloseCode.NORMAL, "session deleted; its files stay")
-        return json_response(200, {"status": "deleted", "session_id": session_id})
 
     def admit_session_creation(self, address: str) -> None:
         """Count one session creation (HTTP or the WebSocket lobby) by ``address``; HttpError 429 with
