@@ -16,6 +16,9 @@ Rules this file keeps
 - An answer is untrusted input: at most MAX_ANSWER_BYTES are read, at most MAX_ANSWER_DEPTH levels of
   nesting are accepted, and its shape (the keys and types each command reads) is checked before any
   of it is used. Anything else is a ClientError naming what was wrong (exit 1), never a traceback.
+- A stream is untrusted input too (PROTOCOL.md §18): each line and each event is capped, each event the
+  command reads is checked like an answer, an id goes back as Last-Event-ID only if it is printable
+  ASCII, and only a well-formed plain slice means "a gateway without streams: poll".
 
 Theory of operation: ``main`` parses arguments and calls one ``run_*`` function per command. Those talk
 to the gateway through ``GatewayClient`` (one method per endpoint, plain dicts in and out) and format
