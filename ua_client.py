@@ -16,6 +16,9 @@ Rules this file keeps
 - An answer is untrusted input: at most MAX_ANSWER_BYTES are read, at most MAX_ANSWER_DEPTH levels of
   nesting are accepted, and its shape (the keys and types each command reads) is checked before any
   of it is used. Anything else is a ClientError naming what was wrong (exit 1), never a traceback.
+- A stream is untrusted input too (PROTOCOL.md §18): each line and each event is capped, each event the
+  command reads is checked like an answer, an id goes back as Last-Event-ID only if it is printable
+  ASCII, and only a well-formed plain slice means "a gateway without streams: poll".
 
 Theory of operation: ``main`` parses arguments and calls one ``run_*`` function per command. Those talk
 to the gateway through ``GatewayClient`` (one method per endpoint, plain dicts in and out) and format
@@ -62,6 +65,13 @@ STREAM_READ_TIMEOUT = 60.0
 STREAM_RETRIES = 8  # reconnects in a row without an event in between, then the client gives up (exit 1)
 STREAM_BACKOFF = (0.25, 0.5, 1.0, 2.0, 4.0)  # seconds before each reconnect in a row; the last repeats
 MAX_EVENT_LINE = 4 * 1024 * 1024  # one SSE line: a slice of at most 1 MiB of log, JSON-escaped, fits
+# One event, all its lines: its data line, id and name fit with room to spare. Lines of fields the client
+# ignores count too: an event that never ends (no blank line ever) must not keep it reading for ever.
+MAX_EVENT_BYTES = MAX_EVENT_LINE + 64 * 1024
+# An event id is sent back verbatim as Last-Event-ID: the gateway's are a cursor (under 200 characters of
+# base64url) or "<run>-<n>"; longer ones, and any character outside printable ASCII (CR and LF would end
+# the header and start another: header injection), are no id the gateway gave.
+MAX_EVENT_ID_CHARS = 1024
 TAIL_LIMIT = 200  # the gateway's default slice size (PROTOCOL.md §5)
 PROG = "ua_gateway"
 MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a page of 1,000 sessions or a log slice is well under 1 MiB; more is not
@@ -238,15 +248,27 @@ class GatewayClient:
         return self._checked(self.request("GET", path, {"cursor": cursor, "limit": limit}), LOG_SLICE)
 
     def open_stream(self, path: str, query: Optional[Dict[str, Any]] = None,
-                    last_event_id: Optional[str] = None) -> "Iterator[SseEvent]":
+                    last_event_id: Optional[str] = None,
+                    events: "Optional[Mapping[str, EventShape]]" = None) -> "Iterator[SseEvent]":
         """The events of one SSE stream (PROTOCOL.md §13) until it ends; ``last_event_id`` resumes it.
 
-        Raises ApiError for an error status, StreamUnavailable when the answer is not an event stream
-        (a gateway without streams answers the plain slice), ClientError when the gateway cannot be
+        ``events`` names the events the caller reads and the shape of each one's data: others are skipped
+        unread, and one of them that does not fit is a ClientError (None: every event, unchecked).
+        Raises ApiError for an error status; StreamUnavailable for a well-formed 200 that is not an event
+        stream (a gateway without streams answers the plain slice: it is the error's ``answer``); ClientError
+        for any other answer (not HTTP, cut short, not JSON); StreamDropped when the gateway cannot be
         reached. A drop while reading ends the iteration with StreamDropped."""
         parts = urllib.parse.urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"{self.base_url} is not an http:// or https:// URL; pass the gateway's with --url")
+        try:
+            port = parts.port
+        except ValueError as error:  # "Port out of range", a port that is not a number
+            raise ClientError(f"{self.base_url} has no usable port ({error}); pass the gateway's URL with --url") from None
+        if last_event_id and not _sendable_id(last_event_id):
+            raise ClientError(f"the event id {shown(last_event_id[:80])!r} cannot be sent as Last-Event-ID: "
+                              f"an id is at most {MAX_EVENT_ID_CHARS} printable ASCII characters; pass one a "
+                              "previous run printed")
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         params = {name: value for name, value in (query or {}).items() if value is not None}
         target = parts.path.rstrip("/") + path + ("?" + urllib.parse.urlencode(params) if params else "")
@@ -255,13 +277,16 @@ class GatewayClient:
             headers["Authorization"] = f"Bearer {self.token}"
         if last_event_id:
             headers["Last-Event-ID"] = last_event_id
-        connection = kind(parts.hostname, parts.port, timeout=STREAM_READ_TIMEOUT)
+        connection = kind(parts.hostname, port, timeout=STREAM_READ_TIMEOUT)
         try:
             connection.request("GET", target, headers=headers)
             response = connection.getresponse()
-        except (OSError, http.client.HTTPException) as error:
+        except OSError as error:  # refused, reset, timed out, or closed before answering (RemoteDisconnected)
             connection.close()
             raise StreamDropped(self._unreachable(error)) from None
+        except http.client.HTTPException as error:  # it answered, but not in HTTP: asking again changes nothing
+            connection.close()
+            raise ClientError(self._unusable(f"{type(error).__name__}: {error}")) from None
         if response.status != 200:
             try:
                 raw = response.read(MAX_ERROR_BYTES)
@@ -273,11 +298,31 @@ class GatewayClient:
             except (ValueError, KeyError, TypeError):
                 detail = raw.decode("utf-8", "replace").strip()[:MAX_DETAIL_CHARS] or response.reason
             raise ApiError(response.status, detail, response.getheader("Retry-After"))
-        if not (response.getheader("Content-Type") or "").startswith("text/event-stream"):
-            connection.close()
-            raise StreamUnavailable(f"the gateway at {self.base_url} answered {path} with "
-                                    f"{response.getheader('Content-Type')!r}, not an event stream")
-        return _sse_events(connection, response)
+        content_type = response.getheader("Content-Type") or ""
+        if content_type.split(";")[0].strip().lower() != "text/event-stream":
+            try:
+                answer = self._plain_answer(response)
+            finally:
+                connection.close()
+            raise StreamUnavailable(f"the gateway at {self.base_url} answered {path} with {content_type!r}, "
+                                    "not an event stream (PROTOCOL.md §13)", answer)
+        return _sse_events(connection, response, events)
+
+    def _plain_answer(self, response: http.client.HTTPResponse) -> Any:
+        """The JSON body of a 200 that is not a stream, read as ``request`` reads one: bounded, decoded."""
+        try:
+            raw = response.read(MAX_ANSWER_BYTES + 1)
+        except (OSError, http.client.HTTPException) as error:
+            raise ClientError(self._unusable(f"{type(error).__name__}: {error}")) from None
+        missing = response.length if len(raw) <= MAX_ANSWER_BYTES else None  # Content-Length not yet read
+        if missing:
+            raise ClientError(self._unusable(f"the answer ended {missing} bytes short of its Content-Length"))
+        if len(raw) > MAX_ANSWER_BYTES:
+            raise ClientError(self._unusable(f"the answer is over {MAX_ANSWER_BYTES} bytes (MAX_ANSWER_BYTES)"))
+        try:
+            return _decode_answer(raw)
+        except ValueError as error:
+            raise ClientError(self._unusable(str(error))) from None
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:
         try:
@@ -346,6 +391,13 @@ Shape = Callable[[Any, str], None]  # shape(value, where) raises MalformedAnswer
 MAX_COUNT = 2 ** 63 - 1  # counts and sizes are 64-bit on the gateway; bigger ones break float formatting
 
 
+class EventShape(NamedTuple):
+    """What one named event must hold for the command reading it: its data's shape, and an id when the
+    command resumes from it (an event without one would make a reconnect repeat or skip what it carried)."""
+    data: "Shape"
+    needs_id: bool = False
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -375,6 +427,23 @@ def _object(**fields: Shape) -> Shape:
             if key not in value:
                 raise MalformedAnswer(f"{where} has no {key!r}")
             field(value[key], f"{where}.{key}")
+    return check
+
+
+def _optional(**fields: Shape) -> Shape:
+    """An object whose ``fields``, each where present, have their shape (a missing one is read as absent)."""
+    def check(value: Any, where: str) -> None:
+        _object()(value, where)
+        for key, field in fields.items():
+            if key in value:
+                field(value[key], f"{where}.{key}")
+    return check
+
+
+def _all_of(*shapes: Shape) -> Shape:
+    def check(value: Any, where: str) -> None:
+        for shape in shapes:
+            shape(value, where)
     return check
 
 
@@ -412,6 +481,33 @@ COMPACT_RESULT = _object(files=_map_of(COUNT), bytes_freed=COUNT, archive_dir=OP
 DELETE_RESULT = _object(session_id=STRING)
 LOG_SLICE = _object(file=STRING, cursor=STRING, lines=_array_of(STRING), truncated=BOOLEAN, reset=BOOLEAN,
                     more=BOOLEAN)
+# Stream events (PROTOCOL.md §13): the ones each command reads; any other name is skipped unread.
+LATEST_TIME = 253402300799  # 9999-12-31T23:59:59Z: the last second time.localtime can show everywhere
+EPOCH_SECONDS = _scalar(f"seconds since the epoch from 0 to {LATEST_TIME}",
+                        lambda value: type(value) in (int, float) and 0 <= value <= LATEST_TIME)
+NOTICE = _optional(reason=STRING)  # reset, resume, end: the reason is shown to people
+LOG_EVENTS = {
+    "slice": EventShape(LOG_SLICE, needs_id=True),
+    "lines": EventShape(_all_of(_object(lines=_array_of(STRING)), _optional(truncated=BOOLEAN)), needs_id=True),
+    "reset": EventShape(NOTICE),
+    "resume": EventShape(NOTICE, needs_id=True),
+    "end": EventShape(NOTICE),
+}
+SESSION_CHANGE = _object(kind=STRING, session_id=STRING, at=EPOCH_SECONDS)
+
+
+def _change_or_notice(value: Any, where: str) -> None:
+    """``reset`` names both a session's reset (a change) and the stream's own "list again" notice (no session)."""
+    (SESSION_CHANGE if isinstance(value, dict) and "session_id" in value else NOTICE)(value, where)
+
+
+SESSION_EVENTS = {
+    **{kind: EventShape(SESSION_CHANGE, needs_id=True)
+       for kind in ("created", "updated", "archived", "compacted", "deleted", "connections", "turn_started",
+                    "turn_finished")},
+    "reset": EventShape(_change_or_notice),
+    "end": EventShape(NOTICE),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -596,15 +692,17 @@ def _log_reader(client: GatewayClient, session_id: Optional[str], file_name: Opt
 
 def follow_log(read: Callable[[Optional[str]], Dict[str, Any]],
                emit: Callable[[Dict[str, Any], bool], None],
-               interval: float = FOLLOW_INTERVAL,
-               sleep: Callable[[float], None] = time.sleep) -> None:
-    """Call ``emit(slice, first)`` for the tail of a log, then for every slice after it, forever.
+               interval: Optional[float] = None,
+               sleep: Callable[[float], None] = time.sleep, first: Optional[Dict[str, Any]] = None) -> None:
+    """Call ``emit(slice, first)`` for the tail of a log (``first`` when the caller has it already), then
+    for every slice after it, forever.
 
     The cursor of each slice is passed back verbatim; while ``more`` is true the next slice is asked
     for at once, otherwise after ``interval`` seconds. Ends only by an exception (ClientError, or
     KeyboardInterrupt from the caller's Ctrl-C).
     """
-    piece = read(None)
+    interval = FOLLOW_INTERVAL if interval is None else interval  # read now: a test may set it
+    piece = read(None) if first is None else first
     emit(piece, True)
     while True:
         if not piece["more"]:
@@ -646,7 +744,12 @@ class StreamDropped(ClientError):
 
 
 class StreamUnavailable(ClientError):
-    """The answer is not an event stream (a gateway from before PROTOCOL.md §13): poll instead."""
+    """A well-formed 200 that is not an event stream (a gateway from before PROTOCOL.md §13): poll instead,
+    starting from ``answer``, the decoded body it did send (already one poll's answer: not asked again)."""
+
+    def __init__(self, message: str, answer: Any = None) -> None:
+        super().__init__(message)
+        self.answer = answer
 
 
 class SseEvent(NamedTuple):
@@ -655,39 +758,79 @@ class SseEvent(NamedTuple):
     data: Any
 
 
-def _sse_events(connection: http.client.HTTPConnection, response: http.client.HTTPResponse) -> Iterator[SseEvent]:
-    """Parse SSE (WHATWG HTML §9.2.6, the subset the gateway sends: one ``data`` line of JSON) from a
-    chunked answer, one line at a time, each bounded by MAX_EVENT_LINE. Comments are skipped."""
+def _sendable_id(value: str) -> bool:
+    """Whether ``value`` can go back in a Last-Event-ID header as it is: printable ASCII, bounded."""
+    return 0 < len(value) <= MAX_EVENT_ID_CHARS and all(" " < char <= "~" for char in value)
+
+
+def _sse_lines(raw: bytes) -> List[str]:
+    """The SSE lines in one LF-ended read: CR alone ends a line too (WHATWG HTML §9.2.6), so a CR in a
+    field can never carry the rest of it into a header this client sends."""
+    text = raw.decode("utf-8", "replace")
+    text = text[:-2] if text.endswith("\r\n") else text[:-1] if text.endswith("\n") else text
+    return text.split("\r")
+
+
+def _sse_events(connection: http.client.HTTPConnection, response: http.client.HTTPResponse,
+                shapes: Optional[Mapping[str, EventShape]] = None) -> Iterator[SseEvent]:
+    """Parse SSE (WHATWG HTML §9.2.6) from a chunked answer, one line at a time, each line bounded by
+    MAX_EVENT_LINE and each event by MAX_EVENT_BYTES. Comments, ``retry`` (the client's own backoff is
+    bounded: STREAM_BACKOFF) and unknown fields are skipped; so are events ``shapes`` does not name."""
     fields: Dict[str, str] = {}
+    size = 0  # bytes of the event being read, comments excluded
     try:
         while True:
             try:
                 raw = response.readline(MAX_EVENT_LINE + 1)
-            except (OSError, http.client.HTTPException) as error:
+            except (OSError, ValueError, http.client.HTTPException) as error:  # ValueError: a bad chunk size
                 raise StreamDropped(f"the stream broke off ({type(error).__name__}: {error})") from None
             if not raw:
                 raise StreamDropped("the stream ended without an end event")
             if len(raw) > MAX_EVENT_LINE:
                 raise ClientError(f"an event line is over {MAX_EVENT_LINE} bytes (MAX_EVENT_LINE): not the gateway's stream")
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            if line.startswith(":"):
-                continue  # a keep-alive comment
-            if line:
-                name, _, value = line.partition(":")
-                fields[name] = value[1:] if value.startswith(" ") else value
-                continue
-            if not fields:
-                continue
-            try:
-                data = _decode_answer(fields.get("data", "").encode())
-            except ValueError as error:
-                raise ClientError(f"an event's data is unusable: {error}") from None
-            event, fields = SseEvent(fields.get("event", "message"), fields.get("id"), data), {}
-            yield event
-            if event.name == "end":
-                return
+            if not raw.startswith(b":"):
+                size += len(raw)
+            if size > MAX_EVENT_BYTES:
+                raise ClientError(f"an event is over {MAX_EVENT_BYTES} bytes (MAX_EVENT_BYTES): not the gateway's stream")
+            for line in _sse_lines(raw):
+                if line.startswith(":"):
+                    continue  # a keep-alive comment
+                if line:
+                    name, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if name == "data" and "data" in fields:
+                        value = fields["data"] + "\n" + value  # several data lines are one, joined by LF
+                    if name in ("event", "data", "id"):
+                        fields[name] = value
+                    continue
+                event, fields, size = _sse_event(fields, shapes), {}, 0
+                if event is None:
+                    continue
+                yield event
+                if event.name == "end":
+                    return
     finally:
         connection.close()
+
+
+def _sse_event(fields: Mapping[str, str], shapes: Optional[Mapping[str, EventShape]]) -> Optional[SseEvent]:
+    """The event ``fields`` make up, its data decoded and checked; None for no event or one not read."""
+    name = fields.get("event") or "message"
+    if not fields or (shapes is not None and name not in shapes):
+        return None  # a blank line between events, or an event this command does not read (PROTOCOL.md §13)
+    event_id = fields.get("id")
+    if event_id is not None and event_id != "" and not _sendable_id(event_id):
+        raise ClientError(f"the {shown(name)!r} event's id {shown(event_id[:80])!r} is not an id the gateway gives "
+                          f"(at most {MAX_EVENT_ID_CHARS} printable ASCII characters); it is not sent back")
+    try:
+        data = _decode_answer(fields.get("data", "").encode())
+        if shapes is not None:
+            shapes[name].data(data, f"the {name} event's data")
+    except ValueError as error:  # not JSON, too deep, or MalformedAnswer
+        raise ClientError(f"an unusable event from the gateway: {shown(error)}") from None
+    if shapes is not None and shapes[name].needs_id and not event_id:
+        raise ClientError(f"an unusable event from the gateway: the {name} event has no id to resume from")
+    return SseEvent(name, event_id or None, data)
 
 
 def follow_stream(open_stream: Callable[[Optional[str]], Iterator[SseEvent]], emit: Callable[[SseEvent], None],
@@ -696,16 +839,20 @@ def follow_stream(open_stream: Callable[[Optional[str]], Iterator[SseEvent]], em
     """Call ``emit`` for every event of a stream, reconnecting with the last ``id`` seen after a drop
     (no gap, no duplicate: PROTOCOL.md §13.2) after a bounded backoff; ``retries`` drops in a row
     without an event between them, and StreamDropped is raised. Returns the ``end`` event."""
-    failures = 0
+    failures, streamed = 0, False
     while True:
         try:
             for event in open_stream(last_event_id):
-                failures = 0
+                failures, streamed = 0, True
                 if event.id is not None:
                     last_event_id = event.id
                 emit(event)
                 if event.name == "end":
                     return event
+        except StreamUnavailable as error:
+            if streamed:  # polling from its plain answer would repeat or skip what the stream already gave
+                raise ClientError(f"{error}, after it had streamed: reconnect when it streams again") from None
+            raise
         except (StreamDropped, ApiError) as error:
             if isinstance(error, ApiError) and error.status not in (429, 502, 503, 504):
                 raise  # refused for good (401, 403, 404, a bad cursor): retrying changes nothing
@@ -735,20 +882,23 @@ def _stream_slices(file_name: str, emit: Callable[[Dict[str, Any], bool], None])
 
 
 def _stream_or_poll(client: GatewayClient, path: str, query: Dict[str, Any], file_name: str,
-                    read: Callable[[Optional[str]], Dict[str, Any]], emit: Callable[[Dict[str, Any], bool], None]) -> None:
-    """Follow by streaming; poll (as before streams existed) when the gateway does not stream."""
+                    read: Callable[[Optional[str]], Dict[str, Any]], emit: Callable[[Dict[str, Any], bool], None],
+                    last_event_id: Optional[str] = None) -> None:
+    """Follow by streaming; poll (as before streams existed) when the gateway does not stream. Only a
+    well-formed plain slice means that: it is the first poll's answer (the same request), so it is used,
+    not asked for again; any other answer is an error naming what was wrong with it."""
     try:
-        follow_stream(lambda last: client.open_stream(path, {**query, "follow": "true"}, last),
-                      _stream_slices(file_name, emit))
-    except StreamUnavailable:
-        follow_log(read, emit)
+        follow_stream(lambda last: client.open_stream(path, {**query, "follow": "true"}, last, LOG_EVENTS),
+                      _stream_slices(file_name, emit), last_event_id=last_event_id)
+    except StreamUnavailable as error:
+        follow_log(read, emit, first=client._checked(error.answer, LOG_SLICE))
 
 
 def _event_line(data: Dict[str, Any]) -> str:
     """One session event for people: time, kind, session, then its details as name=value."""
     at = data.get("at")
     when = time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, (int, float)) else "-"
-    details = " ".join(f"{name}={shown(_json_text(value))}" for name, value in data.items()
+    details = " ".join(f"{shown(name)}={shown(_json_text(value))}" for name, value in data.items()
                        if name not in ("kind", "session_id", "at"))
     return f"{when} {shown(data.get('kind', '?')):<13} {shown(data.get('session_id', '-'))} {details}".rstrip()
 
@@ -764,7 +914,7 @@ def run_sessions_watch(client: GatewayClient, args: argparse.Namespace, out: Tex
         else:
             print(_event_line(data), file=out, flush=True)
     try:
-        follow_stream(lambda last: client.open_stream("/api/v1/ops/events", None, last), emit,
+        follow_stream(lambda last: client.open_stream("/api/v1/ops/events", None, last, SESSION_EVENTS), emit,
                       last_event_id=args.last_event_id)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how an operator stops watching: not an error
@@ -817,13 +967,12 @@ def _follow_audit(client: GatewayClient, args: argparse.Namespace, out: TextIO) 
         elif piece["lines"] or first:
             table = format_table(AUDIT_COLUMNS, [audit_row(line) for line in piece["lines"]])
             print(table if first else table.split("\n", 1)[-1], file=out, flush=True)
-    query = {"limit": args.limit}
+    # cursor= as well as Last-Event-ID: a gateway that does not stream reads the query only, and its plain
+    # slice is then the records after --cursor; one that streams takes the header (PROTOCOL.md §13.2).
+    query = {"limit": args.limit, "cursor": args.cursor}
     read = lambda cursor: client.read_audit(cursor=cursor, limit=args.limit)  # noqa: E731
     try:
-        follow_stream(lambda last: client.open_stream("/api/v1/ops/audit", {**query, "follow": "true"}, last),
-                      _stream_slices("audit.log", emit), last_event_id=args.cursor)
-    except StreamUnavailable:
-        follow_log(read, emit)
+        _stream_or_poll(client, "/api/v1/ops/audit", query, "audit.log", read, emit, last_event_id=args.cursor)
     except KeyboardInterrupt:
         pass  # Ctrl-C ends following: not an error
     return EXIT_OK
