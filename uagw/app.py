@@ -106,6 +106,10 @@ CORS_ALLOW_HEADERS = "Authorization, Content-Type, X-UA-OPS-Token, X-UA-Internal
 SAME_ORIGIN_FETCH_SITES = frozenset(("same-origin", "none"))
 
 
+# The session changes that concern followers of its logs (Application._followed_session_changed).
+_FOLLOWERS_CARE = frozenset((ChangeKind.DELETED, ChangeKind.RESET, ChangeKind.ARCHIVED, ChangeKind.COMPACTED))
+
+
 class Application:
     """Answers requests; knows routes, access, handlers and sessions, and nothing of sockets.
 
@@ -691,6 +695,8 @@ class Application:
 
     def _followed_session_changed(self, kind: ChangeKind, session_id: str, fields: Dict[str, Any]) -> None:
         """A deleted session ends its followers' streams; a reset, archive or compaction is read at once."""
+        if kind not in _FOLLOWERS_CARE:
+            return  # a turn or a connection (two changes a turn): no scan of the watchers for it
         watchers = self.log_watchers.of_session(session_id) if self.log_watchers is not None else []
         for watcher in watchers:
             if kind is ChangeKind.DELETED:

@@ -32,8 +32,8 @@ from .changes import ChangeKind, Changes
 from .logs import GatewayLog, SessionWriter
 from .websocket import CloseCode
 from .agents import (
-    AgentFailed, AgentTurn, TurnEvent, TurnState, frame_json, journal_line, signal_group, terminate_group,
-    turn_ids,
+    AgentFailed, AgentTurn, TurnEvent, TurnState, frame_json, inline_agent, journal_line, signal_group,
+    terminate_group, turn_ids,
 )
 from .transcripts import QUERY_RECORD, EventRing, TranscriptRecorder, bounded_replay, replay_gap_status, seq_frame
 
@@ -153,6 +153,7 @@ class SessionHub:
     def __init__(self, gateway: SessionHost, agent: Callable[[AgentTurn], Awaitable[None]]) -> None:
         self.gateway = gateway
         self.agent = agent
+        self.inline = inline_agent(agent)  # the agent's synchronous body, if it has one (the echo agent)
         self.sessions: Dict[str, LiveSession] = {}
         self.agent_groups: "set[int]" = set()  # process groups of running agent commands
         self.group_reapers: Dict[int, asyncio.Task] = {}  # groups being terminated, in the background
@@ -240,6 +241,12 @@ class SessionHub:
         query = {"turn_id": turn.turn_id, "client_turn_id": client_turn_id, "user_input": user_input, "metadata": metadata}
         self.transcripts.record(live.session_id, turn.turn_id, live.ring, live.event_seq,
                                 seq_frame(live.event_seq, QUERY_RECORD, query), sent=False)
+        inline = self.inline
+        if inline is not None:
+            self.gateway.changes.publish(ChangeKind.TURN_STARTED, live.session_id, turn_id=turn.turn_id,
+                                         client_turn_id=client_turn_id)
+            self._run_inline(live, turn, inline)
+            return
         turn.task = asyncio.get_running_loop().create_task(self._run_turn(live, turn))
         self.gateway.changes.publish(ChangeKind.TURN_STARTED, live.session_id, turn_id=turn.turn_id,
                                      client_turn_id=client_turn_id)
@@ -258,6 +265,22 @@ class SessionHub:
         except AgentFailed as exc:
             turn.emit("error", {"message": str(exc)})
         except Exception as exc:  # an embedded agent's bug must not take the gateway down
+            turn.emit("error", {"message": f"agent failed: {exc!r}"[:1000]})
+        finally:
+            self._end_turn(live, turn, completed)
+
+    def _run_inline(self, live: LiveSession, turn: AgentTurn, body: Callable[[AgentTurn], None]) -> None:
+        """``_run_turn`` for an agent that never awaits (``inline_agent``): the whole turn now, in the
+        read that brought its execute, so its frames leave in that read's one write (no task, no loop
+        passes). Nothing can cancel it meanwhile: it ends before anything else runs."""
+        completed = False
+        try:
+            turn.advance(TurnEvent.RUN)
+            body(turn)
+            completed = True
+        except AgentFailed as exc:
+            turn.emit("error", {"message": str(exc)})
+        except Exception as exc:  # as in _run_turn: a bug must not take the gateway down
             turn.emit("error", {"message": f"agent failed: {exc!r}"[:1000]})
         finally:
             self._end_turn(live, turn, completed)

@@ -42,13 +42,18 @@ def seq_frame(seq: int, event_type: str, data: Any) -> str:
     """A frame with its sequence number, in the order OpsService reads a record's head: seq, type,
     timestamp first (PROTOCOL.md §12). UA's client reads ``type`` and ``data`` and ignores the rest."""
     stamp = datetime.now(timezone.utc).isoformat()
-    return (f'{{"seq":{seq},"type":{json.dumps(event_type)},"timestamp":"{stamp}",'
-            f'"data":{json.dumps(data, separators=(",", ":"))}}}')
+    return f'{{"seq":{seq},"type":{_json_string(event_type)},"timestamp":"{stamp}","data":{_compact_json(data)}}}'
 
 
-class _Entry(NamedTuple):
-    seq: int
-    frame: Optional[str]  # None: recorded, never sent (the turn's query)
+# What json.dumps(text) and json.dumps(data, separators=(",", ":")) do, without building an encoder per
+# call: seq_frame runs for every event of every turn.
+_json_string = json.encoder.encode_basestring_ascii
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
+# An EventRing entry: (seq, frame), the frame None for what is recorded, never sent (the turn's query).
+# A plain tuple: a NamedTuple's constructor is Python code, run for every event.
+_Entry = Tuple[int, Optional[str]]
 
 
 class Replay(NamedTuple):
@@ -88,23 +93,23 @@ class EventRing:
         self._bytes = 0
 
     def add(self, seq: int, frame: Optional[str]) -> None:
-        self._entries.append(_Entry(seq, frame))
+        self._entries.append((seq, frame))
         self._bytes += len(frame or "")
         while self._entries and (len(self._entries) > self.max_events or self._bytes > self.max_bytes):
-            self._bytes -= len(self._entries.popleft().frame or "")
+            self._bytes -= len(self._entries.popleft()[1] or "")
 
     def covers(self, after: int) -> bool:
         """True if every event after seq ``after`` is still here (the caller knows there are some)."""
-        return bool(self._entries) and self._entries[0].seq <= after + 1
+        return bool(self._entries) and self._entries[0][0] <= after + 1
 
     def after(self, after: int) -> List[Tuple[int, str]]:
         """The sendable events with seq > ``after``, oldest first."""
         found = []
-        for entry in reversed(self._entries):
-            if entry.seq <= after:
+        for seq, frame in reversed(self._entries):
+            if seq <= after:
                 break
-            if entry.frame is not None:
-                found.append((entry.seq, entry.frame))
+            if frame is not None:
+                found.append((seq, frame))
         found.reverse()
         return found
 
