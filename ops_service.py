@@ -4078,14 +4078,14 @@ class OpsService:
         archives_older_than_days: Optional[float] = None,
         sessions_idle_days: Optional[float] = None,
         budget_bytes: Optional[int] = None,
-        trash_older_than_days: float = 0.0,
+        trash_older_than_days: Optional[float] = None,
         protected: Any = (),
         dry_run: bool = False,
         now: Optional[float] = None,
     ) -> Dict[str, Any]:
         """Plan, and unless ``dry_run`` apply, the retention policies (None: that policy is off).
 
-        * trash entries older than ``trash_older_than_days`` (they are deleted sessions already);
+        * trash entries older than ``trash_older_than_days`` (they are deleted sessions already; None: any age);
         * sessions whose last activity (live logs, heartbeat, directory) is older than
           ``sessions_idle_days``, except the ids in ``protected`` (connected or running);
         * archive stamps older than ``archives_older_than_days`` (by their mtime);
@@ -4101,7 +4101,8 @@ class OpsService:
         """
         archive_age = _optional_days("archives_older_than_days", archives_older_than_days)
         idle_age = _optional_days("sessions_idle_days", sessions_idle_days)
-        trash_age = _optional_days("trash_older_than_days", trash_older_than_days) or 0.0
+        trash_given = _optional_days("trash_older_than_days", trash_older_than_days)
+        trash_age = trash_given or 0.0  # unset: trash of any age goes (it is deleted sessions already)
         budget = _optional_budget(budget_bytes)
         dry_run = _require_bool("dry_run", dry_run)
         clock = time.time() if now is None else float(now)
@@ -4129,7 +4130,7 @@ class OpsService:
         return {
             "dry_run": dry_run,
             "policies": {"archives_older_than_days": archive_age, "sessions_idle_days": idle_age,
-                         "budget_bytes": budget, "trash_older_than_days": trash_age},
+                         "budget_bytes": budget, "trash_older_than_days": trash_given},
             "items": [{key: value for key, value in item.items() if not key.startswith("_")} for item in done],
             "failed": failed,
             "kept_live": kept_live,

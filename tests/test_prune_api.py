@@ -60,7 +60,8 @@ def test_prune_items_name_kind_session_path_bytes_and_mtime(gateway):
     ("/api/v1/ops/prune", {"dry_run": None}, "dry_run"),  # never read as "no": that would be a real run
     ("/api/v1/ops/prune", {"archives_older_than_days": -3}, "archives_older_than_days"),
     ("/api/v1/ops/prune", {"sessions_idle_days": "7"}, "sessions_idle_days"),
-    ("/api/v1/ops/prune", {"budget_bytes": "1G"}, "budget_bytes"),
+    ("/api/v1/ops/prune", {"budget_bytes": "a lot"}, "budget_bytes"),
+    ("/api/v1/ops/prune", {"budget_bytes": ""}, "budget_bytes"),  # never "no budget" by accident
     ("/api/v1/ops/prune", [1], "JSON object"),
     ("/api/v1/ops/sessions/purge-stale", {"older_than_hours": 0.5}, "older_than_hours"),
     ("/api/v1/ops/sessions/purge-stale", {"include_active": 1}, "include_active"),
@@ -170,6 +171,7 @@ def test_health_and_details_report_disk_use_against_the_budget(start_gateway, tm
     health = wait_for(lambda: (lambda h: h if h["disk"]["used_bytes"] else None)(gateway.get("/api/v1/health").json),
                       timeout=10)  # measured by the pruner's first run
     assert health["disk"]["budget_bytes"] == 1 << 30 and health["disk"]["over_budget"] is False
+    assert health["disk"]["measured_at"].endswith("+00:00")  # ISO 8601 UTC, as every time the gateway answers
     details = gateway.get("/api/v1/ops/sessions/disk-1").json["disk"]
     assert details["used_bytes"] >= 10000 and details["budget_bytes"] == 1 << 30 and details["archive_bytes"] == 0
 
@@ -184,3 +186,24 @@ def test_prune_needs_the_token(start_gateway):
     gateway = start_gateway(env={"UA_OPS_TOKEN": "t0ken-for-tests-0123456789"})
     for path in ("/api/v1/ops/prune", "/api/v1/ops/sessions/purge-stale", "/api/v1/ops/sessions/bulk-delete"):
         assert gateway.post(path, {"dry_run": True}).status == 401
+
+
+def test_the_budget_takes_the_sizes_the_flag_takes(gateway):
+    answer = gateway.post("/api/v1/ops/prune", {"dry_run": True, "budget_bytes": "20G"})
+    assert answer.status == 200 and answer.json["policies"]["budget_bytes"] == 20 << 30
+    refused = gateway.post("/api/v1/ops/prune", {"dry_run": True, "budget_bytes": "20 apples"})
+    assert refused.status == 400 and "budget_bytes" in refused.json["detail"]
+
+
+def test_a_trash_policy_not_set_reads_as_null_not_zero_days(gateway):
+    policies = gateway.post("/api/v1/ops/prune", {"dry_run": True}).json["policies"]
+    assert policies["trash_older_than_days"] is None
+
+
+def test_the_audit_record_of_a_prune_says_what_it_removed(gateway):
+    with_archive(gateway, "audited-1")
+    answer = gateway.post("/api/v1/ops/prune", {"archives_older_than_days": 7}).json
+    audit = gateway.workspaces / "_gateway" / "audit.log"
+    records = [json.loads(line) for line in audit.read_text().splitlines()]  # on disk before the answer
+    record = [r for r in records if r["action"] == "prune"][-1]  # the gateway fixture is shared: the last one
+    assert record["outcome"]["totals"] == answer["totals"] and answer["totals"]["bytes"] > 0

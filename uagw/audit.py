@@ -65,7 +65,9 @@ REDACTED = "[redacted]"
 _SECRET_KEY_RE = re.compile(r"token|secret|passw|authori[sz]|api[-_]?key|credential|cookie|bearer", re.IGNORECASE)
 _NESTING = 3  # levels of nested objects kept in a parameter; deeper ones are cut (ours are flat)
 # What a successful answer names that an operator asks after: where the logs went, how much was freed.
-OUTCOME_KEYS = ("archive_dir", "archived", "bytes_freed", "cleared", "sessions_cancelled", "task_cancelled")
+OUTCOME_KEYS = ("archive_dir", "archived", "bytes_dropped", "bytes_archived", "bytes_freed", "cleared",
+                "sessions_cancelled", "task_cancelled",
+                "totals", "dry_run", "deleted_count", "deleted", "skipped", "errors")  # prune, purge-stale, bulk-delete
 _MAX_ANSWER_PARSED = 256 * 1024  # a larger answer's fields are not copied (ours are a few hundred bytes)
 
 # True while an HTTP call is being audited: a change it publishes is in its own record already.

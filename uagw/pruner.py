@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from ops_service import OpsError, SessionNotFound
 
 from .changes import ChangeKind
+from .config import ConfigError, parse_byte_size
 from .http11 import HttpError, Request, Response, json_response
 from .routing import json_object_body
 from .text import loads_json, show
@@ -37,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Pruner", "LiveSessions"]
 
 # Fields of POST /api/v1/ops/prune (PROTOCOL.md §15); an absent one means the configured policy.
+BYTE_SIZE = re.compile(r"[0-9]{1,18}([KMGTkmgt]([iI]?[bB])?|[bB])?")  # a budget given as text (OpenAPI: the same)
 PRUNE_FIELDS = ("dry_run", "archives_older_than_days", "sessions_idle_days", "budget_bytes")
 # UA HEAD's bodies: purge-stale {dry_run=false, older_than_hours=6 (min 1), include_active=false} and
 # bulk-delete {older_than_days=7 (min 1), channels?, exclude_active=true} (ua_anchor.md §1.5).
@@ -95,7 +99,7 @@ class Pruner:
             "archives_older_than_days": config.retain_archives_days,
             "sessions_idle_days": config.retain_idle_sessions_days,
             "budget_bytes": config.disk_budget_bytes,
-            "trash_older_than_days": config.retain_trash_days or 0.0,  # unset: any age
+            "trash_older_than_days": config.retain_trash_days,  # None: any age
         }
         settings.update(policies)
         result = await self.app.run_ops(self.app.ops.prune, protected=LiveSessions(self.app), dry_run=dry_run,
@@ -104,7 +108,7 @@ class Pruner:
         self.used_bytes = result["disk"]["used_bytes_before" if dry_run else "used_bytes_after"]
         self.measured_at = time.time()
         if not dry_run:
-            self.last_prune = {"at": self.measured_at, **result["totals"], "failed": len(result["failed"])}
+            self.last_prune = {"at": iso_time(self.measured_at), **result["totals"], "failed": len(result["failed"])}
             self._announce([item["session_id"] for item in result["items"] if item["kind"] == "session"])
             if self.app.log is not None and (result["items"] or result["failed"]):
                 self.app.log.write("prune", items=result["totals"]["items"], bytes=result["totals"]["bytes"],
@@ -128,7 +132,8 @@ class Pruner:
         used = self.used_bytes
         return {"disk": {"used_bytes": used, "budget_bytes": budget,
                          "over_budget": None if used is None or budget is None else used > budget,
-                         "measured_at": self.measured_at, "last_prune": self.last_prune}}
+                         "measured_at": None if self.measured_at is None else iso_time(self.measured_at),
+                         "last_prune": self.last_prune}}
 
     async def session_details(self, session_id: str) -> Response:
         """Session details plus ``disk``: this session's bytes (live and archived) against the budget."""
@@ -156,10 +161,18 @@ class Pruner:
                 raise HttpError(400, f"{name} must be a number of days above 0 (or null: that policy off), not "
                                      f"{show(body[name])}; nothing was removed")
         budget = body.get("budget_bytes")
+        if isinstance(budget, str):  # "20G", as UA_DISK_BUDGET_BYTES and --disk-budget take it
+            if not BYTE_SIZE.fullmatch(budget):  # "" or " 1G" is no size here: never "no budget" by accident
+                raise HttpError(400, f"budget_bytes must be a size such as \"512M\" or \"20G\" (K, M, G, T: powers "
+                                     f"of 1024) or a whole number of bytes, not {show(budget)}; nothing was removed")
+            try:
+                body["budget_bytes"] = budget = parse_byte_size(budget, "budget_bytes")
+            except ConfigError as error:
+                raise HttpError(400, f"{error}; nothing was removed") from None
         if "budget_bytes" in body and budget is not None and not (
                 isinstance(budget, int) and not isinstance(budget, bool) and budget > 0):
-            raise HttpError(400, f"budget_bytes must be a whole number of bytes above 0 (or null: no budget), not "
-                                 f"{show(budget)}; nothing was removed")
+            raise HttpError(400, f"budget_bytes must be a whole number of bytes above 0 or a size such as \"20G\" "
+                                 f"(or null: no budget), not {show(budget)}; nothing was removed")
         policies = {name: body[name] for name in PRUNE_FIELDS[1:] if name in body}
         return json_response(200, await self.prune(dry_run, **policies))
 
@@ -227,6 +240,11 @@ class Pruner:
         if deleted and not dry_run and self.app.log is not None:
             self.app.log.write("sessions_purged", count=len(deleted), sessions=deleted[:100])
         return deleted, failed, skipped
+
+
+def iso_time(epoch: float) -> str:
+    """ISO 8601 UTC with seconds, as every other time the gateway answers."""
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
 
 
 def _flag(body: Dict[str, Any], name: str, default: bool) -> bool:
