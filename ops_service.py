@@ -1188,19 +1188,32 @@ def _tree_usage_at(name: str, dir_fd: int) -> Tuple[int, int]:
         return 0, 0
     if top is None:
         return 0, 0
-    files = 0
-    total = 0
-    # Depth-first; each frame is (descriptor, subdirectory names still to visit), so the
-    # descriptors open at once are the current path from the top, never a whole level.
-    stack: List[Tuple[int, List[str]]] = []
+    counts = [0, 0]  # regular files, bytes
+
+    def visit(fd: int) -> List[str]:
+        (files, size), subdirs = _scan_level(fd)
+        counts[0] += files
+        counts[1] += size
+        return subdirs
+
+    _walk_open_tree(top, visit)
+    return counts[0], counts[1]
+
+
+def _walk_open_tree(top: int, visit: Callable[[int], List[str]]) -> None:
+    """Visit the directory open as ``top`` and those below it, depth first: ``visit(fd)`` reads one level
+    and returns the names of the subdirectories to enter. Each level is opened relative to its parent's
+    descriptor with O_NOFOLLOW (``_open_dir_at``), so a symlink is never followed; the descriptors open at
+    once are the current path from the top, at most MAX_TREE_DEPTH of them (deeper levels are not
+    entered). Every descriptor, ``top`` included, is closed before this returns."""
+    stack: List[Tuple[int, List[str]]] = []  # (descriptor, subdirectory names still to visit)
+    fd: Optional[int] = top
     try:
-        fd: Optional[int] = top
         while fd is not None or stack:
             if fd is not None:
-                counted, subdirs = _scan_level(fd)
-                files += counted[0]
-                total += counted[1]
-                stack.append((fd, subdirs if len(stack) + 1 < MAX_TREE_DEPTH else []))
+                stack.append((fd, []))  # closed by the finally below even if visit raises
+                subdirs = visit(fd)
+                stack[-1] = (fd, subdirs if len(stack) < MAX_TREE_DEPTH else [])
                 fd = None
             parent, pending = stack[-1]
             if not pending:
@@ -1213,7 +1226,6 @@ def _tree_usage_at(name: str, dir_fd: int) -> Tuple[int, int]:
     finally:
         for open_fd, _ in stack:
             os.close(open_fd)
-    return files, total
 
 
 def _scan_level(dir_fd: int) -> Tuple[Tuple[int, int], List[str]]:
@@ -4462,47 +4474,36 @@ def _usage_at(name: str, dir_fd: int, seen: Dict[Tuple[int, int], None]) -> Tupl
     size = st.st_blocks * 512
     if not stat.S_ISDIR(st.st_mode):
         return size, size if st.st_nlink <= 1 else 0
-    used = freed = size
-    stack: List[Tuple[int, List[str]]] = []
+    counts = [size, size]  # bytes used, bytes a removal would free
+
+    def visit(fd: int) -> List[str]:
+        subdirs: List[str] = []
+        try:
+            with os.scandir(fd) as iterator:
+                for entry in iterator:
+                    try:
+                        entry_st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    entry_key = (entry_st.st_dev, entry_st.st_ino)
+                    if entry_key in seen:
+                        continue
+                    seen[entry_key] = None
+                    blocks = entry_st.st_blocks * 512
+                    counts[0] += blocks
+                    if stat.S_ISDIR(entry_st.st_mode):
+                        counts[1] += blocks
+                        subdirs.append(entry.name)
+                    elif entry_st.st_nlink <= 1:
+                        counts[1] += blocks
+        except OSError:
+            pass
+        return subdirs
+
     try:
         fd = _open_dir_at(name, dir_fd)
     except OSError:
-        return used, freed
-    try:
-        while fd is not None or stack:
-            if fd is not None:
-                subdirs: List[str] = []
-                try:
-                    with os.scandir(fd) as iterator:
-                        for entry in iterator:
-                            try:
-                                entry_st = entry.stat(follow_symlinks=False)
-                            except OSError:
-                                continue
-                            entry_key = (entry_st.st_dev, entry_st.st_ino)
-                            if entry_key in seen:
-                                continue
-                            seen[entry_key] = None
-                            blocks = entry_st.st_blocks * 512
-                            used += blocks
-                            if stat.S_ISDIR(entry_st.st_mode):
-                                freed += blocks
-                                subdirs.append(entry.name)
-                            elif entry_st.st_nlink <= 1:
-                                freed += blocks
-                except OSError:
-                    pass
-                stack.append((fd, subdirs if len(stack) + 1 < MAX_TREE_DEPTH else []))
-                fd = None
-            parent, pending = stack[-1]
-            if not pending:
-                os.close(stack.pop()[0])
-                continue
-            try:
-                fd = _open_dir_at(pending.pop(), parent)
-            except OSError:
-                fd = None
-    finally:
-        for open_fd, _ in stack:
-            os.close(open_fd)
-    return used, freed
+        return size, size
+    if fd is not None:
+        _walk_open_tree(fd, visit)
+    return counts[0], counts[1]

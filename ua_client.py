@@ -182,6 +182,11 @@ class GatewayClient:
             raise ClientError(self._unreachable(error.reason)) from None
         except (OSError, http.client.HTTPException) as error:  # timeouts, resets, a status line that is not HTTP
             raise ClientError(self._unusable(f"{type(error).__name__}: {error}")) from None
+        return self._decoded(raw, missing)
+
+    def _decoded(self, raw: bytes, missing: Optional[int]) -> Any:
+        """An answer's body read up to MAX_ANSWER_BYTES + 1 bytes (``missing``: bytes of its Content-Length not
+        read), decoded as JSON; ClientError when it was cut short, is too long or is not JSON."""
         if missing:
             raise ClientError(self._unusable(f"the answer ended {missing} bytes short of its Content-Length"))
         if len(raw) > MAX_ANSWER_BYTES:
@@ -315,14 +320,7 @@ class GatewayClient:
         except (OSError, http.client.HTTPException) as error:
             raise ClientError(self._unusable(f"{type(error).__name__}: {error}")) from None
         missing = response.length if len(raw) <= MAX_ANSWER_BYTES else None  # Content-Length not yet read
-        if missing:
-            raise ClientError(self._unusable(f"the answer ended {missing} bytes short of its Content-Length"))
-        if len(raw) > MAX_ANSWER_BYTES:
-            raise ClientError(self._unusable(f"the answer is over {MAX_ANSWER_BYTES} bytes (MAX_ANSWER_BYTES)"))
-        try:
-            return _decode_answer(raw)
-        except ValueError as error:
-            raise ClientError(self._unusable(str(error))) from None
+        return self._decoded(raw, missing)
 
     def _checked(self, answer: Any, shape: "Shape") -> Any:
         try:
