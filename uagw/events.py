@@ -12,6 +12,7 @@ May import: the standard library, ``uagw.limits``, ``uagw.changes`` and ``uagw.s
 from __future__ import annotations
 
 import collections
+import re
 import time
 from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Set, Tuple
 
@@ -20,6 +21,10 @@ from .changes import ChangeKind, Changes
 from .streams import Subscription, frame_chunk, sse_event
 
 __all__ = ["SessionEvents"]
+
+# The number of an event id: ASCII digits only ("\u00b2".isdigit() is True, yet int() refuses it), and no
+# more than a counter of this run can reach, so a hostile Last-Event-ID costs no big-integer parse.
+_NUMBER_RE = re.compile(r"[0-9]{1,18}")
 
 
 class SessionEvents:
@@ -49,7 +54,7 @@ class SessionEvents:
     def _since(self, event_id: Optional[str]) -> Optional[List[Tuple[int, bytes]]]:
         """The events after ``event_id``, or None when they are not all kept (or the id is not ours)."""
         boot, _, number = (event_id or "").partition("-")
-        if boot != self.boot or not number.isdigit() or int(number) > self.last:
+        if boot != self.boot or not _NUMBER_RE.fullmatch(number) or int(number) > self.last:
             return None
         after = int(number)
         if after < self.last and (not self.ring or self.ring[0][0] > after + 1):

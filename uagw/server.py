@@ -443,6 +443,12 @@ class HttpConnection(asyncio.Protocol):
                         self.transport.write(b"0\r\n\r\n")
         except asyncio.CancelledError:
             pass  # the connection is gone (connection_lost); nothing more can be sent
+        except Exception as error:  # a bug in the source: cut the stream rather than leave it silent and BUSY
+            log = self.server.log
+            if log is not None:
+                log.write("stream_failed", client=self.client, path=request.path[:512], error=repr(error)[:512])
+            self.abort()  # no zero chunk: the client sees an unfinished answer, reconnects and resumes
+            self._enter(Phase.CLOSED)  # at once: no pipelined request is answered on the aborted transport
         finally:
             self.streaming = self.stream_task = self.writable = None
             await response.source.aclose()  # type: ignore[attr-defined]
