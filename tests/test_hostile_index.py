@@ -54,3 +54,15 @@ def test_after_a_root_swap_writes_in_the_new_roots_sessions_are_seen(svc, root, 
         assert wait_for(lambda: agrees(index, svc), timeout=OUTSIDE_BOUND)
         (root / "in-both" / "description.txt").write_bytes(b"written in the new root later")
         assert wait_for(lambda: agrees(index, svc), timeout=OUTSIDE_BOUND)
+
+
+def test_a_root_removed_and_made_again_lists_what_is_put_in_it(svc, root):
+    described(svc, "removed-with-the-root")
+    with running_index(svc) as index:
+        for path in sorted(root.rglob("*"), reverse=True):
+            path.rmdir() if path.is_dir() else path.unlink()
+        root.rmdir()
+        root.mkdir()  # often the same inode number as the removed root
+        svc.ensure_root()
+        described(svc, "made-in-the-new-root")
+        assert wait_for(lambda: agrees(index, svc), timeout=OUTSIDE_BOUND)

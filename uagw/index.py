@@ -544,6 +544,9 @@ class SessionIndex:
             dirty, self._deferred = self._deferred, set()
             for wd, mask, name in inotify.read_events():
                 self._on_event(wd, mask, name, dirty)
+            if self._root_id is None:  # the root's watch ended (IN_IGNORED): removed, maybe made again since
+                self._rewatch_root()
+                return
             for session_id in dirty:
                 # A session under a gateway operation (a compaction can take seconds) is not waited for: its
                 # change is announced when the operation ends, and the notify thread retries it meanwhile.
@@ -600,6 +603,10 @@ class SessionIndex:
             if mask & IN_IGNORED:
                 self._watches.pop(wd, None)
         if session_id is None:
+            return
+        if session_id == "" and mask & IN_IGNORED:
+            # The root was removed: a root made again may reuse its inode number, so its identity cannot tell.
+            self._root_id = None
             return
         if session_id == "":  # the root: a session appeared, went or was renamed
             if is_valid_session_id(name):
