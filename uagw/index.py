@@ -219,6 +219,7 @@ class SessionIndex:
         self._applying = threading.Lock()  # reading inotify events and applying them is one step
         self._deferred: Set[str] = set()  # sessions whose re-read waits for a gateway operation to end
         self._watches: Dict[int, str] = {}  # wd -> session id ("" for the root)
+        self._root_id: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of the root directory the watches are on
         self._threads: List[threading.Thread] = []
         self._pending: Dict[str, "asyncio.Future[Any]"] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -238,6 +239,7 @@ class SessionIndex:
         self._unsubscribe = changes.subscribe(self._on_change)
         inotify = Inotify.open() if self.use_inotify else None
         self._inotify = inotify
+        self._root_id = self._root_identity()
         if inotify is not None and not self._add_watch("", str(self.ops.root), ROOT_MASK):
             self._inotify = None  # no root watch (missing root, no watches left): rescans only
             inotify.close()
@@ -476,8 +478,9 @@ class SessionIndex:
         finally:
             os.close(root_fd)
 
-    def rescan(self) -> None:
-        """Re-read every session whose signature moved, add new ones, drop gone ones (any thread)."""
+    def rescan(self, rewatch: bool = False) -> None:
+        """Re-read every session whose signature moved, add new ones, drop gone ones (any thread); with
+        ``rewatch``, watch every session again (the root was replaced)."""
         root_fd = self._open_root()
         try:
             names = self._session_names(root_fd)
@@ -486,6 +489,8 @@ class SessionIndex:
                 if self._stop.is_set():
                     return
                 entry = self._entries.get(name)
+                if rewatch:
+                    self._watch_session(name)
                 if entry is not None and entry.signature is not None \
                         and entry.signature == self._signature(name, entry.names, root_fd):
                     continue
@@ -533,14 +538,47 @@ class SessionIndex:
         if inotify is None:
             return
         with self._applying:  # events read by the notify thread are applied before anyone answers
+            if self._root_identity() != self._root_id:
+                self._rewatch_root()
+                return
             dirty, self._deferred = self._deferred, set()
             for wd, mask, name in inotify.read_events():
                 self._on_event(wd, mask, name, dirty)
+            if self._root_id is None:  # the root's watch ended (IN_IGNORED): removed, maybe made again since
+                self._rewatch_root()
+                return
             for session_id in dirty:
                 # A session under a gateway operation (a compaction can take seconds) is not waited for: its
                 # change is announced when the operation ends, and the notify thread retries it meanwhile.
                 if not self.refresh(session_id, wait=False):
                     self._deferred.add(session_id)
+
+    def _root_identity(self) -> Optional[Tuple[int, int]]:
+        try:
+            st = os.stat(str(self.ops.root))
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _rewatch_root(self) -> None:
+        """The root is another directory now (swapped, removed and made again, a mount): every watch is on the
+        old one, where nothing is a session any more. Watch the new root and each session in it, and rescan it
+        now (under ``_applying``: lists wait for it, and then show the new root, never the old one's sessions)."""
+        inotify = self._inotify
+        if inotify is None:
+            return
+        with self._lock:
+            old, self._watches = list(self._watches), {}
+        for wd in old:
+            inotify.remove_watch(wd)
+        self._root_id = self._root_identity()
+        if self._root_id is None or not self._add_watch("", str(self.ops.root), ROOT_MASK):
+            return  # no root now: lists answer its error; the next list after it is back tries again
+        self._deferred = set()
+        try:
+            self.rescan(rewatch=True)
+        except (OpsError, OSError):
+            self._root_id = None  # gone again meanwhile: retried by the next list
 
     def _notify_loop(self) -> None:
         inotify = self._inotify
@@ -566,6 +604,10 @@ class SessionIndex:
                 self._watches.pop(wd, None)
         if session_id is None:
             return
+        if session_id == "" and mask & IN_IGNORED:
+            # The root was removed: a root made again may reuse its inode number, so its identity cannot tell.
+            self._root_id = None
+            return
         if session_id == "":  # the root: a session appeared, went or was renamed
             if is_valid_session_id(name):
                 if mask & (IN_CREATE | IN_MOVED_TO) and mask & IN_ISDIR:
@@ -574,4 +616,7 @@ class SessionIndex:
             return
         if mask & IN_MOVE_SELF and self._inotify is not None:
             self._inotify.remove_watch(wd)  # moved away (to the trash, or elsewhere): no longer this session
+            # ... unless it moved within the root: the root's IN_MOVED_TO came first and gave this same watch
+            # (one per directory) the new name, so that name is watched again (ENOENT if it is gone meanwhile).
+            self._watch_session(session_id)
         dirty.add(session_id)
