@@ -509,7 +509,12 @@ class _FileChanged(Exception):
 
 
 class WouldBlock(Exception):
-    """A read on the event loop (``slice_open_log``) would have waited for the disk: hand it to a worker."""
+    """A read on the event loop (``slice_open_log``) would have waited for the disk: hand it to a worker.
+    ``unsupported``: the file system cannot read without waiting at all (tmpfs, some network ones)."""
+
+    def __init__(self, unsupported: bool = False) -> None:
+        super().__init__()
+        self.unsupported = unsupported
 
 
 # Reads without waiting: Linux >= 4.14 fails a read whose pages are not all in the page cache with EAGAIN
@@ -530,7 +535,7 @@ def _pread(fd: "_Source", size: int, offset: int) -> bytes:
         got = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
     except OSError as exc:
         # EAGAIN: not cached; EOPNOTSUPP: a file system that cannot say. Either way a worker reads it.
-        raise WouldBlock() from exc
+        raise WouldBlock(unsupported=exc.errno in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)) from exc
     del buffer[got:]
     return bytes(buffer)
 

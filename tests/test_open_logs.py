@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import shutil
+import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict
@@ -149,3 +150,28 @@ def test_a_second_tail_is_answered_from_the_kept_log_and_a_deletion_lets_it_go(t
     assert seen["kept"] == 2  # the session directory and the log
     assert seen["now"] == seen["first"]  # the same answer, without a worker
     assert seen["after_delete"] == 0
+
+
+def test_a_log_on_a_file_system_that_cannot_read_without_waiting_is_not_kept(tmp_path):
+    # tmpfs answers RWF_NOWAIT with EOPNOTSUPP: a kept log there would cost three stats on the loop per
+    # tail and still go to a worker, so after the first try it is let go and logs there are not kept.
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not os.access(shm, os.W_OK):
+        pytest.skip("no writable /dev/shm (tmpfs) on this machine")
+    root = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        (root / "s1").mkdir()
+        (root / "s1" / "run.log").write_bytes(b"hello\n")
+
+        async def scenario(gateway: Any) -> Dict[str, Any]:
+            loop = asyncio.get_running_loop()
+            url = f"{gateway.url}/api/v1/ops/logs/tail?session_id=s1"
+            answers = [await loop.run_in_executor(None, _get, url) for _ in range(3)]
+            return {"answers": answers, "kept": gateway.open_logs.descriptors()}
+
+        seen = serve_embedded(root, None, scenario)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    assert seen["answers"][0] == seen["answers"][1] == seen["answers"][2]
+    assert seen["answers"][0]["lines"] == ["hello"]
+    assert seen["kept"] == 0

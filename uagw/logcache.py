@@ -31,7 +31,7 @@ import json
 import os
 import stat
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 import ops_service
 from ops_service import EncodedLines, OpsError, OpsService, WouldBlock
@@ -101,6 +101,7 @@ class OpenLogs:
         self.executor = executor
         self.capacity = capacity if ops_service.NOWAIT_READS else 0
         self._entries: "OrderedDict[Key, _OpenLog]" = OrderedDict()
+        self._unsupported: Set[int] = set()  # devices whose file system cannot read without waiting (tmpfs)
 
     def descriptors(self) -> int:
         """Descriptors held now (the connection budget leaves them out)."""
@@ -121,7 +122,10 @@ class OpenLogs:
             return None
         try:
             result = ops_service.slice_open_log(entry.fd, st, file_name, cursor, limit, max_bytes, encoded=True)
-        except WouldBlock:
+        except WouldBlock as would_block:
+            if would_block.unsupported:  # never readable without waiting here: keeping it only costs stats
+                self._drop(key)
+                self._unsupported.add(entry.file_id[0])
             return None
         except OSError:
             self._drop(key)
@@ -154,7 +158,7 @@ class OpenLogs:
         if opened is None:
             return
         key = (session_id, file_name)
-        if key in self._entries or not self.capacity:
+        if key in self._entries or not self.capacity or opened.file_id[0] in self._unsupported:
             self._close_later(opened)  # two misses of one log raced; the first kept is as good
             return
         self._entries[key] = opened
