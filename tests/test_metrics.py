@@ -18,6 +18,7 @@ from websockets.asyncio.client import connect
 from conftest import RunningGateway, launch, run, serve_embedded, wait_for
 from ops_service import OpsService
 from uagw import metrics
+from uagw.index import SessionIndex
 from uagw.metrics import Counter, Gauge, Histogram, render
 
 TOKEN = "metrics-test-token-0123456789"
@@ -126,9 +127,14 @@ def test_sessions_are_counted_by_status_with_the_runtime(tmp_path):
     for session_id in ("a", "b", "c"):
         ops.create_session(session_id)
 
-    counts = metrics.session_counts(ops, {"a": (1, True, 0), "b": (2, False, 0)})
+    runtime = {"a": (1, True, 0), "b": (2, False, 0)}
+    index = SessionIndex(ops)
+    index.rescan()  # the first scan, in this thread
+
+    counts = metrics.session_counts(ops.list_sessions, runtime)
 
     assert counts == {"running": 1, "active": 1, "idle": 1, "archived": 0}
+    assert metrics.session_counts(index.list_sessions, runtime) == counts  # the index counts the same
 
 
 # -- a live gateway --------------------------------------------------------------------------------------------

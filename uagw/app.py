@@ -592,7 +592,10 @@ class Application:
         families = self.metrics.loop_families(connections=self.open_connections(), writers=writers,
                                               agent_processes=len(hub.agent_groups) if hub is not None else 0,
                                               version=__version__)
-        families += await self.run_ops(self.metrics.disk_families, self.ops, self.runtime())
+        index = self.index
+        # Counted from the index once its first scan is complete (no directory scans); until then by scanning.
+        lister = index.list_sessions if index is not None and index.complete.is_set() else None
+        families += await self.run_ops(self.metrics.disk_families, self.ops, self.runtime(), lister)
         return Response(200, render(families).encode(), content_type=EXPOSITION_CONTENT_TYPE)
 
     def open_connections(self) -> Tuple[int, int]:

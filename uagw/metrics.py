@@ -228,14 +228,13 @@ class Histogram(_Instrument):
 # -- what a scrape reads from the disk and /proc (worker threads only) ------------------------------------------
 
 
-def session_counts(ops: OpsService, runtime: Dict[str, Any]) -> Dict[str, int]:
-    """Sessions by status (SESSION_STATUSES), from directory scans. Raises OpsError.
-
-    The one function to point at an in-memory session index once there is one: GatewayMetrics calls it
-    at most every METRICS_SESSION_COUNT_INTERVAL seconds, in a worker thread.
+def session_counts(lister: Callable[..., Dict[str, Any]], runtime: Dict[str, Any]) -> Dict[str, int]:
+    """Sessions by status (SESSION_STATUSES), from ``lister``: the session index's ``list_sessions`` (from
+    memory) or ``OpsService.list_sessions`` (directory scans). Raises OpsError. GatewayMetrics calls it at
+    most every METRICS_SESSION_COUNT_INTERVAL seconds, in a worker thread.
     """
     def total(status: str) -> int:
-        return int(ops.list_sessions(status=status, limit=1, runtime=runtime)["total"])
+        return int(lister(status=status, limit=1, runtime=runtime)["total"])
 
     everything, archived, active, running = total("all"), total("archived"), total("active"), total("running")
     return {"running": running, "active": active - running, "archived": archived,
@@ -461,9 +460,11 @@ class GatewayMetrics:
             dropped,
         ]
 
-    def disk_families(self, ops: OpsService, runtime: Dict[str, Any]) -> List[MetricFamily]:
+    def disk_families(self, ops: OpsService, runtime: Dict[str, Any],
+                      lister: Optional[Callable[..., Dict[str, Any]]] = None) -> List[MetricFamily]:
         """What reads the disk or /proc: run in a worker thread (``Application.run_ops``), never on the loop.
-        ``runtime``: the hub's snapshot, taken on the loop."""
+        ``runtime``: the hub's snapshot, taken on the loop; ``lister``: where sessions are counted (the
+        session index's ``list_sessions``; default ``ops.list_sessions``, which scans)."""
         families = process_families(self.started_wall)
         root = str(ops.root)
         try:
@@ -486,7 +487,7 @@ class GatewayMetrics:
                                      f"1 if the last walk stopped at {METRICS_WALK_MAX_ENTRIES} entries or "
                                      f"{METRICS_WALK_MAX_SECONDS:g} s.", "gauge").add(int(truncated)))
         try:
-            counts = self._sessions.get(lambda: session_counts(ops, runtime))
+            counts = self._sessions.get(lambda: session_counts(lister or ops.list_sessions, runtime))
         except Exception:  # an unavailable root: health says why; the other metrics still answer
             counts = None
         if counts is not None:
