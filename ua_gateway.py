@@ -17,16 +17,23 @@ docstring for the module map). docs/PROTOCOL.md is the contract the code cites a
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
+if __name__ == "__main__" and importlib.util.find_spec("uagw") is None:
+    # ``python3 -I ua_gateway.py`` (isolated mode) leaves the script's directory off sys.path; the
+    # ``uagw`` package of a source checkout is beside this file.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 if importlib.util.find_spec("websockets") is None:
-    # The one dependency: vendored in the .pyz, installed by pip. A source checkout without it gets
-    # what to do instead of a traceback.
-    _MISSING = ("ua-gateway needs websockets 15.0.1: pip install websockets==15.0.1, "
-                "or build the single file with python3 zipapp_build.py, which carries it")
+    # The one dependency, which only serving needs: vendored in the .pyz, installed by pip. Run from a
+    # source checkout without it, the command line still gives --help, --version and the client
+    # commands, and says what to do when asked to serve; imported, the public API cannot work without it.
+    from uagw.cli import WEBSOCKETS_MISSING, main
+
     if __name__ == "__main__":
-        sys.exit(f"ua-gateway: error: {_MISSING}")
-    raise ModuleNotFoundError(_MISSING)
+        sys.exit(main())
+    raise ModuleNotFoundError(WEBSOCKETS_MISSING)
 
 from uagw import __version__
 from uagw.agents import AgentTurn

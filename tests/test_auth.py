@@ -98,7 +98,7 @@ def test_ten_failures_lock_the_address_out_with_429(secured):
 
 def test_lockout_does_not_affect_other_addresses(secured):
     for _ in range(10):
-        request_from(secured, "127.0.0.2", "GET", "/api/v1/ops/sessions")
+        request_from(secured, "127.0.0.2", "GET", "/api/v1/ops/sessions", {"Authorization": "Bearer wrong"})
     assert request_from(secured, "127.0.0.2", "GET", "/api/v1/ops/sessions",
                         {"Authorization": f"Bearer {TOKEN}"})[0] == 429
     assert request_from(secured, "127.0.0.3", "GET", "/api/v1/ops/sessions",
@@ -110,6 +110,20 @@ def test_nine_failures_do_not_lock(secured):
     for _ in range(9):
         secured.get("/api/v1/ops/sessions", token="wrong")
     assert secured.get("/api/v1/ops/sessions", token=TOKEN).status == 200
+
+
+def test_requests_without_any_credential_never_lock_out(secured):
+    for _ in range(15):  # more than the 10 failures that lock an address out: 5 console page loads
+        assert secured.get("/api/v1/ops/sessions").status == 401
+    assert secured.get("/api/v1/ops/sessions", token=TOKEN).status == 200
+
+
+def test_wrong_tokens_after_credential_less_requests_still_lock_out(secured):
+    for _ in range(9):
+        secured.get("/api/v1/ops/sessions")
+    for _ in range(10):
+        assert secured.get("/api/v1/ops/sessions", headers={"X-UA-OPS-Token": "wrong"}).status == 401
+    assert secured.get("/api/v1/ops/sessions", token=TOKEN).status == 429
 
 
 def test_token_is_never_written_to_the_gateway_log(secured):

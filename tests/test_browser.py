@@ -225,6 +225,33 @@ def test_token_prompt_then_the_websocket_authenticates_with_the_bearer_subprotoc
     assert token not in browser.current_url
 
 
+def refused_without_token(gateway: Any, token: str) -> int:
+    """The 401s the gateway has answered so far, from its own metrics (PROTOCOL.md §14)."""
+    for line in gateway.get("/metrics", token=token).body.decode().splitlines():
+        if line.startswith("ua_gateway_refused_requests_total{") and 'status="401"' in line:
+            return int(float(line.rsplit(" ", 1)[1]))
+    return 0
+
+
+def test_a_page_load_without_the_token_makes_one_failed_request_before_the_prompt(browser, start_gateway):
+    token = "page-load-token"
+    gateway = start_gateway(env={"UA_OPS_TOKEN": token})
+    gateway.make_session("quiet-demo", {"run.log": b"x\n"})
+
+    browser.get(gateway.url + "/")
+    wait_until(browser, lambda d: d.find_element("id", "token-dialog").get_attribute("open") is not None, "the token prompt")
+    # The page's other first requests (audit, events) were under way or held back when the prompt opened:
+    # give any that were sent a moment to land before counting.
+    settled = time.monotonic() + 1.0
+    while time.monotonic() < settled:
+        assert refused_without_token(gateway, token) <= 1, "the console sent several requests without the token"
+        time.sleep(0.1)
+    browser.find_element("id", "token-input").send_keys(token)
+    browser.find_element("id", "token-save").click()
+    wait_until(browser, lambda d: d.find_elements("css selector", 'tr[data-session-id="quiet-demo"]'), "the sessions list")
+    assert refused_without_token(gateway, token) == 1
+
+
 def test_compact_through_the_dialog_keeps_the_tail_and_the_view_says_the_log_was_replaced(browser, start_gateway):
     gateway = start_gateway()
     directory = gateway.make_session("compact-demo", {"run.log": b"".join(b"line %d\n" % i for i in range(100))})

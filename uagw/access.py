@@ -25,6 +25,7 @@ __all__ = [
     "AccessControl",
     "Grant",
     "client_ip",
+    "offers_credential",
     "request_tokens",
 ]
 
@@ -216,3 +217,11 @@ def request_tokens(request: Request) -> List[Optional[str]]:
     if scheme.lower() == "bearer":
         candidates.append(credential.strip(OWS))  # RFC 9110 §11.4: NBSP and friends are part of the credential
     return candidates
+
+
+def offers_credential(request: Request, extra_token: Optional[str] = None) -> bool:
+    """Whether a request offers any credential at all: an Authorization header (any scheme), a token
+    header, or ``extra_token`` (a WebSocket subprotocol token). A request offering none guesses nothing,
+    so its 401 does not count toward the lockout (PROTOCOL.md §4): a console opened before its token
+    is typed must not lock its operator out."""
+    return bool(extra_token or request.header("authorization") or any(request_tokens(request)))

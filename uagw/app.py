@@ -29,7 +29,7 @@ from .limits import (
 from .text import show
 from .config import Config, ConfigError, is_loopback_host
 from .http11 import HttpError, Request, Response, StreamingResponse, error_response, json_response
-from .access import AccessControl, Grant, request_tokens
+from .access import AccessControl, Grant, offers_credential, request_tokens
 from .audit import AuditTrail, warn_stderr
 from .changes import ChangeKind, Changes
 from .index import SessionIndex
@@ -378,8 +378,9 @@ class Application:
         refused first, then the address allowlist, the lockout, and the token (or ``extra_token``, the
         one a browser offers as a WebSocket subprotocol), judged against ``permission`` (PROTOCOL.md §11.1): SESSION
         takes UA_INTERNAL_API_TOKEN as well as UA_OPS_TOKEN, READ takes UA_OPS_READ_TOKEN too. Returns
-        what the token granted. Raises HttpError on refusal: 401 (counted toward the lockout) for no
-        usable token, 403 for the read token where a change needs the full one."""
+        what the token granted. Raises HttpError on refusal: 401 for no usable token (counted toward the
+        lockout only when a credential was offered: none guesses nothing), 403 for the read token where a
+        change needs the full one."""
         try:
             self._refuse_cross_site(request, what)
         except HttpError:
@@ -402,7 +403,7 @@ class Application:
         if grant is Grant.INTERNAL and permission is not Permission.SESSION and self.config.token is not None:
             grant = None  # the Ops routes take UA_INTERNAL_API_TOKEN only when it is the only full token (§4.2)
         if grant is None:
-            locked = self.access.record_failure(address)
+            locked = offers_credential(request, extra_token) and self.access.record_failure(address)
             self.metrics.refuse("401", "token")
             if locked:
                 self.metrics.lockouts.inc()

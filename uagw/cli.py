@@ -1,18 +1,19 @@
 """The command line: arguments, ``serve`` (run a gateway until SIGTERM or SIGINT), ``main``, the
 open-file limit, the non-dumpable process flag and the event loop's error reporter.
 
-May import: the standard library, ``uagw.limits``, ``uagw.config`` and ``uagw.app``; ``ua_client`` is
-imported only when a client command runs.
+May import: the standard library, ``uagw.limits``, ``uagw.config`` and ``uagw.app`` (only to serve: the
+rest runs without websockets); ``ua_client`` when a client command runs or the help lists them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import signal
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Dict, Optional, Sequence
 
 from . import __version__
 from .limits import (
@@ -21,13 +22,22 @@ from .limits import (
     WS_CLOSE_TIMEOUT, WS_PING_INTERVAL, WS_PING_TIMEOUT,
 )
 from .config import Config, ConfigError, parse_byte_size
-from .app import Gateway
+
+if TYPE_CHECKING:
+    from .app import Gateway  # imported when serving: only serving needs websockets
+
+# Serving is the one thing that needs websockets (vendored in the .pyz, installed by pip): --help, --version
+# and the client commands run without it, and a source checkout without it gets what to do, not a traceback.
+WEBSOCKETS_MISSING = ("ua-gateway needs websockets 15.0.1 to serve: pip install websockets==15.0.1, "
+                      "or build the single file with python3 zipapp_build.py, which carries it")
 
 __all__ = [
     "CLIENT_COMMANDS",
     "LoopErrorReporter",
     "PR_SET_DUMPABLE",
+    "WEBSOCKETS_MISSING",
     "build_arg_parser",
+    "client_commands_summary",
     "main",
     "serve",
 ]
@@ -71,7 +81,7 @@ class LoopErrorReporter:
     one a REPORT_INTERVAL at most, the next one saying how many were left out. Whatever repeats an
     error per event (a bug, an exhausted resource) then costs a line a second, not a flooded disk."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: "Gateway") -> None:
         self.gateway = gateway
         self.reported = -REPORT_INTERVAL
         self.left_out = 0
@@ -91,6 +101,8 @@ class LoopErrorReporter:
 
 async def serve(config: Config, *, agent: Optional[Callable[..., Awaitable[Any]]] = None) -> int:
     """Run a gateway until SIGTERM or SIGINT; returns the exit status."""
+    from .app import Gateway
+
     _forbid_inspection()
     gateway = Gateway(config, agent=agent)
     asyncio.get_running_loop().set_exception_handler(LoopErrorReporter(gateway))
@@ -132,12 +144,31 @@ TIMEOUT_FLAGS = (
 )
 
 
+def _subcommands(parser: argparse.ArgumentParser) -> Dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def client_commands_summary() -> str:
+    """The client's commands as the top-level help lists them ('sessions list|show|...', 'audit'), read
+    from the client's own parser so that the list cannot go stale."""
+    import ua_client  # standard library only, like this module
+
+    summary = []
+    for command, parser in _subcommands(ua_client.build_parser()).items():
+        actions = _subcommands(parser)
+        summary.append(f"'{command} {'|'.join(actions)}'" if actions else f"'{command}'")
+    return ", ".join(summary)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ua-gateway",
         description="The operations gateway for AI agent runs: WebSocket agent sessions and an Ops API on one port. "
-        "Without a command it serves (same as 'serve'). The Ops API client: 'sessions ...' and 'logs ...' "
-        "(see 'sessions --help').",
+        f"Without a command it serves (same as 'serve'). The Ops API client: {client_commands_summary()} "
+        "(see 'sessions --help' and so on).",
         epilog="Environment: UA_GATEWAY_HOST, UA_GATEWAY_PORT, UA_WORKSPACES_DIR, UA_OPS_TOKEN (or UA_OPS_TOKEN_FILE, "
         "the path of a file holding it), UA_ALLOWED_USERS, UA_CORS_ORIGINS, UA_OPS_ALLOW_FROM, UA_ALLOWED_HOSTS, "
         "UA_AGENT_CMD, UA_SESSION_CREATE_RATE, UA_SESSION_CREATE_BURST, UA_SESSION_CREATE_PER_MINUTE, "
@@ -206,6 +237,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"ua-gateway: error: {exc}", file=sys.stderr)
         return 2
+    if importlib.util.find_spec("websockets") is None:
+        print(f"ua-gateway: error: {WEBSOCKETS_MISSING}", file=sys.stderr)
+        return 1
     _raise_fd_limit()
     try:
         return asyncio.run(serve(config))

@@ -47,11 +47,18 @@ __all__ = [
     "StreamSlots",
     "Subscription",
     "coalesce_delay",
+    "connected_comment",
     "frame_chunk",
     "sse_event",
 ]
 
 KEEPALIVE = b": keepalive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
+
+def connected_comment(keepalive: float) -> bytes:
+    """The comment that opens every stream at once (PROTOCOL.md §13.1): without it a stream with nothing
+    to say yet (the session events of a quiet gateway) sends no byte, and ``curl -N`` looks hung."""
+    return f": connected; events follow as they happen, a keepalive comment after {keepalive:g} s without one\n\n".encode()
 CATCH_UP_LIMIT = ops_service.MAX_LIMIT  # lines per read while catching up: few reads, each bounded by bytes
 CATCH_UP_BYTES = 128 * 1024  # bytes per catch-up event: half a queue, a few ms of a client's link
 # The gateway's own appends within this many seconds go out as one event: an agent writing 1,000 lines/s
@@ -175,8 +182,9 @@ CatchUp = Callable[[Subscription], AsyncIterator[bytes]]
 
 
 class EventStream:
-    """The source of a StreamingResponse for one subscription: ``first`` (if any), then its queue,
-    catching up when behind, a keep-alive comment every ``keepalive`` s of silence, its final event.
+    """The source of a StreamingResponse for one subscription: a comment saying it is connected,
+    ``first`` (if any), then its queue, catching up when behind, a keep-alive comment every
+    ``keepalive`` s of silence, its final event.
     ``aclose`` (always called by the server, whether iteration began or not) runs ``on_close``."""
 
     def __init__(self, subscription: Subscription, catch_up: CatchUp, keepalive: float,
@@ -203,6 +211,7 @@ class EventStream:
 
     async def _run(self, catch_up: CatchUp, keepalive: float, first: Optional[bytes]) -> AsyncGenerator[bytes, None]:
         sub = self.subscription
+        yield connected_comment(keepalive)
         if first is not None:
             yield first
         while True:

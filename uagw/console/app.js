@@ -6,7 +6,9 @@
  * Rules this file keeps
  * - The token lives in sessionStorage only (this tab), never in localStorage or a URL. HTTP requests send
  *   it as "Authorization: Bearer"; WebSockets, which cannot carry headers from a browser, offer it as the
- *   subprotocol "bearer.<base64url(token)>" next to "ua.v1" (PROTOCOL.md §4). Any 401 brings the token prompt back.
+ *   subprotocol "bearer.<base64url(token)>" next to "ua.v1" (PROTOCOL.md §4). Any 401 brings the token
+ *   prompt back, and nothing more is sent until one is typed; a token not yet accepted (no token
+ *   included) is tested by one request before the others are sent.
  * - Log tails follow the server's cursor, passed back verbatim: no line is skipped or shown twice, and a
  *   reset or truncation is shown, never silently papered over (PROTOCOL.md §5.11).
  * - Text from the server is always inserted with textContent, never as HTML.
@@ -112,9 +114,58 @@
     }
   }
 
-  // After a 401 the console stops its automatic requests until a token is typed: every refused request
-  // counts toward the gateway's lockout (10 failures in 60 s lock this address out for 5 minutes).
+  // After a 401 the console sends nothing more until a token is typed: every refused request that offers
+  // a token counts toward the gateway's lockout (10 failures in 60 s lock this address out for 5 minutes).
   let waitingForToken = false;
+  // Until the gateway has answered a request with the current token (or with none) by anything but 401,
+  // requests go one at a time: a page load on a gateway with a token makes one 401 and the prompt, not
+  // a burst of parallel 401s (a wrong token in each would count toward the lockout).
+  let acceptedToken = null;
+  let firstAnswer = null; // settles when the request testing the current token has its answer
+
+  /** Wait for the right to send a request: rejects (and brings the prompt back) while waiting for a
+   * token; resolves with a function taking the answer's status when this request tests the token. */
+  async function mayRequest() {
+    for (;;) {
+      if (waitingForToken) {
+        if (!$('#token-dialog').open) askForToken();
+        throw new ApiError(401, 'waiting for the token');
+      }
+      if (getToken() === acceptedToken) return null;
+      if (!firstAnswer) break;
+      await firstAnswer;
+    }
+    let settle;
+    firstAnswer = new Promise((resolve) => { settle = resolve; });
+    const token = getToken();
+    return (status) => {
+      if (status && status !== 401) acceptedToken = token;
+      firstAnswer = null;
+      settle();
+    };
+  }
+
+  /** fetch() through the token gate above: one request tests a new token before the others go. The
+   * token is added here, after the wait, so a request sends the token the gate judged. */
+  async function fetchGated(url, init) {
+    const answered = await mayRequest();
+    const token = getToken();
+    if (token) init.headers.Authorization = 'Bearer ' + token;
+    let status = 0;
+    try {
+      const response = await fetch(url, init);
+      status = response.status;
+      if (status === 401) {
+        waitingForToken = true;
+        askForToken(token ? 'The gateway refused this token. Type the right one.' : 'This gateway needs its token (UA_OPS_TOKEN).');
+      }
+      return response;
+    } catch (error) {
+      throw new ApiError(0, 'cannot reach the gateway (' + error.message + ')');
+    } finally {
+      if (answered) answered(status);
+    }
+  }
 
   function getToken() {
     return sessionStorage.getItem(TOKEN_KEY) || '';
@@ -137,19 +188,12 @@
       if (parts.length) url += '?' + parts.join('&');
     }
     const headers = { Accept: 'application/json' };
-    const token = getToken();
-    if (token) headers.Authorization = 'Bearer ' + token;
     let body;
     if (opts.body !== undefined) {
       headers['Content-Type'] = 'application/json';
       body = JSON.stringify(opts.body);
     }
-    let response;
-    try {
-      response = await fetch(url, { method: method, headers: headers, body: body, cache: 'no-store', credentials: 'omit' });
-    } catch (error) {
-      throw new ApiError(0, 'cannot reach the gateway (' + error.message + ')');
-    }
+    const response = await fetchGated(url, { method: method, headers: headers, body: body, cache: 'no-store', credentials: 'omit' });
     let payload = null;
     try {
       payload = await response.json();
@@ -158,12 +202,7 @@
     }
     if (response.ok) return payload;
     const detail = payload && typeof payload.detail === 'string' ? payload.detail : response.status + ' ' + response.statusText;
-    const failure = new ApiError(response.status, detail, response.headers.get('Retry-After'));
-    if (response.status === 401) {
-      waitingForToken = true;
-      askForToken(token ? 'The gateway refused this token. Type the right one.' : 'This gateway needs its token (UA_OPS_TOKEN).');
-    }
-    return Promise.reject(failure);
+    return Promise.reject(new ApiError(response.status, detail, response.headers.get('Retry-After')));
   }
 
   /** The text an operator sees for a failed call. */
@@ -188,16 +227,9 @@
     const parts = Object.keys(query).filter((name) => query[name] !== undefined && query[name] !== null && query[name] !== '')
       .map((name) => encodeURIComponent(name) + '=' + encodeURIComponent(String(query[name])));
     const headers = { Accept: 'text/event-stream' };
-    const token = getToken();
-    if (token) headers.Authorization = 'Bearer ' + token;
     if (lastId) headers['Last-Event-ID'] = lastId;
-    let response;
-    try {
-      response = await fetch(path + (parts.length ? '?' + parts.join('&') : ''),
-        { headers: headers, cache: 'no-store', credentials: 'omit', signal: signal });
-    } catch (error) {
-      throw new ApiError(0, 'cannot reach the gateway (' + error.message + ')');
-    }
+    const response = await fetchGated(path + (parts.length ? '?' + parts.join('&') : ''),
+      { headers: headers, cache: 'no-store', credentials: 'omit', signal: signal });
     const type = response.headers.get('Content-Type') || '';
     if (response.status === 200 && type.indexOf('text/event-stream') === 0 && response.body) return response;
     if (response.status === 200) {
@@ -207,10 +239,6 @@
     let payload = null;
     try { payload = await response.json(); } catch (error) { payload = null; }
     const detail = payload && typeof payload.detail === 'string' ? payload.detail : response.status + ' ' + response.statusText;
-    if (response.status === 401) {
-      waitingForToken = true;
-      askForToken(token ? 'The gateway refused this token. Type the right one.' : 'This gateway needs its token (UA_OPS_TOKEN).');
-    }
     throw new ApiError(response.status, detail, response.headers.get('Retry-After'));
   }
 
