@@ -60,6 +60,10 @@ def test_input_responses_a_deaf_agent_never_reads_are_bounded_in_bytes(start_gat
     async def client() -> List[str]:
         async with connect(f"{gateway.ws_url}/ws/agent", max_size=None) as ws:
             await ws.send(execute("wait for my answers"))
+            # The lobby creates the session first (now audited, with an fsync): answers sent before
+            # 'connected' would count against MAX_PENDING_BYTES, which is another bound's test.
+            while json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] != "connected":
+                pass
             for _ in range(answers):
                 await ws.send(answer)
             await ws.send('{"type": "ping"}')
