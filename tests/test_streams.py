@@ -176,3 +176,21 @@ def test_curl_n_shows_lines_as_they_are_written(gateway: RunningGateway) -> None
     finally:
         curl.kill()
         curl.wait()
+
+
+def test_a_client_that_closes_its_side_ends_its_stream_at_once(gateway: RunningGateway) -> None:
+    # A stream's client sends nothing after its request: its end of input (FIN) means it has gone. Before,
+    # an idle stream held its slot until the next keep-alive write (15 s) found the peer gone.
+    gateway.make_session("fin-1", {"run.log": b"one\n"})
+    with socket.create_connection((gateway.host, gateway.port), timeout=10) as sock:
+        sock.sendall(f"GET /api/v1/ops/logs/tail?session_id=fin-1&follow=true HTTP/1.1\r\nHost: {gateway.host}\r\n\r\n"
+                     .encode())
+        received = b""
+        while b"event: slice" not in received:
+            received += sock.recv(65536)
+        sock.shutdown(socket.SHUT_WR)
+        started = time.monotonic()
+        sock.settimeout(5)
+        while sock.recv(65536):
+            pass
+        assert time.monotonic() - started < 3  # closed by the gateway, not by the keep-alive 15 s later

@@ -293,6 +293,12 @@ class HttpConnection(asyncio.Protocol):
         if self.bridge is not None:
             return self.bridge.eof_received()
         self.peer_eof = True
+        if self.stream_task is not None:
+            # A stream's client sends nothing once its request is in: its end of input means it has gone.
+            # End the stream now, not at the next keep-alive write (STREAM_KEEPALIVE) that would find it so.
+            self.stream_task.cancel()
+            self._close()
+            return None
         if self.busy or self.write_paused:
             # Keep the write side open: the answer in flight, and those to requests pipelined before
             # the half-close, are still delivered; _await_more closes once none is left.

@@ -204,6 +204,11 @@ class EventStream:
         return self._events.__anext__()
 
     async def aclose(self) -> None:
+        # The sink is the server's closure over this stream's response (whose source is this stream):
+        # kept, it closes a reference cycle that holds the queue, the connection and its transport's
+        # send buffer (~300 KiB a stalled follower) until a full cyclic collection, which may be minutes
+        # away: dropped here, all of it is freed when the server lets go of the response.
+        self.subscription.sink = None
         await self._events.aclose()
         if self._on_close is not None:
             on_close, self._on_close = self._on_close, None
@@ -280,8 +285,11 @@ class LogWatcher:
     def remove(self, sub: Subscription) -> None:
         self.subscriptions.discard(sub)
         if not self.subscriptions:
-            if self.task is not None:
-                self.task.cancel()
+            task, self.task = self.task, None
+            if task is not None:
+                # Let go of the task: once cancelled it keeps its CancelledError, whose traceback holds
+                # _poll's frame and so this watcher, a cycle only a full cyclic collection would free.
+                task.cancel()
             self.watchers.forget(self)
 
     def end(self, payload: bytes) -> None:
