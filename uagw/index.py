@@ -45,7 +45,7 @@ from ops_service import (
 
 from .changes import ChangeKind, Changes
 from .limits import (
-    INDEX_RACY_NS, INDEX_RESCAN_CPU_SHARE, INDEX_RESCAN_INTERVAL, INDEX_SAFETY_RESCAN, INDEX_SCAN_BATCH, INDEX_SETTLE, INDEX_TURN_DELAY,
+    INDEX_RACY_NS, INDEX_RESCAN_CPU_SHARE, INDEX_RESCAN_INTERVAL, INDEX_SAFETY_RESCAN, INDEX_SCAN_BATCH, INDEX_SETTLE, INDEX_TURN_DELAY, INDEX_ACTIVITY_INTERVAL,
 )
 
 __all__ = ["SessionIndex", "Inotify"]
@@ -217,7 +217,9 @@ class SessionIndex:
         self._wake = threading.Event()  # an inotify overflow asks for a rescan now
         self._inotify: Optional[Inotify] = None
         self._applying = threading.Lock()  # reading inotify events and applying them is one step
-        self._deferred: Set[str] = set()  # sessions whose re-read waits for a gateway operation to end
+        self._deferred: Set[str] = set()  # sessions whose re-read waits (a gateway operation, or a busy session)
+        self._read_at: Dict[str, float] = {}  # monotonic time of each session's last background re-read
+        self._turn_waits: Set[str] = set()  # sessions with a re-read due INDEX_TURN_DELAY after a turn (no inotify)
         self._watches: Dict[int, str] = {}  # wd -> session id ("" for the root)
         self._root_id: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of the root directory the watches are on
         self._threads: List[threading.Thread] = []
@@ -371,6 +373,8 @@ class SessionIndex:
                 self._entries[session_id] = entry
                 if order is not None:
                     bisect.insort(order, entry.key)
+            else:
+                self._read_at.pop(session_id, None)
 
     def _signature(self, session_id: str, names: Tuple[str, ...], root_fd: Optional[int]) -> Optional[Signature]:
         """What tells a change of a session without reading it: the (inode, mtime, size) of its directory and
@@ -397,10 +401,19 @@ class SessionIndex:
         if loop is None or kind is ChangeKind.CONNECTIONS:
             return  # connections change the runtime overlay only, read at answer time
         if kind in (ChangeKind.TURN_STARTED, ChangeKind.TURN_FINISHED):
+            if self._inotify is not None:
+                return  # inotify sees the turn's writes; a list re-reads what they touched before answering
+            if session_id in self._pending or session_id in self._turn_waits:
+                return  # a re-read is coming, and it will see this turn's writes too
             # The turn's journal lines and heartbeat reach the disk through the writer thread just after.
-            loop.call_later(INDEX_TURN_DELAY, self._schedule, session_id)
+            self._turn_waits.add(session_id)
+            loop.call_later(INDEX_TURN_DELAY, self._turn_settled, session_id)
         else:
             self._schedule(session_id)
+
+    def _turn_settled(self, session_id: str) -> None:
+        self._turn_waits.discard(session_id)
+        self._schedule(session_id)
 
     def _schedule(self, session_id: str) -> None:
         if self._loop is None or self._stop.is_set():
@@ -530,7 +543,7 @@ class SessionIndex:
         self._inotify = None
         self._wake.set()
 
-    def catch_up(self) -> None:
+    def catch_up(self, background: bool = False) -> None:
         """Apply the changes inotify has queued so far (any thread): the kernel queues an event before the
         writer's call returns, so a list answered after this shows what other processes wrote before it
         was asked. Costs one non-blocking read when nothing is queued."""
@@ -547,11 +560,18 @@ class SessionIndex:
             if self._root_id is None:  # the root's watch ended (IN_IGNORED): removed, maybe made again since
                 self._rewatch_root()
                 return
+            now = time.monotonic()
             for session_id in dirty:
+                # In the background a busy session (a turn writing its journal) is re-read at most every
+                # INDEX_ACTIVITY_INTERVAL; a list (background=False) re-reads every changed session first.
+                if background and now - self._read_at.get(session_id, -INDEX_ACTIVITY_INTERVAL) < INDEX_ACTIVITY_INTERVAL:
+                    self._deferred.add(session_id)
                 # A session under a gateway operation (a compaction can take seconds) is not waited for: its
                 # change is announced when the operation ends, and the notify thread retries it meanwhile.
-                if not self.refresh(session_id, wait=False):
+                elif not self.refresh(session_id, wait=False):
                     self._deferred.add(session_id)
+                elif background:
+                    self._read_at[session_id] = now
 
     def _root_identity(self) -> Optional[Tuple[int, int]]:
         try:
@@ -589,7 +609,7 @@ class SessionIndex:
                 ready, _, _ = select.select([inotify.fd], [], [], INDEX_SETTLE if self._deferred else 0.25)
                 if ready or self._deferred:
                     self._stop.wait(INDEX_SETTLE)  # a burst of writes (a turn's journal) becomes one re-read
-                    self.catch_up()
+                    self.catch_up(background=True)
         finally:
             if self._inotify is not inotify:
                 inotify.close()

@@ -48,6 +48,7 @@ __all__ = [
     "INDEX_SCAN_BATCH",
     "INDEX_SETTLE",
     "INDEX_TURN_DELAY",
+    "INDEX_ACTIVITY_INTERVAL",
     "KEEPALIVE_TIMEOUT",
     "MAX_AGENT_COMMANDS",
     "MAX_AGENT_LINE",
@@ -286,5 +287,8 @@ INDEX_SETTLE = 0.05  # s inotify events are gathered before re-reading: a turn's
 # as one re-read of the session, not one per line
 INDEX_TURN_DELAY = 0.05  # s after a turn starts or ends before its session is re-read: its journal lines and
 # heartbeat reach the disk through the writer thread just after the announcement (SESSION_WRITE_DELAY)
+INDEX_ACTIVITY_INTERVAL = 1.0  # s: in the background, a busy session is re-read at most this often (a list
+# re-reads every session changed since, first): at 1,500 turns a second, one re-read per turn cost more CPU
+# than the turns themselves
 INDEX_SCAN_BATCH = 100  # sessions the first scan reads between two of Config.index_scan_pause's pauses
 INDEX_RACY_NS = 1_000_000_000  # a file changed this recently is re-read, not trusted to its mtime (git's racy rule)
