@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import re
 import time
-from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Set, Tuple
+from typing import Any, AsyncIterator, Deque, Dict, List, Optional, Set, Tuple, Union
 
 from .limits import EVENTS_RING
 from .changes import ChangeKind, Changes
@@ -33,7 +33,8 @@ class SessionEvents:
     def __init__(self, changes: Changes, ring: int = EVENTS_RING) -> None:
         self.boot = format(time.time_ns() // 1_000_000, "x")
         self.last = 0
-        self.ring: Deque[Tuple[int, bytes]] = collections.deque(maxlen=ring)
+        # (number, the event): its SSE bytes, or (kind, data) not yet formatted while nobody streams
+        self.ring: Deque[Tuple[int, Union[bytes, Tuple[str, Dict[str, Any]]]]] = collections.deque(maxlen=ring)
         self.subscriptions: Set[Subscription] = set()
         self.unsubscribe = changes.subscribe(self._on_change)
 
@@ -45,6 +46,11 @@ class SessionEvents:
         start = self.last_id
         self.last += 1
         data = {"kind": kind.value, "session_id": session_id, "at": round(time.time(), 3), **fields}
+        if not self.subscriptions:
+            # Nobody streams: formatted only if a resume asks for it (two changes a turn, at thousands of
+            # turns a second, were formatted for no reader).
+            self.ring.append((self.last, (kind.value, data)))
+            return
         payload = sse_event(kind.value, data, self.last_id)
         self.ring.append((self.last, payload))
         framed = frame_chunk(payload)  # once for all streams (see streams.Subscription)
@@ -59,7 +65,8 @@ class SessionEvents:
         after = int(number)
         if after < self.last and (not self.ring or self.ring[0][0] > after + 1):
             return None
-        return [(n, payload) for n, payload in self.ring if n > after]
+        return [(n, event if isinstance(event, bytes) else sse_event(event[0], event[1], f"{self.boot}-{n}"))
+                for n, event in self.ring if n > after]
 
     def subscribe(self, last_event_id: Optional[str]) -> Subscription:
         """A subscription starting after ``last_event_id`` (None: from now on)."""
