@@ -4,7 +4,8 @@
 Starts the gateway (``ua_gateway.py``, a token, 200 sessions) and runs wrk against ``GET /api/v1/health``
 (1 thread, 50 connections, DURATION s) in alternated rounds: without scraping, and with a scraper thread
 that GETs ``/metrics`` with the token SCRAPES_PER_S times a second (a Prometheus scraping every 100 ms,
-ten times more often than the usual 1 s). Prints, per condition, the median over ROUNDS of wrk's
+ten times more often than the usual 1 s). Run it with a Python that has websockets (the gateway is
+started with the same interpreter), e.g. ``.venv-ci/bin/python bench/scrape_under_load.py``. Prints, per condition, the median over ROUNDS of wrk's
 requests/s and p99 latency, the gateway's CPU seconds, and the scrapes' own latency. Needs wrk
 (/usr/bin/wrk); loopback only; about 2 minutes.
 """
