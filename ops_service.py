@@ -2549,6 +2549,17 @@ class OpsService:
                     accept=lambda st: _is_own_log(dir_fd, file_name, st),
                 )
 
+    def _gateway_dir_or_none(self) -> Optional[int]:
+        """``<root>/_gateway`` opened for reading (never through a symlink), or None while it does not exist
+        (nothing has been logged yet). Checks the root first; raises OSError for any other failure."""
+        self.check_root()
+        try:
+            return os.open(str(self.root / GATEWAY_DIR_NAME), _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno not in _MISSING_ERRNOS:
+                raise
+            return None
+
     def read_gateway_log(
         self,
         cursor: Union[str, int, None] = None,
@@ -2562,12 +2573,8 @@ class OpsService:
         limit, max_bytes = _slice_limits(limit, max_bytes)
         parsed = _parse_cursor(cursor)
         with self._os_errors("reading the gateway log", None):
-            self.check_root()
-            try:
-                dir_fd = os.open(str(self.root / GATEWAY_DIR_NAME), _DIR_FLAGS)
-            except OSError as exc:
-                if exc.errno not in _MISSING_ERRNOS:
-                    raise
+            dir_fd = self._gateway_dir_or_none()
+            if dir_fd is None:
                 return _missing_slice(GATEWAY_LOG_NAME, parsed)
             try:
                 return _read_slice(
@@ -3717,12 +3724,8 @@ class OpsService:
         limit, max_bytes = _slice_limits(limit, max_bytes)
         parsed = _parse_cursor(cursor)
         with self._os_errors("reading the audit log", None):
-            self.check_root()
-            try:
-                dir_fd = os.open(str(self.root / GATEWAY_DIR_NAME), _DIR_FLAGS)
-            except OSError as exc:
-                if exc.errno not in _MISSING_ERRNOS:
-                    raise
+            dir_fd = self._gateway_dir_or_none()
+            if dir_fd is None:
                 return _missing_slice(AUDIT_LOG_NAME, parsed)
             try:
                 if parsed is not None and not parsed.legacy and parsed.offset > 0:
