@@ -451,6 +451,18 @@ def _small_session(path: Path, index: int, rng: random.Random, stamp: float) -> 
     os.utime(path, (stamp, stamp))
 
 
+def write_sparse_log(path: Path, block: bytes) -> None:
+    """SPARSE_4G bytes at ``path``: a hole up to the last TAIL_4M, then real lines (``block``, 1 MiB, repeated):
+    the file reads as 4 GiB and occupies 4 MiB. Synced, so no dirty pages are left for the measurements."""
+    with open(path, "wb") as sparse:
+        sparse.truncate(SPARSE_4G - TAIL_4M)
+        sparse.seek(SPARSE_4G - TAIL_4M)
+        for _ in range(TAIL_4M >> 20):
+            sparse.write(block)
+        sparse.flush()
+        os.fsync(sparse.fileno())
+
+
 def prepare_data(data_dir: Path) -> Dict[str, Any]:
     """Two workspaces roots, ``ours`` and ``baseline``, with the same 1,000 sessions. Each root gets files of
     its own: a hard link shared between them would read as a planted link to ua-gateway, which serves a
@@ -473,14 +485,7 @@ def prepare_data(data_dir: Path) -> Dict[str, Any]:
     for root in (ours, baseline):
         write_repeated(root / PREVIEW_SESSION / "activity_journal.log", journal_block, JOURNAL_200M)
         write_repeated(root / TAIL_4M_SESSION / "run.log", run_block, TAIL_4M)
-        with open(root / TAIL_4G_SESSION / "run.log", "wb") as sparse:
-            # A hole up to the last 4 MiB, then real lines: the file reads as 4 GiB and occupies 4 MiB.
-            sparse.truncate(SPARSE_4G - TAIL_4M)
-            sparse.seek(SPARSE_4G - TAIL_4M)
-            for _ in range(TAIL_4M >> 20):
-                sparse.write(run_block)
-            sparse.flush()
-            os.fsync(sparse.fileno())
+        write_sparse_log(root / TAIL_4G_SESSION / "run.log", run_block)
         write_repeated(root / COMPACT_SESSION / "run.log", run_block, COMPACT_1G)
     sparse_stat = os.stat(ours / TAIL_4G_SESSION / "run.log")
     return {
@@ -1426,11 +1431,7 @@ def growth_tail_files(root: Path) -> None:
     (root / GROWTH_TAIL_4M).mkdir(exist_ok=True)
     (root / GROWTH_TAIL_4G).mkdir(exist_ok=True)
     write_repeated(root / GROWTH_TAIL_4M / "run.log", block, TAIL_4M)
-    with open(root / GROWTH_TAIL_4G / "run.log", "wb") as sparse:
-        sparse.truncate(SPARSE_4G - TAIL_4M)
-        sparse.seek(SPARSE_4G - TAIL_4M)
-        for _ in range(TAIL_4M >> 20):
-            sparse.write(block)
+    write_sparse_log(root / GROWTH_TAIL_4G / "run.log", block)
     for name in (GROWTH_TAIL_4M, GROWTH_TAIL_4G):  # oldest of all: they do not move the pages listed
         os.utime(root / name / "run.log", (1e9, 1e9))
         os.utime(root / name, (1e9, 1e9))
