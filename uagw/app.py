@@ -662,8 +662,9 @@ class Application:
                 if answer.status != 200:
                     self.stream_slots.give_back(request.client)
                     return answer
-                cursor = json.loads(answer.body)["cursor"]
-                first = sse_event("slice", json.loads(answer.body), cursor)
+                first_slice = json.loads(answer.body)  # parsed once: the slice can be a few hundred KiB
+                cursor = first_slice["cursor"]
+                first = sse_event("slice", first_slice, cursor)
             else:
                 ops_service.decode_cursor(cursor)  # InvalidCursor: 400, before the stream starts
                 if key[0] is not None:
