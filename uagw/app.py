@@ -251,9 +251,9 @@ class Application:
                 upgrade = self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
                 self.metrics.request_done(route, request.method, 101, request.started)
                 return upgrade
-            for name, value in params.items():
-                if name == "session_id":
-                    session_id_param(value)
+            session_id = params.get("session_id")
+            if session_id is not None:
+                session_id_param(session_id)
             if request.method == "OPTIONS":
                 return self._options(request, route)
             handler = route.handlers.get(request.method)
