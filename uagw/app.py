@@ -251,9 +251,9 @@ class Application:
                 upgrade = self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
                 self.metrics.request_done(route, request.method, 101, request.started)
                 return upgrade
-            for name, value in params.items():
-                if name == "session_id":
-                    session_id_param(value)
+            session_id = params.get("session_id")
+            if session_id is not None:
+                session_id_param(session_id)
             if request.method == "OPTIONS":
                 return self._options(request, route)
             handler = route.handlers.get(request.method)
@@ -662,8 +662,9 @@ class Application:
                 if answer.status != 200:
                     self.stream_slots.give_back(request.client)
                     return answer
-                cursor = json.loads(answer.body)["cursor"]
-                first = sse_event("slice", json.loads(answer.body), cursor)
+                first_slice = json.loads(answer.body)  # parsed once: the slice can be a few hundred KiB
+                cursor = first_slice["cursor"]
+                first = sse_event("slice", first_slice, cursor)
             else:
                 ops_service.decode_cursor(cursor)  # InvalidCursor: 400, before the stream starts
                 if key[0] is not None:
