@@ -135,6 +135,7 @@ def test_sessions_are_counted_by_status_with_the_runtime(tmp_path):
 
     assert counts == {"running": 1, "active": 1, "idle": 1, "archived": 0}
     assert metrics.session_counts(index.list_sessions, runtime) == counts  # the index counts the same
+    assert {status: index.count_by_status(runtime).get(status, 0) for status in counts} == counts  # in one pass
 
 
 # -- a live gateway --------------------------------------------------------------------------------------------

@@ -595,8 +595,8 @@ class Application:
                                               version=__version__)
         index = self.index
         # Counted from the index once its first scan is complete (no directory scans); until then by scanning.
-        lister = index.list_sessions if index is not None and index.complete.is_set() else None
-        families += await self.run_ops(self.metrics.disk_families, self.ops, self.runtime(), lister)
+        counter = index.count_by_status if index is not None and index.complete.is_set() else None
+        families += await self.run_ops(self.metrics.disk_families, self.ops, self.runtime(), counter)
         return Response(200, render(families).encode(), content_type=EXPOSITION_CONTENT_TYPE)
 
     def open_connections(self) -> Tuple[int, int]:

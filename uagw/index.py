@@ -306,6 +306,19 @@ class SessionIndex:
             answer.update(scanned=scanned, found=max(found, scanned))
         return answer
 
+    def count_by_status(self, runtime: Optional[Runtime] = None) -> Dict[str, int]:
+        """{status: sessions} over every session in one pass (metrics ask every few seconds: four filtered
+        lists were four passes over 100,000 entries). Statuses as in a summary: running, active, idle, archived."""
+        self.catch_up()  # what other writers changed is counted, as a list would show it (a worker thread)
+        counts: Dict[str, int] = {}
+        with self._lock:
+            entries = list(self._entries.values())
+        for entry in entries:
+            connections, running, _seq = _runtime_of(runtime, entry.key[1])
+            status = _status(entry, connections, running)
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
     @staticmethod
     def _matches(entry: _Entry, query: ListQuery, runtime: Optional[Runtime]) -> bool:
         """OpsService's list filters: status (``active`` takes ``running`` too), then source, owner, memory_mode

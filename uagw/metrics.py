@@ -229,9 +229,9 @@ class Histogram(_Instrument):
 
 
 def session_counts(lister: Callable[..., Dict[str, Any]], runtime: Dict[str, Any]) -> Dict[str, int]:
-    """Sessions by status (SESSION_STATUSES), from ``lister``: the session index's ``list_sessions`` (from
-    memory) or ``OpsService.list_sessions`` (directory scans). Raises OpsError. GatewayMetrics calls it at
-    most every METRICS_SESSION_COUNT_INTERVAL seconds, in a worker thread.
+    """Sessions by status (SESSION_STATUSES), from ``lister`` (``OpsService.list_sessions``: directory scans;
+    the session index counts in one pass, ``SessionIndex.count_by_status``). Raises OpsError. GatewayMetrics
+    calls it at most every METRICS_SESSION_COUNT_INTERVAL seconds, in a worker thread.
     """
     def total(status: str) -> int:
         return int(lister(status=status, limit=1, runtime=runtime)["total"])
@@ -461,10 +461,10 @@ class GatewayMetrics:
         ]
 
     def disk_families(self, ops: OpsService, runtime: Dict[str, Any],
-                      lister: Optional[Callable[..., Dict[str, Any]]] = None) -> List[MetricFamily]:
+                      counter: Optional[Callable[[Dict[str, Any]], Dict[str, int]]] = None) -> List[MetricFamily]:
         """What reads the disk or /proc: run in a worker thread (``Application.run_ops``), never on the loop.
-        ``runtime``: the hub's snapshot, taken on the loop; ``lister``: where sessions are counted (the
-        session index's ``list_sessions``; default ``ops.list_sessions``, which scans)."""
+        ``runtime``: the hub's snapshot, taken on the loop; ``counter``: counts sessions by status from it (the
+        session index's ``count_by_status``); by default ``session_counts`` scans with ``ops.list_sessions``."""
         families = process_families(self.started_wall)
         root = str(ops.root)
         try:
@@ -487,7 +487,8 @@ class GatewayMetrics:
                                      f"1 if the last walk stopped at {METRICS_WALK_MAX_ENTRIES} entries or "
                                      f"{METRICS_WALK_MAX_SECONDS:g} s.", "gauge").add(int(truncated)))
         try:
-            counts = self._sessions.get(lambda: session_counts(lister or ops.list_sessions, runtime))
+            counts = self._sessions.get(lambda: counter(runtime) if counter is not None
+                                        else session_counts(ops.list_sessions, runtime))
         except Exception:  # an unavailable root: health says why; the other metrics still answer
             counts = None
         if counts is not None:
@@ -495,6 +496,6 @@ class GatewayMetrics:
                                     f"Sessions by status (counted at most every {METRICS_SESSION_COUNT_INTERVAL:g} s).",
                                     "gauge")
             for status in SESSION_STATUSES:
-                sessions.add(counts[status], [("status", status)])
+                sessions.add(counts.get(status, 0), [("status", status)])  # a status no session has is 0
             families.append(sessions)
         return families
