@@ -1010,6 +1010,11 @@ def _read_json_object(
         os.close(fd)
     if len(data) > MAX_HEARTBEAT_BYTES:
         return None
+    return _json_object(data)
+
+
+def _json_object(data: bytes) -> Optional[Dict[str, Any]]:
+    """``data`` parsed as one strict JSON object (no NaN or Infinity), or None if it is anything else."""
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -1912,11 +1917,7 @@ def _read_small_json_at(dir_fd: int, name: str) -> Tuple[bool, Optional[Dict[str
         return False, None
     if len(data) > MAX_DESCRIPTION_READ:
         return True, None
-    try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return True, None
-    return True, value if isinstance(value, dict) else None
+    return True, _json_object(data)
 
 
 def session_owner(session_id: str, policy: Optional[Dict[str, Any]]) -> str:
