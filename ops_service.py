@@ -1010,6 +1010,11 @@ def _read_json_object(
         os.close(fd)
     if len(data) > MAX_HEARTBEAT_BYTES:
         return None
+    return _json_object(data)
+
+
+def _json_object(data: bytes) -> Optional[Dict[str, Any]]:
+    """``data`` parsed as one strict JSON object (no NaN or Infinity), or None if it is anything else."""
     try:
         value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -1695,9 +1700,9 @@ def _disk_bytes(st: os.stat_result) -> int:
     return getattr(st, "st_blocks", (st.st_size + 511) // 512) * 512
 
 
-def _disk_usage_at(name: str, dir_fd: int, seen: Optional[set] = None, depth: int = 0) -> int:
+def _disk_usage_at(name: str, dir_fd: int, seen: Optional[set] = None) -> int:
     """du-style bytes of the regular files at or under ``name`` in ``dir_fd`` (each inode once; symlinks
-    and other kinds count nothing, never followed; MAX_TREE_DEPTH levels at most)."""
+    and other kinds count nothing, never followed; MAX_TREE_DEPTH levels at most: ``_walk_open_tree``)."""
     seen = set() if seen is None else seen
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -1708,15 +1713,37 @@ def _disk_usage_at(name: str, dir_fd: int, seen: Optional[set] = None, depth: in
             return 0
         seen.add((st.st_dev, st.st_ino))
         return _disk_bytes(st)
-    if not stat.S_ISDIR(st.st_mode) or depth >= MAX_TREE_DEPTH:
+    if not stat.S_ISDIR(st.st_mode):
         return 0
     try:
-        with _dir_at(name, dir_fd) as fd:
-            if fd is None:
-                return 0
-            return sum(_disk_usage_at(child, fd, seen, depth + 1) for child in os.listdir(fd))
+        top = _open_dir_at(name, dir_fd)
     except OSError:
         return 0
+    if top is None:
+        return 0
+    total = [0]
+
+    def visit(fd: int) -> List[str]:
+        subdirs: List[str] = []
+        try:
+            # scandir(fd) stats each entry relative to fd (fstatat), never by a path.
+            with os.scandir(fd) as iterator:
+                for entry in iterator:
+                    try:
+                        entry_st = entry.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    if stat.S_ISDIR(entry_st.st_mode):
+                        subdirs.append(entry.name)
+                    elif stat.S_ISREG(entry_st.st_mode) and (entry_st.st_dev, entry_st.st_ino) not in seen:
+                        seen.add((entry_st.st_dev, entry_st.st_ino))
+                        total[0] += _disk_bytes(entry_st)
+        except OSError:
+            pass
+        return subdirs
+
+    _walk_open_tree(top, visit)
+    return total[0]
 
 
 def _apparent_bytes_at(name: str, dir_fd: int) -> int:
@@ -1912,11 +1939,7 @@ def _read_small_json_at(dir_fd: int, name: str) -> Tuple[bool, Optional[Dict[str
         return False, None
     if len(data) > MAX_DESCRIPTION_READ:
         return True, None
-    try:
-        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        return True, None
-    return True, value if isinstance(value, dict) else None
+    return True, _json_object(data)
 
 
 def session_owner(session_id: str, policy: Optional[Dict[str, Any]]) -> str:

@@ -99,21 +99,6 @@ class AccessControl:
         until = self._locked_until.get(address)
         return 0.0 if until is None else until - now
 
-    def token_matches(self, candidates: Iterable[Optional[str]], session: bool = False) -> bool:
-        """Whether a candidate is the token: the Ops one, or (``session``: the session API and WebSockets)
-        UA_INTERNAL_API_TOKEN or UA_OPS_TOKEN. True when no token is configured."""
-        expected = self.session_digests if session else [self.token_digest] if self.token_digest else []
-        if not expected:
-            return True
-        matched = False
-        for candidate in candidates:
-            if candidate:
-                digest = _digest(candidate)
-                for wanted in expected:
-                    # No short-circuit: every candidate is compared, so timing does not reveal which matched.
-                    matched |= hmac.compare_digest(digest, wanted)
-        return matched
-
     def grant(self, candidates: Iterable[Optional[str]]) -> Optional[Grant]:
         """What the candidates grant: the widest grant of any configured token among them (FULL, then
         INTERNAL, then READ), OPEN when no token is configured, None when none matches.
