@@ -138,3 +138,24 @@ def test_bulk_delete_refuses_more_than_64_channels_and_deletes_nothing(gateway: 
     assert (gateway.workspaces / "contract_bulk").is_dir()
     accepted = gateway.post("/api/v1/ops/sessions/bulk-delete", {"older_than_days": 1, "channels": channels[:64]})
     assert accepted.status == 200
+
+
+def test_health_reports_the_last_real_prune_not_a_dry_run(start_gateway: Any) -> None:
+    """§15.4: health's ``disk.last_prune`` is ``{"at", "items", "bytes", "archives", "sessions", "trash",
+    "failed"}`` of the last real run (a dry run changes nothing, so it is not one)."""
+    gateway = start_gateway()
+    assert gateway.get("/api/v1/health").json["disk"]["last_prune"] is None
+    assert gateway.post("/api/v1/ops/prune", {"dry_run": True}).status == 200
+    assert gateway.get("/api/v1/health").json["disk"]["last_prune"] is None
+    assert gateway.post("/api/v1/ops/prune", {"dry_run": False}).status == 200
+    last = gateway.get("/api/v1/health").json["disk"]["last_prune"]
+    assert set(last) == {"at", "items", "bytes", "archives", "sessions", "trash", "failed"}
+    assert last["at"].endswith("+00:00") and last["failed"] == 0
+
+
+def test_session_details_carry_the_disk_fields_against_the_budget(gateway: RunningGateway) -> None:
+    """§15.4: session details add ``disk``: used, archive, live, budget and the root's used bytes."""
+    gateway.make_session("contract_disk", {"run.log": b"x" * 5000})
+    disk = gateway.get("/api/v1/ops/sessions/contract_disk").json["disk"]
+    assert set(disk) == {"used_bytes", "archive_bytes", "live_bytes", "budget_bytes", "root_used_bytes"}
+    assert disk["live_bytes"] == disk["used_bytes"] - disk["archive_bytes"] >= 5000
