@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any, Tuple
 
@@ -159,3 +160,18 @@ def test_session_details_carry_the_disk_fields_against_the_budget(gateway: Runni
     disk = gateway.get("/api/v1/ops/sessions/contract_disk").json["disk"]
     assert set(disk) == {"used_bytes", "archive_bytes", "live_bytes", "budget_bytes", "root_used_bytes"}
     assert disk["live_bytes"] == disk["used_bytes"] - disk["archive_bytes"] >= 5000
+
+
+def test_a_route_without_an_action_name_is_audited_as_method_and_template_in_the_open_scope(
+        gateway: RunningGateway) -> None:
+    """§11.2: a route not in the action table is named ``<METHOD> <template>``; ``scope`` is ``open`` when
+    no token is configured; ``outcome`` carries what the answer names (bulk-delete's counts)."""
+    reply = gateway.post("/api/v1/ops/sessions/bulk-delete", {"older_than_days": 36500, "channels": ["contract"]})
+    assert reply.status == 200
+    audit = gateway.workspaces / "_gateway" / "audit.log"
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    [record] = [r for r in records if r["params"].get("body", {}).get("channels") == ["contract"]]
+    assert record["action"] == "POST /api/v1/ops/sessions/bulk-delete"
+    assert record["route"] == "/api/v1/ops/sessions/bulk-delete" and record["scope"] == "open"
+    assert {k: record["outcome"][k] for k in ("status", "deleted", "skipped", "errors")} == {
+        "status": 200, "deleted": 0, "skipped": 0, "errors": 0}
