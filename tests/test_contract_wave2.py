@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any, Tuple
 
@@ -175,3 +177,25 @@ def test_a_route_without_an_action_name_is_audited_as_method_and_template_in_the
     assert record["route"] == "/api/v1/ops/sessions/bulk-delete" and record["scope"] == "open"
     assert {k: record["outcome"][k] for k in ("status", "deleted", "skipped", "errors")} == {
         "status": 200, "deleted": 0, "skipped": 0, "errors": 0}
+
+
+def _age(path: Path, days: float) -> None:
+    old = time.time() - days * 86400
+    for entry in [path, *path.rglob("*")]:
+        os.utime(entry, (old, old))
+
+
+def test_bulk_delete_removes_old_sessions_only_never_other_directories_of_the_root(gateway: RunningGateway) -> None:
+    """README, Differences from UA: bulk-delete removes only session directories, never ``_gateway`` (UA's
+    removed any non-dot directory, ``_daemon_archives`` included)."""
+    old_session = gateway.make_session("contract_old", {"run.log": b"old\n"})
+    daemon = gateway.workspaces / "_daemon_archives"
+    daemon.mkdir()
+    (daemon / "kept.txt").write_text("not a session")
+    for path in (old_session, daemon, gateway.workspaces / "_gateway"):
+        _age(path, 30)
+    reply = gateway.post("/api/v1/ops/sessions/bulk-delete", {"older_than_days": 7})
+    assert reply.status == 200 and reply.json["deleted"] >= 1
+    assert not old_session.exists()
+    assert (daemon / "kept.txt").read_text() == "not a session"
+    assert (gateway.workspaces / "_gateway").is_dir()
