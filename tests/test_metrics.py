@@ -326,3 +326,37 @@ def test_a_scrape_waits_for_the_disk_in_a_worker_thread_while_health_answers(tmp
         return health, await scraping
 
     assert serve_embedded(tmp_path, agent, scenario) == (200, 200)
+
+
+def test_series_whose_labels_are_known_in_advance_are_present_from_the_start_at_0(start_gateway):
+    """§14: refusal reasons, turn outcomes, session statuses and drop reasons exist at 0 before any happens
+    (``value`` reads an absent series as 0 too, so the keys are checked, not only the values)."""
+    gateway = start_gateway(env={"UA_OPS_TOKEN": TOKEN})
+    reply = gateway.get("/metrics", headers=AUTH)
+    assert reply.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = parse(reply.body.decode())
+    expected = [("ua_gateway_refused_requests_total", {"status": status, "reason": reason})
+                for status, reason in (("401", "token"), ("403", "cross_site"), ("403", "address"), ("421", "host"),
+                                       ("429", "lockout"), ("429", "session_create_rate"))]
+    expected += [("ua_gateway_turns_finished_total", {"outcome": o}) for o in ("completed", "failed", "cancelled")]
+    expected += [("ua_gateway_sessions", {"status": s}) for s in ("running", "active", "idle", "archived")]
+    # each writer's own drop reasons: the session writer never drops for a full queue (it only fails writes)
+    expected += [("ua_gateway_log_records_dropped_total", {"log": log, "reason": reason})
+                 for log, reason in (("gateway", "queue_full"), ("gateway", "write_failed"),
+                                     ("session", "write_failed"))]
+    expected += [("ua_gateway_lockouts_total", {}), ("ua_gateway_turns_started_total", {}),
+                 ("ua_gateway_agent_processes", {})]
+    missing = [(name, labels) for name, labels in expected if (name, frozenset(labels.items())) not in samples]
+    assert not missing, f"series absent from a fresh gateway's scrape: {missing}"
+    assert all(samples[(name, frozenset(labels.items()))] == 0 for name, labels in expected)
+
+
+def test_build_info_is_1_and_the_root_file_system_is_gauged(gw):
+    """§14 (README table): ``ua_gateway_build_info{version}`` is always 1; the root's file system size is at
+    least what is free on it."""
+    samples = scrape(gw)
+    [(labels, info)] = [(dict(key[1]), v) for key, v in samples.items() if key[0] == "ua_gateway_build_info"]
+    assert info == 1 and set(labels) == {"version"} and labels["version"]
+    size = value(samples, "ua_gateway_workspaces_filesystem_size_bytes")
+    assert size >= value(samples, "ua_gateway_workspaces_filesystem_free_bytes") > 0
+    assert ("ua_gateway_workspaces_walk_truncated", frozenset()) in samples
