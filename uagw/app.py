@@ -246,7 +246,7 @@ class Application:
         route, params = self.router.match(path_segments(request.path))
         websocket = request.upgrade and route is not None and route.websocket is not None
         try:
-            route, grant = self.admit_with_grant(request, route, subprotocol_token(request) if websocket else None)
+            route, grant = self.admit(request, route, subprotocol_token(request) if websocket else None)
             if websocket:
                 upgrade = self._upgrade(request, route, params)  # a bad id is the WebSocket's to refuse (4000)
                 self.metrics.request_done(route, request.method, 101, request.started)
@@ -327,12 +327,8 @@ class Application:
             response.close = True
         return self._answer(request, response)
 
-    def admit(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None) -> Route:
-        """``admit_with_grant`` without the grant."""
-        return self.admit_with_grant(request, route, extra_token)[0]
-
-    def admit_with_grant(self, request: Request, route: Optional[Route], extra_token: Optional[str] = None
-                         ) -> Tuple[Route, Optional[Grant]]:
+    def admit(self, request: Request, route: Optional[Route],
+              extra_token: Optional[str] = None) -> Tuple[Route, Optional[Grant]]:
         """The one place that decides whether a request may reach its matched ``route`` (None: no route),
         for HTTP and upgrades alike.
 
@@ -359,7 +355,7 @@ class Application:
         The refusal closes the connection: the unread body is discarded, never parsed as requests."""
         route, _ = self.router.match(path_segments(request.path))
         try:
-            route = self.admit(request, route, subprotocol_token(request) if request.upgrade else None)
+            route, _ = self.admit(request, route, subprotocol_token(request) if request.upgrade else None)
             if request.method not in route.handlers and request.method != "OPTIONS":
                 raise method_not_allowed(request, route)
             refuse_unread_body(request, pending=True)
