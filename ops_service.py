@@ -1210,6 +1210,23 @@ def _tree_usage_at(name: str, dir_fd: int) -> Tuple[int, int]:
     return counts[0], counts[1]
 
 
+def _entry_stats(dir_fd: int) -> List[Tuple[str, os.stat_result]]:
+    """(name, lstat) of each entry of the directory open as ``dir_fd``; entries that vanish or cannot be
+    stat'ed, or a directory that cannot be read, are left out. scandir(fd) stats each entry relative to the
+    descriptor (fstatat), never by a path, and never follows a symlink."""
+    found: List[Tuple[str, os.stat_result]] = []
+    try:
+        with os.scandir(dir_fd) as iterator:
+            for entry in iterator:
+                try:
+                    found.append((entry.name, entry.stat(follow_symlinks=False)))
+                except OSError:
+                    continue
+    except OSError:
+        pass
+    return found
+
+
 def _walk_open_tree(top: int, visit: Callable[[int], List[str]]) -> None:
     """Visit the directory open as ``top`` and those below it, depth first: ``visit(fd)`` reads one level
     and returns the names of the subdirectories to enter. Each level is opened relative to its parent's
@@ -1725,21 +1742,12 @@ def _disk_usage_at(name: str, dir_fd: int, seen: Optional[set] = None) -> int:
 
     def visit(fd: int) -> List[str]:
         subdirs: List[str] = []
-        try:
-            # scandir(fd) stats each entry relative to fd (fstatat), never by a path.
-            with os.scandir(fd) as iterator:
-                for entry in iterator:
-                    try:
-                        entry_st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if stat.S_ISDIR(entry_st.st_mode):
-                        subdirs.append(entry.name)
-                    elif stat.S_ISREG(entry_st.st_mode) and (entry_st.st_dev, entry_st.st_ino) not in seen:
-                        seen.add((entry_st.st_dev, entry_st.st_ino))
-                        total[0] += _disk_bytes(entry_st)
-        except OSError:
-            pass
+        for entry_name, entry_st in _entry_stats(fd):
+            if stat.S_ISDIR(entry_st.st_mode):
+                subdirs.append(entry_name)
+            elif stat.S_ISREG(entry_st.st_mode) and (entry_st.st_dev, entry_st.st_ino) not in seen:
+                seen.add((entry_st.st_dev, entry_st.st_ino))
+                total[0] += _disk_bytes(entry_st)
         return subdirs
 
     _walk_open_tree(top, visit)
@@ -4509,26 +4517,18 @@ def _usage_at(name: str, dir_fd: int, seen: Dict[Tuple[int, int], None]) -> Tupl
 
     def visit(fd: int) -> List[str]:
         subdirs: List[str] = []
-        try:
-            with os.scandir(fd) as iterator:
-                for entry in iterator:
-                    try:
-                        entry_st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    entry_key = (entry_st.st_dev, entry_st.st_ino)
-                    if entry_key in seen:
-                        continue
-                    seen[entry_key] = None
-                    blocks = entry_st.st_blocks * 512
-                    counts[0] += blocks
-                    if stat.S_ISDIR(entry_st.st_mode):
-                        counts[1] += blocks
-                        subdirs.append(entry.name)
-                    elif entry_st.st_nlink <= 1:
-                        counts[1] += blocks
-        except OSError:
-            pass
+        for entry_name, entry_st in _entry_stats(fd):
+            entry_key = (entry_st.st_dev, entry_st.st_ino)
+            if entry_key in seen:
+                continue
+            seen[entry_key] = None
+            blocks = entry_st.st_blocks * 512
+            counts[0] += blocks
+            if stat.S_ISDIR(entry_st.st_mode):
+                counts[1] += blocks
+                subdirs.append(entry_name)
+            elif entry_st.st_nlink <= 1:
+                counts[1] += blocks
         return subdirs
 
     try:
